@@ -1,0 +1,297 @@
+"""Typed configuration: one dataclass per TOML section, strict loading, `--set` overrides, TOML output.
+
+Unknown sections or keys and wrongly typed values are errors that list what is valid, so a typo never
+silently trains the wrong thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, which observation dims, and how rewards become values (DESIGN.md §1, §3)."""
+
+    dataset: str = ""
+    # Observation dims the model sees: [] = all, a list of indices, or a slice string such as "0:45".
+    obs_dims: list[int] | str = field(default_factory=list)
+    discount: float = 0.99
+    termination_penalty: float = -100.0
+    sequence_length: int = 10
+    validation_fraction: float = 0.1
+    # Use only the first N episodes (0 = all): for tiny runs and tests.
+    max_episodes: int = 0
+
+
+@dataclass
+class DiscretizerConfig:
+    """Per-dimension binning (DESIGN.md §2)."""
+
+    kind: str = "quantile"
+    n_bins: int = 100
+
+
+@dataclass
+class ModelConfig:
+    """GPT size and per-token-type loss weights (DESIGN.md §4)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.1
+    action_weight: float = 5.0
+    reward_weight: float = 1.0
+    value_weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpoints and devices (DESIGN.md §4)."""
+
+    batch_size: int = 256
+    learning_rate: float = 6e-4
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # Training length: max_steps if > 0, else epochs (over the training windows).
+    max_steps: int = 0
+    epochs: float = 0.0
+    # Warmup = min(one epoch of steps, warmup_fraction * total steps); cosine to final_lr_fraction * lr.
+    warmup_fraction: float = 0.05
+    final_lr_fraction: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 500
+    eval_every: int = 250
+    # Validation uses at most this many windows (evenly spaced) so evaluation stays cheap.
+    eval_windows: int = 4096
+    log_every: int = 10
+    device: str = "cpu"
+    dtype: str = "float32"
+    compile: bool = False
+    # torch.set_num_threads for the training process (0 = leave torch's default).
+    num_threads: int = 0
+
+
+@dataclass
+class PlanConfig:
+    """Beam-search planner settings (DESIGN.md §5); official defaults."""
+
+    beam_width: int = 128
+    horizon: int = 15
+    n_expand: int = 2
+    max_context_transitions: int = 5
+    k_act: int | None = None
+    cdf_act: float | None = 0.6
+    k_obs: int = 1
+    plan_freq: int = 1
+    objective: str = "reward"
+    penalty_lambda: float = 1.0
+
+
+@dataclass
+class Config:
+    """The whole configuration; each field is one TOML section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    discretizer: DiscretizerConfig = field(default_factory=DiscretizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+_CHOICES = {
+    ("discretizer", "kind"): ("quantile", "uniform"),
+    ("train", "dtype"): ("float32", "bfloat16"),
+    ("plan", "objective"): ("reward", "likelihood", "penalized"),
+}
+
+
+def _section_types(section: object) -> dict[str, object]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _coerce(value: object, hint: object, where: str) -> object:
+    """Check `value` against the type hint and convert ints to floats where a float is wanted."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if type(None) in options and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}; write e.g. {where.split('.')[-1]} = [0, 1]")
+        return [_coerce(v, item, where) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{where} must be finite, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}; quote it in TOML")
+        return value
+    raise ValueError(f"{where}: unsupported type {hint}")
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build a validated Config from nested dicts (as parsed from TOML)."""
+    cfg = Config()
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ValueError(f"unknown config section [{name}]; valid sections: {', '.join(sorted(sections))}")
+        if not isinstance(values, dict):
+            raise ValueError(f"[{name}] must be a table of keys, got {values!r}")
+        section = getattr(cfg, name)
+        hints = _section_types(section)
+        for key, value in values.items():
+            if key not in hints:
+                raise ValueError(
+                    f"unknown key '{key}' in [{name}]; valid keys: {', '.join(sorted(hints))}"
+                )
+            setattr(section, key, _coerce(value, hints[key], f"{name}.{key}"))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that types alone cannot express."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ValueError(f"{section}.{key} = {value!r} is not valid; choose one of {', '.join(choices)}")
+    checks = [
+        (cfg.data.sequence_length >= 1, "data.sequence_length must be >= 1"),
+        (0.0 <= cfg.data.validation_fraction < 1.0, "data.validation_fraction must be in [0, 1)"),
+        (0.0 < cfg.data.discount <= 1.0, "data.discount must be in (0, 1]"),
+        (cfg.data.max_episodes >= 0, "data.max_episodes must be >= 0 (0 = all)"),
+        (cfg.discretizer.n_bins >= 2, "discretizer.n_bins must be >= 2"),
+        (cfg.model.n_layer >= 1 and cfg.model.n_head >= 1, "model.n_layer and model.n_head must be >= 1"),
+        (cfg.model.n_embd % cfg.model.n_head == 0, "model.n_embd must be divisible by model.n_head"),
+        (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
+        (cfg.train.learning_rate > 0, "train.learning_rate must be > 0"),
+        (cfg.train.max_steps >= 0 and cfg.train.epochs >= 0, "train.max_steps and train.epochs must be >= 0"),
+        (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
+        (cfg.train.eval_every >= 1, "train.eval_every must be >= 1"),
+        (0.0 <= cfg.train.warmup_fraction <= 1.0, "train.warmup_fraction must be in [0, 1]"),
+        (cfg.plan.beam_width >= 1, "plan.beam_width must be >= 1"),
+        (cfg.plan.horizon >= 1, "plan.horizon must be >= 1"),
+        (cfg.plan.n_expand >= 1, "plan.n_expand must be >= 1"),
+        (cfg.plan.max_context_transitions >= 2, "plan.max_context_transitions must be >= 2"),
+        (cfg.plan.k_act is None or cfg.plan.k_act >= 1, "plan.k_act must be >= 1 (or none)"),
+        (cfg.plan.cdf_act is None or 0.0 < cfg.plan.cdf_act <= 1.0, "plan.cdf_act must be in (0, 1] (or none)"),
+        (cfg.plan.k_obs >= 1, "plan.k_obs must be >= 1"),
+        (cfg.plan.plan_freq >= 1, "plan.plan_freq must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if isinstance(cfg.data.obs_dims, str):
+        parse_slice(cfg.data.obs_dims)
+
+
+def parse_slice(text: str) -> slice:
+    """Parse 'start:stop' (either side optional) into a slice."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise ValueError(f"data.obs_dims = {text!r} is not a slice; write e.g. \"0:45\" or a list [0, 1, 2]")
+    return slice(start, stop)
+
+
+def _parse_override_value(text: str) -> object:
+    """Parse the right-hand side of --set as a TOML value, falling back to a bare string."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides to a raw config dict."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"--set {item!r} is not of the form section.key=value (e.g. train.max_steps=100)")
+        path, text = item.split("=", 1)
+        section, key = path.strip().split(".", 1)
+        raw.setdefault(section, {})[key] = _parse_override_value(text.strip())
+    return raw
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (or the defaults when path is None), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found; pass a TOML file such as configs/quickstart.toml")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {path} is not valid TOML ({err}); fix the syntax") from None
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """Write the resolved config as TOML; None (a disabled option) is written as the string "none"."""
+    lines: list[str] = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            lines.append(f"{key} = {_toml_value('none' if value is None else value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def as_dict(cfg: Config) -> dict:
+    """The config as nested plain dicts (for JSON records)."""
+    return dataclasses.asdict(cfg)

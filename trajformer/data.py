@@ -1,0 +1,257 @@
+"""Minari datasets → checked episode arrays → joined [s, a, r, V] transitions (DESIGN.md §1).
+
+Loading fails fast with a message that says what to do (missing dataset, non-Box spaces, NaN, bad
+observation selection) before any training work starts. No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trajformer.config import DataConfig, parse_slice
+
+
+@dataclass
+class Episode:
+    """One episode: obs (T+1, dS) after selection, act (T, dA), rew (T,), terminated/truncated (T,)."""
+
+    obs: np.ndarray
+    act: np.ndarray
+    rew: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return len(self.act)
+
+    @property
+    def is_terminal(self) -> bool:
+        """True if the episode ended in a real termination (not a time limit)."""
+        return bool(self.terminated[-1])
+
+
+@dataclass
+class OfflineData:
+    """Episodes plus what is needed to recreate the environment and describe the data."""
+
+    dataset_id: str
+    episodes: list[Episode]
+    obs_indices: np.ndarray
+    raw_obs_dim: int
+    env_spec: dict = field(default_factory=dict)
+    ref_min_score: float | None = None
+    ref_max_score: float | None = None
+    sha256: str = ""
+
+    @property
+    def obs_dim(self) -> int:
+        return len(self.obs_indices)
+
+    @property
+    def act_dim(self) -> int:
+        return self.episodes[0].act.shape[1]
+
+    @property
+    def transition_dim(self) -> int:
+        return self.obs_dim + self.act_dim + 2
+
+    @property
+    def num_steps(self) -> int:
+        return sum(e.length for e in self.episodes)
+
+
+def datasets_root() -> Path:
+    """Where Minari keeps local datasets (MINARI_DATASETS_PATH or ~/.minari/datasets)."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
+
+
+def _is_local(dataset_id: str) -> bool:
+    from minari.storage.datasets_root_dir import get_dataset_path
+
+    return (Path(get_dataset_path(dataset_id)) / "data").is_dir()
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    """A quick TCP probe of the dataset hub, so an offline machine fails in seconds, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("MINARI_OFFLINE"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def missing_dataset_message(dataset_id: str) -> str:
+    return (
+        f"dataset '{dataset_id}' is not in MINARI_DATASETS_PATH ({datasets_root()}) and cannot be downloaded "
+        f"(offline); make a local one with `trajformer collect --preset hopper-medium` (or `trajformer collect "
+        f"ENV_ID --policy random --steps N --dataset-id NAMESPACE/NAME-v0`), or set MINARI_DATASETS_PATH"
+    )
+
+
+def load_minari(dataset_id: str, download: bool = True):
+    """Load a Minari dataset by id, downloading remote ids only when the hub is reachable."""
+    import minari
+
+    if not dataset_id:
+        raise ValueError("no dataset given; set data.dataset in the config or pass --dataset ID")
+    if not _is_local(dataset_id):
+        if not download or not _hub_reachable():
+            raise FileNotFoundError(missing_dataset_message(dataset_id))
+        return minari.load_dataset(dataset_id, download=True)
+    return minari.load_dataset(dataset_id)
+
+
+def select_obs(obs_dims: list[int] | str, raw_obs_dim: int) -> np.ndarray:
+    """Indices of the observation dims the model sees ([] = all, a list, or a 'start:stop' slice)."""
+    if isinstance(obs_dims, str):
+        sl = parse_slice(obs_dims)
+        indices = np.arange(raw_obs_dim)[sl]
+        if (sl.stop is not None and sl.stop > raw_obs_dim) or (sl.start is not None and sl.start >= raw_obs_dim):
+            raise ValueError(
+                f"data.obs_dims = {obs_dims!r} is out of range for {raw_obs_dim}-dim observations; "
+                f"use indices below {raw_obs_dim}"
+            )
+    elif len(obs_dims) == 0:
+        indices = np.arange(raw_obs_dim)
+    else:
+        indices = np.asarray(obs_dims, dtype=np.int64)
+        bad = [int(i) for i in indices if i < 0 or i >= raw_obs_dim]
+        if bad:
+            raise ValueError(
+                f"data.obs_dims has indices {bad} out of range for {raw_obs_dim}-dim observations; "
+                f"use indices in 0..{raw_obs_dim - 1}"
+            )
+        if len(set(indices.tolist())) != len(indices):
+            raise ValueError("data.obs_dims has repeated indices; list each observation dim once")
+    if len(indices) == 0:
+        raise ValueError(f"data.obs_dims = {obs_dims!r} selects no observation dims; select at least one")
+    return indices
+
+
+def _check_box(space, what: str, dataset_id: str) -> None:
+    import gymnasium as gym
+
+    if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+        raise ValueError(
+            f"dataset '{dataset_id}' has a {type(space).__name__}{getattr(space, 'shape', '')} {what} space; "
+            f"trajformer needs a flat Box {what} space (flatten Dict spaces when you collect the data)"
+        )
+
+
+def _spec_dict(dataset) -> dict:
+    """The env id and kwargs needed to recreate the environment (Minari's recorded EnvSpec)."""
+    spec = dataset.spec.env_spec
+    if spec is None:
+        return {}
+    return {
+        "id": spec.id,
+        "kwargs": json.loads(json.dumps(spec.kwargs, default=str)),
+        "max_episode_steps": spec.max_episode_steps,
+    }
+
+
+def load_episodes(dataset_id: str, cfg: DataConfig, download: bool = True) -> OfflineData:
+    """Read a Minari dataset into checked episodes with the configured observation selection."""
+    dataset = load_minari(dataset_id, download=download)
+    _check_box(dataset.observation_space, "observation", dataset_id)
+    _check_box(dataset.action_space, "action", dataset_id)
+    raw_obs_dim = int(dataset.observation_space.shape[0])
+    indices = select_obs(cfg.obs_dims, raw_obs_dim)
+    if dataset.total_episodes == 0:
+        raise ValueError(f"dataset '{dataset_id}' has no episodes; collect data into it first")
+
+    episodes: list[Episode] = []
+    digest = hashlib.sha256()
+    episode_ids = None if cfg.max_episodes == 0 else list(range(min(cfg.max_episodes, dataset.total_episodes)))
+    for ep in dataset.iterate_episodes(episode_ids):
+        obs = np.asarray(ep.observations, dtype=np.float64)
+        act = np.asarray(ep.actions, dtype=np.float64).reshape(len(ep.actions), -1)
+        rew = np.asarray(ep.rewards, dtype=np.float64)
+        term = np.asarray(ep.terminations, dtype=bool)
+        trunc = np.asarray(ep.truncations, dtype=bool)
+        for name, arr in (("observations", obs), ("actions", act), ("rewards", rew)):
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(
+                    f"dataset '{dataset_id}' episode {ep.id} has NaN or inf in its {name}; "
+                    f"remove or repair those episodes before training"
+                )
+        if len(act) == 0:
+            continue
+        for arr in (obs, act, rew, term, trunc):
+            digest.update(np.ascontiguousarray(arr).tobytes())
+        episodes.append(Episode(obs[:, indices], act, rew, term, trunc))
+    if not episodes:
+        raise ValueError(f"dataset '{dataset_id}' has no non-empty episodes; collect data into it first")
+
+    meta = dataset.storage.metadata
+    return OfflineData(
+        dataset_id=dataset_id,
+        episodes=episodes,
+        obs_indices=indices,
+        raw_obs_dim=raw_obs_dim,
+        env_spec=_spec_dict(dataset),
+        ref_min_score=meta.get("ref_min_score"),
+        ref_max_score=meta.get("ref_max_score"),
+        sha256=digest.hexdigest(),
+    )
+
+
+def penalized_rewards(ep: Episode, termination_penalty: float) -> np.ndarray:
+    """Rewards with the final reward replaced by the penalty at a true termination (official)."""
+    rew = ep.rew.copy()
+    if ep.is_terminal:
+        rew[-1] = termination_penalty
+    return rew
+
+
+def values_to_go(rew: np.ndarray, discount: float) -> np.ndarray:
+    """V_t = sum_{k>=1} discount^(k-1) r_{t+k}: the discounted return from t+1, excluding r_t."""
+    values = np.zeros_like(rew)
+    running = 0.0
+    for t in range(len(rew) - 1, -1, -1):
+        values[t] = running
+        running = rew[t] + discount * running
+    return values
+
+
+def joined_transitions(ep: Episode, cfg: DataConfig) -> np.ndarray:
+    """The (T, dS + dA + 2) array of [s, a, r, V] per transition of one episode."""
+    rew = penalized_rewards(ep, cfg.termination_penalty)
+    values = values_to_go(rew, cfg.discount)
+    return np.concatenate([ep.obs[:-1], ep.act, rew[:, None], values[:, None]], axis=1)
+
+
+def split_episodes(n_episodes: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded train/validation split of episode indices (at least one training episode)."""
+    order = np.random.default_rng(seed).permutation(n_episodes)
+    n_val = int(round(validation_fraction * n_episodes))
+    n_val = min(n_val, n_episodes - 1)
+    if validation_fraction > 0 and n_episodes > 1:
+        n_val = max(n_val, 1)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def return_stats(data: OfflineData) -> dict:
+    """Episode count, steps, and undiscounted return statistics of the raw rewards."""
+    returns = np.array([e.rew.sum() for e in data.episodes])
+    lengths = np.array([e.length for e in data.episodes])
+    return {
+        "episodes": len(data.episodes),
+        "steps": int(lengths.sum()),
+        "terminated_episodes": int(sum(e.is_terminal for e in data.episodes)),
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "return_min": float(returns.min()),
+        "return_max": float(returns.max()),
+        "length_mean": float(lengths.mean()),
+    }

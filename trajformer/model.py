@@ -1,0 +1,241 @@
+"""The Trajectory Transformer's GPT: one file, nanoGPT style (DESIGN.md §4).
+
+Pre-LN blocks, fused QKV, SDPA attention under a mask that is causal *and* hides every value (V) column,
+learned absolute positions, and one output head per dimension slot (N bins + stop). `forward` is the
+training pass over whole windows; `forward_cached` is the exact incremental path over a preallocated
+KV cache with per-row left padding, used by the planner.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    """Sizes of the network; vocab and slots follow from the transition layout."""
+
+    obs_dim: int
+    act_dim: int
+    n_bins: int = 100
+    block_size: int = 139
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.1
+
+    @property
+    def transition_dim(self) -> int:
+        return self.obs_dim + self.act_dim + 2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_bins * self.transition_dim + 1  # + the stop token
+
+    @property
+    def stop_id(self) -> int:
+        return self.n_bins * self.transition_dim
+
+
+def attention_mask(query_pos: torch.Tensor, n_keys: int, pad: torch.Tensor, transition_dim: int) -> torch.Tensor:
+    """Boolean (B, 1, q, k) mask: key k is visible from query position q if k <= q, k is not left padding,
+    and k is not a value column (relative position (k - pad) % T == T - 1)."""
+    keys = torch.arange(n_keys, device=pad.device)
+    rel = keys[None, :] - pad[:, None]  # (B, k)
+    visible = (rel >= 0) & (rel % transition_dim != transition_dim - 1)
+    causal = keys[None, :] <= query_pos[:, None]  # (q, k)
+    return (visible[:, None, :] & causal[None]).unsqueeze(1)
+
+
+class KVCache:
+    """Preallocated keys and values (layer, row, head, position, head_dim) with per-row left padding."""
+
+    def __init__(self, config: GPTConfig, max_rows: int, max_len: int, device=None, dtype=torch.float32):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, max_rows, config.n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.transition_dim = config.transition_dim
+        self.rows = 0
+        self.length = 0
+        self.pad = torch.zeros(0, dtype=torch.long, device=device)
+
+    @property
+    def max_rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self, pad: torch.Tensor) -> None:
+        """Empty the cache for len(pad) rows, row i starting with pad[i] left-padding positions."""
+        if len(pad) > self.max_rows:
+            raise ValueError(f"KV cache holds {self.max_rows} rows, asked for {len(pad)}")
+        self.rows, self.length, self.pad = len(pad), 0, pad.to(self.k.device, torch.long)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (any length up to max_rows, repeats allowed): beam re-ranking and expansion."""
+        n, length = len(index), self.length
+        if n > self.max_rows:
+            raise ValueError(f"KV cache holds {self.max_rows} rows, asked for {n}")
+        index = index.to(self.k.device)
+        self.k[:, :n, :, :length] = self.k[:, index, :, :length]
+        self.v[:, :n, :, :length] = self.v[:, index, :, :length]
+        self.pad = self.pad[index]
+        self.rows = n
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+        B, t, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (z.view(B, t, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :B, :, start : start + t] = k
+            cache.v[layer, :B, :, start : start + t] = v
+            k = cache.k[layer, :B, :, : start + t]
+            v = cache.v[layer, :B, :, : start + t]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, t, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = SelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT over discretized transitions with per-slot output heads."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        # Head for slot j reads position p with p mod T == j and predicts dimension (j + 1) mod T.
+        self.head = nn.Parameter(torch.empty(config.transition_dim, config.n_embd, config.n_bins + 1))
+        self.apply(self._init_weights)
+        nn.init.normal_(self.head, mean=0.0, std=0.02)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2 scaled init of residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        T = config.transition_dim
+        full = attention_mask(torch.arange(config.block_size), config.block_size, torch.zeros(1, dtype=torch.long), T)
+        self.register_buffer("mask", full[0, 0], persistent=False)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, t, N+1) for token ids (B, t) of windows that start at a transition boundary."""
+        B, t = idx.shape
+        if t > self.config.block_size:
+            raise ValueError(f"sequence of {t} tokens exceeds the model's block size {self.config.block_size}")
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(t, device=idx.device)))
+        mask = self.mask[:t, :t]
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.ln_f(x)
+        T = self.config.transition_dim
+        n_tr = -(-t // T)
+        x = F.pad(x, (0, 0, 0, n_tr * T - t)).view(B, n_tr, T, -1)
+        logits = torch.einsum("bntc,tcv->bntv", x, self.head)
+        return logits.reshape(B, n_tr * T, -1)[:, :t]
+
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Append tokens (B, t) to the cache and return the logits of the last position (B, N+1), or of
+        every new position (B, t, N+1) with `all_logits`. Row b's positions count from cache.pad[b]."""
+        B, t = idx.shape
+        if B != cache.rows:
+            raise ValueError(f"cache has {cache.rows} rows, got {B}")
+        start = cache.length
+        if start + t > cache.max_len:
+            raise ValueError(f"KV cache of length {cache.max_len} cannot take {start + t} positions")
+        query_pos = torch.arange(start, start + t, device=idx.device)
+        rel = query_pos[None, :] - cache.pad[:, None]  # (B, t)
+        if int(rel.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(rel.max())} exceeds the model's block size {self.config.block_size}")
+        x = self.wte(idx) + self.wpe(rel.clamp(min=0))
+        mask = attention_mask(query_pos, start + t, cache.pad, self.config.transition_dim)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, mask, cache, layer)
+        cache.length = start + t
+        slot = rel % self.config.transition_dim  # (B, t)
+        if all_logits:
+            return torch.einsum("btc,btcv->btv", self.ln_f(x), self.head[slot])
+        return self.head_logits(self.ln_f(x[:, -1]), slot[:, -1])
+
+    def head_logits(self, h: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """Logits (B, N+1) of final hidden states h (B, C) through each row's slot head; one matmul when
+        all rows share the slot (the planner's case)."""
+        first = int(slot[0])
+        if bool((slot == first).all()):
+            return h @ self.head[first]
+        return torch.bmm(h[:, None], self.head[slot])[:, 0]
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)):
+        """AdamW with weight decay on matmul weights only (not biases, LayerNorms or embeddings)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            is_matmul = (p.dim() >= 2 and not name.startswith(("wte", "wpe")))
+            (decay if is_matmul else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per position (B, t) of local class targets."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           reduction="none").view(targets.shape)

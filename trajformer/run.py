@@ -1,0 +1,142 @@
+"""The run directory: a self-contained, pickle-free bundle of a trained model.
+
+    config.toml      resolved configuration
+    run.json         dims, dataset id and hash, env spec, episode split, model sizes, provenance
+    discretizer.npz  bin edges (plain arrays)
+    model.pt         weights (state_dict) of the best checkpoint by validation loss
+    last.pt          weights at the last step
+    checkpoint.pt    full training state for --resume (weights, optimiser, step, RNG)
+    metrics.jsonl, loss.png
+
+Everything loads with `torch.load(..., weights_only=True)` / `np.load(..., allow_pickle=False)`, and is
+written to a temp file first, then renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trajformer.config import Config, load_config
+from trajformer.discretizer import Discretizer
+from trajformer.model import GPT, GPTConfig
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename the temp file onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_json(path: Path, obj: dict) -> None:
+    save_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def save_torch(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: Path):
+    """Load a tensor checkpoint without unpickling objects; a corrupt file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; train a model into {path.parent} first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not a trajformer checkpoint ({type(err).__name__}); "
+            f"delete it and retrain, or restore it from a backup"
+        ) from None
+
+
+def save_discretizer(path: Path, disc: Discretizer) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **disc.state_dict())
+
+    atomic_write(path, write)
+
+
+def load_discretizer(path: Path) -> Discretizer:
+    try:
+        with np.load(path, allow_pickle=False) as state:
+            return Discretizer.from_state_dict(dict(state))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"discretizer {path} not found; the run directory is incomplete") from None
+    except Exception as err:
+        raise ValueError(f"discretizer {path} is corrupt ({type(err).__name__}); retrain the run") from None
+
+
+@dataclass
+class Run:
+    """A loaded run directory: the model in eval mode, its discretizer, config and metadata."""
+
+    path: Path
+    model: GPT
+    discretizer: Discretizer
+    config: Config
+    meta: dict
+
+    @property
+    def obs_dim(self) -> int:
+        return self.model.config.obs_dim
+
+    @property
+    def act_dim(self) -> int:
+        return self.model.config.act_dim
+
+    @property
+    def obs_indices(self) -> np.ndarray:
+        return np.asarray(self.meta["obs_indices"], dtype=np.int64)
+
+
+def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
+    """Load a run directory (no dataset, no pickle); `weights` picks model.pt (best) or last.pt."""
+    path = Path(run_dir)
+    if not (path / "run.json").is_file():
+        raise FileNotFoundError(f"{path} is not a run directory (no run.json); train one with `trajformer train`")
+    try:
+        meta = json.loads((path / "run.json").read_text())
+        gpt_config = GPTConfig(**meta["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}/run.json is corrupt ({err}); retrain the run") from None
+    config = load_config(path / "config.toml")
+    discretizer = load_discretizer(path / "discretizer.npz")
+    if discretizer.dim != gpt_config.transition_dim:
+        raise ValueError(
+            f"{path}: discretizer has {discretizer.dim} dims but the model expects {gpt_config.transition_dim}; "
+            f"the run directory mixes files from different runs"
+        )
+    model = GPT(gpt_config)
+    state = load_torch(path / weights)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"{path / weights} does not fit the model in run.json ({first}); retrain the run") from None
+    model.eval()
+    return Run(path, model, discretizer, config, meta)
+
+
+def gpt_config_dict(config: GPTConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,84 @@
+"""Token windows for training (DESIGN.md §3).
+
+A transition is T = dS + dA + 2 tokens; dimension d with bin b has id d * N + b and the stop token is
+N * T. Windows of `sequence_length` transitions start at every transition of every episode. Steps past
+a termination are stop tokens the model must predict; steps past a time-limit end are padding masked out
+of the loss. Targets Y are local class ids per slot (bin 0..N-1, stop = N), aligned with the mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trajformer.data import Episode
+
+
+class TokenWindows(torch.utils.data.Dataset):
+    """All training windows of a set of episodes, built by index arithmetic over one padded token array."""
+
+    def __init__(self, episode_tokens: list[np.ndarray], terminal: list[bool], n_bins: int, sequence_length: int):
+        if not episode_tokens:
+            raise ValueError("no episodes to make windows from; check the dataset and validation_fraction")
+        self.n_bins = n_bins
+        self.sequence_length = L = sequence_length
+        self.transition_dim = T = episode_tokens[0].shape[1]
+        self.stop_id = n_bins * T
+        offsets = np.arange(T) * n_bins
+        blocks, masks, starts = [], [], []
+        cursor = 0
+        for bins, is_terminal in zip(episode_tokens, terminal):
+            n = len(bins)
+            pad = np.full((L - 1, T), self.stop_id, dtype=np.int64)
+            blocks.append(np.concatenate([bins + offsets, pad]))
+            # Stop tokens after a termination are learned; padding after a time limit is masked out.
+            masks.append(np.concatenate([np.ones(n, bool), np.full(L - 1, is_terminal)]))
+            starts.append(cursor + np.arange(n))
+            cursor += n + L - 1
+        self.tokens = torch.from_numpy(np.concatenate(blocks))  # (rows, T)
+        self.valid = torch.from_numpy(np.concatenate(masks))  # (rows,)
+        self.starts = torch.from_numpy(np.concatenate(starts))  # one window per real transition
+        # Slot (dimension) of every target position, and the local-id conversion for targets.
+        self.target_slot = (torch.arange(1, L * T) % T).long()
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def block_size(self) -> int:
+        return self.sequence_length * self.transition_dim - 1
+
+    def batch(self, window_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """X (B, L*T-1) global token ids, Y (B, L*T-1) local class ids, mask (B, L*T-1) float."""
+        rows = self.starts[window_ids][:, None] + torch.arange(self.sequence_length)
+        tokens = self.tokens[rows].reshape(len(window_ids), -1)
+        mask = self.valid[rows].repeat_interleave(self.transition_dim, dim=1)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        local = torch.where(y == self.stop_id, self.n_bins, y - self.target_slot * self.n_bins)
+        return x, local, mask[:, 1:].float()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y, m = self.batch(torch.tensor([i]))
+        return x[0], y[0], m[0]
+
+
+def episode_bins(transitions: list[np.ndarray], encode) -> list[np.ndarray]:
+    """Bin ids (T_ep, T) of each episode's joined transitions."""
+    return [encode(t) for t in transitions]
+
+
+def make_windows(
+    episodes: list[Episode], transitions: list[np.ndarray], encode, n_bins: int, sequence_length: int
+) -> TokenWindows:
+    """Windows over `episodes`, whose joined transitions are `transitions`, binned by `encode`."""
+    return TokenWindows(
+        episode_bins(transitions, encode), [e.is_terminal for e in episodes], n_bins, sequence_length
+    )
+
+
+def loss_weights(obs_dim: int, act_dim: int, sequence_length: int, action_weight: float,
+                 reward_weight: float, value_weight: float) -> torch.Tensor:
+    """Per-target-position loss weight (L*T-1,): obs 1, action/reward/value as configured."""
+    per_slot = torch.tensor([1.0] * obs_dim + [action_weight] * act_dim + [reward_weight, value_weight])
+    transition_dim = obs_dim + act_dim + 2
+    return per_slot[torch.arange(1, sequence_length * transition_dim) % transition_dim]
