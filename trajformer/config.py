@@ -230,7 +230,7 @@ def parse_slice(text: str) -> slice:
             raise ValueError
         start, stop = (int(p) if p.strip() else None for p in parts)
     except ValueError:
-        raise ValueError(f"data.obs_dims = {text!r} is not a slice; write e.g. \"0:45\" or a list [0, 1, 2]")
+        raise ValueError(f"data.obs_dims = {text!r} is not a slice; write e.g. \"0:45\" or a list [0, 1, 2]") from None
     return slice(start, stop)
 
 

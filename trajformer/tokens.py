@@ -27,7 +27,7 @@ class TokenWindows(torch.utils.data.Dataset):
         offsets = np.arange(T) * n_bins
         blocks, masks, starts = [], [], []
         cursor = 0
-        for bins, is_terminal in zip(episode_tokens, terminal):
+        for bins, is_terminal in zip(episode_tokens, terminal, strict=True):
             n = len(bins)
             pad = np.full((L - 1, T), self.stop_id, dtype=np.int64)
             blocks.append(np.concatenate([bins + offsets, pad]))
