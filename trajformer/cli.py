@@ -24,4 +24,29 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-_COMMANDS: list = []
+def _add_collect(sub) -> None:
+    import json
+
+    p = sub.add_parser("collect", help="make a local Minari dataset by rolling out a behaviour policy (or a preset)")
+    p.add_argument("env_id", nargs="?", help="Gymnasium env id, e.g. Hopper-v5 (not with --preset)")
+    p.add_argument("--preset", help="named dataset trajformer/NAME-v0, e.g. hopper-medium, halfcheetah-replay")
+    p.add_argument("--policy", help="'random' (default), a shipped name (hopper-sac-0175k) or a .pt path")
+    p.add_argument("--steps", type=int, help="transitions to collect (default 1,000,000)")
+    p.add_argument("--dataset-id", help="NAMESPACE/NAME-v0 of the dataset to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--action-noise", type=float, help="Gaussian action noise std, in half action ranges (default 0)")
+    p.add_argument("--deterministic", action="store_true", help="the policy's mean action instead of a sample")
+    p.add_argument("--env-kwargs", type=json.loads, help='JSON kwargs for gym.make, e.g. \'{"ctrl_cost_weight": 0.1}\'')
+    p.add_argument("--max-episode-steps", type=int, help="time limit (default: the env's own)")
+    p.add_argument("--num-envs", type=int, default=8, help="vectorised envs stepping together")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    p.set_defaults(func=_cmd_collect)
+
+
+def _cmd_collect(args) -> None:
+    from trajformer.collect import run
+
+    run(args)
+
+
+_COMMANDS: list = [_add_collect]

@@ -1,0 +1,120 @@
+"""`trajformer collect`: datasets written through Minari, exact episode boundaries, seeds, shipped actors, errors."""
+
+import json
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+from minari.storage import get_dataset_path
+
+from trajformer.cli import main
+from trajformer.collect import BEHAVIOR_DIR, PRESETS, collect, collect_preset, evaluate
+
+
+@pytest.fixture(autouse=True)
+def minari_tmp(tmp_path, monkeypatch):
+    """Every test writes its datasets under a fresh MINARI_DATASETS_PATH, offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+    return tmp_path / "datasets"
+
+
+def _arrays(dataset):
+    return [(ep.observations, ep.actions, ep.rewards, ep.terminations, ep.truncations)
+            for ep in dataset.iterate_episodes()]
+
+
+def test_random_collection_round_trip():
+    collect("Hopper-v5", "random", steps=300, dataset_id="test/hopper-random-v0", seed=3,
+            max_episode_steps=20, num_envs=4)
+    dataset = minari.load_dataset("test/hopper-random-v0")
+    assert dataset.total_steps == 300
+    lengths, ends = [], set()
+    for ep in dataset.iterate_episodes():
+        T = len(ep.actions)
+        assert ep.observations.shape == (T + 1, 11) and ep.actions.shape == (T, 3) and ep.rewards.shape == (T,)
+        assert not ep.terminations[:-1].any() and not ep.truncations[:-1].any()
+        assert ep.terminations[-1] or ep.truncations[-1]
+        assert T <= 20 and (T < 20 or ep.truncations[-1])
+        lengths.append(T)
+        ends.add("terminated" if ep.terminations[-1] else "truncated")
+    assert sum(lengths) == 300 and ends == {"terminated", "truncated"}
+    meta = dataset.storage.metadata
+    assert meta["behavior_policy"] == ["random"] and meta["seed"] == 3 and meta["env_kwargs"] == {}
+    assert np.isfinite([meta["return_mean"], meta["return_std"], meta["ref_min_score"]]).all()
+    assert json.loads(meta["env_spec"])["max_episode_steps"] == 20
+
+    # The first episode of env 0 replays exactly from its reset seed: boundaries and data line up.
+    env = gym.make("Hopper-v5", max_episode_steps=20)
+    obs, _ = env.reset(seed=3)
+    [first] = [ep for ep in dataset.iterate_episodes() if np.array_equal(ep.observations[0], obs)]
+    for t, action in enumerate(first.actions):
+        obs, reward, terminated, truncated, _ = env.step(action)
+        np.testing.assert_array_equal(obs, first.observations[t + 1])
+        assert (reward, terminated, truncated) == (first.rewards[t], first.terminations[t], first.truncations[t])
+
+
+def test_same_seed_same_data():
+    for name in ("a", "b"):
+        collect("Hopper-v5", "hopper-sac-0025k", steps=200, dataset_id=f"test/{name}-v0", seed=7, num_envs=3)
+    a, b = (_arrays(minari.load_dataset(f"test/{n}-v0")) for n in ("a", "b"))
+    assert len(a) == len(b)
+    for ea, eb in zip(a, b, strict=True):
+        for x, y in zip(ea, eb, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_actor_reproduces_card():
+    card = json.loads((BEHAVIOR_DIR / "hopper-sac-0025k.json").read_text())
+    returns = evaluate("hopper-sac-0025k", episodes=card["eval_episodes"])
+    assert np.mean(returns) == pytest.approx(card["eval_return_mean"], rel=1e-6)
+    assert np.std(returns) == pytest.approx(card["eval_return_std"], rel=1e-4)
+
+
+def test_preset_small_and_cached():
+    dataset = collect_preset("hopper-replay", steps=700)
+    meta = dataset.storage.metadata
+    assert meta["dataset_id"] == "trajformer/hopper-replay-v0" and dataset.total_steps == 700
+    assert meta["behavior_policy"] == list(PRESETS["hopper-replay"].policies)
+    assert collect_preset("hopper-replay", steps=700).total_steps == 700  # reused from the cache
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        collect_preset("hopper-replay", steps=800)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"env_id": "Hoppa-v5"}, ValueError, "unknown env id 'Hoppa-v5'"),
+    ({"env_id": "CartPole-v1"}, ValueError, "Discrete action space"),
+    ({"env_id": "Hopper-v5", "policy": "halfcheetah-sac-0050k"}, ValueError, "policy trained on this env"),
+    ({"env_id": "Hopper-v5", "policy": "missing.pt"}, FileNotFoundError, "not found"),
+    ({"env_id": "Hopper-v5", "dataset_id": "no-version"}, ValueError, "bad dataset id"),
+])
+def test_bad_input_fails_before_writing(kwargs, error, message):
+    kwargs = {"dataset_id": "test/bad-v0", "steps": 50, **kwargs}
+    with pytest.raises(error, match=message) as info:
+        collect(**kwargs)
+    assert "\n" not in str(info.value)
+    assert not get_dataset_path(kwargs["dataset_id"]).exists()
+
+
+def test_existing_dataset_refused_unless_overwrite():
+    collect("Hopper-v5", steps=30, dataset_id="test/exists-v0")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        collect("Hopper-v5", steps=40, dataset_id="test/exists-v0")
+    assert minari.load_dataset("test/exists-v0").total_steps == 30
+    assert collect("Hopper-v5", steps=40, dataset_id="test/exists-v0", overwrite=True).total_steps == 40
+
+
+def test_unknown_preset(minari_tmp):
+    with pytest.raises(ValueError, match="unknown preset 'hopper-expert': choose one of hopper-medium"):
+        collect_preset("hopper-expert")
+    assert not get_dataset_path("trajformer/hopper-expert-v0").exists()
+
+
+def test_cli_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["collect", "CartPole-v1", "--dataset-id", "test/cartpole-v0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trajformer collect: error: CartPole-v1 has a Discrete action space")
+    assert err.count("\n") == 1

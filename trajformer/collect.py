@@ -1,0 +1,392 @@
+"""Make local Minari datasets offline: shipped SAC behaviour policies rolled out in vectorised envs.
+
+`collect(...)` rolls out a policy (uniform random, or a shipped actor from pretrained/behavior/) and writes
+the episodes with `minari.create_dataset_from_buffers`; `collect_preset(name)` makes the named datasets
+(hopper-medium, halfcheetah-medium-expert, ...) the way D4RL made its own, from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+from minari.data_collector import EpisodeBuffer
+from minari.dataset.minari_dataset import parse_dataset_id
+from minari.storage import get_dataset_path
+from torch import nn
+from tqdm import tqdm
+
+BEHAVIOR_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "behavior"
+"""Shipped behaviour policies: NAME.pt (actor state_dict) + NAME.json (card)."""
+
+HUMANOID_45 = {f"include_{k}_in_observation": False for k in ("cinert", "cvel", "qfrc_actuator", "cfrc_ext")}
+"""Humanoid-v5 observation trimmed to qpos[2:] + qvel (45 dims), as the shipped humanoid actors expect."""
+
+D4RL_EXPERT = {"Hopper-v5": 3234.3, "HalfCheetah-v5": 12135.0, "Walker2d-v5": 4592.3}
+"""D4RL v2 expert reference returns, used as `ref_max_score` (D4RL's were measured on the v2 envs)."""
+
+Policy = Callable[[np.ndarray], np.ndarray]
+"""A batch of observations (n, dS) -> a batch of actions (n, dA) within the action bounds."""
+
+
+class SACActor(nn.Module):
+    """The SB3 SAC `MlpPolicy` actor (same state_dict keys), without SB3: a tanh-squashed Gaussian."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256)):
+        super().__init__()
+        layers, width = [], obs_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.latent_pi = nn.Sequential(*layers)
+        self.mu = nn.Linear(width, act_dim)
+        self.log_std = nn.Linear(width, act_dim)
+
+    @torch.no_grad()
+    def forward(self, obs: torch.Tensor, deterministic: bool = True,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Squashed action in [-1, 1]: tanh(mu), or tanh of a sample of N(mu, exp(clamp(log_std)))."""
+        latent = self.latent_pi(obs)
+        mu = self.mu(latent)
+        if deterministic:
+            return torch.tanh(mu)
+        std = self.log_std(latent).clamp(-20, 2).exp()
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+        return torch.tanh(mu + std * eps)
+
+
+@dataclass
+class BehaviorPolicy:
+    """A shipped actor with its card; `.card` holds env id/kwargs, dims, bounds and the eval return."""
+
+    name: str
+    actor: SACActor
+    card: dict
+
+    def policy(self, deterministic: bool, generator: torch.Generator | None = None) -> Policy:
+        """Batched numpy policy, rescaled from [-1, 1] to the card's bounds as SB3 does (float32)."""
+        low = np.asarray(self.card["action_low"], dtype=np.float32)
+        high = np.asarray(self.card["action_high"], dtype=np.float32)
+
+        def act(obs: np.ndarray) -> np.ndarray:
+            squashed = self.actor(torch.as_tensor(obs, dtype=torch.float32), deterministic, generator).numpy()
+            return low + 0.5 * (squashed + 1.0) * (high - low)
+
+        return act
+
+
+def load_behavior_policy(path: str | Path) -> BehaviorPolicy:
+    """Load NAME.pt (a plain state_dict, never unpickled) into SACActor, with the sibling NAME.json card."""
+    path = Path(path)
+    if not path.is_file() and (BEHAVIOR_DIR / f"{path.name}.pt").is_file():
+        path = BEHAVIOR_DIR / f"{path.name}.pt"  # a bare shipped name such as hopper-sac-0175k
+    card_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"policy file {path} not found: pass 'random', a shipped name "
+                                f"(see {BEHAVIOR_DIR}) or the path of a .pt written by scripts/train_behavior.py")
+    if not card_path.is_file():
+        raise FileNotFoundError(f"policy {path} has no card {card_path}: keep the .json written with the .pt")
+    card = json.loads(card_path.read_text())
+    actor = SACActor(card["obs_dim"], card["act_dim"], tuple(card["net_arch"]))
+    actor.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return BehaviorPolicy(path.stem, actor.eval(), card)
+
+
+def random_policy(space: gym.spaces.Box, rng: np.random.Generator) -> Policy:
+    """Uniform actions within the bounds: the reference 'random' behaviour (and ref_min_score)."""
+    return lambda obs: rng.uniform(space.low, space.high, (len(obs), *space.shape)).astype(space.dtype)
+
+
+def episode_returns(env: gym.Env, policy: Policy, episodes: int, seed: int = 10_000) -> list[float]:
+    """Undiscounted returns of `episodes` episodes, the i-th from env.reset(seed=seed + i) (card protocol)."""
+    returns = []
+    for i in range(episodes):
+        obs, _ = env.reset(seed=seed + i)
+        done, total = False, 0.0
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy(obs[None])[0])
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns
+
+
+def evaluate(path: str | Path, episodes: int = 10, env_kwargs: dict | None = None) -> list[float]:
+    """Deterministic returns of a behaviour policy on its card's env, reset seeds 10_000 + i."""
+    bp = load_behavior_policy(path)
+    env = gym.make(bp.card["env_id"], **(bp.card["env_kwargs"] if env_kwargs is None else env_kwargs))
+    returns = episode_returns(env, bp.policy(deterministic=True), episodes)
+    env.close()
+    return returns
+
+
+def _rollouts(make_env: Callable[[], gym.Env], policy: Policy, steps: int, seed: int, num_envs: int,
+              action_noise: float, rng: np.random.Generator, bar: tqdm) -> tuple[list[dict], list[bool]]:
+    """Run `steps` transitions over a same-step-autoreset vector env; episodes end exactly where they end.
+
+    Returns the episodes in the order they finished and, per episode, whether it was cut by the step
+    budget (then its last step is marked truncated) rather than ended by the env.
+    """
+    envs = gym.vector.SyncVectorEnv([make_env] * num_envs, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    space = envs.single_action_space
+    quota = [steps // num_envs + (i < steps % num_envs) for i in range(num_envs)]
+    obs, _ = envs.reset(seed=[seed + i for i in range(num_envs)])
+    current = [{"observations": [o], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+               for o in obs]
+    episodes, cut = [], []
+    while any(q > 0 for q in quota):
+        actions = policy(obs)
+        if action_noise > 0:
+            actions = actions + action_noise * 0.5 * (space.high - space.low) * rng.standard_normal(actions.shape)
+        actions = np.clip(actions, space.low, space.high).astype(space.dtype)
+        obs, rewards, terminated, truncated, info = envs.step(actions)
+        for i, ep in enumerate(current):
+            if quota[i] == 0:
+                continue
+            done = bool(terminated[i] or truncated[i])
+            ep["actions"].append(actions[i])
+            ep["rewards"].append(float(rewards[i]))
+            ep["terminations"].append(bool(terminated[i]))
+            ep["truncations"].append(bool(truncated[i]))
+            ep["observations"].append(info["final_obs"][i] if done else obs[i])
+            quota[i] -= 1
+            bar.update()
+            if done or quota[i] == 0:
+                if not done:  # cut by the step budget: a truncation, not an end of the task
+                    ep["truncations"][-1] = True
+                cut.append(not done)
+                episodes.append(ep)
+                current[i] = {"observations": [obs[i]], "actions": [], "rewards": [], "terminations": [],
+                              "truncations": []}
+    envs.close()
+    return episodes, cut
+
+
+def _check_env(env_id: str, env_kwargs: dict, max_episode_steps: int | None) -> gym.Env:
+    """Make the env, turning the ways it can be wrong into one-line errors that say the fix."""
+    try:
+        gym.spec(env_id)
+    except gym.error.Error:
+        raise ValueError(f"unknown env id {env_id!r}: pass a registered Gymnasium id such as Hopper-v5 "
+                         "(gymnasium.pprint_registry() lists them)") from None
+    try:
+        env = gym.make(env_id, max_episode_steps=max_episode_steps, **env_kwargs)
+    except TypeError as err:
+        raise ValueError(f"env kwargs {json.dumps(env_kwargs)} rejected by {env_id} ({err}): "
+                         "fix --env-kwargs") from None
+    for name, space in (("action", env.action_space), ("observation", env.observation_space)):
+        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+            raise ValueError(f"{env_id} has a {type(space).__name__} {name} space: trajformer collects "
+                             "envs with flat Box observations and actions only (e.g. Hopper-v5)")
+    return env
+
+
+def _check_dataset_id(dataset_id: str, overwrite: bool) -> None:
+    """Refuse a malformed id, or an existing one unless overwrite (which deletes it only after collecting)."""
+    try:
+        parse_dataset_id(dataset_id)
+    except (ValueError, TypeError):  # TypeError: no -vN version
+        raise ValueError(f"bad dataset id {dataset_id!r}: use NAMESPACE/NAME-vVERSION, "
+                         "e.g. mine/hopper-random-v0") from None
+    path = get_dataset_path(dataset_id)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"dataset {dataset_id} already exists at {path}: pass --overwrite to replace it "
+                              "or choose another --dataset-id")
+
+
+def collect(env_id: str, policy: str | list[str] = "random", steps: int = 1_000_000,
+            dataset_id: str = "trajformer/collected-v0", seed: int = 0, action_noise: float = 0.0,
+            env_kwargs: dict | None = None, overwrite: bool = False, deterministic: bool = False,
+            max_episode_steps: int | None = None, num_envs: int = 8, description: str | None = None,
+            metadata: dict | None = None) -> minari.MinariDataset:
+    """Roll out `policy` ('random', a .pt path or shipped name, or a list of them sharing the steps
+    equally) for `steps` transitions and write them as the local Minari dataset `dataset_id`.
+
+    Every input is checked before any rollout, and nothing is written when one is wrong.
+    """
+    env_kwargs = dict(env_kwargs or {})
+    if steps <= 0 or num_envs <= 0:
+        raise ValueError(f"--steps {steps} / --num-envs {num_envs}: both must be positive integers")
+    if action_noise < 0:
+        raise ValueError(f"--action-noise {action_noise} is negative: pass a standard deviation >= 0")
+    _check_dataset_id(dataset_id, overwrite)
+    env = _check_env(env_id, env_kwargs, max_episode_steps)
+    names = [policy] if isinstance(policy, str) else list(policy)
+    behaviors = [None if name == "random" else load_behavior_policy(name) for name in names]
+    dims = (env.observation_space.shape[0], env.action_space.shape[0])
+    for bp in filter(None, behaviors):
+        if (bp.card["obs_dim"], bp.card["act_dim"]) != dims or bp.card["env_id"] != env_id:
+            raise ValueError(f"policy {bp.name} is for {bp.card['env_id']} with obs/act dims "
+                             f"{(bp.card['obs_dim'], bp.card['act_dim'])}, but {env_id} "
+                             f"{json.dumps(env_kwargs)} has {dims}: pass a policy trained on this env "
+                             "(and its observation kwargs) or --policy random")
+
+    def make_env() -> gym.Env:
+        return gym.make(env_id, max_episode_steps=max_episode_steps, **env_kwargs)
+
+    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    episodes, cut = [], []
+    start = time.perf_counter()
+    with tqdm(total=steps, desc=f"collect {dataset_id}", unit="step", smoothing=0.1) as bar:
+        for j, bp in enumerate(behaviors):
+            share = steps // len(behaviors) + (j < steps % len(behaviors))
+            act = random_policy(env.action_space, rng) if bp is None else bp.policy(deterministic, generator)
+            eps, c = _rollouts(make_env, act, share, seed + j * num_envs, num_envs, action_noise, rng, bar)
+            episodes += eps
+            cut += c
+    elapsed = time.perf_counter() - start
+    print(f"{steps} steps in {elapsed:.1f} s: {steps / elapsed:.0f} steps/s ({num_envs} envs)")
+
+    returns = [sum(ep["rewards"]) for ep, c in zip(episodes, cut, strict=True) if not c]
+    returns = returns or [sum(ep["rewards"]) for ep in episodes]
+    ref_min = float(np.mean(episode_returns(env, random_policy(env.action_space, rng), 10)))
+    ref_max = D4RL_EXPERT.get(env_id) if not env_kwargs else None
+    buffers = [EpisodeBuffer(id=k, observations=np.array(ep["observations"]), actions=np.array(ep["actions"]),
+                             rewards=np.array(ep["rewards"]), terminations=np.array(ep["terminations"]),
+                             truncations=np.array(ep["truncations"]))
+               for k, ep in enumerate(episodes)]
+    mode = "deterministic (tanh of the mean)" if deterministic else "stochastic (sampled from the SAC Gaussian)"
+    description = description or (
+        f"{steps} transitions of {env_id} {json.dumps(env_kwargs)} from behaviour policy {', '.join(names)}"
+        + ("" if names == ["random"] else f", {mode} actions")
+        + (f", Gaussian action noise {action_noise} x half the action range" if action_noise else "")
+        + f"; seed {seed}, {num_envs} vectorised envs. Episodes end at terminations and time-limit "
+        "truncations; the last episode of each env is cut (truncated) where the step budget ran out.")
+    if get_dataset_path(dataset_id).exists():
+        minari.delete_dataset(dataset_id)  # only reached with overwrite=True, now that the new data exists
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(code_permalink|author_email).*")
+        dataset = minari.create_dataset_from_buffers(
+            dataset_id, buffers, env=env, eval_env=env.spec, algorithm_name="trajformer collect",
+            author="trajformer", ref_min_score=ref_min, ref_max_score=ref_max, description=description)
+    dataset.storage.update_metadata({
+        "behavior_policy": names,
+        "behavior_policy_eval_return": [None if bp is None else bp.card["eval_return_mean"] for bp in behaviors],
+        "deterministic": deterministic,
+        "action_noise": action_noise,
+        "env_kwargs": env_kwargs,
+        "seed": seed,
+        "num_envs": num_envs,
+        "steps": steps,
+        "return_mean": float(np.mean(returns)),
+        "return_std": float(np.std(returns)),
+        "ref_min_score": ref_min,
+        "num_episodes_average_score": 10,
+        "ref_min_score_protocol": "uniform random policy, 10 episodes, env.reset(seed=10_000 + i)",
+        **(metadata or {}),
+    })
+    env.close()
+    return minari.load_dataset(dataset_id)
+
+
+def _ladder(prefix: str, last_k: int) -> tuple[str, ...]:
+    """Checkpoint names every 25k steps up to and including `last_k` thousand steps."""
+    return tuple(f"{prefix}-sac-{k:04d}k" for k in range(25, last_k + 1, 25))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named dataset: env, behaviour policies sharing the steps equally, and why it is made this way."""
+
+    env_id: str
+    policies: tuple[str, ...]
+    description: str
+    env_kwargs: tuple[tuple[str, bool], ...] = ()
+    combine: tuple[str, ...] = ()  # presets merged with minari.combine_datasets instead of collecting
+
+
+STOCHASTIC = ("Actions are sampled from the SAC Gaussian (tanh-squashed), not its mean, so the data covers "
+              "more than one deterministic trajectory per start state, as D4RL's were.")
+PRESETS = {
+    "hopper-medium": Preset("Hopper-v5", ("hopper-sac-0175k",),
+                            f"D4RL-style hopper-medium: SAC checkpoint hopper-sac-0175k. {STOCHASTIC}"),
+    "hopper-replay": Preset("Hopper-v5", _ladder("hopper", 175),
+                            "D4RL medium-replay analogue: equal shares of rollouts from every shipped SAC "
+                            f"checkpoint, hopper-sac-0025k to the medium one, 0175k. {STOCHASTIC}"),
+    "halfcheetah-medium": Preset("HalfCheetah-v5", ("halfcheetah-sac-0050k",),
+                                 f"D4RL-style halfcheetah-medium: SAC checkpoint halfcheetah-sac-0050k. "
+                                 f"{STOCHASTIC}"),
+    "halfcheetah-replay": Preset("HalfCheetah-v5", _ladder("halfcheetah", 50),
+                                 "D4RL medium-replay analogue: equal shares of rollouts from every shipped SAC "
+                                 f"checkpoint, halfcheetah-sac-0025k to the medium one, 0050k. {STOCHASTIC}"),
+    "halfcheetah-expert": Preset("HalfCheetah-v5", ("halfcheetah-sac-0250k",),
+                                 "Expert-ish halfcheetah: SAC checkpoint halfcheetah-sac-0250k (~7.5k return, "
+                                 f"below D4RL's 10.6k expert). {STOCHASTIC}"),
+    "halfcheetah-medium-expert": Preset("HalfCheetah-v5", (), "D4RL-style medium-expert: trajformer/"
+                                        "halfcheetah-medium-v0 and trajformer/halfcheetah-expert-v0 combined "
+                                        "with minari.combine_datasets (both halves the same size).",
+                                        combine=("halfcheetah-medium", "halfcheetah-expert")),
+    "walker2d-medium": Preset("Walker2d-v5", ("walker2d-sac-0150k",),
+                              f"D4RL-style walker2d-medium: SAC checkpoint walker2d-sac-0150k. {STOCHASTIC}"),
+    "walker2d-replay": Preset("Walker2d-v5", _ladder("walker2d", 150),
+                              "D4RL medium-replay analogue: equal shares of rollouts from every shipped SAC "
+                              f"checkpoint, walker2d-sac-0025k to the medium one, 0150k. {STOCHASTIC}"),
+    "humanoid-medium": Preset("Humanoid-v5", ("humanoid-sac-0200k",),
+                              "Humanoid from SAC checkpoint humanoid-sac-0200k, the best we ship (~600 return, "
+                              "it falls after ~100 steps). Collected with terminate_when_unhealthy=False so "
+                              "every episode runs the full 1000 steps (the fallen humanoid keeps moving on the "
+                              "ground), long enough for 100-step predictions; observations are the 45 dims "
+                              f"qpos[2:] + qvel (the four include_*_in_observation=False flags). {STOCHASTIC}",
+                              env_kwargs=(("terminate_when_unhealthy", False),
+                                          *((k, v) for k, v in HUMANOID_45.items()))),
+}
+"""The named datasets `trajformer collect --preset NAME` makes as trajformer/NAME-v0."""
+
+
+def collect_preset(name: str, steps: int | None = None, seed: int = 0, overwrite: bool = False,
+                   num_envs: int = 8) -> minari.MinariDataset:
+    """Make (or reuse from MINARI_DATASETS_PATH) the preset dataset trajformer/NAME-v0: same seed, same data."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    preset, steps = PRESETS[name], steps or 1_000_000
+    dataset_id = f"trajformer/{name}-v0"
+    settings = {"preset": name, "steps": steps, "seed": seed}
+    if get_dataset_path(dataset_id).exists() and not overwrite:
+        cached = minari.load_dataset(dataset_id)
+        if all(cached.storage.metadata.get(k) == v for k, v in settings.items()):
+            print(f"{dataset_id}: cached in {get_dataset_path(dataset_id)}")
+            return cached
+        raise FileExistsError(f"dataset {dataset_id} exists with other settings than {settings}: "
+                              "pass --overwrite to recollect it")
+    if not preset.combine:
+        return collect(preset.env_id, list(preset.policies), steps, dataset_id, seed,
+                       env_kwargs=dict(preset.env_kwargs), overwrite=overwrite, num_envs=num_envs,
+                       description=preset.description, metadata=settings)
+    parts = [collect_preset(part, steps, seed, num_envs=num_envs) for part in preset.combine]
+    if get_dataset_path(dataset_id).exists():
+        minari.delete_dataset(dataset_id)
+    dataset = minari.combine_datasets(parts, dataset_id)
+    dataset.storage.update_metadata({
+        "description": preset.description, **settings, "behavior_policy": [
+            p for part in parts for p in part.storage.metadata["behavior_policy"]],
+        "return_mean_per_part": [part.storage.metadata["return_mean"] for part in parts],
+        **{k: parts[0].storage.metadata[k] for k in ("ref_min_score", "ref_max_score", "env_kwargs")}})
+    return minari.load_dataset(dataset_id)
+
+
+def run(args: argparse.Namespace) -> None:
+    """`trajformer collect`: a preset, or ENV_ID with an explicit policy and dataset id."""
+    if args.preset is not None:
+        extra = [flag for flag in ("env_id", "policy", "dataset_id", "env_kwargs", "action_noise",
+                                   "max_episode_steps") if getattr(args, flag) is not None]
+        if extra or args.deterministic:
+            raise ValueError(f"--preset fixes env, policy and dataset id: drop {extra or ['--deterministic']}")
+        dataset = collect_preset(args.preset, args.steps, args.seed, args.overwrite, args.num_envs)
+    else:
+        if args.env_id is None or args.dataset_id is None:
+            raise ValueError("give ENV_ID and --dataset-id NAMESPACE/NAME-v0, or --preset NAME")
+        dataset = collect(args.env_id, args.policy or "random", args.steps or 1_000_000, args.dataset_id,
+                          args.seed, args.action_noise or 0.0, args.env_kwargs, args.overwrite,
+                          args.deterministic, args.max_episode_steps, args.num_envs)
+    meta = dataset.storage.metadata
+    print(f"{meta['dataset_id']}: {dataset.total_episodes} episodes, {dataset.total_steps} steps, "
+          f"return {meta.get('return_mean', float('nan')):.1f} ± {meta.get('return_std', float('nan')):.1f}")
