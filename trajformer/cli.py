@@ -24,6 +24,43 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a Trajectory Transformer on a Minari dataset")
+    p.add_argument("config", help="TOML config (see configs/)")
+    p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=200 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> None:
+    from pathlib import Path
+
+    from trajformer.config import load_config
+    from trajformer.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    run_dir = train(cfg, out, dataset_id=args.dataset, resume=args.resume)
+    print(f"run directory: {run_dir}")
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe a run directory or a Minari dataset")
+    p.add_argument("target", help="RUN_DIR or DATASET_ID")
+    p.add_argument("--config", default=None, help="for a dataset: config whose [data]/[discretizer] to apply")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args) -> None:
+    from trajformer.info import describe
+
+    print(describe(args.target, args.config, args.overrides))
+
+
 def _add_collect(sub) -> None:
     import json
 
@@ -49,4 +86,4 @@ def _cmd_collect(args) -> None:
     run(args)
 
 
-_COMMANDS: list = [_add_collect]
+_COMMANDS: list = [_add_train, _add_info, _add_collect]

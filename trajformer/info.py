@@ -1,0 +1,93 @@
+"""`trajformer info`: what a run directory or a dataset holds, as readable text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from trajformer.config import Config, load_config
+from trajformer.data import return_stats
+
+
+def _reconstruction_table(names: list[str], errors: np.ndarray, n_real: np.ndarray, scale: np.ndarray) -> list[str]:
+    lines = ["  dim  name        bins  mean |x - decode(encode(x))|  (/ std)"]
+    for d, (name, err, nb, s) in enumerate(zip(names, errors, n_real, scale, strict=True)):
+        lines.append(f"  {d:3d}  {name:<10} {nb:5d}  {err:12.5g}  ({err / s if s > 0 else 0.0:.4f})")
+    return lines
+
+
+def column_names(obs_dim: int, act_dim: int) -> list[str]:
+    return [f"obs[{i}]" for i in range(obs_dim)] + [f"act[{i}]" for i in range(act_dim)] + ["reward", "value"]
+
+
+def describe_run(run_dir: Path) -> str:
+    """Dims, tokens, parameters, dataset and split, last validation losses of a run directory."""
+    from trajformer.run import load_run
+
+    run = load_run(run_dir)
+    meta, cfg = run.meta, run.config
+    mc = run.model.config
+    lines = [
+        f"run directory {run_dir}",
+        f"  dataset       {meta['dataset_id']} (sha256 {meta['provenance']['dataset_sha256'][:12]})",
+        f"  env           {meta['env'].get('id')} {json.dumps(meta['env'].get('kwargs', {}))}",
+        f"  dims          obs {mc.obs_dim} (of {meta['raw_obs_dim']}), act {mc.act_dim}, "
+        f"transition_dim {mc.transition_dim}",
+        f"  tokens        {mc.n_bins} bins per dim, vocab {mc.vocab_size} (incl. stop), "
+        f"window {cfg.data.sequence_length} transitions = {mc.block_size + 1} tokens",
+        f"  model         {mc.n_layer} layers x {mc.n_head} heads x {mc.n_embd}, "
+        f"{run.model.num_params(non_embedding=False):,} parameters ({run.model.num_params():,} non-embedding)",
+        f"  split         {len(meta['split']['train_episodes'])} train / "
+        f"{len(meta['split']['validation_episodes'])} validation episodes (seed {meta['split']['seed']})",
+        f"  provenance    trajformer {meta['provenance']['trajformer']}, torch {meta['provenance']['torch']}, "
+        f"git {meta['provenance']['git_commit'] or '-'}",
+    ]
+    metrics = Path(run_dir) / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        steps = [r["step"] for r in rows]
+        val = [r for r in rows if "val_loss" in r]
+        lines.append(f"  trained       {max(steps) if steps else 0} steps")
+        if val:
+            best = min(val, key=lambda r: r["val_loss"])
+            parts = ", ".join(f"{k[4:]} {best[k]:.3f}" for k in ("val_obs", "val_action", "val_reward", "val_value"))
+            lines.append(f"  best val loss {best['val_loss']:.4f} at step {best['step']} ({parts})")
+    return "\n".join(lines)
+
+
+def describe_dataset(dataset_id: str, cfg: Config) -> str:
+    """Episodes, steps, returns and discretizer reconstruction error per dimension of a dataset."""
+    from trajformer.train import prepare
+
+    prep = prepare(cfg, dataset_id)
+    data = prep.data
+    stats = return_stats(data)
+    joined = np.concatenate(prep.transitions)
+    disc = prep.discretizer
+    T = data.transition_dim
+    n_windows = len(prep.train_windows) + (len(prep.val_windows) if prep.val_windows else 0)
+    lines = [
+        f"dataset {dataset_id} (sha256 {data.sha256[:12]})",
+        f"  env           {data.env_spec.get('id')} {json.dumps(data.env_spec.get('kwargs', {}))}",
+        f"  dims          obs {data.obs_dim} (of {data.raw_obs_dim}), act {data.act_dim}, transition_dim {T}",
+        f"  episodes      {stats['episodes']} ({stats['terminated_episodes']} terminated), {stats['steps']} steps, "
+        f"mean length {stats['length_mean']:.1f}",
+        f"  returns       mean {stats['return_mean']:.2f} +- {stats['return_std']:.2f} "
+        f"(min {stats['return_min']:.2f}, max {stats['return_max']:.2f})",
+        f"  reference     ref_min_score {data.ref_min_score}, ref_max_score {data.ref_max_score}",
+        f"  tokens        {stats['steps'] * T:,} tokens, {n_windows:,} windows of "
+        f"{cfg.data.sequence_length} transitions",
+        f"  discretizer   {cfg.discretizer.kind}, {cfg.discretizer.n_bins} bins",
+    ]
+    errors = disc.reconstruction_error(joined)
+    lines += _reconstruction_table(column_names(data.obs_dim, data.act_dim), errors, disc.n_real, joined.std(axis=0))
+    return "\n".join(lines)
+
+
+def describe(target: str, config: str | None = None, overrides: list[str] | None = None) -> str:
+    """Describe `target`: a run directory if it holds run.json, else a dataset id."""
+    if (Path(target) / "run.json").is_file():
+        return describe_run(Path(target))
+    return describe_dataset(target, load_config(config, overrides))

@@ -1,0 +1,399 @@
+"""Training: dataset → discretizer → windows → GPT, into a run directory (DESIGN.md §1–4).
+
+Read top to bottom: `prepare` checks and tokenizes the data, `train` runs the loop. The loop is
+deterministic given the seed: the batch order of step k is a function of (seed, k), so `--resume` from a
+checkpoint (weights, AdamW state, RNG, step) reaches bit-identical weights. Under torchrun every rank
+builds the same data, takes its share of each global batch, and normalises by the global mask count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from trajformer import __version__
+from trajformer.config import Config, to_toml
+from trajformer.data import OfflineData, joined_transitions, load_episodes, return_stats, split_episodes
+from trajformer.discretizer import Discretizer
+from trajformer.model import GPT, GPTConfig, token_losses
+from trajformer.run import load_discretizer, load_torch, save_discretizer, save_json, save_text, save_torch
+from trajformer.tokens import TokenWindows, loss_weights, make_windows
+
+TOKEN_TYPES = ("obs", "action", "reward", "value")
+
+
+@dataclass
+class Prepared:
+    """Checked episodes, their split, the fitted discretizer and the training/validation windows."""
+
+    data: OfflineData
+    transitions: list[np.ndarray]
+    discretizer: Discretizer
+    train_episodes: np.ndarray
+    val_episodes: np.ndarray
+    train_windows: TokenWindows
+    val_windows: TokenWindows | None
+
+
+def fit_discretizer(transitions: list[np.ndarray], cfg: Config, obs_dim: int, act_dim: int) -> Discretizer:
+    """Fit on all real transitions; reward and value columns always use quantile bins, so the -100
+    termination penalty cannot squeeze ordinary rewards into a few uniform bins."""
+    reward_col = obs_dim + act_dim
+    return Discretizer.fit(
+        np.concatenate(transitions), cfg.discretizer.n_bins, cfg.discretizer.kind,
+        quantile_columns=(reward_col, reward_col + 1),
+    )
+
+
+def prepare(cfg: Config, dataset_id: str | None = None, discretizer: Discretizer | None = None) -> Prepared:
+    """Load and check the dataset, split episodes, fit (or reuse) the discretizer, build windows."""
+    data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
+    transitions = [joined_transitions(ep, cfg.data) for ep in data.episodes]
+    if discretizer is None:
+        discretizer = fit_discretizer(transitions, cfg, data.obs_dim, data.act_dim)
+    train_idx, val_idx = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
+
+    def windows(idx: np.ndarray) -> TokenWindows:
+        eps = [data.episodes[i] for i in idx]
+        return make_windows(eps, [transitions[i] for i in idx], discretizer.encode,
+                            cfg.discretizer.n_bins, cfg.data.sequence_length)
+
+    val_windows = windows(val_idx) if len(val_idx) else None
+    return Prepared(data, transitions, discretizer, train_idx, val_idx, windows(train_idx), val_windows)
+
+
+def gpt_config(cfg: Config, obs_dim: int, act_dim: int) -> GPTConfig:
+    m = cfg.model
+    return GPTConfig(
+        obs_dim=obs_dim, act_dim=act_dim, n_bins=cfg.discretizer.n_bins,
+        block_size=cfg.data.sequence_length * (obs_dim + act_dim + 2) - 1,
+        n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout,
+    )
+
+
+def schedule(cfg: Config, n_windows: int, world_size: int = 1) -> tuple[int, int, int, int]:
+    """(batch size, steps per epoch, total steps, warmup steps) for this dataset size."""
+    batch = min(cfg.train.batch_size, n_windows)
+    if batch < world_size:
+        raise ValueError(f"batch of {batch} windows cannot be split over {world_size} processes; use fewer")
+    steps_per_epoch = max(1, n_windows // batch)
+    if cfg.train.max_steps > 0:
+        total = cfg.train.max_steps
+    elif cfg.train.epochs > 0:
+        total = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    else:
+        raise ValueError("training length is not set; set train.max_steps or train.epochs "
+                         "(e.g. --set train.max_steps=1000)")
+    warmup = min(steps_per_epoch, int(cfg.train.warmup_fraction * total))
+    return batch, steps_per_epoch, total, warmup
+
+
+def learning_rate(step: int, cfg: Config, total: int, warmup: int) -> float:
+    """Linear warmup, then one cosine decay to final_lr_fraction * lr, then flat."""
+    lr, floor = cfg.train.learning_rate, cfg.train.learning_rate * cfg.train.final_lr_fraction
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + 0.5 * (lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(step: int, seed: int, n_windows: int, batch: int, steps_per_epoch: int) -> torch.Tensor:
+    """Window ids of global step `step`: a seeded permutation per epoch, read in order (drop last)."""
+    epoch, j = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_windows)
+    return torch.from_numpy(order[j * batch : (j + 1) * batch])
+
+
+def batch_loss(model, windows: TokenWindows, ids: torch.Tensor, weights: torch.Tensor, autocast: bool):
+    """(weighted CE sum, mask count, per-position CE, mask) of one batch."""
+    x, y, mask = (t.to(weights.device) for t in windows.batch(ids))
+    with torch.autocast(weights.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(x)
+    ce = token_losses(logits, y)
+    return (ce * weights[: ce.shape[1]] * mask).sum(), mask.sum(), ce, mask
+
+
+@torch.no_grad()
+def evaluate(model: GPT, windows: TokenWindows, cfg: Config, weights: torch.Tensor, autocast: bool) -> dict:
+    """Validation loss (weighted, as trained) and mean CE per token type over evenly spaced windows."""
+    model.eval()
+    n = min(len(windows), cfg.train.eval_windows)
+    ids = torch.from_numpy(np.linspace(0, len(windows) - 1, n).round().astype(np.int64))
+    obs_dim, act_dim = model.config.obs_dim, model.config.act_dim
+    slot = windows.target_slot
+    types = torch.full_like(slot, 0)
+    types[(slot >= obs_dim) & (slot < obs_dim + act_dim)] = 1
+    types[slot == obs_dim + act_dim] = 2
+    types[slot == obs_dim + act_dim + 1] = 3
+    sums, counts = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    weighted, total = 0.0, 0.0
+    for chunk in ids.split(cfg.train.batch_size):
+        w_sum, m_sum, ce, mask = batch_loss(model, windows, chunk, weights, autocast)
+        weighted, total = weighted + float(w_sum), total + float(m_sum)
+        index = types[None, : ce.shape[1], None].expand(len(chunk), -1, 1)
+        per_type = torch.zeros(len(chunk), ce.shape[1], 4).scatter_(2, index, 1)
+        sums += torch.einsum("bp,bpk->k", (ce * mask).double(), per_type.double())
+        counts += torch.einsum("bp,bpk->k", mask.double(), per_type.double())
+    model.train()
+    out = {"val_loss": weighted / max(total, 1.0)}
+    out.update({f"val_{name}": float(sums[i] / max(counts[i], 1.0)) for i, name in enumerate(TOKEN_TYPES)})
+    return out
+
+
+def provenance(data: OfflineData) -> dict:
+    """Package, torch and git versions and the dataset hash, recorded in run.json."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "trajformer": __version__, "torch": torch.__version__, "python": platform.python_version(),
+        "git_commit": commit, "dataset_sha256": data.sha256, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run_metadata(prep: Prepared, cfg: Config, model_cfg: GPTConfig) -> dict:
+    data = prep.data
+    return {
+        "format": 1,
+        "dataset_id": data.dataset_id,
+        "env": data.env_spec,
+        "obs_indices": data.obs_indices.tolist(),
+        "raw_obs_dim": data.raw_obs_dim,
+        "obs_dim": data.obs_dim,
+        "act_dim": data.act_dim,
+        "transition_dim": data.transition_dim,
+        "n_bins": cfg.discretizer.n_bins,
+        "model": asdict(model_cfg),
+        "split": {"seed": cfg.train.seed, "validation_fraction": cfg.data.validation_fraction,
+                  "train_episodes": prep.train_episodes.tolist(), "validation_episodes": prep.val_episodes.tolist()},
+        "ref_min_score": data.ref_min_score,
+        "ref_max_score": data.ref_max_score,
+        "dataset_stats": return_stats(data),
+        "provenance": provenance(data),
+    }
+
+
+def _check_resume(out_dir: Path, prep: Prepared) -> dict:
+    """The checkpoint to resume from, after checking that it exists, loads, and fits this data."""
+    if not (out_dir / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"--resume: {out_dir} has no checkpoint.pt; train without --resume to start a run")
+    state = load_torch(out_dir / "checkpoint.pt")
+    meta = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
+    dims = (meta.get("obs_dim"), meta.get("act_dim"), meta.get("n_bins"))
+    want = (prep.data.obs_dim, prep.data.act_dim, prep.discretizer.n_bins)
+    if dims != want:
+        raise ValueError(
+            f"--resume: {out_dir} was trained for (obs, act, bins) = {dims}, this data and config give {want}; "
+            f"use a new --out directory"
+        )
+    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+        raise ValueError(f"--resume: {out_dir}/checkpoint.pt is not a training checkpoint; retrain without --resume")
+    return state
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> None:
+    """loss.png: training loss and validation losses per token type against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train (weighted)", alpha=0.6)
+    for key in ("val_loss", *(f"val_{t}" for t in TOKEN_TYPES)):
+        if val:
+            ax.plot([r["step"] for r in val], [r[key] for r in val], marker=".", label=key.replace("_", " "))
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=110)
+
+    from trajformer.run import atomic_write
+
+    atomic_write(out_path, write)
+    plt.close(fig)
+
+
+def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None, resume: bool = False,
+          progress: bool = True) -> Path:
+    """Train a Trajectory Transformer into `out_dir`; returns the run directory."""
+    out_dir = Path(out_dir)
+    if dataset_id:
+        cfg.data.dataset = dataset_id
+    if not resume and (out_dir / "run.json").exists():
+        raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device = {cfg.train.device!r} but CUDA is not available; use device = \"cpu\"")
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    rank, world = _distributed()
+
+    # Everything that can fail on bad input happens before anything is written.
+    saved = out_dir / "discretizer.npz"
+    prep = prepare(cfg, discretizer=load_discretizer(saved) if resume and saved.exists() else None)
+    state = _check_resume(out_dir, prep) if resume else None
+    windows = prep.train_windows
+    batch, steps_per_epoch, total, warmup = schedule(cfg, len(windows), world)
+
+    torch.manual_seed(cfg.train.seed)
+    model_cfg = gpt_config(cfg, prep.data.obs_dim, prep.data.act_dim)
+    model = GPT(model_cfg)
+    optimizer = model.configure_optimizers(cfg.train.weight_decay, cfg.train.learning_rate)
+    step, best = 0, math.inf
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best = int(state["step"]), float(state["best_val"])
+    torch.manual_seed(cfg.train.seed + 1000 * rank)  # dropout stream, distinct per rank
+    if state is not None:
+        torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+
+    device = torch.device(cfg.train.device)
+    model.to(device)
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    weights = loss_weights(prep.data.obs_dim, prep.data.act_dim, cfg.data.sequence_length,
+                           cfg.model.action_weight, cfg.model.reward_weight, cfg.model.value_weight).to(device)
+    autocast = cfg.train.dtype == "bfloat16"
+
+    metrics_path = out_dir / "metrics.jsonl"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_text(out_dir / "config.toml", to_toml(cfg))
+        save_discretizer(out_dir / "discretizer.npz", prep.discretizer)
+        save_json(out_dir / "run.json", run_metadata(prep, cfg, model_cfg))
+        if state is not None and metrics_path.exists():  # drop lines logged after the checkpoint
+            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            save_text(metrics_path, "".join(line + "\n" for line in kept))
+        elif state is None:
+            save_text(metrics_path, "")
+
+    def log(row: dict) -> None:
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def gather_rng() -> list[torch.Tensor]:
+        if world == 1:
+            return [torch.get_rng_state()]
+        states = [torch.empty_like(torch.get_rng_state()) for _ in range(world)]
+        dist.all_gather(states, torch.get_rng_state())
+        return states
+
+    def checkpoint() -> None:
+        rng = gather_rng()
+        if rank == 0:
+            save_torch(out_dir / "checkpoint.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                   "step": step, "best_val": best, "rng": rng})
+            save_torch(out_dir / "last.pt", model.state_dict())
+            if prep.val_windows is None or not (out_dir / "model.pt").exists():
+                save_torch(out_dir / "model.pt", model.state_dict())
+
+    def validate() -> None:
+        nonlocal best
+        if prep.val_windows is None:
+            return
+        row = {"step": step, **evaluate(model, prep.val_windows, cfg, weights, autocast)}
+        log(row)
+        if row["val_loss"] < best and rank == 0:
+            best = row["val_loss"]
+            save_torch(out_dir / "model.pt", model.state_dict())
+        elif row["val_loss"] < best:
+            best = row["val_loss"]
+
+    tokens_per_step = batch * (windows.block_size)
+    bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
+    # Ctrl-C sets a flag; the loop stops at the next step boundary and checkpoints, so a resumed run
+    # repeats no step and skips none.
+    interrupted = False
+
+    def request_stop(signum, frame) -> None:
+        nonlocal interrupted
+        interrupted = True
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
+    model.train()
+    tick, tick_step = time.perf_counter(), step
+    try:
+        while step < total:
+            ids = batch_indices(step, cfg.train.seed, len(windows), batch, steps_per_epoch)[rank::world]
+            lr = learning_rate(step, cfg, total, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            w_sum, m_sum, _, _ = batch_loss(net, windows, ids, weights, autocast)
+            count = m_sum.detach().clone()
+            if world > 1:
+                dist.all_reduce(count)
+            loss = w_sum / count.clamp(min=1.0)
+            optimizer.zero_grad(set_to_none=True)
+            (loss * world).backward()  # DDP averages gradients over ranks; * world makes it the global sum
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            step += 1
+            if step % cfg.train.log_every == 0 or step == total:
+                reported = loss.detach().clone()
+                if world > 1:
+                    dist.all_reduce(reported)
+                now = time.perf_counter()
+                tok_s = tokens_per_step * (step - tick_step) / (now - tick)
+                tick, tick_step = now, step
+                log({"step": step, "train_loss": float(reported), "lr": lr, "tokens_per_s": tok_s})
+                bar.set_postfix(loss=f"{float(reported):.3f}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
+            if step % cfg.train.eval_every == 0 or step == total:
+                validate()
+            if world > 1:  # every rank must stop at the same step
+                flag = torch.tensor([float(interrupted)])
+                dist.all_reduce(flag)
+                interrupted = bool(flag.item())
+            if step % cfg.train.checkpoint_every == 0 or step == total or interrupted:
+                checkpoint()
+            if interrupted:
+                break
+    finally:
+        bar.close()
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
+    if rank == 0 and metrics_path.exists():
+        plot_losses(metrics_path, out_dir / "loss.png")
+    if world > 1:
+        dist.barrier()
+    if interrupted:
+        raise KeyboardInterrupt(f"training interrupted at step {step}; resume with --resume --out {out_dir}")
+    return out_dir
