@@ -17,23 +17,33 @@ def _atom_width(value: float) -> float:
 
 
 def _quantile_edges(column: np.ndarray, n_bins: int) -> np.ndarray:
-    """Official quantile edges (every ceil(n/N)-th sorted value, plus the max), deduplicated.
+    """Official quantile edges (every ceil(n/N)-th sorted value, plus the max) of a sorted column, deduplicated.
 
-    A value that fills more than one quantile step (an atom: the -100 termination penalty, actions
-    saturated at their bounds, a constant) collapses several edges; it gets a narrow bin of its own so
-    that it decodes to itself instead of the midpoint of a wide bin. The collapse frees the slot.
+    A repeated minimum or maximum (the -100 termination penalty, actions saturated at their bounds) is an
+    atom: it gets a narrow bin of its own, so it decodes to itself instead of the midpoint of a bin that
+    spans the gap to ordinary values. Each such atom costs two bins (the atom and the empty gap after it).
     """
-    step = math.ceil(len(column) / n_bins)
-    raw = np.append(column[::step], column[-1])
-    edges, counts = np.unique(raw, return_counts=True)
-    extra = []
-    for i in np.flatnonzero(counts > 1):
-        atom, width = edges[i], _atom_width(edges[i])
-        if i + 1 < len(edges) and atom + width < edges[i + 1]:
-            extra.append(atom + width)  # bin [atom, atom + width)
-        elif i + 1 == len(edges) and i > 0 and atom - width > edges[i - 1]:
-            extra.append(atom - width)  # the max is an atom: last bin [atom - width, atom]
-    return np.unique(np.concatenate([edges, extra]))[: n_bins + 1]
+    lo, hi = column[0], column[-1]
+    lo_atom = len(column) > 1 and column[1] == lo < hi
+    hi_atom = len(column) > 1 and column[-2] == hi > lo
+    hi_atom = hi_atom and n_bins - 2 * lo_atom >= 3  # keep at least one ordinary bin
+    lo_atom = lo_atom and n_bins - 2 * hi_atom >= 3
+    keep = np.ones(len(column), dtype=bool)
+    if lo_atom:
+        keep &= column > lo
+    if hi_atom:
+        keep &= column < hi
+    rest = column[keep]
+    budget = n_bins - 2 * lo_atom - 2 * hi_atom
+    edges = [lo, hi]
+    if len(rest) and budget >= 1:
+        step = math.ceil(len(rest) / budget)
+        edges += [*rest[::step], rest[-1]]
+    if lo_atom and lo + _atom_width(lo) < edges[2 if len(edges) > 2 else 1]:
+        edges.append(lo + _atom_width(lo))
+    if hi_atom and hi - _atom_width(hi) > max(edges[2:] or [lo]):
+        edges.append(hi - _atom_width(hi))
+    return np.unique(edges)
 
 
 class Discretizer:

@@ -1,0 +1,50 @@
+"""Shared fixtures: an offline Minari root, a tiny Hopper dataset and one tiny trained run for the session."""
+
+import os
+import tempfile
+
+# Before minari/mujoco are imported anywhere: local datasets only, no network waits, offscreen rendering.
+os.environ["MINARI_DATASETS_PATH"] = tempfile.mkdtemp(prefix="trajformer-minari-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from trajformer.config import load_config  # noqa: E402
+
+TINY = [
+    "data.sequence_length=3", "discretizer.n_bins=20",
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32",
+    "train.batch_size=32", "train.learning_rate=3e-3", "train.eval_every=100", "train.checkpoint_every=100",
+    "train.log_every=10", "train.seed=0",
+]
+
+
+def tiny_config(dataset_id: str, *overrides: str):
+    """A config small enough to train in seconds on 2 cores."""
+    return load_config(None, [f'data.dataset="{dataset_id}"', *TINY, *overrides])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def hopper_dataset() -> str:
+    """A random-policy Hopper dataset (~3000 steps, terminations and 50-step time limits)."""
+    from trajformer.collect import collect
+
+    dataset_id = "test/hopper-random-v0"
+    collect("Hopper-v5", "random", steps=3000, dataset_id=dataset_id, seed=0, max_episode_steps=50, num_envs=4)
+    return dataset_id
+
+
+@pytest.fixture(scope="session")
+def tiny_run(hopper_dataset, tmp_path_factory):
+    """One tiny model trained for 300 steps, shared by the tests that only read a run directory."""
+    from trajformer.train import train
+
+    cfg = tiny_config(hopper_dataset, "train.max_steps=300")
+    return train(cfg, tmp_path_factory.mktemp("runs") / "tiny", progress=False)
