@@ -1,0 +1,327 @@
+"""Beam-search planner: filters, cached vs uncached exactness, batched vs single envs, stop handling."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trajformer.config import Config, PlanConfig
+from trajformer.discretizer import Discretizer
+from trajformer.model import GPT, GPTConfig
+from trajformer.planner import (
+    BeamSearch,
+    CachedDecoder,
+    Planner,
+    ReferenceDecoder,
+    crop_start,
+    filter_cdf,
+    filter_top_k,
+    plan_config,
+)
+from trajformer.run import Run
+
+DS, DA, N, SEQ = 3, 2, 10, 4
+T = DS + DA + 2
+
+
+def make_model(seed: int = 0, head_std: float = 0.3, dtype=torch.float64) -> GPT:
+    """A random GPT whose per-slot heads give peaked but not degenerate distributions (stop included)."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig(obs_dim=DS, act_dim=DA, n_bins=N, block_size=SEQ * T - 1, n_layer=2, n_head=2, n_embd=16,
+                    dropout=0.0)
+    model = GPT(cfg).to(dtype).eval()
+    with torch.no_grad():
+        model.head.normal_(0.0, head_std)
+    return model
+
+
+def make_discretizer() -> Discretizer:
+    return Discretizer.fit(np.random.default_rng(0).normal(size=(400, T)), N)
+
+
+def random_prefix(n_past: int, rng: np.random.Generator) -> torch.Tensor:
+    """Token ids of n_past transitions plus an observation, like the planner's context."""
+    bins = rng.integers(0, N, size=(n_past + 1) * T)[: n_past * T + DS]
+    return torch.as_tensor(bins + N * (np.arange(len(bins)) % T))
+
+
+class TeeDecoder:
+    """Drives a cached and a reference decoder with the same calls and checks their logits agree."""
+
+    def __init__(self, model: GPT, window: int, atol: float):
+        self.cached, self.reference = CachedDecoder(model, window), ReferenceDecoder(model, window)
+        self.atol, self.checked, self.encodes = atol, 0, 0
+        encode = self.cached._encode
+
+        def counting_encode() -> None:
+            self.encodes += 1
+            encode()
+
+        self.cached._encode = counting_encode
+
+    def start(self, prefixes, max_rows):
+        self.cached.start(prefixes, max_rows)
+        self.reference.start(prefixes, max_rows)
+
+    def reorder(self, index):
+        self.cached.reorder(index)
+        self.reference.reorder(index)
+
+    def append(self, tokens):
+        self.cached.append(tokens)
+        self.reference.append(tokens)
+
+    @property
+    def generated(self):
+        return self.cached.generated
+
+    def logits(self):
+        a, b = self.cached.logits(), self.reference.logits()
+        torch.testing.assert_close(a, b, atol=self.atol, rtol=0)
+        self.checked += 1
+        return a
+
+
+CONFIGS = [
+    PlanConfig(beam_width=3, n_expand=2, horizon=7, max_context_transitions=2, cdf_act=0.6),
+    PlanConfig(beam_width=4, n_expand=1, horizon=6, max_context_transitions=3, k_act=3, cdf_act=None,
+               objective="likelihood"),
+    PlanConfig(beam_width=2, n_expand=3, horizon=8, max_context_transitions=4, k_act=5, cdf_act=0.3,
+               objective="penalized", penalty_lambda=0.5),
+    PlanConfig(beam_width=5, n_expand=2, horizon=5, max_context_transitions=2, cdf_act=None, k_obs=2),
+]
+
+
+def generators(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+# ---------------------------------------------------------------- filters
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=2, max_size=12), st.floats(0.01, 1.0))
+def test_filter_cdf_keeps_smallest_head_holding_more_than_1_minus_p(values, p):
+    logits = torch.tensor([values], dtype=torch.float64)
+    kept = torch.isfinite(filter_cdf(logits, p))[0]
+    probs = logits.softmax(-1)[0]
+    assert kept[probs.argmax()]
+    # Kept tokens are the most probable ones: every kept token is at least as likely as every dropped one.
+    if (~kept).any():
+        assert probs[kept].min() >= probs[~kept].max()
+    # The dropped tail has mass below p, and it could not take the least likely kept token as well.
+    assert probs[~kept].sum() < p + 1e-12
+    if kept.sum() > 1:
+        assert probs[~kept].sum() + probs[kept].min() >= p - 1e-12
+
+
+def test_filter_cdf_worked_example():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert torch.isfinite(filter_cdf(logits, 0.6)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_cdf(logits, 0.1)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_cdf(logits, 1.0)).tolist() == [[True, False, False, False]]
+
+
+def test_filter_top_k():
+    logits = torch.tensor([[0.1, 3.0, 2.0, -1.0, 2.5]])
+    assert torch.isfinite(filter_top_k(logits, 2)).tolist() == [[False, True, False, False, True]]
+    assert torch.equal(filter_top_k(logits, 9), logits)
+
+
+def test_crop_start_drops_whole_transitions():
+    window = 3 * T - 1
+    assert crop_start(window, window, T) == 0
+    assert crop_start(window + 1, window, T) == T  # 3 full transitions: drop one
+    assert crop_start(window + T, window, T) == T
+    assert crop_start(window + T + 1, window, T) == 2 * T
+
+
+# ---------------------------------------------------------------- cached vs uncached
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["cdf", "topk-likelihood", "both-penalized", "kobs"])
+def test_cached_logits_and_plans_equal_reference(cfg):
+    """Every token's logits agree with GPT.forward over the cropped window, and the plans are identical."""
+    model, disc = make_model(), make_discretizer()
+    rng = np.random.default_rng(1)
+    prefixes = [random_prefix(n, rng) for n in (0, 1, cfg.max_context_transitions)]  # ragged envs
+    seeds = [11, 12, 13]
+    tee_search = BeamSearch(model, disc, cfg, 0.99)
+    tee = TeeDecoder(model, tee_search.decoder.window, atol=1e-10)
+    tee_search.decoder = tee
+    tee_plans = tee_search.search(prefixes, generators(seeds))
+    ref_plans = BeamSearch(model, disc, cfg, 0.99, cached=False).search(prefixes, generators(seeds))
+    cached_plans = BeamSearch(model, disc, cfg, 0.99, cached=True).search(prefixes, generators(seeds))
+    tokens_per_search = cfg.horizon * T - DS
+    assert tee.checked == tokens_per_search
+    # The window crops about once per planned transition, and only then is it re-encoded.
+    assert cfg.horizon - cfg.max_context_transitions <= tee.encodes <= cfg.horizon + 1
+    for a, b, c in zip(tee_plans, ref_plans, cached_plans, strict=True):
+        for plan in (a, c):
+            np.testing.assert_array_equal(plan.action_tokens, b.action_tokens)
+            np.testing.assert_array_equal(plan.next_observations, b.next_observations)
+            assert plan.steps == b.steps
+            assert plan.score == pytest.approx(b.score, abs=1e-9)
+            assert plan.log_likelihood == pytest.approx(b.log_likelihood, abs=1e-9)
+
+
+def test_cached_logits_match_reference_in_float32():
+    model, disc = make_model(dtype=torch.float32), make_discretizer()
+    cfg = CONFIGS[0]
+    search = BeamSearch(model, disc, cfg, 0.99)
+    tee = TeeDecoder(model, search.decoder.window, atol=1e-4)
+    search.decoder = tee
+    rng = np.random.default_rng(2)
+    search.search([random_prefix(n, rng) for n in (2, 0)], generators([0, 1]))
+    assert tee.checked == cfg.horizon * T - DS
+
+
+def test_greedy_plans_equal_reference_in_float32():
+    """With greedy actions (k_act = 1) there is no draw to flip: float32 plans match exactly."""
+    model, disc = make_model(dtype=torch.float32), make_discretizer()
+    cfg = PlanConfig(beam_width=3, n_expand=2, horizon=9, max_context_transitions=2, k_act=1, cdf_act=None)
+    rng = np.random.default_rng(3)
+    prefixes = [random_prefix(n, rng) for n in (0, 3)]
+    a = BeamSearch(model, disc, cfg, 0.99).search(prefixes, generators([0, 1]))
+    b = BeamSearch(model, disc, cfg, 0.99, cached=False).search(prefixes, generators([0, 1]))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.action_tokens, y.action_tokens)
+
+
+# ---------------------------------------------------------------- batched envs
+
+
+def test_batched_search_equals_single_env_searches():
+    model, disc = make_model(seed=1), make_discretizer()
+    cfg = CONFIGS[2]
+    rng = np.random.default_rng(4)
+    prefixes = [random_prefix(n, rng) for n in (0, 2, 4, 1)]
+    seeds = [5, 6, 7, 8]
+    batched = BeamSearch(model, disc, cfg, 0.99).search(prefixes, generators(seeds))
+    single = BeamSearch(model, disc, cfg, 0.99)
+    for prefix, seed, plan in zip(prefixes, seeds, batched, strict=True):
+        (alone,) = single.search([prefix], generators([seed]))
+        np.testing.assert_array_equal(plan.action_tokens, alone.action_tokens)
+        assert plan.score == pytest.approx(alone.score, abs=1e-9)
+
+
+@pytest.mark.parametrize("plan_freq", [1, 2])
+def test_planner_batched_envs_at_different_steps_equal_single_planners(plan_freq):
+    """K envs started at different times, planned in one batch, act like K planners of their own."""
+    model, disc = make_model(seed=2), make_discretizer()
+    cfg = dataclasses.replace(CONFIGS[0], plan_freq=plan_freq)
+    K, steps = 3, 7
+    batched = Planner(BeamSearch(model, disc, cfg, 0.99), np.arange(DS), n_envs=K)
+    singles = [Planner(BeamSearch(model, disc, cfg, 0.99), np.arange(DS)) for _ in range(K)]
+    rng = np.random.default_rng(5)
+    obs = rng.normal(size=(K, steps + K, DS + 1))  # one extra raw dim the selection drops
+    rewards = rng.normal(size=(K, steps + K))
+    for k in range(K):
+        singles[k].reset(0, seed=100 + k)
+    for t in range(steps + K):
+        envs = [k for k in range(K) if t >= k]  # env k starts its episode at global step k
+        for k in envs:
+            if t == k:
+                batched.reset(k, seed=100 + k)
+        actions = batched.act_batch(envs, np.stack([obs[k, t - k] for k in envs]))
+        batched.observe_batch(envs, np.array([rewards[k, t - k] for k in envs]))
+        for k, action in zip(envs, actions, strict=True):
+            alone = singles[k].act(obs[k, t - k])
+            singles[k].observe(rewards[k, t - k])
+            np.testing.assert_array_equal(action, alone)
+
+
+# ---------------------------------------------------------------- semantics
+
+
+def test_stop_is_never_an_action_and_terminates_rows():
+    """A model that always predicts stop: actions are still bins, the first decoded observation stops the row."""
+    model, disc = make_model(), make_discretizer()
+    with torch.no_grad():
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)
+        model.head.zero_()
+        model.head[:, :, N] = 1.0  # stop logit 16, every bin 0
+    cfg = PlanConfig(beam_width=4, n_expand=2, horizon=4, max_context_transitions=2)
+    (plan,) = BeamSearch(model, disc, cfg, 0.9).search([random_prefix(1, np.random.default_rng(0))],
+                                                       generators([0]))
+    assert np.all(np.isfinite(plan.actions[0]))
+    assert plan.steps == 1
+    assert np.isnan(plan.next_observations).all() and np.isnan(plan.actions[1:]).all()
+    # Score frozen after step 0: r_0 + gamma V_0 (uniform bins: the mean midpoints).
+    r, v = disc.midpoints[T - 2].mean(), disc.midpoints[T - 1].mean()
+    assert plan.score == pytest.approx(r + 0.9 * v, abs=1e-9)
+
+
+@pytest.mark.parametrize("objective", ["reward", "likelihood", "penalized"])
+def test_objective_scores_and_best_row(objective, monkeypatch):
+    model, disc = make_model(seed=3, head_std=0.1), make_discretizer()
+    cfg = PlanConfig(beam_width=4, n_expand=3, horizon=3, max_context_transitions=3, objective=objective,
+                     penalty_lambda=2.0)
+    search = BeamSearch(model, disc, cfg, 0.95)
+    ranks = []
+    rank = search._rank
+    monkeypatch.setattr(search, "_rank", lambda rows: ranks.append(rank(rows)) or ranks[-1])
+    (plan,) = search.search([random_prefix(2, np.random.default_rng(1))], generators([3]))
+    assert plan.steps == cfg.horizon  # the small head never makes stop the argmax
+    assert plan.score == pytest.approx(float(ranks[-2].max()), abs=1e-12)  # [-1] is the final re-read
+    reward_score = sum(0.95**t * plan.rewards[t] for t in range(3)) + 0.95**3 * plan.values[-1]
+    expected = {"reward": reward_score, "likelihood": plan.log_likelihood,
+                "penalized": reward_score + 2.0 * plan.log_likelihood / (3 * T - DS)}[objective]
+    assert plan.score == pytest.approx(expected, abs=1e-9)
+
+
+def test_objectives_choose_different_plans():
+    model, disc = make_model(seed=4), make_discretizer()
+    prefix = [random_prefix(2, np.random.default_rng(2))]
+    plans = {}
+    for objective in ("reward", "likelihood"):
+        cfg = PlanConfig(beam_width=8, n_expand=2, horizon=3, max_context_transitions=3, objective=objective)
+        (plans[objective],) = BeamSearch(model, disc, cfg, 0.99).search(prefix, generators([0]))
+    assert plans["likelihood"].log_likelihood > plans["reward"].log_likelihood
+    reward_of = {k: sum(0.99**t * p.rewards[t] for t in range(3)) + 0.99**3 * p.values[-1] for k, p in plans.items()}
+    assert reward_of["reward"] > reward_of["likelihood"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def fake_run(plan: PlanConfig | None = None) -> Run:
+    cfg = Config()
+    if plan is not None:
+        cfg.plan = plan
+    return Run(path=None, model=make_model(), discretizer=make_discretizer(), config=cfg,
+               meta={"obs_indices": list(range(DS))})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("plan.beam_width=0", "plan.beam_width must be >= 1"),
+    ("plan.horizon=0", "plan.horizon must be >= 1"),
+    ("plan.cdf_act=0", "plan.cdf_act must be in (0, 1]"),
+    ("plan.cdf_act=1.5", "plan.cdf_act must be in (0, 1]"),
+    ("plan.max_context_transitions=1", "plan.max_context_transitions must be >= 2"),
+    ("plan.objective=greedy", "plan.objective = 'greedy' is not valid"),
+    ("train.max_steps=3", "only plan.* keys"),
+])
+def test_bad_plan_settings_are_one_line_errors(override, message):
+    with pytest.raises(ValueError) as err:
+        plan_config(fake_run(), [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_context_longer_than_training_window_is_an_error():
+    run = fake_run(PlanConfig(max_context_transitions=SEQ + 1))
+    with pytest.raises(ValueError, match=r"max_context_transitions = 5 .* set plan.max_context_transitions <= 4"):
+        Planner.from_run(run, dtype=torch.float64)
+
+
+def test_act_twice_without_observe_is_an_error():
+    planner = Planner.from_run(fake_run(PlanConfig(beam_width=2, horizon=2, max_context_transitions=2)))
+    planner.act(np.zeros(DS))
+    with pytest.raises(ValueError, match="without observe"):
+        planner.act(np.zeros(DS))

@@ -1,0 +1,432 @@
+"""Beam-search model-predictive control with the Trajectory Transformer (DESIGN.md §5).
+
+`BeamSearch` plans for K environments at once: the rows of every env share one forward pass per generated
+token, ragged contexts are left-padded in the KV cache, and each env draws from its own torch.Generator,
+so a batched search gives the same plans as K separate ones. Two decoders produce next-token logits:
+`CachedDecoder` (incremental over a KV cache; it re-encodes the window only when the official sliding
+window drops a transition from its front) and `ReferenceDecoder` (the official algorithm: one GPT.forward
+over the cropped window per generated token), which the tests and the benchmark compare. `Planner` adds
+each env's context of past transitions, its random stream and replanning (MPC).
+
+Choices beyond DESIGN.md: the stop token is removed from the action logits *before* the cdf/top-k filters
+(it is never sampled there, and filtering first could leave nothing to sample); reward and value tokens
+are the argmax over the N bins; a row whose decoded observation contains stop is terminated: its later
+tokens are forced to stop and its reward score is frozen, while its log-likelihood keeps counting those
+stop tokens, so the likelihood objective does not favour rows merely for ending early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trajformer.config import PlanConfig, apply_overrides, config_from_dict
+from trajformer.discretizer import Discretizer
+from trajformer.model import GPT, KVCache
+from trajformer.run import Run, load_run
+
+NEG_INF = float("-inf")
+
+
+def filter_cdf(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Mask the tail whose cumulative probability, summed from the least likely token up, stays below p.
+
+    Equivalently keep the smallest set of most probable tokens holding more than 1 - p of the mass; the
+    argmax is always kept and ties are split by index, never widened to a uniform draw.
+    """
+    probs = logits.softmax(-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    above = sorted_probs.cumsum(-1) - sorted_probs  # mass of the more probable tokens
+    drop = torch.zeros_like(above, dtype=torch.bool).scatter(-1, order, above > 1.0 - p)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties with the k-th kept)."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def crop_start(length: int, window: int, transition_dim: int) -> int:
+    """Official sliding window: how many tokens to drop from the front (whole transitions) to fit `window`."""
+    excess = max(0, length - window)
+    return -(-excess // transition_dim) * transition_dim
+
+
+def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One categorical draw per row; env k's equal block of rows uses only generators[k]."""
+    rows = len(probs) // len(generators)
+    draws = [torch.multinomial(probs[k * rows : (k + 1) * rows], 1, generator=g) for k, g in enumerate(generators)]
+    return torch.cat(draws)[:, 0]
+
+
+def _env_rows(n_envs: int, rows: int, local: torch.Tensor) -> torch.Tensor:
+    """Global row ids of per-env local ids `local` (n_envs, n) when each env owns `rows` consecutive rows."""
+    return (local + rows * torch.arange(n_envs)[:, None]).flatten()
+
+
+class ReferenceDecoder:
+    """Next-token logits by one GPT.forward over each env's cropped window per token (uncached, official).
+
+    Rows are env-major with the same number per env; `generated` holds every row's tokens after its prefix.
+    """
+
+    def __init__(self, model: GPT, window: int):
+        self.model = model
+        self.window = window
+        self.transition_dim = model.config.transition_dim
+
+    def start(self, prefixes: list[torch.Tensor], max_rows: int) -> None:
+        """Begin a search with one row per env holding its prefix (ids, starting at a transition boundary)."""
+        self.prefixes = prefixes
+        self.generated = torch.zeros(len(prefixes), 0, dtype=torch.long)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (expansion and re-ranking)."""
+        self.generated = self.generated[index]
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """Append one token (rows,) to every row."""
+        self.generated = torch.cat([self.generated, tokens[:, None]], dim=1)
+
+    def crop_starts(self) -> list[int]:
+        """Per env, the first sequence position inside the current window."""
+        n = self.generated.shape[1]
+        return [crop_start(len(p) + n, self.window, self.transition_dim) for p in self.prefixes]
+
+    def windows(self) -> list[torch.Tensor]:
+        """Per env, its rows' current windows (rows_per_env, length)."""
+        rows = len(self.generated) // len(self.prefixes)
+        out = []
+        for k, (prefix, start) in enumerate(zip(self.prefixes, self.crop_starts(), strict=True)):
+            seq = torch.cat([prefix.expand(rows, -1), self.generated[k * rows : (k + 1) * rows]], dim=1)
+            out.append(seq[:, start:])
+        return out
+
+    def logits(self) -> torch.Tensor:
+        """Logits (rows, N+1) of the next token of every row."""
+        return torch.cat([self.model(w)[:, -1] for w in self.windows()])
+
+
+class CachedDecoder(ReferenceDecoder):
+    """Exact incremental decoding: the prefix is encoded once (one row per env) and broadcast by re-indexing
+    the KV cache; each token is one cached step; the window is re-encoded only when a crop moves its start.
+    """
+
+    def __init__(self, model: GPT, window: int):
+        super().__init__(model, window)
+        self.cache: KVCache | None = None
+
+    def start(self, prefixes: list[torch.Tensor], max_rows: int) -> None:
+        super().start(prefixes, max_rows)
+        dtype = next(self.model.parameters()).dtype
+        if self.cache is None or self.cache.max_rows < max_rows or self.cache.k.dtype != dtype:
+            self.cache = KVCache(self.model.config, max_rows, self.window, dtype=dtype)
+        self._encode()
+
+    def _encode(self) -> None:
+        """Encode every row's window from scratch into the cache, left-padded to a common length."""
+        windows = self.windows()
+        length = max(w.shape[1] for w in windows)
+        idx = torch.zeros(len(self.generated), length, dtype=torch.long)
+        pad = torch.empty(len(self.generated), dtype=torch.long)
+        rows = len(self.generated) // len(windows)
+        for k, w in enumerate(windows):
+            idx[k * rows : (k + 1) * rows, length - w.shape[1] :] = w
+            pad[k * rows : (k + 1) * rows] = length - w.shape[1]
+        self.cache.reset(pad)
+        self._logits = self.model.forward_cached(idx, self.cache)
+        self._starts = self.crop_starts()
+        self._fed = self.generated.shape[1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        self.cache.reorder(index)
+        if self._logits is not None:
+            self._logits = self._logits[index]
+
+    def append(self, tokens: torch.Tensor) -> None:
+        super().append(tokens)
+        self._logits = None
+
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            if self.crop_starts() != self._starts:
+                self._encode()
+            else:
+                self._logits = self.model.forward_cached(self.generated[:, self._fed :], self.cache)
+                self._fed = self.generated.shape[1]
+        return self._logits
+
+
+@dataclass
+class Plan:
+    """The best row of one env's search. NaN marks steps after the row terminated (stop) or not decoded."""
+
+    actions: np.ndarray  # (H, dA) bin midpoints; actions[0] is executed
+    action_tokens: np.ndarray  # (H, dA) token ids, for the context of later steps
+    next_observations: np.ndarray  # (H - 1, dS) predicted s_1 .. s_{H-1}
+    rewards: np.ndarray  # (H,) expected rewards r_t used in the score
+    values: np.ndarray  # (H,) expected values-to-go V_t
+    log_likelihood: float  # summed log-probability of the row's generated tokens
+    score: float  # the objective's score that ranked it first
+    steps: int  # steps before a predicted termination (H if none)
+
+
+@dataclass
+class _Rows:
+    """Per-row search state, re-indexed together with the decoder's rows."""
+
+    ret: torch.Tensor  # discounted sum of expected rewards so far
+    score: torch.Tensor  # reward score, frozen once the row terminates
+    logp: torch.Tensor  # summed log-probability of generated tokens
+    alive: torch.Tensor  # False once an observation token is stop
+    rewards: torch.Tensor  # (rows, H)
+    values: torch.Tensor  # (rows, H)
+
+    def take(self, index: torch.Tensor) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name)[index])
+
+
+class BeamSearch:
+    """Batched beam search over K envs' prefixes (DESIGN.md §5); stateless between calls."""
+
+    def __init__(self, model: GPT, discretizer: Discretizer, cfg: PlanConfig, discount: float, cached: bool = True):
+        gpt = model.config
+        self.T, self.N, self.dS, self.dA = gpt.transition_dim, gpt.n_bins, gpt.obs_dim, gpt.act_dim
+        if discretizer.dim != self.T or discretizer.n_bins != self.N:
+            raise ValueError(
+                f"discretizer ({discretizer.dim} dims, {discretizer.n_bins} bins) does not fit the model "
+                f"({self.T} dims, {self.N} bins); load both from the same run directory"
+            )
+        window = cfg.max_context_transitions * self.T - 1
+        if window > gpt.block_size:
+            raise ValueError(
+                f"plan.max_context_transitions = {cfg.max_context_transitions} needs {window} tokens but the model "
+                f"was trained on windows of {gpt.block_size}; set plan.max_context_transitions <= "
+                f"{(gpt.block_size + 1) // self.T}"
+            )
+        self.model, self.discretizer, self.cfg, self.discount = model, discretizer, cfg, discount
+        self.stop_id = gpt.stop_id
+        decoder = CachedDecoder if cached else ReferenceDecoder
+        self.decoder: ReferenceDecoder = decoder(model, window)
+        dtype = next(model.parameters()).dtype
+        self.midpoints = torch.as_tensor(discretizer.midpoints[self.T - 2 :], dtype=dtype)  # (2, N): r, V
+
+    def tokens(self, values: np.ndarray, first_dim: int) -> torch.Tensor:
+        """Token ids of values for consecutive dimensions starting at `first_dim`."""
+        values = np.asarray(values, dtype=np.float64)
+        full = np.zeros(self.T)
+        full[first_dim : first_dim + len(values)] = values
+        bins = self.discretizer.encode(full)[first_dim : first_dim + len(values)]
+        return torch.as_tensor(bins + self.N * np.arange(first_dim, first_dim + len(values)))
+
+    def _append(self, rows: _Rows, logits: torch.Tensor, local: torch.Tensor, dim: int) -> None:
+        """Append local classes `local` of dimension `dim` (stop for terminated rows), count their log-prob."""
+        local = torch.where(rows.alive, local, self.N)
+        rows.logp += logits.log_softmax(-1).gather(1, local[:, None])[:, 0]
+        if dim < self.dS:
+            rows.alive &= local != self.N
+        self.decoder.append(torch.where(local == self.N, self.stop_id, local + dim * self.N))
+
+    def _rank(self, rows: _Rows) -> torch.Tensor:
+        if self.cfg.objective == "reward":
+            return rows.score
+        if self.cfg.objective == "likelihood":
+            return rows.logp
+        n_tokens = self.decoder.generated.shape[1]
+        return rows.score + self.cfg.penalty_lambda * rows.logp / n_tokens  # score - lambda * mean NLL
+
+    @torch.inference_mode()
+    def search(self, prefixes: list[torch.Tensor], generators: list[torch.Generator]) -> list[Plan]:
+        """Plan for each env from its prefix (token ids: past transitions, then the current observation)."""
+        cfg, N, dS, dA = self.cfg, self.N, self.dS, self.dA
+        B, E, H = cfg.beam_width, cfg.n_expand, cfg.horizon
+        K = len(prefixes)
+        dtype = self.midpoints.dtype
+        dec = self.decoder
+        dec.start(prefixes, K * B * E)
+        dec.reorder(torch.arange(K).repeat_interleave(B))  # tile each prefix B times
+        n = B
+        zeros = torch.zeros(K * B, dtype=dtype)
+        rows = _Rows(zeros, zeros.clone(), zeros.clone(), torch.ones(K * B, dtype=torch.bool),
+                     torch.zeros(K * B, H, dtype=dtype), torch.zeros(K * B, H, dtype=dtype))
+        for t in range(H):
+            expand = _env_rows(K, n, (torch.arange(n * E) % n).expand(K, -1))  # repeat order within each env
+            dec.reorder(expand)
+            rows.take(expand)
+            n *= E
+            for j in range(dA):
+                logits = dec.logits()
+                filtered = logits.clone()
+                filtered[:, N] = NEG_INF  # never an action's stop
+                if cfg.cdf_act is not None:
+                    filtered = filter_cdf(filtered, cfg.cdf_act)
+                if cfg.k_act is not None:
+                    filtered = filter_top_k(filtered, cfg.k_act)
+                self._append(rows, logits, _draw(filtered.softmax(-1), generators), dS + j)
+            expected = []
+            for j in range(2):  # reward, then value: argmax token, expectation over the renormalised bins
+                logits = dec.logits()
+                bins = logits[:, :N]
+                expected.append(bins.softmax(-1) @ self.midpoints[j])
+                self._append(rows, logits, bins.argmax(-1), dS + dA + j)
+            r, v = expected
+            ret = rows.ret + self.discount**t * r
+            rows.score = torch.where(rows.alive, ret + self.discount ** (t + 1) * v, rows.score)
+            rows.ret = torch.where(rows.alive, ret, rows.ret)
+            rows.rewards[:, t], rows.values[:, t] = r, v
+            best = self._rank(rows).view(K, n).sort(dim=-1, descending=True, stable=True).indices[:, :B]
+            keep = _env_rows(K, n, best)
+            dec.reorder(keep)
+            rows.take(keep)
+            n = B
+            if t < H - 1:
+                for j in range(dS):
+                    logits = dec.logits()
+                    if cfg.k_obs == 1:
+                        local = logits.argmax(-1)
+                    else:
+                        local = _draw(filter_top_k(logits, cfg.k_obs).softmax(-1), generators)
+                    self._append(rows, logits, local, j)
+        first = torch.arange(K) * B  # rows are sorted best-first within each env
+        return self._plans(dec.generated[first], rows, first)
+
+    def _plans(self, generated: torch.Tensor, rows: _Rows, first: torch.Tensor) -> list[Plan]:
+        """Decode the best rows' tokens (per step [a, r, V, s']) into Plans."""
+        H, dS, dA = self.cfg.horizon, self.dS, self.dA
+        steps = F.pad(generated, (0, dS), value=self.stop_id).view(len(first), H, self.T)
+        standard = torch.roll(steps, dS, dims=-1).numpy()  # [s', a, r, V]
+        stop = standard == self.stop_id
+        decoded = self.discretizer.decode(np.where(stop, 0, standard % self.N))
+        decoded[stop] = np.nan
+        rank = self._rank(rows)
+        plans = []
+        for k, row in enumerate(first.tolist()):
+            alive = ~stop[k, :, :dS].any(-1)
+            n_steps = H if alive[:-1].all() else int(np.argmin(alive[:-1])) + 1
+            plans.append(Plan(
+                actions=decoded[k, :, dS : dS + dA],
+                action_tokens=standard[k, :, dS : dS + dA],
+                next_observations=decoded[k, :-1, :dS],
+                rewards=rows.rewards[row].double().numpy(),
+                values=rows.values[row].double().numpy(),
+                log_likelihood=float(rows.logp[row]),
+                score=float(rank[row]),
+                steps=n_steps,
+            ))
+        return plans
+
+
+def plan_config(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> PlanConfig:
+    """The run's [plan] section with `plan.key=value` overrides applied and validated."""
+    for item in overrides:
+        if not item.strip().startswith("plan."):
+            raise ValueError(f"--set {item!r}: only plan.* keys can be changed when planning (e.g. plan.horizon=5)")
+    raw = {"plan": dataclasses.asdict(run.config.plan)}
+    return config_from_dict(apply_overrides(raw, list(overrides))).plan
+
+
+class Planner:
+    """Model-predictive control of n_envs environments: per-env context, random stream and current plan;
+    all envs that need a new plan are searched together in one batch."""
+
+    def __init__(self, search: BeamSearch, obs_indices: np.ndarray, n_envs: int = 1):
+        self.search = search
+        self.obs_indices = np.asarray(obs_indices, dtype=np.int64)
+        self.n_envs = n_envs
+        mct = search.cfg.max_context_transitions
+        self.contexts = [deque(maxlen=mct) for _ in range(n_envs)]
+        self.generators = [torch.Generator().manual_seed(i) for i in range(n_envs)]
+        self.plans: list[Plan | None] = [None] * n_envs
+        self.offsets = [0] * n_envs
+        self.pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_envs
+        self.last_plans: list[Plan | None] = [None] * n_envs  # the plan made at each env's latest replanning
+
+    @classmethod
+    def from_run(cls, run: Run, plan_cfg: PlanConfig | None = None, n_envs: int = 1, cached: bool = True,
+                 dtype: torch.dtype = torch.float32) -> Planner:
+        """A planner for a loaded run (its [plan] settings unless `plan_cfg` is given)."""
+        model = run.model.to(dtype).eval()
+        search = BeamSearch(model, run.discretizer, plan_cfg or run.config.plan, run.config.data.discount, cached)
+        return cls(search, run.obs_indices, n_envs)
+
+    def reset(self, env: int = 0, seed: int = 0) -> None:
+        """Start a new episode in slot `env`: empty context, the random stream seeded with `seed`."""
+        self.contexts[env].clear()
+        self.generators[env].manual_seed(seed)
+        self.plans[env], self.pending[env], self.last_plans[env], self.offsets[env] = None, None, None, 0
+
+    def _obs_tokens(self, obs: np.ndarray) -> torch.Tensor:
+        obs = np.asarray(obs, dtype=np.float64)
+        if obs.shape[-1] <= self.obs_indices.max():
+            raise ValueError(
+                f"observation has {obs.shape[-1]} dims but the model reads dims up to {self.obs_indices.max()}; "
+                f"use the environment the run was trained on"
+            )
+        return self.search.tokens(obs[self.obs_indices], 0)
+
+    def plan_batch(self, envs: list[int], observations: np.ndarray) -> list[Plan]:
+        """Plans for envs `envs` from their current observations (raw, before selection); no action is taken."""
+        prefixes = [torch.cat([*self.contexts[e], self._obs_tokens(o)]) for e, o in zip(envs, observations,
+                                                                                         strict=True)]
+        return self.search.search(prefixes, [self.generators[e] for e in envs])
+
+    def act_batch(self, envs: list[int], observations: np.ndarray) -> np.ndarray:
+        """Actions (len(envs), dA) for envs `envs`, replanning those whose plan is used up (plan_freq)."""
+        freq = self.search.cfg.plan_freq
+        replan = [i for i, e in enumerate(envs) if self.plans[e] is None
+                  or self.offsets[e] >= min(freq, self.plans[e].steps)]
+        if replan:
+            plans = self.plan_batch([envs[i] for i in replan], np.asarray(observations)[replan])
+            for i, plan in zip(replan, plans, strict=True):
+                self.plans[envs[i]], self.last_plans[envs[i]], self.offsets[envs[i]] = plan, plan, 0
+        actions = []
+        for e, obs in zip(envs, observations, strict=True):
+            if self.pending[e] is not None:
+                raise ValueError(f"env {e}: act() called twice without observe(reward); record each step's reward")
+            plan, i = self.plans[e], self.offsets[e]
+            self.pending[e] = (self._obs_tokens(obs), torch.as_tensor(plan.action_tokens[i]))
+            self.offsets[e] += 1
+            actions.append(plan.actions[i])
+        return np.stack(actions)
+
+    def observe_batch(self, envs: list[int], rewards: np.ndarray) -> None:
+        """Record the rewards of the actions just taken, completing each env's context transition."""
+        for e, reward in zip(envs, rewards, strict=True):
+            if self.pending[e] is None:
+                raise ValueError(f"env {e}: observe() called before act(); call act(obs) first")
+            obs_tokens, action_tokens = self.pending[e]
+            search = self.search
+            reward_token = search.tokens([float(reward)], search.dS + search.dA)
+            value_placeholder = search.tokens([1e6], search.T - 1)  # official placeholder; never attended
+            self.contexts[e].append(torch.cat([obs_tokens, action_tokens, reward_token, value_placeholder]))
+            self.pending[e] = None
+
+    def act(self, obs: np.ndarray, env: int = 0) -> np.ndarray:
+        """The action (dA,) for one env's observation; call observe(reward) after stepping the env."""
+        return self.act_batch([env], np.asarray(obs)[None])[0]
+
+    def observe(self, reward: float, env: int = 0) -> None:
+        """Record the reward of one env's last action."""
+        self.observe_batch([env], np.array([reward]))
+
+    def plan(self, obs: np.ndarray, env: int = 0) -> Plan:
+        """The plan (predicted states, actions, rewards, values, log-likelihood) from one env's observation."""
+        return self.plan_batch([env], np.asarray(obs)[None])[0]
+
+
+def load_planner(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), n_envs: int = 1,
+                 cached: bool = True, weights: str = "model.pt") -> Planner:
+    """Load a run directory and build its planner, with `plan.key=value` overrides."""
+    run = load_run(run_dir, weights=weights)
+    return Planner.from_run(run, plan_config(run, overrides), n_envs=n_envs, cached=cached)
