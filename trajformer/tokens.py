@@ -62,18 +62,11 @@ class TokenWindows(torch.utils.data.Dataset):
         return x[0], y[0], m[0]
 
 
-def episode_bins(transitions: list[np.ndarray], encode) -> list[np.ndarray]:
-    """Bin ids (T_ep, T) of each episode's joined transitions."""
-    return [encode(t) for t in transitions]
-
-
 def make_windows(
     episodes: list[Episode], transitions: list[np.ndarray], encode, n_bins: int, sequence_length: int
 ) -> TokenWindows:
     """Windows over `episodes`, whose joined transitions are `transitions`, binned by `encode`."""
-    return TokenWindows(
-        episode_bins(transitions, encode), [e.is_terminal for e in episodes], n_bins, sequence_length
-    )
+    return TokenWindows([encode(t) for t in transitions], [e.is_terminal for e in episodes], n_bins, sequence_length)
 
 
 def loss_weights(obs_dim: int, act_dim: int, sequence_length: int, action_weight: float,

@@ -64,6 +64,12 @@ def prepare(cfg: Config, dataset_id: str | None = None, discretizer: Discretizer
     transitions = [joined_transitions(ep, cfg.data) for ep in data.episodes]
     if discretizer is None:
         discretizer = fit_discretizer(transitions, cfg, data.obs_dim, data.act_dim)
+    elif (discretizer.dim, discretizer.n_bins) != (data.transition_dim, cfg.discretizer.n_bins):
+        raise ValueError(
+            f"the run's discretizer is for {discretizer.dim}-dim transitions with {discretizer.n_bins} bins, "
+            f"this data and config give {data.transition_dim} dims and {cfg.discretizer.n_bins} bins; "
+            f"use a new --out directory"
+        )
     train_idx, val_idx = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
 
     def windows(idx: np.ndarray) -> TokenWindows:

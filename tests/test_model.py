@@ -1,0 +1,75 @@
+"""The GPT's masks: causal, and no position sees a value column; the cached path equals the full pass."""
+
+import torch
+
+from trajformer.model import GPT, GPTConfig, KVCache
+
+CFG = GPTConfig(obs_dim=3, act_dim=2, n_bins=10, block_size=4 * 7 - 1, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+T = CFG.transition_dim
+
+
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(CFG).double().eval()
+
+
+def _tokens(batch: int, t: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CFG.n_bins, (batch, t), generator=g) + (torch.arange(t) % T) * CFG.n_bins
+
+
+def test_changing_a_token_changes_no_earlier_logit():
+    model, x = _model(), _tokens(1, CFG.block_size)
+    base = model(x)
+    for p in range(0, CFG.block_size, 3):
+        changed = x.clone()
+        changed[0, p] = (p % T) * CFG.n_bins + (x[0, p] - (p % T) * CFG.n_bins + 1) % CFG.n_bins
+        out = model(changed)
+        assert torch.equal(out[0, :p], base[0, :p])
+        if (p % T) != T - 1:
+            assert not torch.allclose(out[0, p:], base[0, p:])  # the change is visible downstream
+
+
+def test_value_tokens_are_invisible_to_every_other_position():
+    model, x = _model(), _tokens(1, CFG.block_size)
+    base = model(x)
+    for p in range(T - 1, CFG.block_size, T):  # every value column
+        changed = x.clone()
+        changed[0, p] = (T - 1) * CFG.n_bins + (x[0, p] - (T - 1) * CFG.n_bins + 3) % CFG.n_bins
+        out = model(changed)
+        others = torch.ones(CFG.block_size, dtype=torch.bool)
+        others[p] = False
+        assert torch.allclose(out[0, others], base[0, others], atol=1e-12)
+        assert not torch.allclose(out[0, p], base[0, p])  # its own logits still see the token itself
+
+
+def test_cached_decoding_matches_full_forward_with_ragged_rows_and_reordering():
+    model, x = _model(), _tokens(3, 20)
+    cache = KVCache(CFG, max_rows=6, max_len=27, dtype=torch.float64)
+    # Row 1 is left-padded by one transition: its tokens are x[1, :13] at positions 7..19.
+    pad = torch.tensor([0, T, 0])
+    ragged = x.clone()
+    ragged[1, T:] = x[1, : 20 - T]
+    cache.reset(pad)
+    logits = model.forward_cached(ragged[:, :10], cache, all_logits=True)
+    assert torch.allclose(logits[0], model(x[:1, :10])[0], atol=1e-10)
+    assert torch.allclose(logits[1, T:], model(x[1:2, : 10 - T])[0], atol=1e-10)
+    for i in range(10, 15):
+        last = model.forward_cached(ragged[:, i : i + 1], cache)
+        assert torch.allclose(last[0], model(x[:1, : i + 1])[0, -1], atol=1e-10)
+        assert torch.allclose(last[1], model(x[1:2, : i + 1 - T])[0, -1], atol=1e-10)
+    # Re-ranking: rows (2, 2, 0) continue exactly as their sources would.
+    cache.reorder(torch.tensor([2, 2, 0]))
+    nxt = ragged[[2, 2, 0], 15:16]
+    last = model.forward_cached(nxt, cache)
+    assert torch.allclose(last[0], model(x[2:3, :16])[0, -1], atol=1e-10)
+    assert torch.allclose(last[1], last[0]) and torch.allclose(last[2], model(x[:1, :16])[0, -1], atol=1e-10)
+
+
+def test_weight_decay_only_on_matmul_weights():
+    model = _model()
+    decay, no_decay = model.configure_optimizers(0.1, 1e-3).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decayed = {id(p) for p in decay["params"]}
+    assert id(model.head) in decayed and id(model.blocks[0].attn.c_attn.weight) in decayed
+    assert id(model.wte.weight) not in decayed and id(model.blocks[0].ln_1.weight) not in decayed

@@ -1,0 +1,202 @@
+"""Training end to end: it learns, resumes bit-identically, runs data-parallel, and refuses bad input."""
+
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from minari.data_collector import EpisodeBuffer
+
+from trajformer import train as train_module
+from trajformer.cli import main as cli_main
+from trajformer.info import describe
+from trajformer.model import token_losses
+from trajformer.run import load_run
+from trajformer.train import prepare, train
+
+
+def test_validation_loss_beats_per_dimension_marginal_entropy(tiny_run):
+    """A model that learned nothing cannot do better than each dimension's marginal distribution."""
+    run = load_run(tiny_run)
+    prep = prepare(run.config, discretizer=run.discretizer)
+    n_classes = run.model.config.n_bins + 1
+    slots = prep.train_windows.target_slot
+    # Marginal per target dimension, fit on the training windows (add-one smoothing).
+    counts = torch.ones(run.model.config.transition_dim, n_classes)
+    _, y, mask = prep.train_windows.batch(torch.arange(len(prep.train_windows)))
+    counts.index_put_((slots.expand_as(y)[mask > 0], y[mask > 0]), torch.ones(int(mask.sum())), accumulate=True)
+    log_marginal = (counts / counts.sum(1, keepdim=True)).log()
+    x, y, mask = prep.val_windows.batch(torch.arange(len(prep.val_windows)))
+    marginal_ce = -(log_marginal[slots.expand_as(y), y] * mask).sum() / mask.sum()
+    with torch.no_grad():
+        model_ce = (token_losses(run.model(x), y) * mask).sum() / mask.sum()
+    print(f"validation CE: model {model_ce:.3f} nats vs marginal {marginal_ce:.3f}")
+    assert model_ce < marginal_ce - 0.3
+
+
+def test_run_directory_is_self_contained_and_pickle_free(tiny_run):
+    files = {p.name for p in Path(tiny_run).iterdir()}
+    assert {"config.toml", "run.json", "discretizer.npz", "model.pt", "last.pt", "checkpoint.pt",
+            "metrics.jsonl", "loss.png"} <= files
+    meta = json.loads((tiny_run / "run.json").read_text())
+    assert meta["env"]["id"] == "Hopper-v5" and meta["obs_dim"] == 11 and meta["act_dim"] == 3
+    assert len(meta["provenance"]["dataset_sha256"]) == 64
+    assert set(meta["split"]["train_episodes"]).isdisjoint(meta["split"]["validation_episodes"])
+    state = torch.load(tiny_run / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert {"val_obs", "val_action", "val_reward", "val_value"} <= set(val[-1])
+    assert {"train_loss", "lr", "tokens_per_s"} <= set(rows[0])
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    text = describe(str(tiny_run))
+    assert "transition_dim 16" in text and "best val loss" in text
+
+
+def test_resume_after_interrupt_mid_epoch_is_bit_identical(hopper_dataset, tmp_path, monkeypatch):
+    cfg = lambda: tiny_config(hopper_dataset, "train.max_steps=24", "train.checkpoint_every=100",  # noqa: E731
+                              "train.eval_every=10", "model.dropout=0.1")
+    full = train(cfg(), tmp_path / "full", progress=False)
+
+    original = train_module.batch_indices
+
+    def interrupt_at_step_7(step, *args):
+        if step == 7:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of an epoch
+        return original(step, *args)
+
+    monkeypatch.setattr(train_module, "batch_indices", interrupt_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(), tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(train_module, "batch_indices", original)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 8
+    train(cfg(), tmp_path / "resumed", resume=True, progress=False)
+
+    for name in ("last.pt", "model.pt"):
+        a = torch.load(full / name, weights_only=True)
+        b = torch.load(tmp_path / "resumed" / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)
+
+
+def test_data_parallel_two_processes_match_single_process(hopper_dataset, tmp_path):
+    overrides = ["train.max_steps=6", "model.dropout=0.0", "train.eval_every=100", "train.batch_size=32"]
+    single = train(tiny_config(hopper_dataset, *overrides), tmp_path / "single", progress=False)
+    config = tmp_path / "tiny.toml"
+    from trajformer.config import to_toml
+
+    config.write_text(to_toml(tiny_config(hopper_dataset, *overrides)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "trajformer", "train", str(config), "--out", str(tmp_path / "ddp")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a = torch.load(single / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+# ---- bad input: one-line error naming the problem and the fix, before anything is written ----
+
+
+def _make(dataset_id, buffers, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers(dataset_id, buffers, algorithm_name="test", **kwargs)
+
+
+def _buffer(obs_dim=3, steps=4, nan=False, obs=None, actions=None):
+    o = np.zeros((steps + 1, obs_dim), np.float32) if obs is None else obs
+    if nan:
+        o[2, 1] = np.nan
+    a = np.zeros((steps, 1), np.float32) if actions is None else actions
+    term = np.zeros(steps, bool)
+    term[-1] = True
+    return EpisodeBuffer(id=0, observations=o, actions=a, rewards=np.ones(steps), terminations=term,
+                         truncations=np.zeros(steps, bool))
+
+
+BOX3, BOX1 = gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (1,))
+
+
+@pytest.fixture(scope="module")
+def bad_datasets():
+    _make("bad/nan-v0", [_buffer(nan=True)], observation_space=BOX3, action_space=BOX1)
+    _make("bad/empty-v0", [], observation_space=BOX3, action_space=BOX1)
+    dict_obs = {"a": np.zeros((5, 2), np.float32)}
+    _make("bad/dict-v0", [_buffer(obs=dict_obs)],
+          observation_space=gym.spaces.Dict({"a": gym.spaces.Box(-1, 1, (2,))}), action_space=BOX1)
+    _make("bad/discrete-v0", [_buffer(actions=np.zeros(4, np.int64))], observation_space=BOX3,
+          action_space=gym.spaces.Discrete(2))
+
+
+@pytest.mark.parametrize("dataset_id, overrides, message", [
+    ("bad/nan-v0", [], r"has NaN or inf in its observations; remove or repair"),
+    ("bad/empty-v0", [], r"has no episodes; collect data"),
+    ("bad/dict-v0", [], r"Dict.* observation space; trajformer needs a flat Box"),
+    ("bad/discrete-v0", [], r"Discrete.* action space; trajformer needs a flat Box"),
+    ("test/hopper-random-v0", ["data.obs_dims=[0, 11]"], r"indices \[11\] out of range for 11-dim"),
+    ("nowhere/missing-v0", [], r"'nowhere/missing-v0' is not in MINARI_DATASETS_PATH .*trajformer collect"),
+])
+def test_bad_dataset_fails_before_writing(bad_datasets, hopper_dataset, tmp_path, capsys, dataset_id, overrides,
+                                          message):
+    out = tmp_path / "run"
+    args = ["train", "configs/quickstart.toml", "--dataset", dataset_id, "--out", str(out)]
+    for o in overrides:
+        args += ["--set", o]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_stpes=5", r"unknown key 'max_stpes' in \[train\]; valid keys: .*max_steps"),
+    ("trian.max_steps=5", r"unknown config section \[trian\]; valid sections"),
+    ("train.max_steps=fast", r"train.max_steps must be an integer, got 'fast'"),
+    ("discretizer.kind=log", r"discretizer.kind = 'log' is not valid; choose one of quantile, uniform"),
+])
+def test_config_errors_name_the_key(tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        cli_main(["train", "configs/quickstart.toml", "--out", str(out), "--set", override])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys):
+
+    def fails(args, pattern):
+        with pytest.raises(SystemExit):
+            cli_main(args)
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+
+    base = ["train", str(tiny_run / "config.toml")]
+    fails(base + ["--out", str(tmp_path / "none"), "--resume"], r"has no checkpoint.pt; train without --resume")
+    assert not (tmp_path / "none").exists()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("run.json", "config.toml"):
+        (corrupt / name).write_bytes((tiny_run / name).read_bytes())
+    (corrupt / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    before = sorted(p.name for p in corrupt.iterdir())
+    fails(base + ["--out", str(corrupt), "--resume"], r"checkpoint.pt is corrupt .* delete it and retrain")
+    assert sorted(p.name for p in corrupt.iterdir()) == before
+    fails(base + ["--out", str(tiny_run), "--resume", "--set", "data.obs_dims=\"0:5\""],
+          r"discretizer is for 16-dim transitions with 20 bins, this data and config give 10 dims .* new --out")
+    fails(base + ["--out", str(tiny_run)], r"already holds a run; pass --resume")
