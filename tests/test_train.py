@@ -1,8 +1,8 @@
 """Training end to end: it learns, resumes bit-identically, runs data-parallel, and refuses bad input."""
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
