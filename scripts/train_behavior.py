@@ -25,6 +25,7 @@ import mujoco
 import numpy as np
 import torch
 from stable_baselines3 import SAC
+from stable_baselines3.common.callbacks import BaseCallback
 
 HUMANOID_KWARGS = {f"include_{k}_in_observation": False for k in ("cinert", "cvel", "qfrc_actuator", "cfrc_ext")}
 """Humanoid-v5 trimmed to 45 dims (qpos[2:] + qvel), as in the shipped checkpoints."""
@@ -196,6 +197,23 @@ def load_state(model: SAC, args: Args) -> float:
     return c["wall_s"]
 
 
+class Checkpoint(BaseCallback):
+    """Save the actor every `args.checkpoint_every` steps, from inside the step as SB3 callbacks run.
+
+    At step k the callback sees the actor before that step's gradient update (k - learning_starts - 1
+    updates): the shared checkpoints were taken there, and this reproduces them bit for bit.
+    """
+
+    def __init__(self, args: Args, wall_s: float):
+        super().__init__()
+        self.args, self.wall_s, self.start = args, wall_s, time.time()
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps % self.args.checkpoint_every == 0:
+            save_checkpoint(self.model, self.args, self.wall_s + time.time() - self.start)
+        return True
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)  # the recorded setting; it also keeps float results reproducible
@@ -203,13 +221,12 @@ def main() -> None:
     model = SAC("MlpPolicy", env, learning_starts=args.learning_starts, seed=args.seed, device="cpu")
     wall_s = load_state(model, args) if args.resume else 0.0
     while model.num_timesteps < args.steps:
-        start = time.time()
+        # Learn in chunks that end on checkpoint steps; the full state is saved after each one.
         chunk = min(args.checkpoint_every - model.num_timesteps % args.checkpoint_every,
                     args.steps - model.num_timesteps)
-        model.learn(total_timesteps=chunk, reset_num_timesteps=False)
-        wall_s += time.time() - start
-        if model.num_timesteps % args.checkpoint_every == 0:
-            save_checkpoint(model, args, wall_s)
+        callback = Checkpoint(args, wall_s)
+        model.learn(total_timesteps=chunk, callback=callback, reset_num_timesteps=False)
+        wall_s = callback.wall_s + time.time() - callback.start
         save_state(model, args, wall_s)
         print(f"step {model.num_timesteps}: {wall_s:.0f} s", flush=True)
 

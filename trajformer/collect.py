@@ -120,11 +120,16 @@ def episode_returns(env: gym.Env, policy: Policy, episodes: int, seed: int = 10_
     return returns
 
 
-def evaluate(path: str | Path, episodes: int = 10, env_kwargs: dict | None = None) -> list[float]:
-    """Deterministic returns of a behaviour policy on its card's env, reset seeds 10_000 + i."""
+def evaluate(path: str | Path, episodes: int = 10, env_kwargs: dict | None = None,
+             deterministic: bool = True, seed: int = 0) -> list[float]:
+    """Returns of a behaviour policy on its card's env (or env_kwargs), reset seeds 10_000 + i.
+
+    Deterministic is the cards' protocol; stochastic (actions sampled with torch seed `seed`) is how the
+    presets collect.
+    """
     bp = load_behavior_policy(path)
     env = gym.make(bp.card["env_id"], **(bp.card["env_kwargs"] if env_kwargs is None else env_kwargs))
-    returns = episode_returns(env, bp.policy(deterministic=True), episodes)
+    returns = episode_returns(env, bp.policy(deterministic, torch.Generator().manual_seed(seed)), episodes)
     env.close()
     return returns
 
