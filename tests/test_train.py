@@ -200,3 +200,13 @@ def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys):
     fails(base + ["--out", str(tiny_run), "--resume", "--set", "data.obs_dims=\"0:5\""],
           r"discretizer is for 16-dim transitions with 20 bins, this data and config give 10 dims .* new --out")
     fails(base + ["--out", str(tiny_run)], r"already holds a run; pass --resume")
+
+
+def test_plus_joins_datasets_like_medium_expert(hopper_dataset):
+    from trajformer.data import load_episodes
+
+    cfg = tiny_config(hopper_dataset).data
+    one = load_episodes(hopper_dataset, cfg)
+    two = load_episodes(f"{hopper_dataset}+{hopper_dataset}", cfg)
+    assert len(two.episodes) == 2 * len(one.episodes) and two.sha256 != one.sha256
+    assert np.array_equal(two.episodes[len(one.episodes)].obs, one.episodes[0].obs)

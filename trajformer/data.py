@@ -102,8 +102,6 @@ def load_minari(dataset_id: str, download: bool = True):
     """Load a Minari dataset by id, downloading remote ids only when the hub is reachable."""
     import minari
 
-    if not dataset_id:
-        raise ValueError("no dataset given; set data.dataset in the config or pass --dataset ID")
     if not _is_local(dataset_id):
         if not download or not _hub_reachable():
             raise FileNotFoundError(missing_dataset_message(dataset_id))
@@ -161,45 +159,58 @@ def _spec_dict(dataset) -> dict:
 
 
 def load_episodes(dataset_id: str, cfg: DataConfig, download: bool = True) -> OfflineData:
-    """Read a Minari dataset into checked episodes with the configured observation selection."""
-    dataset = load_minari(dataset_id, download=download)
-    _check_box(dataset.observation_space, "observation", dataset_id)
-    _check_box(dataset.action_space, "action", dataset_id)
-    raw_obs_dim = int(dataset.observation_space.shape[0])
+    """Read a Minari dataset into checked episodes with the configured observation selection.
+
+    `a+b` joins several datasets of the same spaces (e.g. medium + expert = D4RL's medium-expert); the
+    env spec and reference scores come from the first.
+    """
+    if not dataset_id:
+        raise ValueError("no dataset given; set data.dataset in the config or pass --dataset ID")
+    parts = [load_minari(part, download=download) for part in dataset_id.split("+")]  # all found, or fail now
+    first = parts[0]
+    for part_id, dataset in zip(dataset_id.split("+"), parts, strict=True):
+        _check_box(dataset.observation_space, "observation", part_id)
+        _check_box(dataset.action_space, "action", part_id)
+        if (dataset.observation_space.shape, dataset.action_space.shape) != (
+                first.observation_space.shape, first.action_space.shape):
+            raise ValueError(f"cannot join '{dataset_id}': '{part_id}' has other observation/action shapes than "
+                             f"the first dataset; join datasets of the same env")
+        if dataset.total_episodes == 0:
+            raise ValueError(f"dataset '{part_id}' has no episodes; collect data into it first")
+    raw_obs_dim = int(first.observation_space.shape[0])
     indices = select_obs(cfg.obs_dims, raw_obs_dim)
-    if dataset.total_episodes == 0:
-        raise ValueError(f"dataset '{dataset_id}' has no episodes; collect data into it first")
 
     episodes: list[Episode] = []
     digest = hashlib.sha256()
-    episode_ids = None if cfg.max_episodes == 0 else list(range(min(cfg.max_episodes, dataset.total_episodes)))
-    for ep in dataset.iterate_episodes(episode_ids):
-        obs = np.asarray(ep.observations, dtype=np.float64)
-        act = np.asarray(ep.actions, dtype=np.float64).reshape(len(ep.actions), -1)
-        rew = np.asarray(ep.rewards, dtype=np.float64)
-        term = np.asarray(ep.terminations, dtype=bool)
-        trunc = np.asarray(ep.truncations, dtype=bool)
-        for name, arr in (("observations", obs), ("actions", act), ("rewards", rew)):
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(
-                    f"dataset '{dataset_id}' episode {ep.id} has NaN or inf in its {name}; "
-                    f"remove or repair those episodes before training"
-                )
-        if len(act) == 0:
-            continue
-        for arr in (obs, act, rew, term, trunc):
-            digest.update(np.ascontiguousarray(arr).tobytes())
-        episodes.append(Episode(obs[:, indices], act, rew, term, trunc))
+    for part_id, dataset in zip(dataset_id.split("+"), parts, strict=True):
+        n = dataset.total_episodes if cfg.max_episodes == 0 else min(cfg.max_episodes, dataset.total_episodes)
+        for ep in dataset.iterate_episodes(list(range(n))):
+            obs = np.asarray(ep.observations, dtype=np.float64)
+            act = np.asarray(ep.actions, dtype=np.float64).reshape(len(ep.actions), -1)
+            rew = np.asarray(ep.rewards, dtype=np.float64)
+            term = np.asarray(ep.terminations, dtype=bool)
+            trunc = np.asarray(ep.truncations, dtype=bool)
+            for name, arr in (("observations", obs), ("actions", act), ("rewards", rew)):
+                if not np.all(np.isfinite(arr)):
+                    raise ValueError(
+                        f"dataset '{part_id}' episode {ep.id} has NaN or inf in its {name}; "
+                        f"remove or repair those episodes before training"
+                    )
+            if len(act) == 0:
+                continue
+            for arr in (obs, act, rew, term, trunc):
+                digest.update(np.ascontiguousarray(arr).tobytes())
+            episodes.append(Episode(obs[:, indices], act, rew, term, trunc))
     if not episodes:
         raise ValueError(f"dataset '{dataset_id}' has no non-empty episodes; collect data into it first")
 
-    meta = dataset.storage.metadata
+    meta = first.storage.metadata
     return OfflineData(
         dataset_id=dataset_id,
         episodes=episodes,
         obs_indices=indices,
         raw_obs_dim=raw_obs_dim,
-        env_spec=_spec_dict(dataset),
+        env_spec=_spec_dict(first),
         ref_min_score=meta.get("ref_min_score"),
         ref_max_score=meta.get("ref_max_score"),
         sha256=digest.hexdigest(),
