@@ -47,6 +47,21 @@ def _cmd_train(args) -> None:
     print(f"run directory: {run_dir}")
 
 
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser("quickstart", help="offline end-to-end demo: make a dataset, train, plan (a few minutes)")
+    p.add_argument("--out", default="runs/quickstart", help="output directory")
+    p.add_argument("--steps", type=int, default=20_000, help="dataset size in transitions (made once)")
+    p.add_argument("--plan-steps", type=int, default=100, help="length of the planned episode")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=_cmd_quickstart)
+
+
+def _cmd_quickstart(args) -> None:
+    from trajformer.quickstart import quickstart
+
+    quickstart(args.out, args.steps, args.plan_steps, args.overrides)
+
+
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a run directory or a Minari dataset")
     p.add_argument("target", help="RUN_DIR or DATASET_ID")
@@ -86,4 +101,27 @@ def _cmd_collect(args) -> None:
     run(args)
 
 
-_COMMANDS: list = [_add_train, _add_info, _add_collect]
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="evaluate a run by beam-search planning in its Gymnasium environment")
+    p.add_argument("run_dir", help="run directory written by `trajformer train`")
+    p.add_argument("--env", default=None, help="Gymnasium env id (default: the run's, with its kwargs)")
+    p.add_argument("--episodes", type=int, default=1, help="episodes to run (default 1)")
+    p.add_argument("--num-envs", type=int, default=1, help="envs planned together in one batched search")
+    p.add_argument("--max-steps", type=int, default=None, help="cut episodes after this many steps")
+    p.add_argument("--seed", type=int, default=0, help="episode e uses seed + e for the env and the planner")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="plan.KEY=VALUE",
+                   help="override a planner setting, e.g. --set plan.beam_width=32 (repeatable)")
+    p.add_argument("--json", dest="json_path", default=None, metavar="OUT.json", help="write the results as JSON")
+    p.add_argument("--video", default=None, metavar="OUT.mp4", help="render the first episode and its plans")
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args) -> None:
+    from trajformer.rollout import plan_command
+
+    plan_command(args.run_dir, env_id=args.env, episodes=args.episodes, num_envs=args.num_envs,
+                 max_steps=args.max_steps, seed=args.seed, overrides=args.overrides, json_path=args.json_path,
+                 video=args.video)
+
+
+_COMMANDS: list = [_add_quickstart, _add_train, _add_info, _add_collect, _add_plan]

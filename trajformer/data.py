@@ -73,7 +73,8 @@ def datasets_root() -> Path:
     return Path(os.environ.get("MINARI_DATASETS_PATH", Path.home() / ".minari" / "datasets"))
 
 
-def _is_local(dataset_id: str) -> bool:
+def is_local_dataset(dataset_id: str) -> bool:
+    """True if the dataset is in MINARI_DATASETS_PATH."""
     from minari.storage.datasets_root_dir import get_dataset_path
 
     return (Path(get_dataset_path(dataset_id)) / "data").is_dir()
@@ -102,7 +103,7 @@ def load_minari(dataset_id: str, download: bool = True):
     """Load a Minari dataset by id, downloading remote ids only when the hub is reachable."""
     import minari
 
-    if not _is_local(dataset_id):
+    if not is_local_dataset(dataset_id):
         if not download or not _hub_reachable():
             raise FileNotFoundError(missing_dataset_message(dataset_id))
         return minari.load_dataset(dataset_id, download=True)

@@ -1,0 +1,57 @@
+"""The README's main job, offline: dataset (made once) → train a small model → plan a short episode.
+
+Every stage is a library call the CLI also exposes (`collect`, `train`, `plan`); this module only chains
+them on the embedded defaults: the shipped Hopper behaviour policy and configs/quickstart.toml.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trajformer.collect import BEHAVIOR_DIR, collect
+from trajformer.config import load_config
+from trajformer.data import is_local_dataset
+from trajformer.rollout import evaluate, report
+from trajformer.run import load_run, save_json
+from trajformer.train import train
+
+CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
+POLICY = "hopper-sac-0175k"  # the shipped D4RL-style "medium" Hopper policy (pretrained/README.md)
+
+
+def quickstart(out_dir: str | Path = "runs/quickstart", steps: int = 20_000, plan_steps: int = 100,
+               overrides: list[str] | None = None) -> dict:
+    """Run the whole pipeline on the embedded defaults; returns a summary dict (also quickstart.json)."""
+    out_dir = Path(out_dir)
+    cfg = load_config(CONFIG, overrides or [])
+    dataset_id = cfg.data.dataset
+    if is_local_dataset(dataset_id):
+        print(f"[1/3] dataset {dataset_id}: already made")
+    else:
+        print(f"[1/3] dataset {dataset_id}: collecting {steps} Hopper-v5 steps with {POLICY}")
+        collect("Hopper-v5", POLICY, steps=steps, dataset_id=dataset_id, seed=0,
+                description=f"trajformer quickstart: {steps} Hopper-v5 steps from the shipped "
+                            f"{POLICY} SAC policy (stochastic actions), seed 0.")
+
+    run_dir = out_dir / "run"
+    resume = (run_dir / "checkpoint.pt").exists()
+    print(f"[2/3] training {run_dir}" + (" (resuming)" if resume else ""))
+    train(cfg, run_dir, resume=resume)  # a finished run resumes to its last step and returns at once
+
+    run = load_run(run_dir)
+    print(f"[3/3] planning one {plan_steps}-step Hopper episode (beam {run.config.plan.beam_width}, "
+          f"horizon {run.config.plan.horizon})")
+    record = evaluate(run, episodes=1, max_steps=plan_steps, seed=0)
+    print(report(record))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    best = min((r for r in rows if "val_loss" in r), key=lambda r: r["val_loss"])
+    summary = {
+        "dataset": dataset_id, "run_dir": str(run_dir), "loss_plot": str(run_dir / "loss.png"),
+        "best_val_loss": best["val_loss"], "best_step": best["step"], "plan": record,
+        "behavior_policy": str(BEHAVIOR_DIR / f"{POLICY}.pt"),
+    }
+    save_json(out_dir / "quickstart.json", summary)
+    print(f"run directory {run_dir} (loss plot {run_dir / 'loss.png'}); summary {out_dir / 'quickstart.json'}")
+    return summary
+
