@@ -1,0 +1,307 @@
+"""Evaluation episodes with the beam-search planner (DESIGN.md §6): K environments stepped together with one
+batched search per step, per-episode returns, normalised scores, a JSON record and an optional video.
+
+Episode e is reset with seed `seed + e` and planned with a random stream seeded the same way, so results do
+not depend on how many envs run at once (--num-envs changes only the speed).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering; must precede the first mujoco import
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trajformer.config import PlanConfig
+from trajformer.planner import Plan, Planner, plan_config
+from trajformer.run import Run, load_run, save_json
+
+# D4RL v2 random / expert reference returns (labelled as such: our envs are v5).
+D4RL_REFERENCE = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+    "ant": (-325.6, 3879.7),
+}
+
+
+def env_settings(run: Run, env_id: str | None = None) -> tuple[str, dict, int | None]:
+    """Env id, kwargs and time limit: the ones recorded in the run unless another env id is given."""
+    recorded = run.meta.get("env") or {}
+    if env_id is None:
+        env_id = recorded.get("id")
+        if not env_id:
+            raise ValueError(f"{run.path} records no environment (its dataset has no env spec); pass --env ENV_ID")
+    if env_id != recorded.get("id"):
+        return env_id, {}, None
+    kwargs = {k: v for k, v in (recorded.get("kwargs") or {}).items() if k != "render_mode"}
+    return env_id, kwargs, recorded.get("max_episode_steps")
+
+
+def make_env(env_id: str, kwargs: dict, max_episode_steps: int | None, render: bool = False) -> gym.Env:
+    """gym.make with a one-line error for unknown ids."""
+    try:
+        return gym.make(env_id, max_episode_steps=max_episode_steps, **kwargs,
+                        **({"render_mode": "rgb_array"} if render else {}))
+    except gym.error.Error as err:
+        raise ValueError(f"cannot make env {env_id!r} ({err}); pass a registered Gymnasium id with --env") from None
+
+
+def check_env(env: gym.Env, run: Run, env_id: str) -> None:
+    """The env must have flat Box spaces whose dims match the ones the run was trained on."""
+    for what, space in (("action", env.action_space), ("observation", env.observation_space)):
+        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+            raise ValueError(
+                f"env {env_id} has a {type(space).__name__} {what} space; the planner needs a flat Box {what} space "
+                f"(continuous control), so use a continuous-action env"
+            )
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    raw_dim = run.meta.get("raw_obs_dim", obs_dim)
+    if obs_dim != raw_dim or act_dim != run.act_dim or obs_dim <= int(run.obs_indices.max()):
+        raise ValueError(
+            f"run {run.path} was trained on {raw_dim}-dim observations and {run.act_dim}-dim actions "
+            f"({run.meta.get('dataset_id')}) but env {env_id} has {obs_dim} and {act_dim}; "
+            f"plan in the env the run was trained on (omit --env)"
+        )
+
+
+def score_reference(env_id: str, meta: dict) -> tuple[tuple[float, float] | None, str | None]:
+    """(random, expert) returns for normalising: D4RL v2 for D4RL's envs, else the dataset's reference scores."""
+    name = env_id.split("/")[-1].split("-")[0].lower()
+    if name in D4RL_REFERENCE:
+        return D4RL_REFERENCE[name], "d4rl-v2"
+    low, high = meta.get("ref_min_score"), meta.get("ref_max_score")
+    if low is not None and high is not None and high != low:
+        return (float(low), float(high)), "dataset"
+    return None, None
+
+
+def summarize(returns: list[float], lengths: list[int], reference: tuple[float, float] | None) -> dict:
+    """Mean return, its standard error (None for one episode) and the normalised score."""
+    r = np.asarray(returns, dtype=np.float64)
+    stderr = float(r.std(ddof=1) / math.sqrt(len(r))) if len(r) > 1 else None
+    out = {"returns": r.tolist(), "lengths": [int(n) for n in lengths], "mean_return": float(r.mean()),
+           "stderr": stderr, "normalized_score": None, "normalized_stderr": None}
+    if reference is not None:
+        low, high = reference
+        out["normalized_score"] = 100.0 * (out["mean_return"] - low) / (high - low)
+        out["normalized_stderr"] = None if stderr is None else 100.0 * stderr / (high - low)
+    return out
+
+
+class PlanRenderer:
+    """Renders a MuJoCo locomotion env's real frames and, beside them, the planned future states.
+
+    Planned observations are set into a second copy of the simulator: qpos = [x, obs[:nq - skip]] and
+    qvel = obs[nq - skip : nq - skip + nv], where `skip` (1 for Hopper/HalfCheetah/Walker2d, 2 for Ant and
+    Humanoid) is detected by comparing the reset observation with the simulator state. Dims the model does
+    not see keep the real current value; x (and y) are integrated from the planned velocities. Limits: the
+    velocity clipping of some envs is not undone, and envs whose observation does not start with
+    [qpos[skip:], qvel] get the real frames only.
+    """
+
+    def __init__(self, real: gym.Env, ghost: gym.Env | None, obs_indices: np.ndarray):
+        self.real, self.ghost, self.obs_indices = real, ghost, obs_indices
+        self.skip = None
+        self.frames: list[np.ndarray] = []
+
+    def start(self, obs: np.ndarray) -> None:
+        """Detect the observation layout after the real env's reset."""
+        sim = self.real.unwrapped
+        if self.ghost is None or not hasattr(sim, "data") or not hasattr(sim, "set_state"):
+            return
+        self.ghost.reset(seed=0)
+        nq, nv = sim.model.nq, sim.model.nv
+        for skip in (1, 2, 0):
+            n = nq - skip
+            if len(obs) >= n + nv and np.allclose(obs[:n], sim.data.qpos[skip:]) and np.allclose(
+                    obs[n : n + nv], sim.data.qvel):
+                self.skip = skip
+                return
+
+    def _ghost_frame(self, obs: np.ndarray, plan: Plan) -> np.ndarray | None:
+        if self.skip is None:
+            return None
+        sim, ghost = self.real.unwrapped, self.ghost.unwrapped
+        nq, nv, skip = sim.model.nq, sim.model.nv, self.skip
+        xy = sim.data.qpos[:skip].copy()
+        frames = []
+        for state in plan.next_observations:
+            if not np.all(np.isfinite(state)):
+                break
+            raw = np.asarray(obs, dtype=np.float64).copy()
+            raw[self.obs_indices] = state
+            qvel = raw[nq - skip : nq - skip + nv]
+            xy = xy + qvel[:skip] * sim.dt
+            ghost.set_state(np.concatenate([xy, raw[: nq - skip]]), qvel)
+            frames.append(self.ghost.render().astype(np.float32))
+        return np.mean(frames, axis=0).astype(np.uint8) if frames else None
+
+    def add(self, obs: np.ndarray, plan: Plan | None) -> None:
+        """One video frame: the real env now, and beside it the blend of the planned states (if possible)."""
+        real = self.real.render()
+        if self.skip is None:
+            self.frames.append(real)
+            return
+        ghost = self._ghost_frame(obs, plan) if plan is not None else None
+        self.frames.append(np.concatenate([real, ghost if ghost is not None else np.zeros_like(real)], axis=1))
+
+    def save(self, path: Path, fps: int) -> Path:
+        """Write an mp4 through imageio-ffmpeg, or a gif when it is missing (or asked for)."""
+        import imageio.v2 as imageio
+
+        path = Path(path)
+        if path.suffix != ".gif":
+            try:
+                import imageio_ffmpeg  # noqa: F401
+            except ImportError:
+                path = path.with_suffix(".gif")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".gif":
+            imageio.mimsave(path, self.frames, duration=1000 / fps, loop=0)
+        else:
+            imageio.mimsave(path, self.frames, fps=fps, macro_block_size=1)
+        return path
+
+
+def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = None, episodes: int = 1,
+             num_envs: int = 1, max_steps: int | None = None, seed: int = 0, video: str | Path | None = None,
+             progress: bool = True, dtype: torch.dtype = torch.float32) -> dict:
+    """Plan `episodes` episodes over `num_envs` envs stepped together; returns the JSON record."""
+    if episodes < 1 or num_envs < 1:
+        raise ValueError(f"--episodes ({episodes}) and --num-envs ({num_envs}) must be >= 1")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
+    plan_cfg = plan_cfg or run.config.plan
+    env_id, kwargs, limit = env_settings(run, env_id)
+    num_envs = min(num_envs, episodes)
+    first = make_env(env_id, kwargs, limit)
+    try:
+        check_env(first, run, env_id)
+        if video is not None and "rgb_array" not in first.metadata.get("render_modes", []):
+            raise ValueError(f"env {env_id} cannot render rgb_array frames; drop --video")
+        planner = Planner.from_run(run, plan_cfg, n_envs=num_envs, dtype=dtype)
+    finally:
+        if video is not None:
+            first.close()
+    if video is not None:
+        first = make_env(env_id, kwargs, limit, render=True)
+    envs = [first] + [make_env(env_id, kwargs, limit) for _ in range(num_envs - 1)]
+    renderer = None
+    if video is not None:
+        ghost = make_env(env_id, kwargs, limit, render=True)
+        renderer = PlanRenderer(envs[0], ghost, run.obs_indices)
+
+    obs: list[np.ndarray | None] = [None] * num_envs
+    episode_of, ret, length = [-1] * num_envs, [0.0] * num_envs, [0] * num_envs
+    results: dict[int, tuple[float, int]] = {}
+    log_likelihoods: list[float] = []
+    started = 0
+
+    def start(k: int) -> None:
+        nonlocal started
+        episode_of[k], ret[k], length[k] = started, 0.0, 0
+        obs[k], _ = envs[k].reset(seed=seed + started)
+        planner.reset(k, seed=seed + started)
+        if renderer is not None and started == 0:
+            renderer.start(obs[k])
+        started += 1
+
+    for k in range(num_envs):
+        start(k)
+    total = episodes * (max_steps or limit) if (max_steps or limit) else None
+    bar = tqdm(total=total, desc=f"plan {env_id}", unit="step", disable=not progress)
+    steps, t0 = 0, time.perf_counter()
+    while True:
+        active = [k for k in range(num_envs) if episode_of[k] >= 0]
+        if not active:
+            break
+        actions = planner.act_batch(active, np.stack([obs[k] for k in active]))
+        rewards = []
+        for k, action in zip(active, actions, strict=True):
+            if planner.offsets[k] == 1:  # replanned this step
+                log_likelihoods.append(planner.last_plans[k].log_likelihood)
+            if renderer is not None and episode_of[k] == 0:
+                renderer.add(obs[k], planner.last_plans[k])
+            obs[k], reward, terminated, truncated, _ = envs[k].step(action)
+            rewards.append(float(reward))
+            ret[k] += float(reward)
+            length[k] += 1
+            if terminated or truncated or (max_steps is not None and length[k] >= max_steps):
+                results[episode_of[k]] = (ret[k], length[k])
+                episode_of[k] = -1
+        planner.observe_batch(active, np.array(rewards))
+        for k in active:
+            if episode_of[k] < 0 and started < episodes:
+                start(k)
+        steps += len(active)
+        bar.update(len(active))
+        running = [ret[k] for k in range(num_envs) if episode_of[k] >= 0]
+        bar.set_postfix(running_return=f"{np.mean(running):.1f}" if running else "-", done=len(results))
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    reference, label = score_reference(env_id, run.meta)
+    order = sorted(results)
+    record = summarize([results[e][0] for e in order], [results[e][1] for e in order], reference)
+    record.update({
+        "score_reference": label,
+        "seconds_per_step": seconds / max(steps, 1),
+        "plan_log_likelihood": float(np.mean(log_likelihoods)),
+        "config": {"plan": dataclasses.asdict(plan_cfg), "discount": run.config.data.discount, "env": env_id,
+                   "env_kwargs": kwargs, "episodes": episodes, "num_envs": num_envs, "max_steps": max_steps,
+                   "seed": seed, "run_dir": str(run.path), "dataset_id": run.meta.get("dataset_id"),
+                   "dtype": str(dtype).removeprefix("torch.")},
+    })
+    if renderer is not None:
+        fps = int(envs[0].metadata.get("render_fps", 30))
+        record["video"] = str(renderer.save(Path(video), min(fps, 60)))
+        if renderer.skip is None:
+            record["video_note"] = "real episode only: the env is not a MuJoCo env with [qpos, qvel] observations"
+    for env in envs:
+        env.close()
+    return record
+
+
+def report(record: dict) -> str:
+    """Human-readable summary: per-episode return and length, mean ± standard error, normalised score."""
+    lines = [f"episode {i}: return {r:.2f}, length {n}"
+             for i, (r, n) in enumerate(zip(record["returns"], record["lengths"], strict=True))]
+    stderr = record["stderr"]
+    lines.append(f"mean return {record['mean_return']:.2f}" + (f" ± {stderr:.2f} (stderr)" if stderr else "")
+                 + f" over {len(record['returns'])} episodes")
+    if record["normalized_score"] is not None:
+        nse = record["normalized_stderr"]
+        lines.append(f"normalised score ({record['score_reference']}) {record['normalized_score']:.1f}"
+                     + (f" ± {nse:.1f}" if nse else ""))
+    else:
+        lines.append("normalised score: no reference returns for this env or dataset")
+    lines.append(f"{record['seconds_per_step']:.3f} s per env step, plan log-likelihood "
+                 f"{record['plan_log_likelihood']:.2f} per plan")
+    if "video" in record:
+        lines.append(f"video: {record['video']}" + (f" ({record['video_note']})" if "video_note" in record else ""))
+    return "\n".join(lines)
+
+
+def plan_command(run_dir: str, env_id: str | None = None, episodes: int = 1, num_envs: int = 1,
+                 max_steps: int | None = None, seed: int = 0, overrides: list[str] | None = None,
+                 json_path: str | None = None, video: str | None = None) -> dict:
+    """`trajformer plan`: load the run, validate the settings, evaluate, print the report, write JSON."""
+    run = load_run(run_dir)
+    plan_cfg = plan_config(run, overrides or [])
+    record = evaluate(run, plan_cfg, env_id=env_id, episodes=episodes, num_envs=num_envs, max_steps=max_steps,
+                      seed=seed, video=video)
+    print(report(record))
+    if json_path is not None:
+        save_json(Path(json_path), record)
+        print(f"wrote {json_path}")
+    return record
