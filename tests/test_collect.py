@@ -82,6 +82,15 @@ def test_preset_small_and_cached():
         collect_preset("hopper-replay", steps=800)
 
 
+def test_medium_expert_combines_two_datasets():
+    dataset = collect_preset("halfcheetah-medium-expert", steps=160)
+    meta = dataset.storage.metadata
+    assert dataset.total_steps == 320 and meta["combined_datasets"] == [
+        "trajformer/halfcheetah-medium-v0", "trajformer/halfcheetah-expert-v0"]
+    assert meta["behavior_policy"] == ["halfcheetah-sac-0050k", "halfcheetah-sac-0250k"]
+    assert "minari.combine_datasets" in meta["description"] and meta["ref_max_score"] == 12135.0
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"env_id": "Hoppa-v5"}, ValueError, "unknown env id 'Hoppa-v5'"),
     ({"env_id": "CartPole-v1"}, ValueError, "Discrete action space"),
