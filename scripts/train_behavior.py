@@ -27,8 +27,7 @@ import torch
 from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 
-HUMANOID_KWARGS = {f"include_{k}_in_observation": False for k in ("cinert", "cvel", "qfrc_actuator", "cfrc_ext")}
-"""Humanoid-v5 trimmed to 45 dims (qpos[2:] + qvel), as in the shipped checkpoints."""
+from trajformer.collect import HUMANOID_45
 
 
 @dataclass
@@ -61,10 +60,9 @@ def parse_args() -> Args:
     p.add_argument("--resume", action="store_true", help="continue from the state in --work-dir")
     a = p.parse_args()
     if a.env_kwargs is None:
-        a.env_kwargs = HUMANOID_KWARGS if a.env.startswith("Humanoid") else {}
-    work_dir = a.work_dir or Path("runs/behavior") / a.env
-    return Args(a.env, a.steps, a.checkpoint_every, a.seed, a.learning_starts, a.eval_episodes,
-                a.env_kwargs, a.out, work_dir, a.resume)
+        a.env_kwargs = HUMANOID_45 if a.env.startswith("Humanoid") else {}
+    a.work_dir = a.work_dir or Path("runs/behavior") / a.env
+    return Args(**vars(a))
 
 
 def atomic_write(path: Path, write) -> None:
@@ -159,8 +157,12 @@ def save_state(model: SAC, args: Args, wall_s: float) -> None:
     n = buffer.buffer_size if buffer.full else buffer.pos
     arrays = {k: getattr(buffer, k)[:n] for k in ("observations", "next_observations", "actions", "rewards",
                                                   "dones", "timeouts")}
-    atomic_write(args.work_dir / "buffer.npz", lambda p: np.savez(open(p, "wb"), pos=buffer.pos,
-                                                                  full=buffer.full, **arrays))
+
+    def write_buffer(path: Path) -> None:
+        with open(path, "wb") as f:  # a file object, so that numpy keeps the .tmp name
+            np.savez(f, pos=buffer.pos, full=buffer.full, **arrays)
+
+    atomic_write(args.work_dir / "buffer.npz", write_buffer)
     atomic_write(args.work_dir / "state.pt", lambda p: torch.save(state, p))
 
 

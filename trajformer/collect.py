@@ -307,11 +307,6 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
     return minari.load_dataset(dataset_id)
 
 
-def _ladder(prefix: str, last_k: int) -> tuple[str, ...]:
-    """Checkpoint names every 25k steps up to and including `last_k` thousand steps."""
-    return tuple(f"{prefix}-sac-{k:04d}k" for k in range(25, last_k + 1, 25))
-
-
 @dataclass(frozen=True)
 class Preset:
     """A named dataset: env, behaviour policies sharing the steps equally, and why it is made this way."""
@@ -324,31 +319,34 @@ class Preset:
 
 
 STOCHASTIC = ("Actions are sampled from the SAC Gaussian (tanh-squashed), not its mean, so the data covers "
-              "more than one deterministic trajectory per start state, as D4RL's were.")
+              "more than the one deterministic trajectory per start state.")
+
+
+def _replay(env_id: str, prefix: str, medium_k: int) -> Preset:
+    """The D4RL medium-replay analogue: every shipped checkpoint, 25k steps apart, up to the medium one."""
+    names = tuple(f"{prefix}-sac-{k:04d}k" for k in range(25, medium_k + 1, 25))
+    return Preset(env_id, names, "D4RL medium-replay analogue: equal numbers of transitions rolled out by "
+                  f"every shipped SAC checkpoint, {names[0]} up to the medium one, {names[-1]}. {STOCHASTIC}")
+
+
 PRESETS = {
     "hopper-medium": Preset("Hopper-v5", ("hopper-sac-0175k",),
                             f"D4RL-style hopper-medium: SAC checkpoint hopper-sac-0175k. {STOCHASTIC}"),
-    "hopper-replay": Preset("Hopper-v5", _ladder("hopper", 175),
-                            "D4RL medium-replay analogue: equal numbers of transitions rolled out by every shipped SAC "
-                            f"checkpoint, hopper-sac-0025k to the medium one, 0175k. {STOCHASTIC}"),
+    "hopper-replay": _replay("Hopper-v5", "hopper", 175),
     "halfcheetah-medium": Preset("HalfCheetah-v5", ("halfcheetah-sac-0050k",),
                                  f"D4RL-style halfcheetah-medium: SAC checkpoint halfcheetah-sac-0050k. "
                                  f"{STOCHASTIC}"),
-    "halfcheetah-replay": Preset("HalfCheetah-v5", _ladder("halfcheetah", 50),
-                                 "D4RL medium-replay analogue: equal numbers of transitions rolled out by every shipped SAC "
-                                 f"checkpoint, halfcheetah-sac-0025k to the medium one, 0050k. {STOCHASTIC}"),
+    "halfcheetah-replay": _replay("HalfCheetah-v5", "halfcheetah", 50),
     "halfcheetah-expert": Preset("HalfCheetah-v5", ("halfcheetah-sac-0250k",),
                                  "Expert-ish halfcheetah: SAC checkpoint halfcheetah-sac-0250k (~7.5k return, "
                                  f"below D4RL's 10.6k expert). {STOCHASTIC}"),
     "halfcheetah-medium-expert": Preset("HalfCheetah-v5", (), "D4RL-style medium-expert: trajformer/"
                                         "halfcheetah-medium-v0 and trajformer/halfcheetah-expert-v0 combined "
-                                        "with minari.combine_datasets (both halves the same size).",
+                                        "with minari.combine_datasets, --steps transitions each (2x in all, as D4RL).",
                                         combine=("halfcheetah-medium", "halfcheetah-expert")),
     "walker2d-medium": Preset("Walker2d-v5", ("walker2d-sac-0150k",),
                               f"D4RL-style walker2d-medium: SAC checkpoint walker2d-sac-0150k. {STOCHASTIC}"),
-    "walker2d-replay": Preset("Walker2d-v5", _ladder("walker2d", 150),
-                              "D4RL medium-replay analogue: equal numbers of transitions rolled out by every shipped SAC "
-                              f"checkpoint, walker2d-sac-0025k to the medium one, 0150k. {STOCHASTIC}"),
+    "walker2d-replay": _replay("Walker2d-v5", "walker2d", 150),
     "humanoid-medium": Preset("Humanoid-v5", ("humanoid-sac-0200k",),
                               "Humanoid from SAC checkpoint humanoid-sac-0200k, the best we ship (~600 return, "
                               "it falls after ~100 steps). Collected with terminate_when_unhealthy=False so "
@@ -356,7 +354,7 @@ PRESETS = {
                               "ground), long enough for 100-step predictions; observations are the 45 dims "
                               f"qpos[2:] + qvel (the four include_*_in_observation=False flags). {STOCHASTIC}",
                               env_kwargs=(("terminate_when_unhealthy", False),
-                                          *((k, v) for k, v in HUMANOID_45.items()))),
+                                          *HUMANOID_45.items())),
 }
 """The named datasets `trajformer collect --preset NAME` makes as trajformer/NAME-v0."""
 
