@@ -127,3 +127,10 @@ def test_cli_error_is_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("trajformer collect: error: CartPole-v1 has a Discrete action space")
     assert err.count("\n") == 1
+
+
+def test_cli_preset_refuses_other_settings(capsys):
+    with pytest.raises(SystemExit):
+        main(["collect", "--preset", "hopper-medium", "--policy", "random", "--deterministic"])
+    assert "drop --policy, --deterministic" in capsys.readouterr().err
+    assert not get_dataset_path("trajformer/hopper-medium-v0").exists()

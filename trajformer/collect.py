@@ -366,7 +366,7 @@ def collect_preset(name: str, steps: int | None = None, seed: int = 0, overwrite
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     preset, steps = PRESETS[name], steps or 1_000_000
     dataset_id = f"trajformer/{name}-v0"
-    settings = {"preset": name, "steps": steps, "seed": seed}
+    settings = {"preset": name, "steps": steps, "seed": seed, "num_envs": num_envs}  # the data depends on all
     if get_dataset_path(dataset_id).exists() and not overwrite:
         cached = minari.load_dataset(dataset_id)
         if all(cached.storage.metadata.get(k) == v for k, v in settings.items()):
@@ -395,8 +395,10 @@ def run(args: argparse.Namespace) -> None:
     if args.preset is not None:
         extra = [flag for flag in ("env_id", "policy", "dataset_id", "env_kwargs", "action_noise",
                                    "max_episode_steps") if getattr(args, flag) is not None]
-        if extra or args.deterministic:
-            raise ValueError(f"--preset fixes env, policy and dataset id: drop {extra or ['--deterministic']}")
+        extra += ["deterministic"] if args.deterministic else []
+        if extra:
+            flags = ", ".join("ENV_ID" if f == "env_id" else "--" + f.replace("_", "-") for f in extra)
+            raise ValueError(f"--preset fixes the env, policy, actions and dataset id: drop {flags}")
         dataset = collect_preset(args.preset, args.steps, args.seed, args.overwrite, args.num_envs)
     else:
         if args.env_id is None or args.dataset_id is None:
@@ -405,5 +407,6 @@ def run(args: argparse.Namespace) -> None:
                           args.seed, args.action_noise or 0.0, args.env_kwargs, args.overwrite,
                           args.deterministic, args.max_episode_steps, args.num_envs)
     meta = dataset.storage.metadata
-    print(f"{meta['dataset_id']}: {dataset.total_episodes} episodes, {dataset.total_steps} steps, "
-          f"return {meta.get('return_mean', float('nan')):.1f} ± {meta.get('return_std', float('nan')):.1f}")
+    returns = f", return {meta['return_mean']:.1f} ± {meta['return_std']:.1f}" if "return_mean" in meta else ""
+    print(f"{meta['dataset_id']}: {dataset.total_episodes} episodes, {dataset.total_steps} steps{returns} "
+          f"in {get_dataset_path(meta['dataset_id'])}")
