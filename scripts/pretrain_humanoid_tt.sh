@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-trajformer collect --preset humanoid-medium --steps 200000   # ~3 min once, then cached
+trajformer collect --preset humanoid-medium --steps 200000 --num-envs 8   # ~3 min once, then cached
 RESUME=""; [ -f runs/humanoid/checkpoint.pt ] && RESUME="--resume"
 trajformer train configs/humanoid.toml --out runs/humanoid $RESUME --set train.num_threads=1 \
   ${MAX_STEPS:+--set train.max_steps=$MAX_STEPS}
