@@ -210,3 +210,25 @@ def test_plus_joins_datasets_like_medium_expert(hopper_dataset):
     two = load_episodes(f"{hopper_dataset}+{hopper_dataset}", cfg)
     assert len(two.episodes) == 2 * len(one.episodes) and two.sha256 != one.sha256
     assert np.array_equal(two.episodes[len(one.episodes)].obs, one.episodes[0].obs)
+
+
+def test_missing_remote_dataset_fails_fast_without_network(monkeypatch):
+    """With HF_HUB_OFFLINE unset, a dataset that is neither local nor reachable fails in seconds."""
+    import time
+
+    from trajformer.data import load_minari
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"mujoco/hopper/medium-v0.*MINARI_DATASETS_PATH.*trajformer collect"):
+        load_minari("mujoco/hopper/medium-v0")
+    assert time.perf_counter() - start < 5.0
+
+
+def test_bfloat16_training_and_dataset_info(hopper_dataset, tmp_path):
+    run_dir = train(tiny_config(hopper_dataset, "train.max_steps=3", "train.dtype=\"bfloat16\""), tmp_path / "bf16",
+                    progress=False)
+    assert all(torch.isfinite(v).all() for v in torch.load(run_dir / "last.pt", weights_only=True).values())
+    text = describe(hopper_dataset, None, ["discretizer.n_bins=20"])
+    assert "transition_dim 16" in text and "3000 steps" in text
+    assert len([line for line in text.splitlines() if "obs[" in line or "act[" in line]) == 14
