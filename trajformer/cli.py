@@ -124,4 +124,61 @@ def _cmd_plan(args) -> None:
                  video=args.video)
 
 
-_COMMANDS: list = [_add_quickstart, _add_train, _add_info, _add_collect, _add_plan]
+def _add_train_ensemble(sub) -> None:
+    p = sub.add_parser("train-ensemble", help="train a PETS-style Gaussian dynamics ensemble (prediction baseline)")
+    p.add_argument("config", help="TOML config whose [data] and train.seed (episode split) to use")
+    p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
+    p.add_argument("--out", default=None, help="ensemble directory (default runs/<config name>-ensemble)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key, e.g. --set data.max_episodes=10 (repeatable)")
+    p.add_argument("--members", type=int, default=5, help="ensemble members (default 5)")
+    p.add_argument("--hidden", type=int, default=200, help="units per hidden layer (default 200)")
+    p.add_argument("--layers", type=int, default=4, help="hidden layers (default 4)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-epochs", type=int, default=100)
+    p.add_argument("--patience", type=int, default=5, help="epochs without a member improving before stopping")
+    p.add_argument("--max-seconds", type=float, default=0.0, help="training time limit (0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train_ensemble)
+
+
+def _cmd_train_ensemble(args) -> None:
+    from pathlib import Path
+
+    from trajformer.config import load_config
+    from trajformer.ensemble import EnsembleConfig, train_ensemble
+
+    cfg = load_config(args.config, args.overrides)
+    ens = EnsembleConfig(members=args.members, hidden=args.hidden, layers=args.layers, batch_size=args.batch_size,
+                         learning_rate=args.lr, max_epochs=args.max_epochs, patience=args.patience,
+                         max_seconds=args.max_seconds, seed=args.seed)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-ensemble"
+    print(f"ensemble directory: {train_ensemble(cfg, out, ens, dataset_id=args.dataset)}")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="long-horizon predictions from held-out starts, against an ensemble baseline")
+    p.add_argument("run_dir", help="run directory written by `trajformer train`")
+    p.add_argument("--dataset", default=None,
+                   help="Minari dataset id (the run's validation episodes if it is the run's dataset) or a held-out "
+                        ".npz slice (default: the run's dataset)")
+    p.add_argument("--horizon", type=int, default=100, help="prediction steps (default 100)")
+    p.add_argument("--starts", type=int, default=8, help="held-out start states (default 8)")
+    p.add_argument("--baseline", default=None, metavar="ENSEMBLE_DIR", help="ensemble from `trajformer train-ensemble`")
+    p.add_argument("--samples", type=int, default=32, help="open-loop sampled trajectories per start (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/predict)")
+    p.add_argument("--no-render", action="store_true", help="skip the filmstrip and video")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args) -> None:
+    from trajformer.predict import predict
+
+    predict(args.run_dir, dataset=args.dataset, horizon=args.horizon, starts=args.starts, baseline=args.baseline,
+            samples=args.samples, out=args.out, seed=args.seed, render=not args.no_render)
+
+
+_COMMANDS: list = [_add_quickstart, _add_train, _add_info, _add_collect, _add_plan, _add_train_ensemble,
+                   _add_predict]

@@ -1,0 +1,477 @@
+"""Long-horizon prediction from held-out start states: the transformer against the ensemble (DESIGN.md §7).
+
+Two protocols, as `trajformer predict` reports them:
+
+- teacher-forced actions (the headline, like for like): both models are fed the episode's true actions.
+  The transformer decodes each next observation greedily (argmax token per dimension, decoded as the bin
+  midpoint) and its reward token by argmax; past values are the planner's 1e6 placeholder (never attended).
+  The ensemble propagates the mean of its members' means. Error per step = RMS over dimensions of
+  (predicted - true) / (dataset std per dimension), summarised by mean and quantiles over starts.
+- open loop (the paper's Fig. 3): the transformer samples actions and states (full distributions,
+  temperature 1) for M rows per start; the ensemble is rolled out on those same sampled action sequences,
+  sampling a random member per step and its Gaussian (PETS TS1). Per timestep, each model's M samples make
+  a histogram over the transformer's bins; the true state's log-density under it (each bin a uniform
+  density, one pseudo-count spread over the bins) is the score, and the true state's own bin with all the
+  mass (the "discrete oracle") bounds it from above.
+
+The transformer runs under the planner's sliding window (at most the run's sequence_length transitions;
+whole transitions dropped from the front, positions restarting) with the planner's exact KV-cached decoder,
+all starts and samples batched as rows. A stop token decoded in an observation ends that row: its later
+steps are NaN and the step is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trajformer.data import Episode, load_episodes
+from trajformer.ensemble import Ensemble, load_ensemble, obs_std
+from trajformer.model import GPT
+from trajformer.planner import CachedDecoder, _draw, crop_start
+from trajformer.run import Run, atomic_write, load_run, save_json
+
+SUMMARY_STEPS = (1, 10, 25, 50, 100)
+VALUE_PLACEHOLDER = 1e6  # the planner's value for past transitions (clipped to the last bin; never attended)
+
+
+@dataclass
+class HeldOut:
+    """Held-out episodes (observations after the run's selection) and the dataset's per-dimension std."""
+
+    dataset_id: str
+    episodes: list[Episode]
+    obs_std: np.ndarray
+    env: dict
+    source: str  # how the episodes were chosen
+
+
+def load_heldout(source: str, run: Run) -> HeldOut:
+    """The run's validation episodes of a Minari dataset, or every episode of a shipped .npz slice."""
+    if source.endswith(".npz"):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"held-out slice {path} not found; pass a Minari dataset id or an .npz "
+                                    f"written by trajformer.predict.save_heldout")
+        with np.load(path, allow_pickle=False) as z:
+            episodes = [_episode(z["obs"][i, : n + 1], z["act"][i, :n], z["rew"][i, :n], bool(z["terminal"][i]))
+                        for i, n in enumerate(z["lengths"])]
+            held = HeldOut(str(z["dataset_id"]), episodes, z["obs_std"].astype(np.float64), json.loads(str(z["env"])),
+                           f"{path} ({len(episodes)} episodes)")
+            indices = z["obs_indices"]
+        if not np.array_equal(indices, run.obs_indices):
+            raise ValueError(f"{path} holds observation dims {indices.tolist()[:5]}... but the run reads "
+                             f"{run.obs_indices.tolist()[:5]}...; use a slice of the run's dataset")
+    else:
+        data = load_episodes(source, run.config.data)
+        if data.obs_dim != run.obs_dim or data.act_dim != run.act_dim:
+            raise ValueError(f"dataset '{source}' gives {data.obs_dim}-dim observations and {data.act_dim}-dim "
+                             f"actions but the run expects {run.obs_dim} and {run.act_dim}; use the run's dataset")
+        if source == run.meta.get("dataset_id"):
+            ids = run.meta["split"]["validation_episodes"]
+            if not ids:
+                raise ValueError(f"run {run.path} has no validation episodes; pass another dataset to predict on")
+            how = f"the run's {len(ids)} validation episodes of {source}"
+        else:
+            ids = list(range(len(data.episodes)))
+            how = f"all {len(ids)} episodes of {source} (not the run's dataset)"
+        held = HeldOut(source, [data.episodes[i] for i in ids], obs_std(data), data.env_spec, how)
+    return held
+
+
+def _episode(obs: np.ndarray, act: np.ndarray, rew: np.ndarray, terminal: bool) -> Episode:
+    """An Episode from stored arrays: terminated (or else truncated) at its last step."""
+    end = np.zeros(len(act), dtype=bool)
+    end[-1] = True
+    return Episode(obs.astype(np.float64), act.astype(np.float64), rew.astype(np.float64), end & terminal,
+                   end & (not terminal))
+
+
+def save_heldout(run_dir: str | os.PathLike, out: str | os.PathLike, episodes: int = 4,
+                 dataset_id: str | None = None) -> Path:
+    """Write the first `episodes` validation episodes of the run's dataset (float32) as a small .npz slice."""
+    run = load_run(run_dir)
+    held = load_heldout(dataset_id or run.meta["dataset_id"], run)
+    eps = held.episodes[:episodes]
+    T = max(e.length for e in eps)
+    dS, dA = run.obs_dim, run.act_dim
+    obs, act, rew = np.zeros((len(eps), T + 1, dS)), np.zeros((len(eps), T, dA)), np.zeros((len(eps), T))
+    for i, e in enumerate(eps):
+        obs[i, : e.length + 1], act[i, : e.length], rew[i, : e.length] = e.obs, e.act, e.rew
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, obs=obs.astype(np.float32), act=act.astype(np.float32), rew=rew.astype(np.float32),
+                                lengths=np.array([e.length for e in eps]), terminal=np.array([e.is_terminal for e in eps]),
+                                obs_std=held.obs_std, obs_indices=run.obs_indices, dataset_id=np.array(held.dataset_id),
+                                env=np.array(json.dumps(held.env)))
+
+    atomic_write(Path(out), write)
+    return Path(out)
+
+
+def choose_starts(held: HeldOut, horizon: int, n_starts: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(episode, t) pairs with horizon true steps after t: episodes in turn, t uniform among the valid ones."""
+    if horizon < 1 or n_starts < 1:
+        raise ValueError(f"--horizon ({horizon}) and --starts ({n_starts}) must be >= 1")
+    longest = max(e.length for e in held.episodes)
+    if horizon > longest:
+        raise ValueError(f"--horizon {horizon} is longer than every held-out episode (longest {longest} steps in "
+                         f"{held.source}); use --horizon <= {longest}")
+    valid = [i for i, e in enumerate(held.episodes) if e.length >= horizon]
+    rng = np.random.default_rng(seed)
+    return [(valid[k % len(valid)], int(rng.integers(0, held.episodes[valid[k % len(valid)]].length - horizon + 1)))
+            for k in range(n_starts)]
+
+
+def _tokens(run: Run, values: np.ndarray, first_dim: int) -> np.ndarray:
+    """Token ids (..., n) of values (..., n) for dimensions first_dim .. first_dim + n - 1."""
+    n, T = values.shape[-1], run.discretizer.dim
+    full = np.zeros((*values.shape[:-1], T))
+    full[..., first_dim : first_dim + n] = values
+    bins = run.discretizer.encode(full)[..., first_dim : first_dim + n]
+    return bins + run.discretizer.n_bins * np.arange(first_dim, first_dim + n)
+
+
+def context_tokens(run: Run, episode: Episode, t: int) -> torch.Tensor:
+    """The true past transitions before t (at most sequence_length - 1, value = placeholder), then s_t."""
+    L = run.config.data.sequence_length
+    past = []
+    for u in range(max(0, t - (L - 1)), t):
+        joined = np.concatenate([episode.obs[u], episode.act[u], [episode.rew[u], VALUE_PLACEHOLDER]])
+        past.append(_tokens(run, joined, 0))
+    past.append(_tokens(run, episode.obs[t], 0))
+    return torch.as_tensor(np.concatenate(past))
+
+
+@torch.inference_mode()
+def rollout_transformer(run: Run, prefixes: list[torch.Tensor], horizon: int, samples: int = 1,
+                        actions: np.ndarray | None = None, greedy: bool = True, seed: int = 0) -> dict:
+    """Decode `horizon` transitions after each prefix for `samples` rows per prefix.
+
+    `actions` (K, H, dA): the true actions to feed (teacher forcing); None samples them from the model.
+    Observations (and rewards) are argmax tokens if `greedy`, else samples. Returns numpy arrays
+    obs (K, M, H, dS) (s_1..s_H, bin midpoints, NaN after a stop), act (K, M, H, dA), rew (K, M, H),
+    and stop_step (K, M): the first step whose observation decoded a stop token (0 = none).
+    """
+    model: GPT = run.model
+    disc, N, T = run.discretizer, run.discretizer.n_bins, model.config.transition_dim
+    dS, dA, K, M = run.obs_dim, run.act_dim, len(prefixes), samples
+    if actions is not None and actions.shape != (K, horizon, dA):
+        raise ValueError(f"actions have shape {actions.shape}, expected {(K, horizon, dA)}")
+    dec = CachedDecoder(model, model.config.block_size)
+    dec.start(prefixes, K * M)
+    dec.reorder(torch.arange(K).repeat_interleave(M))
+    generators = [torch.Generator().manual_seed(seed + k) for k in range(K)]
+    value_token = torch.full((K * M,), int(_tokens(run, np.array([VALUE_PLACEHOLDER]), T - 1)[0]))
+    true_act = None if actions is None else torch.as_tensor(_tokens(run, actions, dS)).repeat_interleave(M, dim=0)
+    bins = torch.zeros(K * M, horizon, T, dtype=torch.long)
+    stop_step = torch.zeros(K * M, dtype=torch.long)
+
+    def pick(logits: torch.Tensor, use_argmax: bool) -> torch.Tensor:
+        return logits.argmax(-1) if use_argmax else _draw(logits.softmax(-1), generators)
+
+    for h in range(horizon):
+        for j in range(dA):
+            if true_act is not None:
+                dec.append(true_act[:, h, j])
+                bins[:, h, dS + j] = true_act[:, h, j] - (dS + j) * N
+                continue
+            logits = dec.logits().clone()
+            logits[:, N] = -math.inf  # an action is never stop
+            local = pick(logits, False)
+            bins[:, h, dS + j] = local
+            dec.append(local + (dS + j) * N)
+        local = pick(dec.logits()[:, :N], greedy)  # reward over the N bins
+        bins[:, h, dS + dA] = local
+        dec.append(local + (dS + dA) * N)
+        dec.append(value_token)
+        for j in range(dS):
+            local = pick(dec.logits(), greedy)
+            stopped = local == N
+            stop_step = torch.where(stopped & (stop_step == 0), h + 1, stop_step)
+            bins[:, h, j] = local
+            dec.append(torch.where(stopped, model.config.stop_id, local + j * N))
+    bins_np, stop_np = bins.numpy(), stop_step.numpy()
+    values = disc.midpoints[np.arange(T), np.minimum(bins_np, N - 1)]
+    dead = (stop_np[:, None] > 0) & (np.arange(1, horizon + 1)[None, :] >= stop_np[:, None])
+    values[dead] = np.nan
+    shape = (K, M, horizon)
+    return {"obs": values[..., :dS].reshape(*shape, dS), "act": values[..., dS : dS + dA].reshape(*shape, dA),
+            "rew": values[..., dS + dA].reshape(shape), "stop_step": stop_np.reshape(K, M)}
+
+
+@torch.no_grad()
+def rollout_ensemble(ens: Ensemble, start: np.ndarray, actions: np.ndarray, sample: bool = False,
+                     seed: int = 0) -> dict:
+    """Roll the ensemble from start states (K, dS) through actions (K, M, H, dA).
+
+    Deterministic (`sample=False`): the mean of the members' means each step. Sampled: each row draws a
+    random member per step and a sample of its Gaussian (PETS TS1). Returns obs (K, M, H, dS), rew (K, M, H).
+    """
+    K, M, H, _ = actions.shape
+    model = ens.model
+    g = torch.Generator().manual_seed(seed)
+    s = torch.as_tensor(start, dtype=torch.float32).repeat_interleave(M, dim=0)
+    act = torch.as_tensor(actions.reshape(K * M, H, -1), dtype=torch.float32)
+    obs, rew = [], []
+    rows = torch.arange(K * M)
+    for h in range(H):
+        mean, std = model.predict(s, act[:, h])
+        if sample:
+            member = torch.randint(model.members, (K * M,), generator=g)
+            out = mean[member, rows] + std[member, rows] * torch.randn(mean.shape[1:], generator=g)
+        else:
+            out = mean.mean(0)
+        s = out[:, : model.obs_dim]
+        obs.append(s)
+        rew.append(out[:, -1])
+    return {"obs": torch.stack(obs, 1).reshape(K, M, H, -1).double().numpy(),
+            "rew": torch.stack(rew, 1).reshape(K, M, H).double().numpy()}
+
+
+def normalized_error(pred: np.ndarray, true: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """RMS over dimensions of (pred - true) / std: (..., H, dS) -> (..., H); NaN where pred is NaN."""
+    return np.sqrt(np.mean(((pred - true) / std) ** 2, axis=-1))
+
+
+def error_summary(errors: np.ndarray) -> dict:
+    """Mean and 10/50/90% quantiles over starts (K, H) of per-step errors, ignoring stopped (NaN) rows."""
+    alive = np.isfinite(errors)
+    out = {"rows": alive.sum(0).tolist()}
+    with np.errstate(all="ignore"):
+        out["mean"] = [float(np.mean(c[a])) if a.any() else None for c, a in zip(errors.T, alive.T, strict=True)]
+        for q in (10, 50, 90):
+            out[f"q{q}"] = [float(np.percentile(c[a], q)) if a.any() else None
+                            for c, a in zip(errors.T, alive.T, strict=True)]
+    return out
+
+
+def histogram_loglik(samples: np.ndarray, true: np.ndarray, edges: np.ndarray, n_real: np.ndarray,
+                     scale: np.ndarray | None = None, pseudo_count: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-timestep log-density of the true states under per-dimension histograms of the samples.
+
+    samples (M, H, D) (NaN rows = stopped, left out), true (H, D), edges (D, >= n_real + 1) per-dimension
+    bin edges of which the first n_real[d] + 1 are real. Each bin is a uniform density; `pseudo_count` is
+    spread evenly over a dimension's bins so an empty bin is not log 0. `scale` (D,) measures states in
+    those units (e.g. the dataset std). Returns (log-likelihood, discrete-oracle bound), each (H,): the mean
+    over dimensions, in nats per dimension; the oracle puts all the mass in the true state's bin.
+    """
+    M, H, D = samples.shape
+    scale = np.ones(D) if scale is None else scale
+    ll, oracle = np.full(H, np.nan), np.full(H, np.nan)
+    for h in range(H):
+        alive = np.all(np.isfinite(samples[:, h]), axis=-1)
+        per_dim, bound = [], []
+        for d in range(D):
+            inner = edges[d, 1 : n_real[d]]
+            true_bin = int(np.searchsorted(inner, true[h, d], side="right"))
+            width = (edges[d, true_bin + 1] - edges[d, true_bin]) / scale[d]
+            count = np.sum(np.searchsorted(inner, samples[alive, h, d], side="right") == true_bin)
+            prob = (count + pseudo_count / n_real[d]) / (alive.sum() + pseudo_count)
+            per_dim.append(math.log(prob) - math.log(width))
+            bound.append(-math.log(width))
+        ll[h], oracle[h] = np.mean(per_dim), np.mean(bound)
+    return ll, oracle
+
+
+@torch.no_grad()
+def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Attention weights (n_layer, B, n_head, t, t) of a window (B, t), computed from the model's own modules:
+    softmax of the scaled q·k over the keys its mask leaves visible (causal, no value columns)."""
+    B, t = idx.shape
+    x = model.wte(idx) + model.wpe(torch.arange(t))
+    mask = model.mask[:t, :t]
+    maps = []
+    for block in model.blocks:
+        attn = block.attn
+        q, k, _ = attn.c_attn(block.ln_1(x)).split(x.shape[-1], dim=2)
+        q, k = (z.view(B, t, attn.n_head, -1).transpose(1, 2) for z in (q, k))
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        maps.append(F.softmax(scores.masked_fill(~mask, -math.inf), dim=-1))
+        x = block(x, mask)
+    return torch.stack(maps)
+
+
+def transformer_compute(run: Run) -> dict:
+    """Training steps, windows and wall-clock of a run, rebuilt from its metrics.jsonl throughput log."""
+    path = run.path / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    logged = [r for r in rows if "tokens_per_s" in r]
+    batch, block = run.config.train.batch_size, run.model.config.block_size
+    seconds, last = 0.0, 0
+    for r in logged:
+        seconds += (r["step"] - last) * batch * block / r["tokens_per_s"]
+        last = r["step"]
+    val = [r for r in rows if "val_loss" in r]
+    best = min(val, key=lambda r: r["val_loss"]) if val else None
+    return {"steps": last, "windows_seen": last * batch, "train_seconds_estimate": round(seconds, 1),
+            "best_val_step": best["step"] if best else None, "best_val_loss": best["val_loss"] if best else None,
+            "best_val_obs_ce": best.get("val_obs") if best else None,
+            "parameters": sum(p.numel() for p in run.model.parameters())}
+
+
+@torch.no_grad()
+def transformer_one_step(run: Run, held: HeldOut, n: int = 256, seed: int = 0) -> dict:
+    """The transformer's one-step NLL of true next states (nats per obs dim, states in dataset-std units,
+    each bin a uniform density) on `n` held-out transitions, given their true context: comparable with
+    the ensemble's val_obs_nll_std_units."""
+    model, disc, dS = run.model, run.discretizer, run.obs_dim
+    N, T = disc.n_bins, model.config.transition_dim
+    rng = np.random.default_rng(seed)
+    total, count = 0.0, 0
+    for _ in range(n):
+        e = held.episodes[int(rng.integers(len(held.episodes)))]
+        t = int(rng.integers(e.length))
+        context = context_tokens(run, e, t)
+        tail = _tokens(run, np.concatenate([e.act[t], [e.rew[t], VALUE_PLACEHOLDER]]), dS)
+        idx = torch.cat([context, torch.as_tensor(tail), torch.as_tensor(_tokens(run, e.obs[t + 1], 0))])
+        idx = idx[crop_start(len(idx) - 1, model.config.block_size, T) :]  # the planner's sliding window
+        logits = model(idx[None, :-1])[0, -dS:]
+        target = idx[-dS:] - torch.arange(dS) * N
+        logp = logits.log_softmax(-1).gather(1, target[:, None])[:, 0].double().numpy()
+        widths = disc.bin_widths()[np.arange(dS), target.numpy()] / held.obs_std
+        total += float(np.sum(-logp + np.log(widths)))
+        count += dS
+    return {"obs_nll_std_units": total / count, "transitions": n}
+
+
+def _check_baseline(ens: Ensemble, run: Run) -> None:
+    if (ens.meta["obs_dim"], ens.meta["act_dim"]) != (run.obs_dim, run.act_dim) or \
+            not np.array_equal(ens.obs_indices, run.obs_indices):
+        raise ValueError(f"baseline {ens.path} was trained on {ens.meta['obs_dim']} observation dims "
+                         f"{ens.meta['obs_indices'][:4]}... and {ens.meta['act_dim']} action dims, the run on "
+                         f"{run.obs_dim} dims {run.obs_indices.tolist()[:4]}... and {run.act_dim}; train the ensemble "
+                         f"on the run's dataset and data.obs_dims")
+
+
+def _json(x):
+    """Nested numpy -> JSON-safe lists with NaN as None."""
+    if isinstance(x, dict):
+        return {k: _json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _json(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, np.generic):
+        return _json(x.item())
+    return x
+
+
+def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int = 100, starts: int = 8,
+            baseline: str | os.PathLike | None = None, samples: int = 32, out: str | os.PathLike | None = None,
+            seed: int = 0, render: bool = True, progress: bool = True) -> dict:
+    """`trajformer predict`: both protocols, predict.json and the figures in `out`; returns the record."""
+    from trajformer import plots
+
+    run = load_run(run_dir)
+    ens = load_ensemble(baseline) if baseline is not None else None
+    if ens is not None:
+        _check_baseline(ens, run)
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    held = load_heldout(dataset or run.meta["dataset_id"], run)
+    chosen = choose_starts(held, horizon, starts, seed)
+    out = Path(out) if out is not None else run.path / "predict"
+    say = print if progress else (lambda *a, **k: None)
+
+    eps = [held.episodes[i] for i, _ in chosen]
+    true = np.stack([e.obs[t + 1 : t + horizon + 1] for e, (_, t) in zip(eps, chosen, strict=True)])  # (K, H, dS)
+    start = np.stack([e.obs[t] for e, (_, t) in zip(eps, chosen, strict=True)])
+    true_act = np.stack([e.act[t : t + horizon] for e, (_, t) in zip(eps, chosen, strict=True)])
+    prefixes = [context_tokens(run, e, t) for e, (_, t) in zip(eps, chosen, strict=True)]
+    seconds = {}
+
+    say(f"teacher-forced: {len(chosen)} starts x {horizon} steps")
+    t0 = time.perf_counter()
+    tf = rollout_transformer(run, prefixes, horizon, 1, actions=true_act, greedy=True, seed=seed)
+    seconds["transformer_teacher_forced"] = time.perf_counter() - t0
+    record_tf = {"transformer": error_summary(normalized_error(tf["obs"][:, 0], true, held.obs_std)),
+                 "transformer_stops": [{"start": k, "step": int(s)} for k, s in enumerate(tf["stop_step"][:, 0]) if s]}
+    ens_tf = None
+    if ens is not None:
+        ens_tf = rollout_ensemble(ens, start, true_act[:, None])
+        record_tf["ensemble"] = error_summary(normalized_error(ens_tf["obs"][:, 0], true, held.obs_std))
+
+    say(f"open loop: {len(chosen)} starts x {samples} samples x {horizon} steps")
+    t0 = time.perf_counter()
+    ol = rollout_transformer(run, prefixes, horizon, samples, actions=None, greedy=False, seed=seed)
+    seconds["transformer_open_loop"] = time.perf_counter() - t0
+    disc = run.discretizer
+    dS = run.obs_dim
+    curves = {"transformer": [], "oracle": []}
+    ens_ol = rollout_ensemble(ens, start, ol["act"], sample=True, seed=seed) if ens is not None else None
+    if ens is not None:
+        curves["ensemble"] = []
+    for k in range(len(chosen)):
+        ll, oracle = histogram_loglik(ol["obs"][k], true[k], disc.edges[:dS], disc.n_real[:dS], held.obs_std)
+        curves["transformer"].append(ll)
+        curves["oracle"].append(oracle)
+        if ens_ol is not None:
+            curves["ensemble"].append(histogram_loglik(ens_ol["obs"][k], true[k], disc.edges[:dS],
+                                                       disc.n_real[:dS], held.obs_std)[0])
+    stops = ol["stop_step"]
+    record_ol = {name: np.nanmean(np.stack(c), axis=0) for name, c in curves.items()}
+    record_ol["transformer_stopped_fraction"] = [float(np.mean((stops > 0) & (stops <= h)))
+                                                 for h in range(1, horizon + 1)]
+    at = [s for s in SUMMARY_STEPS if s <= horizon]
+    summary = {str(s): {"transformer_error": record_tf["transformer"]["mean"][s - 1],
+                        "ensemble_error": record_tf["ensemble"]["mean"][s - 1] if ens else None,
+                        "transformer_loglik": float(record_ol["transformer"][s - 1]),
+                        "ensemble_loglik": float(record_ol["ensemble"][s - 1]) if ens else None,
+                        "oracle_loglik": float(record_ol["oracle"][s - 1])} for s in at}
+    record = {
+        "config": {"run_dir": str(run.path), "baseline": str(baseline) if baseline else None,
+                   "dataset": held.dataset_id, "held_out": held.source, "horizon": horizon, "starts": len(chosen),
+                   "samples": samples, "seed": seed,
+                   "error": "RMS over observation dims of (predicted - true) / dataset std per dim",
+                   "teacher_forced": "true actions fed to both; transformer argmax tokens decoded as bin midpoints, "
+                                     "ensemble mean of member means",
+                   "open_loop": "transformer samples actions and states (temperature 1); ensemble on the same "
+                                "sampled actions, random member + Gaussian sample per step (TS1); log-likelihood of "
+                                "true states under per-step histograms over the transformer's bins, nats per dim, "
+                                "states in dataset-std units, 1 pseudo-count per dim"},
+        "starts": [{"episode": i, "t": t} for i, t in chosen],
+        "summary": summary,
+        "teacher_forced": record_tf,
+        "open_loop": record_ol,
+        "compute": {"transformer": transformer_compute(run), "ensemble": ens.meta["training"] if ens else None,
+                    "prediction_seconds": seconds},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    record["files"] = plots.prediction_figures(record, out, true=true, tf=tf, ens_tf=ens_tf, ol=ol, ens_ol=ens_ol,
+                                               start=start, env=held.env, obs_indices=run.obs_indices, render=render)
+    record = _json(record)
+    save_json(out / "predict.json", record)
+    say(report(record))
+    return record
+
+
+def report(record: dict) -> str:
+    """The summary table: normalised error (teacher-forced) and open-loop log-likelihood at a few steps."""
+    lines = ["step  TT error  ensemble error  TT loglik  ensemble loglik  oracle"]
+
+    def fmt(v, w=9):
+        return f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}"
+
+    for step, row in record["summary"].items():
+        lines.append(f"{step:>4} {fmt(row['transformer_error'])} {fmt(row['ensemble_error'], 15)} "
+                     f"{fmt(row['transformer_loglik'], 10)} {fmt(row['ensemble_loglik'], 16)} "
+                     f"{fmt(row['oracle_loglik'], 7)}")
+    stops = record["teacher_forced"]["transformer_stops"]
+    if stops:
+        lines.append(f"teacher-forced transformer rollouts ended by a stop token: {stops}")
+    frac = record["open_loop"]["transformer_stopped_fraction"]
+    if frac and frac[-1]:
+        lines.append(f"open-loop rows ended by a stop token by the last step: {frac[-1]:.1%}")
+    return "\n".join(lines)
