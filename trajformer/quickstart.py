@@ -1,4 +1,5 @@
-"""The README's main job, offline: dataset (made once) → train a small model → plan a short episode.
+"""The README's main job, offline: dataset (made once) → train a small model → plan a short episode
+with it and with the best Hopper model we ship (pretrained/models/hopper-medium).
 
 Every stage is a library call the CLI also exposes (`collect`, `train`, `plan`); this module only chains
 them on the embedded defaults: the shipped Hopper behaviour policy and configs/quickstart.toml.
@@ -17,6 +18,7 @@ from trajformer.run import load_run, save_json
 from trajformer.train import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
+PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained" / "models" / "hopper-medium"
 POLICY = "hopper-sac-0175k"  # the shipped D4RL-style "medium" Hopper policy (pretrained/README.md)
 
 
@@ -39,16 +41,20 @@ def quickstart(out_dir: str | Path = "runs/quickstart", steps: int = 20_000, pla
     print(f"[2/3] training {run_dir}" + (" (resuming)" if resume else ""))
     train(cfg, run_dir, resume=resume)  # a finished run resumes to its last step and returns at once
 
-    run = load_run(run_dir)
-    print(f"[3/3] planning one {plan_steps}-step Hopper episode (beam {run.config.plan.beam_width}, "
-          f"horizon {run.config.plan.horizon})")
-    record = evaluate(run, episodes=1, max_steps=plan_steps, seed=0)
-    print(report(record))
+    plans = {}
+    for name, directory in (("this run", run_dir), ("shipped pretrained/models/hopper-medium", PRETRAINED)):
+        if not (directory / "run.json").exists():
+            continue
+        run = load_run(directory)
+        print(f"[3/3] planning a {plan_steps}-step Hopper-v5 episode with {name} ({directory}; beam "
+              f"{run.config.plan.beam_width}, horizon {run.config.plan.horizon})")
+        plans[str(directory)] = evaluate(run, episodes=1, max_steps=plan_steps, seed=0)
+        print(report(plans[str(directory)]))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     best = min((r for r in rows if "val_loss" in r), key=lambda r: r["val_loss"])
     summary = {
         "dataset": dataset_id, "run_dir": str(run_dir), "loss_plot": str(run_dir / "loss.png"),
-        "best_val_loss": best["val_loss"], "best_step": best["step"], "plan": record,
+        "best_val_loss": best["val_loss"], "best_step": best["step"], "plans": plans,
         "behavior_policy": str(BEHAVIOR_DIR / f"{POLICY}.pt"),
     }
     save_json(out_dir / "quickstart.json", summary)
