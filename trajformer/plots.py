@@ -53,18 +53,21 @@ def _nan(values: list) -> np.ndarray:
 def error_vs_horizon(record: dict, path: str | os.PathLike) -> Path:
     """Teacher-forced normalised error against horizon: mean (line) and 10-90% over starts (band)."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
+    plotted = False
     for name in ("transformer", "ensemble"):
         stats = record["teacher_forced"].get(name)
-        if stats is None:
+        if stats is None or all(v is None for v in stats["mean"]):  # every rollout ended by a stop token
             continue
+        plotted = True
         steps = np.arange(1, len(stats["mean"]) + 1)
         ax.plot(steps, _nan(stats["mean"]), color=COLORS[name], label=f"{name} (mean)")
         ax.fill_between(steps, _nan(stats["q10"]), _nan(stats["q90"]), color=COLORS[name], alpha=0.2,
                         label=f"{name} (10-90%)")
-    ax.set(xlabel="prediction step", ylabel="RMS error / dataset std", yscale="log",
+    ax.set(xlabel="prediction step", ylabel="RMS error / dataset std", yscale="log" if plotted else "linear",
            title=f"true actions fed, {record['config']['starts']} held-out starts")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if plotted:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -110,7 +110,8 @@ def save_heldout(run_dir: str | os.PathLike, out: str | os.PathLike, episodes: i
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, obs=obs.astype(np.float32), act=act.astype(np.float32), rew=rew.astype(np.float32),
-                                lengths=np.array([e.length for e in eps]), terminal=np.array([e.is_terminal for e in eps]),
+                                lengths=np.array([e.length for e in eps]),
+                                terminal=np.array([e.is_terminal for e in eps]),
                                 obs_std=held.obs_std, obs_indices=run.obs_indices, dataset_id=np.array(held.dataset_id),
                                 env=np.array(json.dumps(held.env)))
 

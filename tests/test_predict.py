@@ -1,0 +1,200 @@
+"""Long-horizon prediction: the error and histogram-likelihood measures on hand-made cases, rollout shapes,
+teacher forcing that really uses the actions, stop tokens reported, attention maps that reproduce the model,
+`trajformer predict` end to end, and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+
+from trajformer import cli
+from trajformer.ensemble import EnsembleConfig, train_ensemble
+from trajformer.planner import crop_start
+from trajformer.predict import (
+    attention_maps,
+    choose_starts,
+    context_tokens,
+    error_summary,
+    histogram_loglik,
+    load_heldout,
+    normalized_error,
+    predict,
+    rollout_transformer,
+    save_heldout,
+)
+from trajformer.run import load_run, save_torch
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run):
+    return load_run(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def held(run):
+    return load_heldout(run.meta["dataset_id"], run)
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(hopper_dataset, tmp_path_factory):
+    ens = EnsembleConfig(members=2, hidden=32, layers=2, max_epochs=3)
+    return train_ensemble(tiny_config(hopper_dataset), tmp_path_factory.mktemp("pe") / "e", ens, progress=False)
+
+
+def test_normalized_error_and_summary_hand_made():
+    true = np.zeros((1, 2, 2))
+    std = np.array([1.0, 2.0])
+    pred = np.array([[[1.0, 6.0], [np.nan, 0.0]]])  # errors in stds: (1, 3) at step 1; step 2 stopped
+    err = normalized_error(pred, true, std)
+    assert err[0, 0] == pytest.approx(math.sqrt(5.0)) and np.isnan(err[0, 1])
+    summary = error_summary(np.array([[1.0, np.nan], [3.0, 2.0]]))
+    assert summary["mean"] == [2.0, 2.0] and summary["rows"] == [2, 1]
+    assert summary["q50"][0] == pytest.approx(2.0)
+
+
+def test_histogram_loglik_hand_made():
+    edges = np.array([[0.0, 1.0, 2.0, 4.0, 4.0]])  # 3 real bins (widths 1, 1, 2) + padding
+    n_real = np.array([3])
+    samples = np.array([[[0.5], [3.0]], [[0.5], [np.nan]], [[1.5], [3.5]], [[3.0], [0.1]]])  # (M=4, H=2, D=1)
+    true = np.array([[0.2], [2.5]])
+    ll, oracle = histogram_loglik(samples, true, edges, n_real)
+    # step 1: 2 of 4 samples in the true bin [0, 1) of width 1, one pseudo-count over 3 bins
+    assert ll[0] == pytest.approx(math.log((2 + 1 / 3) / 5)) and oracle[0] == pytest.approx(0.0)
+    # step 2: the stopped sample is left out: 2 of 3 in [2, 4) of width 2
+    assert ll[1] == pytest.approx(math.log((2 + 1 / 3) / 4) - math.log(2.0))
+    assert oracle[1] == pytest.approx(-math.log(2.0))
+    ll_scaled, oracle_scaled = histogram_loglik(samples, true, edges, n_real, scale=np.array([2.0]))
+    assert ll_scaled[1] == pytest.approx(ll[1] + math.log(2.0)) and oracle_scaled[1] == pytest.approx(0.0)
+    assert np.all(ll <= oracle)
+
+
+def test_open_loop_shapes_and_determinism(run, held):
+    starts = choose_starts(held, 4, 2, seed=0)
+    prefixes = [context_tokens(run, held.episodes[i], t) for i, t in starts]
+    out = rollout_transformer(run, prefixes, horizon=4, samples=3, greedy=False, seed=1)
+    assert out["obs"].shape == (2, 3, 4, run.obs_dim) and out["act"].shape == (2, 3, 4, run.act_dim)
+    assert out["rew"].shape == (2, 3, 4) and out["stop_step"].shape == (2, 3)
+    mids = run.discretizer.midpoints
+    assert np.all(np.isin(out["act"][..., 0], mids[run.obs_dim]))  # sampled actions are bin midpoints
+    again = rollout_transformer(run, prefixes, horizon=4, samples=3, greedy=False, seed=1)
+    np.testing.assert_array_equal(np.nan_to_num(out["obs"], nan=7.0), np.nan_to_num(again["obs"], nan=7.0))
+
+
+def test_teacher_forcing_uses_the_actions(run, held):
+    (i, t), = choose_starts(held, 3, 1, seed=2)
+    ep = held.episodes[i]
+    prefix = [context_tokens(run, ep, t)]
+    actions = ep.act[t : t + 3][None]
+    out = rollout_transformer(run, prefix, 3, actions=actions, greedy=True)
+    dS, N = run.obs_dim, run.discretizer.n_bins
+    np.testing.assert_allclose(out["act"][0, 0], run.discretizer.decode(
+        run.discretizer.encode(np.concatenate([np.zeros((3, dS)), actions[0], np.zeros((3, 2))], 1)))[:, dS:-2])
+    # The first predicted state's first dim is the argmax of one uncached forward over [context, a, r, V].
+    T, W = run.model.config.transition_dim, run.model.config.block_size
+    seq = torch.cat([prefix[0], out_tokens(run, actions[0, 0], dS)])
+    reward_logits = run.model(seq[crop_start(len(seq), W, T) :][None])[0, -1, :N]
+    r_tok = int(reward_logits.argmax()) + (dS + run.act_dim) * N
+    v_tok = (run.discretizer.n_real[-1] - 1) + (T - 1) * N
+    seq = torch.cat([seq, torch.tensor([r_tok, v_tok])])
+    first = int(run.model(seq[crop_start(len(seq), W, T) :][None])[0, -1].argmax())
+    assert out["obs"][0, 0, 0, 0] == pytest.approx(run.discretizer.midpoints[0, first])
+    flipped = rollout_transformer(run, prefix, 3, actions=-actions, greedy=True)
+    assert not np.allclose(np.nan_to_num(out["obs"]), np.nan_to_num(flipped["obs"]))
+
+
+def out_tokens(run, values, first_dim):
+    from trajformer.predict import _tokens
+
+    return torch.as_tensor(_tokens(run, np.asarray(values), first_dim))
+
+
+def test_attention_maps_reproduce_the_model(run, held):
+    ep = held.episodes[0]
+    idx = context_tokens(run, ep, run.config.data.sequence_length - 1)[None]
+    maps = attention_maps(run.model, idx)
+    L, H, t = run.model.config.n_layer, run.model.config.n_head, idx.shape[1]
+    assert maps.shape == (L, 1, H, t, t)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(L, 1, H, t))
+    T = run.model.config.transition_dim
+    assert float(maps[..., T - 1].abs().max()) == 0.0  # no query attends to a value column
+    assert float(maps.triu(1).abs().max()) == 0.0  # causal
+    # Weights @ values through c_proj reproduce each block's SDPA attention output.
+    model = run.model
+    x = model.wte(idx) + model.wpe(torch.arange(t))
+    mask = model.mask[:t, :t]
+    for layer, block in enumerate(model.blocks):
+        h = block.ln_1(x)
+        _, _, v = block.attn.c_attn(h).split(x.shape[-1], dim=2)
+        v = v.view(1, t, H, -1).transpose(1, 2)
+        y = (maps[layer] @ v).transpose(1, 2).reshape(1, t, -1)
+        torch.testing.assert_close(block.attn.c_proj(y), block.attn(h, mask), atol=1e-5, rtol=1e-4)
+        x = block(x, mask)
+    assert F.softmax(torch.zeros(1), 0).item() == 1.0
+
+
+def test_predict_end_to_end_and_npz_slice(run, ensemble_dir, tmp_path):
+    npz = save_heldout(run.path, tmp_path / "heldout.npz", episodes=2)
+    held = load_heldout(str(npz), run)
+    assert len(held.episodes) == 2 and held.obs_std.shape == (run.obs_dim,)
+    out = tmp_path / "pred"
+    cli.main(["predict", str(run.path), "--dataset", str(npz), "--horizon", "5", "--starts", "3", "--samples", "4",
+              "--baseline", str(ensemble_dir), "--out", str(out)])
+    record = json.loads((out / "predict.json").read_text())
+    assert set(record["summary"]) == {"1"}
+    assert len(record["teacher_forced"]["transformer"]["mean"]) == 5 and len(record["open_loop"]["oracle"]) == 5
+    for name in ("error_vs_horizon.png", "likelihood_vs_horizon.png", "traces.png", "filmstrip.png"):
+        assert (out / name).stat().st_size > 1000
+    assert record["compute"]["ensemble"]["epochs"] >= 1 and record["compute"]["transformer"]["steps"] == 300
+    ol = record["open_loop"]
+    assert all(t <= o for t, o in zip(ol["transformer"], ol["oracle"], strict=True))
+
+
+def test_stop_tokens_end_rollouts_and_are_reported(run, tmp_path):
+    """A model that puts ~30% mass on stop for every next-state token: rows end mid-rollout, reported."""
+    stopper = tmp_path / "stopper"
+    shutil.copytree(run.path, stopper)
+    model = load_run(stopper).model
+    N, T = model.config.n_bins, model.config.transition_dim
+    with torch.no_grad():
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)  # every final hidden state is the ones vector
+        model.head.zero_()
+        model.head[T - 1, :, N] = math.log(0.3 / 0.7 * N) / model.config.n_embd  # before state dim 0: p(stop) 0.3
+    save_torch(stopper / "model.pt", model.state_dict())
+    record = predict(stopper, horizon=4, starts=2, samples=16, out=tmp_path / "p", render=False, progress=False)
+    assert len(record["teacher_forced"]["transformer_stops"]) == 2  # greedy: stop is the argmax at once
+    assert record["teacher_forced"]["transformer"]["mean"] == [None] * 4
+    frac = record["open_loop"]["transformer_stopped_fraction"]
+    assert 0.1 < frac[0] < 0.6 and frac[-1] > frac[0]  # some rows stop later than the first step
+    stopped = load_run(stopper)
+    (i, t), = choose_starts(load_heldout(stopped.meta["dataset_id"], stopped), 4, 1)
+    held = load_heldout(stopped.meta["dataset_id"], stopped)
+    out = rollout_transformer(stopped, [context_tokens(stopped, held.episodes[i], t)], 4, samples=16, greedy=False)
+    for row, step in zip(out["obs"][0], out["stop_step"][0], strict=True):
+        if step:
+            assert np.all(np.isnan(row[step - 1 :])) and np.all(np.isfinite(row[: step - 1]))
+        else:
+            assert np.all(np.isfinite(row))
+
+
+def test_bad_input(run, hopper_dataset, tmp_path, capsys):
+    held = load_heldout(run.meta["dataset_id"], run)
+    longest = max(e.length for e in held.episodes)
+    with pytest.raises(ValueError, match=f"--horizon {longest + 1} is longer than every held-out episode"):
+        choose_starts(held, longest + 1, 2)
+    other = train_ensemble(tiny_config(hopper_dataset, 'data.obs_dims="0:5"'), tmp_path / "other",
+                           EnsembleConfig(members=2, hidden=8, layers=1, max_epochs=1), progress=False)
+    with pytest.raises(SystemExit):
+        cli.main(["predict", str(run.path), "--baseline", str(other), "--horizon", "3", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert "trajformer predict: error:" in err and "train the ensemble on the run's dataset" in err
+    assert not (tmp_path / "p").exists()  # nothing written before the check
+    with pytest.raises(FileNotFoundError, match="held-out slice"):
+        load_heldout(str(tmp_path / "missing.npz"), run)
