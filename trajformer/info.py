@@ -44,6 +44,11 @@ def describe_run(run_dir: Path) -> str:
         f"  provenance    trajformer {meta['provenance']['trajformer']}, torch {meta['provenance']['torch']}, "
         f"git {meta['provenance']['git_commit'] or '-'}",
     ]
+    stats = meta.get("dataset_stats")
+    if stats:
+        lines.append(f"  data          {stats['episodes']} episodes, {stats['steps']} steps = "
+                     f"{stats['steps'] * mc.transition_dim:,} tokens; return {stats['return_mean']:.2f} "
+                     f"+- {stats['return_std']:.2f} (min {stats['return_min']:.2f}, max {stats['return_max']:.2f})")
     metrics = Path(run_dir) / "metrics.jsonl"
     if metrics.exists():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -54,6 +59,10 @@ def describe_run(run_dir: Path) -> str:
             best = min(val, key=lambda r: r["val_loss"])
             parts = ", ".join(f"{k[4:]} {best[k]:.3f}" for k in ("val_obs", "val_action", "val_reward", "val_value"))
             lines.append(f"  best val loss {best['val_loss']:.4f} at step {best['step']} ({parts})")
+    recon = meta.get("discretizer_error")
+    if recon:
+        lines += _reconstruction_table(column_names(mc.obs_dim, mc.act_dim), np.array(recon["mean_abs_error"]),
+                                       np.array(recon["n_bins"]), np.array(recon["std"]))
     return "\n".join(lines)
 
 

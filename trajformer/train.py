@@ -190,8 +190,16 @@ def run_metadata(prep: Prepared, cfg: Config, model_cfg: GPTConfig) -> dict:
         "ref_min_score": data.ref_min_score,
         "ref_max_score": data.ref_max_score,
         "dataset_stats": return_stats(data),
+        "discretizer_error": _reconstruction(prep),
         "provenance": provenance(data),
     }
+
+
+def _reconstruction(prep: Prepared) -> dict:
+    """Per-dimension mean |x - decode(encode(x))| and std of the data, for `trajformer info`."""
+    joined = np.concatenate(prep.transitions)
+    return {"mean_abs_error": prep.discretizer.reconstruction_error(joined).tolist(),
+            "std": joined.std(axis=0).tolist(), "n_bins": prep.discretizer.n_real.tolist()}
 
 
 def _check_resume(out_dir: Path, prep: Prepared) -> dict:
