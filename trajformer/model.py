@@ -60,6 +60,9 @@ class KVCache:
         shape = (config.n_layer, max_rows, config.n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Re-ordering gathers into these and swaps (one pass instead of gather + copy back).
+        self._k_spare = torch.zeros(shape, device=device, dtype=dtype)
+        self._v_spare = torch.zeros(shape, device=device, dtype=dtype)
         self.transition_dim = config.transition_dim
         self.rows = 0
         self.length = 0
@@ -81,12 +84,15 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (any length up to max_rows, repeats allowed): beam re-ranking and expansion."""
-        n, length = len(index), self.length
+        n = len(index)
         if n > self.max_rows:
             raise ValueError(f"KV cache holds {self.max_rows} rows, asked for {n}")
         index = index.to(self.k.device)
-        self.k[:, :n, :, :length] = self.k[:, index, :, :length]
-        self.v[:, :n, :, :length] = self.v[:, index, :, :length]
+        with torch.no_grad():  # the cache is an inference structure; out= gathers cannot carry autograd
+            torch.index_select(self.k, 1, index, out=self._k_spare[:, :n])
+            torch.index_select(self.v, 1, index, out=self._v_spare[:, :n])
+        self.k, self._k_spare = self._k_spare, self.k
+        self.v, self._v_spare = self._v_spare, self.v
         self.pad = self.pad[index]
         self.rows = n
 
@@ -108,11 +114,16 @@ class SelfAttention(nn.Module):
             start = cache.length
             cache.k[layer, :B, :, start : start + t] = k
             cache.v[layer, :B, :, start : start + t] = v
-            k = cache.k[layer, :B, :, : start + t]
-            v = cache.v[layer, :B, :, : start + t]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+            # Every slot of the buffer (contiguous); the causal mask hides the ones not yet written.
+            k = cache.k[layer, :B]
+            v = cache.v[layer, :B]
+        if cache is not None and t == 1:  # one query per row: plain matmuls beat the fused CPU kernel
+            scores = (q @ k.transpose(-1, -2)) * (C // self.n_head) ** -0.5
+            y = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            )
         y = y.transpose(1, 2).contiguous().view(B, t, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -208,7 +219,7 @@ class GPT(nn.Module):
         if int(rel.max()) >= self.config.block_size:
             raise ValueError(f"position {int(rel.max())} exceeds the model's block size {self.config.block_size}")
         x = self.wte(idx) + self.wpe(rel.clamp(min=0))
-        mask = attention_mask(query_pos, start + t, cache.pad, self.config.transition_dim)
+        mask = attention_mask(query_pos, cache.max_len, cache.pad, self.config.transition_dim)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer)
         cache.length = start + t

@@ -1,0 +1,131 @@
+"""Planner speed at Hopper dims: cached vs uncached beam search, and the fp32 GEMM-bound estimate (DESIGN.md §5).
+
+For each setting it times one env step (one search from a mid-episode context of 5 past transitions) with
+the KV-cached decoder and with the uncached reference (one GPT.forward over the cropped window per generated
+token, batched over rows: the official algorithm). It records every cached forward pass the search makes
+(incremental steps at their row counts, window re-encodes), counts their matmul FLOPs, times bare fp32
+matmuls of exactly those shapes in the same run, and reports cached time / GEMM time.
+
+    python benchmarks/plan_speed.py [--threads N] [--steps 3] [--uncached-steps 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from trajformer.config import PlanConfig
+from trajformer.discretizer import Discretizer
+from trajformer.model import GPT, GPTConfig
+from trajformer.planner import BeamSearch
+
+OBS, ACT, BINS, CONTEXT = 11, 3, 100, 5
+SETTINGS = [
+    ("beam 32, E 2, H 5", PlanConfig(beam_width=32, n_expand=2, horizon=5, max_context_transitions=CONTEXT)),
+    ("beam 128, E 2, H 15", PlanConfig(beam_width=128, n_expand=2, horizon=15, max_context_transitions=CONTEXT)),
+]
+
+
+def build() -> tuple[GPT, Discretizer, torch.Tensor]:
+    """Random-init 4x4x128 GPT (fixed seed), a discretizer, and a steady-state prefix (5 transitions + obs)."""
+    torch.manual_seed(0)
+    T = OBS + ACT + 2
+    cfg = GPTConfig(obs_dim=OBS, act_dim=ACT, n_bins=BINS, block_size=10 * T - 1, n_layer=4, n_head=4,
+                    n_embd=128, dropout=0.0)
+    model = GPT(cfg).eval()
+    disc = Discretizer.fit(np.random.default_rng(0).normal(size=(10_000, T)), BINS)
+    bins = np.random.default_rng(1).integers(0, BINS, size=CONTEXT * T + OBS)
+    return model, disc, torch.as_tensor(bins + BINS * (np.arange(len(bins)) % T))
+
+
+def seconds_per_step(search: BeamSearch, prefix: torch.Tensor, steps: int) -> float:
+    """Median wall time of `steps` searches (one env step each) after a warm-up search."""
+    search.search([prefix], [torch.Generator().manual_seed(0)])
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        search.search([prefix], [torch.Generator().manual_seed(i + 1)])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cached_calls(search: BeamSearch, prefix: torch.Tensor) -> list[tuple[int, int]]:
+    """(rows, new tokens) of every cached forward pass of one search."""
+    calls = []
+    forward = search.model.forward_cached
+
+    def recording(idx, cache, all_logits=False):
+        calls.append(tuple(idx.shape))
+        return forward(idx, cache, all_logits)
+
+    search.model.forward_cached = recording
+    try:
+        search.search([prefix], [torch.Generator().manual_seed(0)])
+    finally:
+        del search.model.forward_cached
+    return calls
+
+
+def gemm_seconds(m: int, rows: int, cfg: GPTConfig, repeats: int = 5) -> float:
+    """Best time of the bare fp32 matmuls of one forward pass over m tokens (the head for `rows` of them)."""
+    C = cfg.n_embd
+    x, h = torch.randn(m, C), torch.randn(m, 4 * C)
+    w = [torch.randn(C, 3 * C), torch.randn(C, C), torch.randn(C, 4 * C), torch.randn(4 * C, C)]
+    head = torch.randn(C, cfg.n_bins + 1)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(cfg.n_layer):
+            _ = (x @ w[0], x @ w[1], x @ w[2], h @ w[3])
+        _ = x[:rows] @ head
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_flops(m: int, rows: int, cfg: GPTConfig) -> int:
+    """Matmul FLOPs of one forward pass over m tokens: 12 C^2 weights per layer, one head slot per row."""
+    return 2 * m * 12 * cfg.n_embd**2 * cfg.n_layer + 2 * rows * cfg.n_embd * (cfg.n_bins + 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--steps", type=int, default=3, help="timed cached env steps per setting")
+    parser.add_argument("--uncached-steps", type=int, default=1, help="timed uncached env steps per setting")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, disc, prefix = build()
+    cfg = model.config
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"Hopper dims (obs {OBS}, act {ACT}), GPT {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, {BINS} bins, "
+          f"context {CONTEXT}, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {load:.1f}")
+    header = (f"{'setting':<22}{'cached s':>10}{'uncached s':>12}{'speedup':>9}{'GFLOP':>8}{'GEMM s':>9}"
+              f"{'GEMM GFLOP/s':>14}{'cached/GEMM':>13}{'re-encodes':>12}")
+    print(header)
+    with torch.inference_mode():
+        for name, plan in SETTINGS:
+            cached = BeamSearch(model, disc, plan, 0.99, cached=True)
+            uncached = BeamSearch(model, disc, plan, 0.99, cached=False)
+            t_cached = seconds_per_step(cached, prefix, args.steps)
+            t_uncached = seconds_per_step(uncached, prefix, args.uncached_steps)
+            calls = cached_calls(cached, prefix)
+            shapes = {(rows * t, rows) for rows, t in calls}
+            gemm = {s: gemm_seconds(*s, cfg) for s in shapes}
+            t_gemm = sum(gemm[(rows * t, rows)] for rows, t in calls)
+            flops = sum(matmul_flops(rows * t, rows, cfg) for rows, t in calls)
+            encodes = sum(t > 1 for _, t in calls)
+            print(f"{name:<22}{t_cached:>10.3f}{t_uncached:>12.2f}{t_uncached / t_cached:>9.1f}{flops / 1e9:>8.1f}"
+                  f"{t_gemm:>9.3f}{flops / t_gemm / 1e9:>14.1f}{t_cached / t_gemm:>13.2f}{encodes:>12}")
+    print(f"plan_speed cached_vs_uncached={t_uncached / t_cached:.1f} vs_gemm_limit={t_cached / t_gemm:.2f} "
+          f"seconds_per_step={t_cached:.3f}")
+
+
+if __name__ == "__main__":
+    main()
