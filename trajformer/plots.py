@@ -227,7 +227,9 @@ def attention_figure(maps: np.ndarray, obs_dim: int, act_dim: int, path: str | o
     for layer in range(n_layer):
         for head in range(n_head):
             ax = axes[layer, head]
-            ax.imshow(maps[layer, head] ** 0.5, cmap="magma", interpolation="nearest", extent=(0, t, t, 0))
+            weights = maps[layer, head] ** 0.5
+            ax.imshow(weights, cmap="magma", interpolation="nearest", extent=(0, t, t, 0),
+                      vmax=np.quantile(weights[weights > 0], 0.99))
             ax.imshow(strip, extent=(0, t, 0, -len(strip)), interpolation="nearest", aspect="auto")
             ax.set_ylim(t, -len(strip))
             ax.set_xticks([])
@@ -235,6 +237,7 @@ def attention_figure(maps: np.ndarray, obs_dim: int, act_dim: int, path: str | o
             ax.set_title(f"layer {layer} head {head}", fontsize=7)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette]
     fig.legend(handles, ["state", "action", "reward", "value"], loc="lower center", ncol=4, fontsize=8)
-    fig.suptitle("attention (sqrt of weights): rows = queries, columns = keys", fontsize=9)
+    fig.suptitle("attention (sqrt of weights, colour capped at the 99th percentile): rows = queries, columns = keys",
+                 fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))
     return save_figure(fig, path, dpi=100)
