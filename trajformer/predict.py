@@ -321,7 +321,7 @@ def transformer_compute(run: Run) -> dict:
 
 
 @torch.no_grad()
-def transformer_one_step(run: Run, held: HeldOut, n: int = 256, seed: int = 0) -> dict:
+def transformer_one_step(run: Run, held: HeldOut, n: int = 128, seed: int = 0) -> dict:
     """The transformer's one-step NLL of true next states (nats per obs dim, states in dataset-std units,
     each bin a uniform density) on `n` held-out transitions, given their true context: comparable with
     the ensemble's val_obs_nll_std_units."""
@@ -425,6 +425,12 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     record_ol = {name: np.nanmean(np.stack(c), axis=0) for name, c in curves.items()}
     record_ol["transformer_stopped_fraction"] = [float(np.mean((stops > 0) & (stops <= h)))
                                                  for h in range(1, horizon + 1)]
+    one_step = {"transformer": {**transformer_one_step(run, held, seed=seed),
+                                "one_step_error": record_tf["transformer"]["mean"][0]}}
+    if ens is not None:
+        one_step["ensemble"] = {"obs_nll_std_units": ens.meta["validation"]["val_obs_nll_std_units"],
+                                "one_step_error": ens.meta["validation"]["val_one_step_error"],
+                                "transitions": ens.meta["training"]["validation_transitions"]}
     at = [s for s in SUMMARY_STEPS if s <= horizon]
     summary = {str(s): {"transformer_error": record_tf["transformer"]["mean"][s - 1],
                         "ensemble_error": record_tf["ensemble"]["mean"][s - 1] if ens else None,
@@ -444,6 +450,7 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
                                 "states in dataset-std units, 1 pseudo-count per dim"},
         "starts": [{"episode": i, "t": t} for i, t in chosen],
         "summary": summary,
+        "one_step": one_step,
         "teacher_forced": record_tf,
         "open_loop": record_ol,
         "compute": {"transformer": transformer_compute(run), "ensemble": ens.meta["training"] if ens else None,
@@ -469,6 +476,9 @@ def report(record: dict) -> str:
         lines.append(f"{step:>4} {fmt(row['transformer_error'])} {fmt(row['ensemble_error'], 15)} "
                      f"{fmt(row['transformer_loglik'], 10)} {fmt(row['ensemble_loglik'], 16)} "
                      f"{fmt(row['oracle_loglik'], 7)}")
+    for name, row in record["one_step"].items():
+        lines.append(f"one-step {name}: NLL {row['obs_nll_std_units']:.3f} nats/dim (states in dataset stds, "
+                     f"{row['transitions']} held-out transitions), error {row['one_step_error']:.3f}")
     stops = record["teacher_forced"]["transformer_stops"]
     if stops:
         lines.append(f"teacher-forced transformer rollouts ended by a stop token: {stops}")
