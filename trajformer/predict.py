@@ -477,8 +477,10 @@ def report(record: dict) -> str:
                      f"{fmt(row['transformer_loglik'], 10)} {fmt(row['ensemble_loglik'], 16)} "
                      f"{fmt(row['oracle_loglik'], 7)}")
     for name, row in record["one_step"].items():
+        error = row["one_step_error"]
         lines.append(f"one-step {name}: NLL {row['obs_nll_std_units']:.3f} nats/dim (states in dataset stds, "
-                     f"{row['transitions']} held-out transitions), error {row['one_step_error']:.3f}")
+                     f"{row['transitions']} held-out transitions), error "
+                     + ("- (stopped)" if error is None else f"{error:.3f}"))
     stops = record["teacher_forced"]["transformer_stops"]
     if stops:
         lines.append(f"teacher-forced transformer rollouts ended by a stop token: {stops}")
