@@ -73,6 +73,8 @@ def test_histogram_loglik_hand_made():
     ll_scaled, oracle_scaled = histogram_loglik(samples, true, edges, n_real, scale=np.array([2.0]))
     assert ll_scaled[1] == pytest.approx(ll[1] + math.log(2.0)) and oracle_scaled[1] == pytest.approx(0.0)
     assert np.all(ll <= oracle)
+    all_stopped, bound = histogram_loglik(np.full((2, 1, 1), np.nan), true[:1], edges, n_real)
+    assert np.isnan(all_stopped[0]) and bound[0] == pytest.approx(0.0)  # no samples, no score; the bound stays
 
 
 def test_open_loop_shapes_and_determinism(run, held):

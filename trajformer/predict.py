@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,8 +161,8 @@ def rollout_transformer(run: Run, prefixes: list[torch.Tensor], horizon: int, sa
 
     `actions` (K, H, dA): the true actions to feed (teacher forcing); None samples them from the model.
     Observations (and rewards) are argmax tokens if `greedy`, else samples. Returns numpy arrays
-    obs (K, M, H, dS) (s_1..s_H, bin midpoints, NaN after a stop), act (K, M, H, dA), rew (K, M, H),
-    and stop_step (K, M): the first step whose observation decoded a stop token (0 = none).
+    obs (K, M, H, dS) (s_1..s_H, bin midpoints, NaN from a stop on), act (K, M, H, dA), rew (K, M, H)
+    (NaN from a stop on), and stop_step (K, M): the first step whose state decoded a stop token (0 = none).
     """
     model: GPT = run.model
     disc, N, T = run.discretizer, run.discretizer.n_bins, model.config.transition_dim
@@ -204,7 +205,8 @@ def rollout_transformer(run: Run, prefixes: list[torch.Tensor], horizon: int, sa
     bins_np, stop_np = bins.numpy(), stop_step.numpy()
     values = disc.midpoints[np.arange(T), np.minimum(bins_np, N - 1)]
     dead = (stop_np[:, None] > 0) & (np.arange(1, horizon + 1)[None, :] >= stop_np[:, None])
-    values[dead] = np.nan
+    values[dead, :dS] = np.nan  # states and rewards end at a stop; the actions drawn after it are kept
+    values[dead, dS + dA :] = np.nan
     shape = (K, M, horizon)
     return {"obs": values[..., :dS].reshape(*shape, dS), "act": values[..., dS : dS + dA].reshape(*shape, dA),
             "rew": values[..., dS + dA].reshape(shape), "stop_step": stop_np.reshape(K, M)}
@@ -264,7 +266,8 @@ def histogram_loglik(samples: np.ndarray, true: np.ndarray, edges: np.ndarray, n
     bin edges of which the first n_real[d] + 1 are real. Each bin is a uniform density; `pseudo_count` is
     spread evenly over a dimension's bins so an empty bin is not log 0. `scale` (D,) measures states in
     those units (e.g. the dataset std). Returns (log-likelihood, discrete-oracle bound), each (H,): the mean
-    over dimensions, in nats per dimension; the oracle puts all the mass in the true state's bin.
+    over dimensions, in nats per dimension (NaN where every sample stopped); the oracle puts all the mass in
+    the true state's bin.
     """
     M, H, D = samples.shape
     scale = np.ones(D) if scale is None else scale
@@ -280,7 +283,9 @@ def histogram_loglik(samples: np.ndarray, true: np.ndarray, edges: np.ndarray, n
             prob = (count + pseudo_count / n_real[d]) / (alive.sum() + pseudo_count)
             per_dim.append(math.log(prob) - math.log(width))
             bound.append(-math.log(width))
-        ll[h], oracle[h] = np.mean(per_dim), np.mean(bound)
+        oracle[h] = np.mean(bound)
+        if alive.any():  # where every sample stopped there is no histogram and no score
+            ll[h] = np.mean(per_dim)
     return ll, oracle
 
 
@@ -422,7 +427,9 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
             curves["ensemble"].append(histogram_loglik(ens_ol["obs"][k], true[k], disc.edges[:dS],
                                                        disc.n_real[:dS], held.obs_std)[0])
     stops = ol["stop_step"]
-    record_ol = {name: np.nanmean(np.stack(c), axis=0) for name, c in curves.items()}
+    with warnings.catch_warnings():  # a step where every start's rows stopped has no score (NaN -> null)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        record_ol = {name: np.nanmean(np.stack(c), axis=0) for name, c in curves.items()}
     record_ol["transformer_stopped_fraction"] = [float(np.mean((stops > 0) & (stops <= h)))
                                                  for h in range(1, horizon + 1)]
     one_step = {"transformer": {**transformer_one_step(run, held, seed=seed),
