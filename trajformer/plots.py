@@ -123,8 +123,11 @@ def pose_renderer(env_spec: dict, obs_indices: np.ndarray, size: int = 240):
     if not env_spec.get("id"):
         return None
     kwargs = {k: v for k, v in (env_spec.get("kwargs") or {}).items() if k != "render_mode"}
+    # A camera that tracks the torso from close by, aimed low: fallen humanoids stay in the frame.
+    camera = {"trackbodyid": 1, "distance": 3.5, "lookat": np.array([0.0, 0.0, 0.6]), "elevation": -20.0}
     try:
-        env = make_env(env_spec["id"], {**kwargs, "width": size, "height": size}, None, render=True)
+        env = make_env(env_spec["id"], {**kwargs, "width": size, "height": size, "default_camera_config": camera},
+                       None, render=True)
     except (ValueError, TypeError):
         return None
     obs, _ = env.reset(seed=0)
