@@ -121,7 +121,7 @@ RUN = Path(os.environ.get("TRAJFORMER_HUMANOID_RUN", "pretrained/models/humanoid
 ENSEMBLE = Path("pretrained/models/humanoid-ensemble")
 HELDOUT = "pretrained/data/humanoid-heldout.npz"
 out = Path(tempfile.mkdtemp(prefix="nb-predict-")) if TINY else Path("notebooks/figures/long_horizon")
-settings = dict(horizon=5, starts=2, samples=4) if TINY else dict(horizon=100, starts=8, samples=32)
+settings = dict(horizon=5, starts=2, samples=4) if TINY else dict(horizon=100, starts=8, samples=16)
 record = predict(RUN, dataset=HELDOUT, baseline=ENSEMBLE, out=out, progress=False, **settings)
 print(report(record))"""),
     ("markdown", "## Compounding error with the true actions"),
