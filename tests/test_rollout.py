@@ -71,16 +71,6 @@ def random_returns(episodes: int, seed: int) -> np.ndarray:
     return np.array(out)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine OpenMP threads spinning against other processes made
-    planning ~40x slower with two threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def point_run(tmp_path_factory):
     """A Minari dataset of the noisy policy (250 episodes) and a tiny model trained on it for ~30 s."""

@@ -114,9 +114,9 @@ class SelfAttention(nn.Module):
             start = cache.length
             cache.k[layer, :B, :, start : start + t] = k
             cache.v[layer, :B, :, start : start + t] = v
-            # Every slot of the buffer (contiguous); the causal mask hides the ones not yet written.
-            k = cache.k[layer, :B]
-            v = cache.v[layer, :B]
+            n_keys = mask.shape[-1]  # written slots, or the whole buffer for one query (see forward_cached)
+            k = cache.k[layer, :B, :, :n_keys]
+            v = cache.v[layer, :B, :, :n_keys]
         if cache is not None and t == 1:  # one query per row: plain matmuls beat the fused CPU kernel
             scores = (q @ k.transpose(-1, -2)) * (C // self.n_head) ** -0.5
             y = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
@@ -219,7 +219,10 @@ class GPT(nn.Module):
         if int(rel.max()) >= self.config.block_size:
             raise ValueError(f"position {int(rel.max())} exceeds the model's block size {self.config.block_size}")
         x = self.wte(idx) + self.wpe(rel.clamp(min=0))
-        mask = attention_mask(query_pos, cache.max_len, cache.pad, self.config.transition_dim)
+        # One query attends over the whole buffer (contiguous: fast plain matmuls; the causal mask hides the
+        # unwritten slots); several attend over the written slots only (fewer key blocks for the fused kernel).
+        n_keys = cache.max_len if t == 1 else start + t
+        mask = attention_mask(query_pos, n_keys, cache.pad, self.config.transition_dim)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer)
         cache.length = start + t
