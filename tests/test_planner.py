@@ -306,6 +306,7 @@ def fake_run(plan: PlanConfig | None = None) -> Run:
     ("plan.cdf_act=1.5", "plan.cdf_act must be in (0, 1]"),
     ("plan.max_context_transitions=1", "plan.max_context_transitions must be >= 2"),
     ("plan.objective=greedy", "plan.objective = 'greedy' is not valid"),
+    ("plan.num_threads=-1", "plan.num_threads must be >= 0"),
     ("train.max_steps=3", "only plan.* keys"),
 ])
 def test_bad_plan_settings_are_one_line_errors(override, message):

@@ -97,6 +97,8 @@ class PlanConfig:
     plan_freq: int = 1
     objective: str = "reward"
     penalty_lambda: float = 1.0
+    # torch.set_num_threads while planning (0 = torch's default); 1 avoids OpenMP spinning on a busy machine.
+    num_threads: int = 0
 
 
 @dataclass
@@ -214,6 +216,7 @@ def validate(cfg: Config) -> None:
         (cfg.plan.cdf_act is None or 0.0 < cfg.plan.cdf_act <= 1.0, "plan.cdf_act must be in (0, 1] (or none)"),
         (cfg.plan.k_obs >= 1, "plan.k_obs must be >= 1"),
         (cfg.plan.plan_freq >= 1, "plan.plan_freq must be >= 1"),
+        (cfg.plan.num_threads >= 0, "plan.num_threads must be >= 0 (0 = torch's default)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -183,6 +183,8 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
         raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
     plan_cfg = plan_cfg or run.config.plan
     env_id, kwargs, limit = env_settings(run, env_id)
+    if plan_cfg.num_threads > 0:
+        torch.set_num_threads(plan_cfg.num_threads)
     num_envs = min(num_envs, episodes)
     first = make_env(env_id, kwargs, limit)
     try:
