@@ -243,6 +243,16 @@ def execute(nb: nbformat.NotebookNode, tiny: bool, timeout: int = 1800) -> nbfor
     return nb
 
 
+def strip_progress(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Drop tqdm progress bars (stderr streams of carriage-return updates, or blank) from the saved outputs."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs
+                            if not (o.get("output_type") == "stream" and o.get("name") == "stderr"
+                                    and ("\r" in o.text or not o.text.strip()))]
+    return nb
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", default=list(SPECS), help=f"notebooks to build ({', '.join(SPECS)})")
@@ -256,7 +266,7 @@ def main() -> None:
         nb = notebook(SPECS[name])
         if not args.no_run:
             t0 = time.perf_counter()
-            execute(nb, args.tiny)
+            strip_progress(execute(nb, args.tiny))
             print(f"{name}: executed in {time.perf_counter() - t0:.0f} s")
         nbformat.write(nb, NOTEBOOKS / f"{name}.ipynb")
 
