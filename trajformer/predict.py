@@ -381,6 +381,7 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     from trajformer import plots
 
     run = load_run(run_dir)
+    tt_compute = transformer_compute(run)  # read with the weights, not after the (long) rollouts
     ens = load_ensemble(baseline) if baseline is not None else None
     if ens is not None:
         _check_baseline(ens, run)
@@ -460,7 +461,7 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
         "one_step": one_step,
         "teacher_forced": record_tf,
         "open_loop": record_ol,
-        "compute": {"transformer": transformer_compute(run), "ensemble": ens.meta["training"] if ens else None,
+        "compute": {"transformer": tt_compute, "ensemble": ens.meta["training"] if ens else None,
                     "prediction_seconds": seconds},
     }
     out.mkdir(parents=True, exist_ok=True)
