@@ -294,7 +294,3 @@ def to_toml(cfg: Config) -> str:
         lines.append("")
     return "\n".join(lines)
 
-
-def as_dict(cfg: Config) -> dict:
-    """The config as nested plain dicts (for JSON records)."""
-    return dataclasses.asdict(cfg)

@@ -63,10 +63,6 @@ class OfflineData:
     def transition_dim(self) -> int:
         return self.obs_dim + self.act_dim + 2
 
-    @property
-    def num_steps(self) -> int:
-        return sum(e.length for e in self.episodes)
-
 
 def datasets_root() -> Path:
     """Where Minari keeps local datasets (MINARI_DATASETS_PATH or ~/.minari/datasets)."""

@@ -117,10 +117,6 @@ class Discretizer:
         ids = np.minimum(np.arange(self.n_bins)[None, :], self.n_real[:, None] - 1)
         return np.take_along_axis(self.edges, ids + 1, axis=1) - np.take_along_axis(self.edges, ids, axis=1)
 
-    def expectation(self, probs: np.ndarray, column: int) -> np.ndarray:
-        """Expected value of column `column` under a categorical (..., N) over its bins."""
-        return np.asarray(probs) @ self.midpoints[column]
-
     def reconstruction_error(self, data: np.ndarray) -> np.ndarray:
         """Mean absolute error per column of decode(encode(data))."""
         return np.abs(self.decode(self.encode(data)) - data).mean(axis=0)
