@@ -61,7 +61,7 @@ def crop_start(length: int, window: int, transition_dim: int) -> int:
     return -(-excess // transition_dim) * transition_dim
 
 
-def _draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def draw_per_env(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """One categorical draw per row; env k's equal block of rows uses only generators[k]."""
     rows = len(probs) // len(generators)
     draws = [torch.multinomial(probs[k * rows : (k + 1) * rows], 1, generator=g) for k, g in enumerate(generators)]
@@ -273,7 +273,7 @@ class BeamSearch:
                     filtered = filter_cdf(filtered, cfg.cdf_act)
                 if cfg.k_act is not None:
                     filtered = filter_top_k(filtered, cfg.k_act)
-                self._append(rows, logits, _draw(filtered.softmax(-1), generators), dS + j)
+                self._append(rows, logits, draw_per_env(filtered.softmax(-1), generators), dS + j)
             expected = []
             for j in range(2):  # reward, then value: argmax token, expectation over the renormalised bins
                 logits = dec.logits()
@@ -296,7 +296,7 @@ class BeamSearch:
                     if cfg.k_obs == 1:
                         local = logits.argmax(-1)
                     else:
-                        local = _draw(filter_top_k(logits, cfg.k_obs).softmax(-1), generators)
+                        local = draw_per_env(filter_top_k(logits, cfg.k_obs).softmax(-1), generators)
                     self._append(rows, logits, local, j)
         first = torch.arange(K) * B  # rows are sorted best-first within each env
         return self._plans(dec.generated[first], rows, first)

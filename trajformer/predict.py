@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from trajformer.data import Episode, load_episodes
 from trajformer.ensemble import Ensemble, load_ensemble, obs_std
 from trajformer.model import GPT
-from trajformer.planner import CachedDecoder, _draw, crop_start
+from trajformer.planner import CachedDecoder, crop_start, draw_per_env
 from trajformer.run import Run, atomic_write, load_run, save_json
 
 SUMMARY_STEPS = (1, 10, 25, 50, 100)
@@ -179,7 +179,7 @@ def rollout_transformer(run: Run, prefixes: list[torch.Tensor], horizon: int, sa
     stop_step = torch.zeros(K * M, dtype=torch.long)
 
     def pick(logits: torch.Tensor, use_argmax: bool) -> torch.Tensor:
-        return logits.argmax(-1) if use_argmax else _draw(logits.softmax(-1), generators)
+        return logits.argmax(-1) if use_argmax else draw_per_env(logits.softmax(-1), generators)
 
     for h in range(horizon):
         for j in range(dA):
