@@ -24,13 +24,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
+def _add_overrides(p, example: str = "train.max_steps=200", metavar: str = "SECTION.KEY=VALUE") -> None:
+    """The repeatable --set option every config-reading command takes."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar,
+                   help=f"override a config key, e.g. --set {example} (repeatable)")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a Trajectory Transformer on a Minari dataset")
     p.add_argument("config", help="TOML config (see configs/)")
     p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
     p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key, e.g. --set train.max_steps=200 (repeatable)")
+    _add_overrides(p)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.set_defaults(func=_cmd_train)
 
@@ -52,7 +57,7 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--out", default="runs/quickstart", help="output directory")
     p.add_argument("--steps", type=int, default=20_000, help="dataset size in transitions (made once)")
     p.add_argument("--plan-steps", type=int, default=100, help="length of the planned episode")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_quickstart)
 
 
@@ -66,7 +71,7 @@ def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a run directory or a Minari dataset")
     p.add_argument("target", help="RUN_DIR or DATASET_ID")
     p.add_argument("--config", default=None, help="for a dataset: config whose [data]/[discretizer] to apply")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_overrides(p)
     p.set_defaults(func=_cmd_info)
 
 
@@ -109,8 +114,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--num-envs", type=int, default=1, help="envs planned together in one batched search")
     p.add_argument("--max-steps", type=int, default=None, help="cut episodes after this many steps")
     p.add_argument("--seed", type=int, default=0, help="episode e uses seed + e for the env and the planner")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="plan.KEY=VALUE",
-                   help="override a planner setting, e.g. --set plan.beam_width=32 (repeatable)")
+    _add_overrides(p, "plan.beam_width=32", metavar="plan.KEY=VALUE")
     p.add_argument("--json", dest="json_path", default=None, metavar="OUT.json", help="write the results as JSON")
     p.add_argument("--video", default=None, metavar="OUT.mp4", help="render the first episode and its plans")
     p.set_defaults(func=_cmd_plan)
@@ -129,8 +133,7 @@ def _add_train_ensemble(sub) -> None:
     p.add_argument("config", help="TOML config whose [data] and train.seed (episode split) to use")
     p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
     p.add_argument("--out", default=None, help="ensemble directory (default runs/<config name>-ensemble)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key, e.g. --set data.max_episodes=10 (repeatable)")
+    _add_overrides(p, "data.max_episodes=10")
     p.add_argument("--members", type=int, default=5, help="ensemble members (default 5)")
     p.add_argument("--hidden", type=int, default=200, help="units per hidden layer (default 200)")
     p.add_argument("--layers", type=int, default=4, help="hidden layers (default 4)")

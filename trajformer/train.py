@@ -29,7 +29,15 @@ from trajformer.config import Config, to_toml
 from trajformer.data import OfflineData, joined_transitions, load_episodes, return_stats, split_episodes
 from trajformer.discretizer import Discretizer
 from trajformer.model import GPT, GPTConfig, token_losses
-from trajformer.run import load_discretizer, load_torch, save_discretizer, save_json, save_text, save_torch
+from trajformer.run import (
+    atomic_write,
+    load_discretizer,
+    load_torch,
+    save_discretizer,
+    save_json,
+    save_text,
+    save_torch,
+)
 from trajformer.tokens import TokenWindows, loss_weights, make_windows
 
 TOKEN_TYPES = ("obs", "action", "reward", "value")
@@ -254,8 +262,6 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     def write(tmp: str) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
-    from trajformer.run import atomic_write
-
     atomic_write(out_path, write)
     plt.close(fig)
 
@@ -344,13 +350,12 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
             return
         row = {"step": step, **evaluate(model, prep.val_windows, cfg, weights, autocast)}
         log(row)
-        if row["val_loss"] < best and rank == 0:
+        if row["val_loss"] < best:
             best = row["val_loss"]
-            save_torch(out_dir / "model.pt", model.state_dict())
-        elif row["val_loss"] < best:
-            best = row["val_loss"]
+            if rank == 0:
+                save_torch(out_dir / "model.pt", model.state_dict())
 
-    tokens_per_step = batch * (windows.block_size)
+    tokens_per_step = batch * windows.block_size
     bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
     # Ctrl-C sets a flag; the loop stops at the next step boundary and checkpoints, so a resumed run
     # repeats no step and skips none.
