@@ -136,8 +136,8 @@ def test_attention_maps_reproduce_the_model(run, held):
         _, _, v = block.attn.c_attn(h).split(x.shape[-1], dim=2)
         v = v.view(1, t, H, -1).transpose(1, 2)
         y = (maps[layer] @ v).transpose(1, 2).reshape(1, t, -1)
-        torch.testing.assert_close(block.attn.c_proj(y), block.attn(h, mask), atol=1e-5, rtol=1e-4)
-        x = block(x, mask)
+        torch.testing.assert_close(block.attn.c_proj(y), block.attn(h, model.bias[:t, :t]), atol=1e-5, rtol=1e-4)
+        x = block(x, model.bias[:t, :t])
     assert F.softmax(torch.zeros(1), 0).item() == 1.0
 
 

@@ -64,8 +64,10 @@ class TrainConfig:
     learning_rate: float = 6e-4
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    # Training length: max_steps if > 0, else epochs (over the training windows).
+    # Training length, one of: max_steps (optimiser steps), max_windows (sampled training windows: a budget
+    # that does not change with batch_size), epochs (passes over the training windows). The schedule follows it.
     max_steps: int = 0
+    max_windows: int = 0
     epochs: float = 0.0
     # Warmup = min(one epoch of steps, warmup_fraction * total steps); cosine to final_lr_fraction * lr.
     warmup_fraction: float = 0.05
@@ -77,7 +79,9 @@ class TrainConfig:
     eval_windows: int = 4096
     log_every: int = 10
     device: str = "cpu"
-    dtype: str = "float32"
+    # "auto": bfloat16 autocast where the hardware computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs),
+    # else float32. Weights, optimiser state and the loss stay float32 either way.
+    dtype: str = "auto"
     compile: bool = False
     # torch.set_num_threads for the training process (0 = leave torch's default).
     num_threads: int = 0
@@ -114,7 +118,7 @@ class Config:
 
 _CHOICES = {
     ("discretizer", "kind"): ("quantile", "uniform"),
-    ("train", "dtype"): ("float32", "bfloat16"),
+    ("train", "dtype"): ("auto", "float32", "bfloat16"),
     ("plan", "objective"): ("reward", "likelihood", "penalized"),
 }
 
@@ -204,7 +208,10 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.learning_rate > 0, "train.learning_rate must be > 0"),
-        (cfg.train.max_steps >= 0 and cfg.train.epochs >= 0, "train.max_steps and train.epochs must be >= 0"),
+        (min(cfg.train.max_steps, cfg.train.max_windows, cfg.train.epochs) >= 0,
+         "train.max_steps, train.max_windows and train.epochs must be >= 0"),
+        (sum(x > 0 for x in (cfg.train.max_steps, cfg.train.max_windows, cfg.train.epochs)) <= 1,
+         "set one training length: train.max_steps, train.max_windows or train.epochs (set the others to 0)"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (cfg.train.eval_every >= 1, "train.eval_every must be >= 1"),
         (0.0 <= cfg.train.warmup_fraction <= 1.0, "train.warmup_fraction must be in [0, 1]"),

@@ -97,6 +97,41 @@ class KVCache:
         self.rows = n
 
 
+def drop_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """Boolean CPU mask, True with probability p (rounded to a multiple of 2**-16): 16-bit slices of 64-bit
+    random integers, a quarter of the generator calls of the Bernoulli draws behind `F.dropout`, whose cost
+    alone was a fifth of a training step here."""
+    n = math.prod(shape)
+    bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+    return bits.view(shape) < round(-(2**15) + p * 2**16)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout; on CPU with `drop_mask`."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    return x.masked_fill(drop_mask(x.shape, p), 0.0) * (1.0 / (1.0 - p))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over (B, H, t, d) with an additive (t, t) mask and attention dropout.
+    CUDA uses the fused SDPA kernel. On CPU explicit batched matmuls beat SDPA's CPU kernels under a mask, with
+    dropout and in bfloat16, and the dropout scale is applied to the (t, d) output, not the (t, t) weights
+    (benchmarks/train_throughput.py)."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)
+    B, H, t, d = q.shape
+    scores = torch.baddbmm(bias.to(q.dtype).expand(B * H, t, t), q.reshape(B * H, t, d),
+                           k.reshape(B * H, t, d).transpose(1, 2), alpha=d**-0.5)
+    weights = scores.softmax(-1)
+    if p > 0.0:
+        weights = weights.masked_fill(drop_mask(weights.shape, p), 0.0)
+    y = torch.bmm(weights, v.reshape(B * H, t, d)).view(B, H, t, d)
+    return y * (1.0 / (1.0 - p)) if p > 0.0 else y
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -104,7 +139,6 @@ class SelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
         B, t, C = x.shape
@@ -117,15 +151,15 @@ class SelfAttention(nn.Module):
             n_keys = mask.shape[-1]  # written slots, or the whole buffer for one query (see forward_cached)
             k = cache.k[layer, :B, :, :n_keys]
             v = cache.v[layer, :B, :, :n_keys]
-        if cache is not None and t == 1:  # one query per row: plain matmuls beat the fused CPU kernel
+        if cache is None:  # training and full-window forward: `mask` is the additive (t, t) bias
+            y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
+        elif t == 1:  # one query per row: plain matmuls beat the fused CPU kernel
             scores = (q @ k.transpose(-1, -2)) * (C // self.n_head) ** -0.5
             y = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-            )
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, t, C)
-        return self.resid_dropout(self.c_proj(y))
+        return dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -133,10 +167,10 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return dropout(self.c_proj(F.gelu(self.c_fc(x))), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -160,7 +194,6 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
         # Head for slot j reads position p with p mod T == j and predicts dimension (j + 1) mod T.
@@ -173,6 +206,8 @@ class GPT(nn.Module):
         T = config.transition_dim
         full = attention_mask(torch.arange(config.block_size), config.block_size, torch.zeros(1, dtype=torch.long), T)
         self.register_buffer("mask", full[0, 0], persistent=False)
+        bias = torch.zeros(full.shape[-2:]).masked_fill(~full[0, 0], float("-inf"))
+        self.register_buffer("bias", bias, persistent=False)  # additive form of the training mask
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -194,10 +229,10 @@ class GPT(nn.Module):
         B, t = idx.shape
         if t > self.config.block_size:
             raise ValueError(f"sequence of {t} tokens exceeds the model's block size {self.config.block_size}")
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(t, device=idx.device)))
-        mask = self.mask[:t, :t]
+        x = dropout(self.wte(idx) + self.wpe(torch.arange(t, device=idx.device)), self.config.dropout, self.training)
+        bias = self.bias[:t, :t]
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, bias)
         x = self.ln_f(x)
         T = self.config.transition_dim
         n_tr = -(-t // T)

@@ -303,7 +303,7 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         q, k = (z.view(B, t, attn.n_head, -1).transpose(1, 2) for z in (q, k))
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
         maps.append(F.softmax(scores.masked_fill(~mask, -math.inf), dim=-1))
-        x = block(x, mask)
+        x = block(x, model.bias[:t, :t])
     return torch.stack(maps)
 
 

@@ -41,6 +41,12 @@ class TokenWindows(torch.utils.data.Dataset):
         # Slot (dimension) of every target position, and the local-id conversion for targets.
         self.target_slot = (torch.arange(1, L * T) % T).long()
 
+    def to(self, device: torch.device | str) -> TokenWindows:
+        """Move the token arrays to `device` (once, before training), so batches are assembled there."""
+        for name in ("tokens", "valid", "starts", "target_slot"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def __len__(self) -> int:
         return len(self.starts)
 
@@ -50,7 +56,8 @@ class TokenWindows(torch.utils.data.Dataset):
 
     def batch(self, window_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """X (B, L*T-1) global token ids, Y (B, L*T-1) local class ids, mask (B, L*T-1) float."""
-        rows = self.starts[window_ids][:, None] + torch.arange(self.sequence_length)
+        rows = self.starts[window_ids.to(self.starts.device)][:, None] + torch.arange(self.sequence_length,
+                                                                                      device=self.starts.device)
         tokens = self.tokens[rows].reshape(len(window_ids), -1)
         mask = self.valid[rows].repeat_interleave(self.transition_dim, dim=1)
         x, y = tokens[:, :-1], tokens[:, 1:]

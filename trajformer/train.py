@@ -106,13 +106,26 @@ def schedule(cfg: Config, n_windows: int, world_size: int = 1) -> tuple[int, int
     steps_per_epoch = max(1, n_windows // batch)
     if cfg.train.max_steps > 0:
         total = cfg.train.max_steps
+    elif cfg.train.max_windows > 0:
+        total = max(1, math.ceil(cfg.train.max_windows / batch))
     elif cfg.train.epochs > 0:
         total = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     else:
-        raise ValueError("training length is not set; set train.max_steps or train.epochs "
-                         "(e.g. --set train.max_steps=1000)")
+        raise ValueError("training length is not set; set train.max_windows, train.max_steps or train.epochs "
+                         "(e.g. --set train.max_windows=250000)")
     warmup = min(steps_per_epoch, int(cfg.train.warmup_fraction * total))
     return batch, steps_per_epoch, total, warmup
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """The compute dtype for `train.dtype`: "auto" is bfloat16 where the hardware has native bf16 matmuls."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bfloat16" if native else "float32"
 
 
 def learning_rate(step: int, cfg: Config, total: int, warmup: int) -> float:
@@ -133,7 +146,7 @@ def batch_indices(step: int, seed: int, n_windows: int, batch: int, steps_per_ep
 
 def batch_loss(model, windows: TokenWindows, ids: torch.Tensor, weights: torch.Tensor, autocast: bool):
     """(weighted CE sum, mask count, per-position CE, mask) of one batch."""
-    x, y, mask = (t.to(weights.device) for t in windows.batch(ids))
+    x, y, mask = windows.batch(ids)
     with torch.autocast(weights.device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = model(x)
     ce = token_losses(logits, y)
@@ -147,7 +160,7 @@ def evaluate(model: GPT, windows: TokenWindows, cfg: Config, weights: torch.Tens
     n = min(len(windows), cfg.train.eval_windows)
     ids = torch.from_numpy(np.linspace(0, len(windows) - 1, n).round().astype(np.int64))
     obs_dim, act_dim = model.config.obs_dim, model.config.act_dim
-    slot = windows.target_slot
+    slot = windows.target_slot.cpu()
     types = torch.full_like(slot, 0)
     types[(slot >= obs_dim) & (slot < obs_dim + act_dim)] = 1
     types[slot == obs_dim + act_dim] = 2
@@ -157,6 +170,7 @@ def evaluate(model: GPT, windows: TokenWindows, cfg: Config, weights: torch.Tens
     for chunk in ids.split(cfg.train.batch_size):
         w_sum, m_sum, ce, mask = batch_loss(model, windows, chunk, weights, autocast)
         weighted, total = weighted + float(w_sum), total + float(m_sum)
+        ce, mask = ce.float().cpu(), mask.cpu()
         index = types[None, : ce.shape[1], None].expand(len(chunk), -1, 1)
         per_type = torch.zeros(len(chunk), ce.shape[1], 4).scatter_(2, index, 1)
         sums += torch.einsum("bp,bpk->k", (ce * mask).double(), per_type.double())
@@ -180,7 +194,7 @@ def provenance(data: OfflineData) -> dict:
     }
 
 
-def run_metadata(prep: Prepared, cfg: Config, model_cfg: GPTConfig) -> dict:
+def run_metadata(prep: Prepared, cfg: Config, model_cfg: GPTConfig, compute: dict) -> dict:
     data = prep.data
     return {
         "format": 1,
@@ -200,6 +214,7 @@ def run_metadata(prep: Prepared, cfg: Config, model_cfg: GPTConfig) -> dict:
         "dataset_stats": return_stats(data),
         "discretizer_error": _reconstruction(prep),
         "provenance": provenance(data),
+        "compute": compute,
     }
 
 
@@ -301,22 +316,31 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
         torch.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
 
     device = torch.device(cfg.train.device)
+    if device.type == "cuda" and world > 1:  # torchrun: one GPU per process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
     model.to(device)
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         net = torch.compile(net)
     weights = loss_weights(prep.data.obs_dim, prep.data.act_dim, cfg.data.sequence_length,
                            cfg.model.action_weight, cfg.model.reward_weight, cfg.model.value_weight).to(device)
-    autocast = cfg.train.dtype == "bfloat16"
+    dtype = resolve_dtype(cfg.train.dtype, device)
+    autocast = dtype == "bfloat16"
+    windows.to(device)
+    if prep.val_windows is not None:
+        prep.val_windows.to(device)
 
     metrics_path = out_dir / "metrics.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_text(out_dir / "config.toml", to_toml(cfg))
         save_discretizer(out_dir / "discretizer.npz", prep.discretizer)
-        save_json(out_dir / "run.json", run_metadata(prep, cfg, model_cfg))
+        compute = {"device": str(device), "dtype": dtype, "world_size": world, "threads": torch.get_num_threads(),
+                   "compile": cfg.train.compile, "total_steps": total, "batch_size": batch}
+        save_json(out_dir / "run.json", run_metadata(prep, cfg, model_cfg, compute))
         if state is not None and metrics_path.exists():  # drop lines logged after the checkpoint
             kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
             save_text(metrics_path, "".join(line + "\n" for line in kept))
@@ -392,7 +416,8 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
                 now = time.perf_counter()
                 tok_s = tokens_per_step * (step - tick_step) / (now - tick)
                 tick, tick_step = now, step
-                log({"step": step, "train_loss": float(reported), "lr": lr, "tokens_per_s": tok_s})
+                log({"step": step, "windows": step * batch, "train_loss": float(reported), "lr": lr,
+                     "tokens_per_s": tok_s})
                 bar.set_postfix(loss=f"{float(reported):.3f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
             if step % cfg.train.eval_every == 0 or step == total:
