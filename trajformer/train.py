@@ -153,6 +153,22 @@ def batch_loss(model, windows: TokenWindows, ids: torch.Tensor, weights: torch.T
     return (ce * weights[: ce.shape[1]] * mask).sum(), mask.sum(), ce, mask
 
 
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: TokenWindows, ids: torch.Tensor,
+               weights: torch.Tensor, autocast: bool, grad_clip: float, world: int = 1) -> torch.Tensor:
+    """One optimiser step on windows `ids` (this rank's share): weighted masked loss normalised by the global
+    mask count, backward, gradient clipping, AdamW. Returns this rank's loss. benchmarks/ times this function."""
+    w_sum, m_sum, _, _ = batch_loss(net, windows, ids, weights, autocast)
+    count = m_sum.detach().clone()
+    if world > 1:
+        dist.all_reduce(count)
+    loss = w_sum / count.clamp(min=1.0)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * world).backward()  # DDP averages gradients over ranks; * world makes it the global sum
+    torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    optimizer.step()
+    return loss
+
+
 @torch.no_grad()
 def evaluate(model: GPT, windows: TokenWindows, cfg: Config, weights: torch.Tensor, autocast: bool) -> dict:
     """Validation loss (weighted, as trained) and mean CE per token type over evenly spaced windows."""
@@ -399,15 +415,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
             lr = learning_rate(step, cfg, total, warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            w_sum, m_sum, _, _ = batch_loss(net, windows, ids, weights, autocast)
-            count = m_sum.detach().clone()
-            if world > 1:
-                dist.all_reduce(count)
-            loss = w_sum / count.clamp(min=1.0)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * world).backward()  # DDP averages gradients over ranks; * world makes it the global sum
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
+            loss = train_step(net, optimizer, windows, ids, weights, autocast, cfg.train.grad_clip, world)
             step += 1
             if step % cfg.train.log_every == 0 or step == total:
                 reported = loss.detach().clone()

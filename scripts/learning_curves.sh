@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Learning curves of the CPU recipe on trajformer/hopper-medium-v0 (1M transitions), README "Training budget".
+# Each run is resumable: run the script again after an interruption. Runs: NAME WINDOWS [--set ...].
+#   dtype:   bf16 vs fp32 at 50k windows (official dropout 0.1)
+#   dropout: 0.1 vs 0.0 at 250k windows
+#   budget:  the chosen recipe at 250k, 1M (and 4M where the compute exists) windows
+# Usage: scripts/learning_curves.sh [RUN_NAME ...]   (default: all, in this order; ~1 h per 1M windows on one core)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
+trajformer collect --preset hopper-medium >/dev/null   # cached after the first run
+declare -A RUNS=(
+  [bf16-50k]="50000 train.dtype=bfloat16 model.dropout=0.1"
+  [fp32-50k]="50000 train.dtype=float32 model.dropout=0.1"
+  [drop01-250k]="250000 model.dropout=0.1"
+  [drop0-250k]="250000 model.dropout=0.0"
+  [drop0-1m]="1000000 model.dropout=0.0"
+  [drop0-4m]="4000000 model.dropout=0.0"
+)
+ORDER=(bf16-50k fp32-50k drop01-250k drop0-250k drop0-1m)
+for name in "${@:-${ORDER[@]}}"; do
+  read -r windows rest <<<"${RUNS[$name]}"
+  sets=(); for kv in $rest; do sets+=(--set "$kv"); done
+  out=runs/curves/$name
+  resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
+  eval_every=$(( windows / 64 / 10 ))
+  trajformer train configs/hopper-medium-local.toml --out "$out" "${resume[@]}" \
+    --set data.sequence_length=5 --set train.batch_size=64 --set train.max_steps=0 \
+    --set train.max_windows="$windows" --set train.eval_every="$eval_every" --set train.eval_windows=4096 \
+    --set train.checkpoint_every=500 --set train.num_threads=1 "${sets[@]}"
+done

@@ -1,0 +1,114 @@
+"""The optimised training step against a plain reference, its dropout, the budget schedule, and the GPU path."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trajformer.config import load_config
+from trajformer.model import GPT, GPTConfig, drop_mask, dropout, token_losses
+from trajformer.tokens import TokenWindows, loss_weights
+from trajformer.train import resolve_dtype, schedule, train_step
+
+CFG = GPTConfig(obs_dim=3, act_dim=2, n_bins=10, block_size=3 * 7 - 1, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+
+
+def reference_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The model's forward written plainly: SDPA under the boolean mask, per-slot heads by a Python loop."""
+    B, t = idx.shape
+    x = model.wte(idx) + model.wpe(torch.arange(t))
+    for block in model.blocks:
+        h = block.ln_1(x)
+        q, k, v = block.attn.c_attn(h).split(x.shape[-1], dim=2)
+        q, k, v = (z.view(B, t, block.attn.n_head, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=model.mask[:t, :t])
+        x = x + block.attn.c_proj(y.transpose(1, 2).reshape(B, t, -1))
+        x = x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(x))))
+    x = model.ln_f(x)
+    T = model.config.transition_dim
+    return torch.stack([x[:, p] @ model.head[p % T] for p in range(t)], dim=1)
+
+
+def _windows(seed: int = 0) -> TokenWindows:
+    rng = np.random.default_rng(seed)
+    eps = [rng.integers(0, CFG.n_bins, (n, CFG.transition_dim)) for n in (9, 14)]
+    return TokenWindows(eps, [True, False], CFG.n_bins, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_optimised_step_equals_reference_step(dtype):
+    """Loss, gradients and the updated weights of `train_step` equal a plain masked-SDPA step."""
+    windows = _windows()
+    weights = loss_weights(CFG.obs_dim, CFG.act_dim, 3, 5.0, 1.0, 1.0).to(dtype)
+    ids = torch.tensor([0, 3, 5, 8, 12, 20])
+    torch.manual_seed(0)
+    fast = GPT(CFG).to(dtype).train()
+    ref = GPT(CFG).to(dtype).train()
+    ref.load_state_dict(fast.state_dict())
+    opt_fast = fast.configure_optimizers(0.1, 1e-3)
+    opt_ref = ref.configure_optimizers(0.1, 1e-3)
+
+    loss = train_step(fast, opt_fast, windows, ids, weights, autocast=False, grad_clip=1.0)
+    x, y, mask = windows.batch(ids)
+    ce = token_losses(reference_forward(ref, x), y)
+    ref_loss = (ce * weights * mask).sum() / mask.sum()
+    opt_ref.zero_grad()
+    ref_loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    opt_ref.step()
+
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert abs(float(loss) - float(ref_loss)) < tol
+    for (name, p), (_, q) in zip(fast.named_parameters(), ref.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, grads[name], atol=tol, rtol=tol)
+        torch.testing.assert_close(p, q, atol=tol, rtol=tol)
+
+
+def test_dropout_rate_scale_and_reproducibility():
+    torch.manual_seed(1)
+    drop = drop_mask(torch.Size([400, 1000]), 0.1)
+    assert abs(float(drop.float().mean()) - 0.1) < 3e-3  # 400k draws: the standard error is 5e-4
+    cols = drop.float().mean(0)  # no column or row pattern from the 16-bit slicing
+    assert float(cols.std()) < 0.02
+    x = torch.ones(200, 500)
+    y = dropout(x, 0.1, training=True)
+    values = torch.unique(y).tolist()
+    assert values[0] == 0.0 and values[1] == pytest.approx(1 / 0.9) and len(values) == 2
+    assert abs(float(y.mean()) - 1.0) < 0.01  # inverted dropout keeps the expectation
+    assert torch.equal(dropout(x, 0.1, training=False), x)
+    torch.manual_seed(5)
+    a = dropout(x, 0.3, True)
+    torch.manual_seed(5)
+    assert torch.equal(a, dropout(x, 0.3, True))
+
+
+def test_training_windows_budget_sets_the_schedule():
+    cfg = load_config(None, ["train.max_windows=10000", "train.batch_size=64"])
+    batch, per_epoch, total, warmup = schedule(cfg, n_windows=5000)
+    assert (batch, per_epoch, total) == (64, 78, math.ceil(10000 / 64))
+    assert warmup == min(per_epoch, int(cfg.train.warmup_fraction * total))
+    with pytest.raises(ValueError, match="set one training length"):
+        load_config(None, ["train.max_windows=10000", "train.max_steps=5"])
+
+
+def test_dtype_auto_resolves_to_a_supported_dtype():
+    assert resolve_dtype("float32", torch.device("cpu")) == "float32"
+    auto = resolve_dtype("auto", torch.device("cpu"))
+    assert auto in ("float32", "bfloat16")
+    assert (auto == "bfloat16") == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_step_matches_cpu_step():
+    windows, ids = _windows(), torch.tensor([0, 3, 5, 8])
+    weights = loss_weights(CFG.obs_dim, CFG.act_dim, 3, 5.0, 1.0, 1.0)
+    torch.manual_seed(0)
+    cpu = GPT(CFG).train()
+    gpu = GPT(CFG).cuda().train()
+    gpu.load_state_dict(cpu.state_dict())
+    a = train_step(cpu, cpu.configure_optimizers(0.1, 1e-3), windows, ids, weights, False, 1.0)
+    b = train_step(gpu, gpu.configure_optimizers(0.1, 1e-3), _windows().to("cuda"), ids, weights.cuda(), False, 1.0)
+    assert abs(float(a) - float(b)) < 1e-4
