@@ -4,6 +4,7 @@
 #   dtype:   bf16 vs fp32 at 50k windows (official dropout 0.1)
 #   dropout: 0.1 vs 0.0 at 250k windows
 #   budget:  the chosen recipe at 250k, 1M (and 4M where the compute exists) windows
+# After training, each run plans 5 episodes (seeds 0-4, beam 32, horizon 5) into NAME/plan-32x5.json.
 # Usage: scripts/learning_curves.sh [RUN_NAME ...]   (default: all, in this order; ~1 h per 1M windows on one core)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,4 +29,6 @@ for name in "${@:-${ORDER[@]}}"; do
     --set data.sequence_length=5 --set train.batch_size=64 --set train.max_steps=0 \
     --set train.max_windows="$windows" --set train.eval_every="$eval_every" --set train.eval_windows=4096 \
     --set train.checkpoint_every=500 --set train.num_threads=1 "${sets[@]}"
+  [ -f "$out/plan-32x5.json" ] || trajformer plan "$out" --episodes 5 --num-envs 5 --set plan.beam_width=32 \
+    --set plan.horizon=5 --set plan.num_threads=1 --json "$out/plan-32x5.json"
 done

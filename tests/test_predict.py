@@ -130,7 +130,6 @@ def test_attention_maps_reproduce_the_model(run, held):
     # Weights @ values through c_proj reproduce each block's SDPA attention output.
     model = run.model
     x = model.wte(idx) + model.wpe(torch.arange(t))
-    mask = model.mask[:t, :t]
     for layer, block in enumerate(model.blocks):
         h = block.ln_1(x)
         _, _, v = block.attn.c_attn(h).split(x.shape[-1], dim=2)

@@ -124,7 +124,8 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
     else:
-        native = device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        native = (device.type == "cpu" and torch.backends.mkldnn.is_available()
+                  and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return "bfloat16" if native else "float32"
 
 
@@ -338,7 +339,8 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     model.to(device)
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         net = torch.compile(net)
     weights = loss_weights(prep.data.obs_dim, prep.data.act_dim, cfg.data.sequence_length,

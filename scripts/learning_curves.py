@@ -1,0 +1,73 @@
+"""Learning curves of the runs under runs/curves/ (scripts/learning_curves.sh): a PNG and a markdown table.
+
+    python scripts/learning_curves.py [--runs runs/curves] [--out benchmarks/learning_curves.png]
+
+Per run: validation cross-entropy per token type against sampled training windows, the final values, the
+training wall-clock (from the logged throughput) and, where `plan-32x5.json` exists beside the run, the planned
+return (mean ± standard error over its episodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TYPES = ("obs", "action", "reward", "value")
+
+
+def read(run: Path) -> dict:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    meta = json.loads((run / "run.json").read_text())
+    batch = meta.get("compute", {}).get("batch_size") or 64
+    block = meta["model"]["block_size"]
+    seconds, last = 0.0, 0
+    for r in rows:
+        if "tokens_per_s" in r:
+            seconds += (r["step"] - last) * batch * block / r["tokens_per_s"]
+            last = r["step"]
+    val = [r for r in rows if "val_loss" in r]
+    plan = run / "plan-32x5.json"
+    return {"name": run.name, "val": val, "batch": batch, "seconds": seconds, "steps": last,
+            "dtype": meta.get("compute", {}).get("dtype", "?"),
+            "plan": json.loads(plan.read_text()) if plan.is_file() else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs/curves")
+    parser.add_argument("--out", default="benchmarks/learning_curves.png")
+    args = parser.parse_args()
+    runs = [read(p) for p in sorted(Path(args.runs).iterdir()) if (p / "metrics.jsonl").is_file()]
+    runs = [r for r in runs if r["val"]]
+    fig, axes = plt.subplots(1, 5, figsize=(20, 4))
+    for r in runs:
+        windows = [v["step"] * r["batch"] for v in r["val"]]
+        for ax, key in zip(axes, ("val_loss", *(f"val_{t}" for t in TYPES)), strict=True):
+            ax.plot(windows, [v[key] for v in r["val"]], marker=".", label=r["name"])
+            ax.set_title(key.replace("_", " "))
+            ax.set_xscale("log")
+            ax.set_xlabel("training windows")
+            ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation cross-entropy (nats)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}\n")
+    print("| run | windows | dtype | CPU min | val loss | obs | action | reward | value | return (32/5) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        last = r["val"][-1]
+        plan = r["plan"]
+        ret = f"{plan['mean_return']:.0f} ± {plan['stderr']:.0f}" if plan else ""
+        print(f"| {r['name']} | {r['steps'] * r['batch']:,} | {r['dtype']} | {r['seconds'] / 60:.1f} | "
+              f"{last['val_loss']:.3f} | " + " | ".join(f"{last[f'val_{t}']:.3f}" for t in TYPES) + f" | {ret} |")
+
+
+if __name__ == "__main__":
+    main()
