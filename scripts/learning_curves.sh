@@ -4,6 +4,8 @@
 #   dtype:   bf16 vs fp32 at 50k windows (official dropout 0.1)
 #   dropout: 0.1 vs 0.0 at 250k windows
 #   budget:  the chosen recipe at 250k, 1M (and 4M where the compute exists) windows
+#   model:   the window model (rotary positions, a band of 5 transitions) on windows of 10 transitions, at the
+#            target tokens of drop0-250k (125k windows of 159 targets ~ 250k windows of 79)
 # After training, each run plans 5 episodes (seeds 0-4, beam 32, horizon 5) into NAME/plan-32x5.json.
 # Usage: scripts/learning_curves.sh [RUN_NAME ...]   (default: all, in this order; ~1 h per 1M windows on one core)
 set -euo pipefail
@@ -17,6 +19,7 @@ declare -A RUNS=(
   [drop0-250k]="250000 model.dropout=0.0"
   [drop0-1m]="1000000 model.dropout=0.0"
   [drop0-4m]="4000000 model.dropout=0.0"
+  [window-125k]="125000 model.dropout=0.0 model.attention=window data.sequence_length=10"
 )
 ORDER=(bf16-50k fp32-50k drop01-250k drop0-250k drop0-1m)
 for name in "${@:-${ORDER[@]}}"; do
@@ -28,7 +31,7 @@ for name in "${@:-${ORDER[@]}}"; do
   trajformer train configs/hopper-medium-local.toml --out "$out" "${resume[@]}" \
     --set data.sequence_length=5 --set train.batch_size=64 --set train.max_steps=0 \
     --set train.max_windows="$windows" --set train.eval_every="$eval_every" --set train.eval_windows=4096 \
-    --set train.checkpoint_every=500 --set train.num_threads=1 "${sets[@]}"
+    --set train.checkpoint_every=500 --set train.num_threads=1 "${sets[@]}"  # run-specific sets come last
   [ -f "$out/plan-32x5.json" ] || trajformer plan "$out" --episodes 5 --num-envs 5 --set plan.beam_width=32 \
     --set plan.horizon=5 --set plan.num_threads=1 --json "$out/plan-32x5.json"
 done

@@ -73,3 +73,65 @@ def test_weight_decay_only_on_matmul_weights():
     decayed = {id(p) for p in decay["params"]}
     assert id(model.head) in decayed and id(model.blocks[0].attn.c_attn.weight) in decayed
     assert id(model.wte.weight) not in decayed and id(model.blocks[0].ln_1.weight) not in decayed
+
+
+WCFG = GPTConfig(obs_dim=3, act_dim=2, n_bins=10, block_size=4 * 7 - 1, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                 attention="window", window=2 * T)
+
+
+def _window_model() -> GPT:
+    torch.manual_seed(1)
+    return GPT(WCFG).double().eval()
+
+
+def test_window_model_sees_at_most_layers_times_band_back():
+    """Each layer looks W - 1 tokens back, so a token more than n_layer * (W - 1) back cannot move a logit;
+    one inside the band does."""
+    model = _window_model()
+    t = 6 * T
+    x = _tokens(1, t, seed=3)
+    base = model(x)
+    q = t - 1
+    far = q - WCFG.n_layer * (WCFG.window - 1) - 1  # no path of n_layer band hops reaches it
+    changed = x.clone()
+    changed[0, far] = (far % T) * WCFG.n_bins + (x[0, far] - (far % T) * WCFG.n_bins + 1) % WCFG.n_bins
+    assert torch.equal(model(changed)[0, q], base[0, q])
+    near = q - WCFG.window + 1  # the oldest key the band shows the query directly
+    if near % T == T - 1:
+        near += 1
+    changed = x.clone()
+    changed[0, near] = (near % T) * WCFG.n_bins + (x[0, near] - (near % T) * WCFG.n_bins + 1) % WCFG.n_bins
+    assert not torch.allclose(model(changed)[0, q], base[0, q])
+
+
+def test_window_model_is_shift_invariant():
+    """Rotary positions: the same tokens give the same logits wherever the sequence starts (a transition later)."""
+    model = _window_model()
+    x = _tokens(1, 5 * T, seed=4)
+    shifted = torch.cat([_tokens(1, T, seed=5), x], dim=1)
+    # Beyond n_layer * W tokens from the start the prepended transition is out of reach.
+    reach = WCFG.n_layer * WCFG.window
+    torch.testing.assert_close(model(shifted)[0, T + reach :], model(x)[0, reach:], atol=1e-10, rtol=0)
+
+
+def test_window_cache_compacts_and_stays_exact_with_ragged_rows_and_reordering():
+    model = _window_model()
+    t = 9 * T  # far longer than the cache: it drops keys from its front several times
+    x = _tokens(3, t, seed=6)
+    cache = KVCache(WCFG, max_rows=3, max_len=WCFG.window + 5, dtype=torch.float64)
+    pad = torch.tensor([0, T, 0])  # row 1 starts one transition later
+    ragged = x.clone()
+    ragged[1, T:] = x[1, : t - T]
+    cache.reset(pad)
+    first = model.forward_cached(ragged[:, : 2 * T], cache, all_logits=True)
+    torch.testing.assert_close(first[0], model(x[:1, : 2 * T])[0], atol=1e-10, rtol=0)
+    full = [model(x[k : k + 1])[0] for k in range(3)]
+    source = [0, 1, 2]
+    for i in range(2 * T, t):
+        if i == 5 * T:  # re-ranking: rows (1, 1, 0) continue as their sources would
+            cache.reorder(torch.tensor([1, 1, 0]))
+            ragged, pad, source = ragged[[1, 1, 0]], pad[[1, 1, 0]], [1, 1, 0]
+        last = model.forward_cached(ragged[:, i : i + 1], cache)
+        for r in range(3):
+            torch.testing.assert_close(last[r], full[source[r]][i - int(pad[r])], atol=1e-10, rtol=0)
+    assert cache.offset > 0

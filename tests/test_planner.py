@@ -29,11 +29,12 @@ DS, DA, N, SEQ = 3, 2, 10, 4
 T = DS + DA + 2
 
 
-def make_model(seed: int = 0, head_std: float = 0.3, dtype=torch.float64) -> GPT:
-    """A random GPT whose per-slot heads give peaked but not degenerate distributions (stop included)."""
+def make_model(seed: int = 0, head_std: float = 0.3, dtype=torch.float64, attention: str = "absolute") -> GPT:
+    """A random GPT whose per-slot heads give peaked but not degenerate distributions (stop included).
+    A window model gets a band of 2 transitions, so its cache compacts within every search."""
     torch.manual_seed(seed)
     cfg = GPTConfig(obs_dim=DS, act_dim=DA, n_bins=N, block_size=SEQ * T - 1, n_layer=2, n_head=2, n_embd=16,
-                    dropout=0.0)
+                    dropout=0.0, attention=attention, window=2 * T if attention == "window" else 0)
     model = GPT(cfg).to(dtype).eval()
     with torch.no_grad():
         model.head.normal_(0.0, head_std)
@@ -144,10 +145,12 @@ def test_crop_start_drops_whole_transitions():
 # ---------------------------------------------------------------- cached vs uncached
 
 
+@pytest.mark.parametrize("attention", ["absolute", "window"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=["cdf", "topk-likelihood", "both-penalized", "kobs"])
-def test_cached_logits_and_plans_equal_reference(cfg):
-    """Every token's logits agree with GPT.forward over the cropped window, and the plans are identical."""
-    model, disc = make_model(), make_discretizer()
+def test_cached_logits_and_plans_equal_reference(cfg, attention):
+    """Every token's logits agree with GPT.forward over the cropped window (absolute) or the whole sequence
+    (window model), and the plans are identical."""
+    model, disc = make_model(attention=attention), make_discretizer()
     rng = np.random.default_rng(1)
     prefixes = [random_prefix(n, rng) for n in (0, 1, cfg.max_context_transitions)]  # ragged envs
     seeds = [11, 12, 13]
@@ -159,8 +162,10 @@ def test_cached_logits_and_plans_equal_reference(cfg):
     cached_plans = BeamSearch(model, disc, cfg, 0.99, cached=True).search(prefixes, generators(seeds))
     tokens_per_search = cfg.horizon * T - DS
     assert tee.checked == tokens_per_search
-    # The window crops about once per planned transition, and only then is it re-encoded.
-    assert cfg.horizon - cfg.max_context_transitions <= tee.encodes <= cfg.horizon + 1
+    if attention == "absolute":  # the window crops about once per planned transition, and only then re-encodes
+        assert cfg.horizon - cfg.max_context_transitions <= tee.encodes <= cfg.horizon + 1
+    else:  # the prefix is encoded once; the cache dropped keys from its front instead of re-encoding
+        assert tee.encodes == 1 and tee.cached.cache.offset > 0
     for a, b, c in zip(tee_plans, ref_plans, cached_plans, strict=True):
         for plan in (a, c):
             np.testing.assert_array_equal(plan.action_tokens, b.action_tokens)
@@ -170,8 +175,9 @@ def test_cached_logits_and_plans_equal_reference(cfg):
             assert plan.log_likelihood == pytest.approx(b.log_likelihood, abs=1e-9)
 
 
-def test_cached_logits_match_reference_in_float32():
-    model, disc = make_model(dtype=torch.float32), make_discretizer()
+@pytest.mark.parametrize("attention", ["absolute", "window"])
+def test_cached_logits_match_reference_in_float32(attention):
+    model, disc = make_model(dtype=torch.float32, attention=attention), make_discretizer()
     cfg = CONFIGS[0]
     search = BeamSearch(model, disc, cfg, 0.99)
     tee = TeeDecoder(model, search.decoder.window, atol=1e-4)
@@ -210,10 +216,11 @@ def test_batched_search_equals_single_env_searches():
         assert plan.score == pytest.approx(alone.score, abs=1e-9)
 
 
+@pytest.mark.parametrize("attention", ["absolute", "window"])
 @pytest.mark.parametrize("plan_freq", [1, 2])
-def test_planner_batched_envs_at_different_steps_equal_single_planners(plan_freq):
+def test_planner_batched_envs_at_different_steps_equal_single_planners(plan_freq, attention):
     """K envs started at different times, planned in one batch, act like K planners of their own."""
-    model, disc = make_model(seed=2), make_discretizer()
+    model, disc = make_model(seed=2, attention=attention), make_discretizer()
     cfg = dataclasses.replace(CONFIGS[0], plan_freq=plan_freq)
     K, steps = 3, 7
     batched = Planner(BeamSearch(model, disc, cfg, 0.99), np.arange(DS), n_envs=K)

@@ -51,6 +51,10 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.1
+    # "absolute": learned positions (official). "window": rotary positions and an attention band of
+    # window_transitions transitions, so the planner's KV cache survives its sliding window (DESIGN.md §5b).
+    attention: str = "absolute"
+    window_transitions: int = 5
     action_weight: float = 5.0
     reward_weight: float = 1.0
     value_weight: float = 1.0
@@ -119,6 +123,7 @@ class Config:
 _CHOICES = {
     ("discretizer", "kind"): ("quantile", "uniform"),
     ("train", "dtype"): ("auto", "float32", "bfloat16"),
+    ("model", "attention"): ("absolute", "window"),
     ("plan", "objective"): ("reward", "likelihood", "penalized"),
 }
 
@@ -206,6 +211,7 @@ def validate(cfg: Config) -> None:
         (cfg.model.n_layer >= 1 and cfg.model.n_head >= 1, "model.n_layer and model.n_head must be >= 1"),
         (cfg.model.n_embd % cfg.model.n_head == 0, "model.n_embd must be divisible by model.n_head"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.model.window_transitions >= 1, "model.window_transitions must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.learning_rate > 0, "train.learning_rate must be > 0"),
         (min(cfg.train.max_steps, cfg.train.max_windows, cfg.train.epochs) >= 0,

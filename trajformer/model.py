@@ -1,9 +1,12 @@
-"""The Trajectory Transformer's GPT: one file, nanoGPT style (DESIGN.md §4).
+"""The Trajectory Transformer's GPT: one file, nanoGPT style (DESIGN.md §4, §5b).
 
-Pre-LN blocks, fused QKV, SDPA attention under a mask that is causal *and* hides every value (V) column,
-learned absolute positions, and one output head per dimension slot (N bins + stop). `forward` is the
-training pass over whole windows; `forward_cached` is the exact incremental path over a preallocated
-KV cache with per-row left padding, used by the planner.
+Pre-LN blocks, fused QKV, attention under a mask that is causal *and* hides every value (V) column, and one
+output head per dimension slot (N bins + stop). Two ways positions enter (`attention`):
+- "absolute" (official): learned absolute position embeddings; the planner re-encodes its window after a crop.
+- "window": rotary embeddings on queries and keys and a band of `window` tokens (each query sees at most the
+  previous `window` keys), in training and decoding alike, so a KV cache that drops its oldest keys stays exact.
+`forward` is the training pass over whole windows; `forward_cached` is the exact incremental path over a
+preallocated KV cache with per-row left padding, used by the planner.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.1
+    attention: str = "absolute"  # or "window" (DESIGN.md §5b)
+    window: int = 0  # band width in tokens for attention = "window"
 
     @property
     def transition_dim(self) -> int:
@@ -42,14 +47,32 @@ class GPTConfig:
         return self.n_bins * self.transition_dim
 
 
-def attention_mask(query_pos: torch.Tensor, n_keys: int, pad: torch.Tensor, transition_dim: int) -> torch.Tensor:
-    """Boolean (B, 1, q, k) mask: key k is visible from query position q if k <= q, k is not left padding,
-    and k is not a value column (relative position (k - pad) % T == T - 1)."""
+def attention_mask(query_pos: torch.Tensor, n_keys: int, pad: torch.Tensor, transition_dim: int,
+                   window: int = 0) -> torch.Tensor:
+    """Boolean (B, 1, q, k) mask over buffer slots: key k is visible from the query in slot q if k <= q, k is
+    not left padding, k is not a value column (relative position (k - pad) % T == T - 1) and, with a band
+    (`window` > 0), q - k < window."""
     keys = torch.arange(n_keys, device=pad.device)
     rel = keys[None, :] - pad[:, None]  # (B, k)
     visible = (rel >= 0) & (rel % transition_dim != transition_dim - 1)
     causal = keys[None, :] <= query_pos[:, None]  # (q, k)
+    if window > 0:
+        causal &= query_pos[:, None] - keys[None, :] < window
     return (visible[:, None, :] & causal[None]).unsqueeze(1)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of (B, H, t, d) queries or keys at positions (t,) or (B, t): channel pairs
+    (i, i + d/2) rotated by position * 10000^(-2i/d). Angles are computed in float64, so positions in the
+    tens of thousands (a long episode's cache) rotate as exactly as small ones."""
+    d = x.shape[-1]
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    angles = positions.to(torch.float64)[..., None] * inv_freq  # (t, d/2) or (B, t, d/2)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, t, d/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
 class KVCache:
@@ -64,8 +87,10 @@ class KVCache:
         self._k_spare = torch.zeros(shape, device=device, dtype=dtype)
         self._v_spare = torch.zeros(shape, device=device, dtype=dtype)
         self.transition_dim = config.transition_dim
+        self.window = config.window if config.attention == "window" else 0
         self.rows = 0
         self.length = 0
+        self.offset = 0  # slots dropped from the front by `compact` (window models); positions keep counting
         self.pad = torch.zeros(0, dtype=torch.long, device=device)
 
     @property
@@ -80,7 +105,22 @@ class KVCache:
         """Empty the cache for len(pad) rows, row i starting with pad[i] left-padding positions."""
         if len(pad) > self.max_rows:
             raise ValueError(f"KV cache holds {self.max_rows} rows, asked for {len(pad)}")
-        self.rows, self.length, self.pad = len(pad), 0, pad.to(self.k.device, torch.long)
+        self.rows, self.length, self.offset, self.pad = len(pad), 0, 0, pad.to(self.k.device, torch.long)
+
+    def compact(self, incoming: int) -> None:
+        """Make room for `incoming` tokens by dropping the oldest slots that no future query can see (window
+        models only: a query sees the previous `window` keys). One copy of the kept slots to the front."""
+        if self.length + incoming <= self.max_len:
+            return
+        keep = self.window - 1
+        if not self.window or keep + incoming > self.max_len:
+            raise ValueError(f"KV cache of length {self.max_len} cannot take {self.length + incoming} positions")
+        drop = self.length - keep
+        with torch.no_grad():
+            self.k[:, :, :, :keep] = self.k[:, :, :, drop : self.length].clone()
+            self.v[:, :, :, :keep] = self.v[:, :, :, drop : self.length].clone()
+        self.offset += drop
+        self.length = keep
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (any length up to max_rows, repeats allowed): beam re-ranking and expansion."""
@@ -136,14 +176,18 @@ class SelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
+        self.rotary = config.attention == "window"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                positions: torch.Tensor | None = None):
         B, t, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (z.view(B, t, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if self.rotary:
+            q, k = rotary(q, positions), rotary(k, positions)
         if cache is not None:
             start = cache.length
             cache.k[layer, :B, :, start : start + t] = k
@@ -181,8 +225,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+    def forward(self, x, mask, cache=None, layer=0, positions=None):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, positions)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -192,8 +236,13 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        if config.attention not in ("absolute", "window"):
+            raise ValueError(f"model attention {config.attention!r} is not valid; choose absolute or window")
+        if config.attention == "window" and config.window < 1:
+            raise ValueError("a window model needs window >= 1 tokens (model.window_transitions * transition_dim)")
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        # Absolute models learn one embedding per position; window models rotate queries and keys instead.
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.attention == "absolute" else None
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
         # Head for slot j reads position p with p mod T == j and predicts dimension (j + 1) mod T.
@@ -204,7 +253,9 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):  # GPT-2 scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         T = config.transition_dim
-        full = attention_mask(torch.arange(config.block_size), config.block_size, torch.zeros(1, dtype=torch.long), T)
+        self.band = config.window if config.attention == "window" else 0
+        full = attention_mask(torch.arange(config.block_size), config.block_size, torch.zeros(1, dtype=torch.long), T,
+                              self.band)
         self.register_buffer("mask", full[0, 0], persistent=False)
         bias = torch.zeros(full.shape[-2:]).masked_fill(~full[0, 0], float("-inf"))
         self.register_buffer("bias", bias, persistent=False)  # additive form of the training mask
@@ -221,18 +272,26 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.wte.weight.numel() + self.wpe.weight.numel()
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
         return n
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, t, N+1) for token ids (B, t) of windows that start at a transition boundary."""
+        """Logits (B, t, N+1) for token ids (B, t) of windows that start at a transition boundary. A window
+        model takes sequences of any length (positions are relative; the band bounds what each query sees)."""
         B, t = idx.shape
-        if t > self.config.block_size:
+        positions = torch.arange(t, device=idx.device)
+        if t <= self.config.block_size:
+            bias = self.bias[:t, :t]
+        elif self.wpe is None:
+            full = attention_mask(positions, t, torch.zeros(1, dtype=torch.long, device=idx.device),
+                                  self.config.transition_dim, self.band)[0, 0]
+            bias = torch.zeros(t, t, device=idx.device).masked_fill(~full, float("-inf"))
+        else:
             raise ValueError(f"sequence of {t} tokens exceeds the model's block size {self.config.block_size}")
-        x = dropout(self.wte(idx) + self.wpe(torch.arange(t, device=idx.device)), self.config.dropout, self.training)
-        bias = self.bias[:t, :t]
+        x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(positions)
+        x = dropout(x, self.config.dropout, self.training)
         for block in self.blocks:
-            x = block(x, bias)
+            x = block(x, bias, positions=positions)
         x = self.ln_f(x)
         T = self.config.transition_dim
         n_tr = -(-t // T)
@@ -242,24 +301,27 @@ class GPT(nn.Module):
 
     def forward_cached(self, idx: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Append tokens (B, t) to the cache and return the logits of the last position (B, N+1), or of
-        every new position (B, t, N+1) with `all_logits`. Row b's positions count from cache.pad[b]."""
+        every new position (B, t, N+1) with `all_logits`. Row b's positions count from cache.pad[b]; a window
+        model's cache drops keys no query can see any more when it runs out of room."""
         B, t = idx.shape
         if B != cache.rows:
             raise ValueError(f"cache has {cache.rows} rows, got {B}")
+        if self.wpe is None:
+            cache.compact(t)
         start = cache.length
         if start + t > cache.max_len:
             raise ValueError(f"KV cache of length {cache.max_len} cannot take {start + t} positions")
         query_pos = torch.arange(start, start + t, device=idx.device)
-        rel = query_pos[None, :] - cache.pad[:, None]  # (B, t)
-        if int(rel.max()) >= self.config.block_size:
+        rel = query_pos[None, :] + cache.offset - cache.pad[:, None]  # (B, t): position from the row's start
+        if self.wpe is not None and int(rel.max()) >= self.config.block_size:
             raise ValueError(f"position {int(rel.max())} exceeds the model's block size {self.config.block_size}")
-        x = self.wte(idx) + self.wpe(rel.clamp(min=0))
+        x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(rel.clamp(min=0))
         # One query attends over the whole buffer (contiguous: fast plain matmuls; the causal mask hides the
         # unwritten slots); several attend over the written slots only (fewer key blocks for the fused kernel).
         n_keys = cache.max_len if t == 1 else start + t
-        mask = attention_mask(query_pos, n_keys, cache.pad, self.config.transition_dim)
+        mask = attention_mask(query_pos, n_keys, cache.pad - cache.offset, self.config.transition_dim, self.band)
         for layer, block in enumerate(self.blocks):
-            x = block(x, mask, cache, layer)
+            x = block(x, mask, cache, layer, rel)
         cache.length = start + t
         slot = rel % self.config.transition_dim  # (B, t)
         if all_logits:
@@ -278,7 +340,7 @@ class GPT(nn.Module):
         """AdamW with weight decay on matmul weights only (not biases, LayerNorms or embeddings)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
-            is_matmul = (p.dim() >= 2 and not name.startswith(("wte", "wpe")))
+            is_matmul = p.dim() >= 2 and not name.startswith(("wte", "wpe"))
             (decay if is_matmul else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)

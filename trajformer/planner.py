@@ -55,8 +55,11 @@ def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, NEG_INF)
 
 
-def crop_start(length: int, window: int, transition_dim: int) -> int:
-    """Official sliding window: how many tokens to drop from the front (whole transitions) to fit `window`."""
+def crop_start(length: int, window: int | None, transition_dim: int) -> int:
+    """Official sliding window: how many tokens to drop from the front (whole transitions) to fit `window`
+    (None: no crop, as for window models, whose attention band bounds what each query sees)."""
+    if window is None:
+        return 0
     excess = max(0, length - window)
     return -(-excess // transition_dim) * transition_dim
 
@@ -75,6 +78,7 @@ def _env_rows(n_envs: int, rows: int, local: torch.Tensor) -> torch.Tensor:
 
 class ReferenceDecoder:
     """Next-token logits by one GPT.forward over each env's cropped window per token (uncached, official).
+    An absolute model's window is cropped to `window` tokens; a window model's sequence is never cropped.
 
     Rows are env-major with the same number per env; `generated` holds every row's tokens after its prefix.
     """
@@ -82,6 +86,7 @@ class ReferenceDecoder:
     def __init__(self, model: GPT, window: int):
         self.model = model
         self.window = window
+        self.crop = window if model.config.attention == "absolute" else None
         self.transition_dim = model.config.transition_dim
 
     def start(self, prefixes: list[torch.Tensor], max_rows: int) -> None:
@@ -100,7 +105,7 @@ class ReferenceDecoder:
     def crop_starts(self) -> list[int]:
         """Per env, the first sequence position inside the current window."""
         n = self.generated.shape[1]
-        return [crop_start(len(p) + n, self.window, self.transition_dim) for p in self.prefixes]
+        return [crop_start(len(p) + n, self.crop, self.transition_dim) for p in self.prefixes]
 
     def windows(self) -> list[torch.Tensor]:
         """Per env, its rows' current windows (rows_per_env, length)."""
@@ -118,18 +123,22 @@ class ReferenceDecoder:
 
 class CachedDecoder(ReferenceDecoder):
     """Exact incremental decoding: the prefix is encoded once (one row per env) and broadcast by re-indexing
-    the KV cache; each token is one cached step; the window is re-encoded only when a crop moves its start.
+    the KV cache; each token is one cached step. An absolute model's window is re-encoded when a crop moves its
+    start; a window model's cache drops its oldest keys instead (`KVCache.compact`) and never re-encodes.
     """
 
     def __init__(self, model: GPT, window: int):
         super().__init__(model, window)
         self.cache: KVCache | None = None
+        band = model.config.window
+        # Room for a prefix of `window` tokens plus one transition, and for the band's kept keys plus new ones.
+        self.cache_len = window if self.crop is not None else max(window + self.transition_dim, band) + band
 
     def start(self, prefixes: list[torch.Tensor], max_rows: int) -> None:
         super().start(prefixes, max_rows)
         dtype = next(self.model.parameters()).dtype
         if self.cache is None or self.cache.max_rows < max_rows or self.cache.k.dtype != dtype:
-            self.cache = KVCache(self.model.config, max_rows, self.window, dtype=dtype)
+            self.cache = KVCache(self.model.config, max_rows, self.cache_len, dtype=dtype)
         self._encode()
 
     def _encode(self) -> None:
@@ -209,7 +218,7 @@ class BeamSearch:
                 f"({self.T} dims, {self.N} bins); load both from the same run directory"
             )
         window = cfg.max_context_transitions * self.T - 1
-        if window > gpt.block_size:
+        if gpt.attention == "absolute" and window > gpt.block_size:
             raise ValueError(
                 f"plan.max_context_transitions = {cfg.max_context_transitions} needs {window} tokens but the model "
                 f"was trained on windows of {gpt.block_size}; set plan.max_context_transitions <= "

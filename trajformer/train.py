@@ -95,6 +95,7 @@ def gpt_config(cfg: Config, obs_dim: int, act_dim: int) -> GPTConfig:
         obs_dim=obs_dim, act_dim=act_dim, n_bins=cfg.discretizer.n_bins,
         block_size=cfg.data.sequence_length * (obs_dim + act_dim + 2) - 1,
         n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout,
+        attention=m.attention, window=m.window_transitions * (obs_dim + act_dim + 2) if m.attention == "window" else 0,
     )
 
 
