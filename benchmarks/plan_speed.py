@@ -1,10 +1,13 @@
-"""Planner speed at Hopper dims: cached vs uncached beam search, and the fp32 GEMM-bound estimate (DESIGN.md §5).
+"""Planner speed: cached vs uncached beam search, absolute vs window model, and the fp32 GEMM-bound estimate
+(DESIGN.md §5, §5b).
 
 For each setting it times one env step (one search from a mid-episode context of 5 past transitions) with
-the KV-cached decoder and with the uncached reference (one GPT.forward over the cropped window per generated
-token, batched over rows: the official algorithm). It records every cached forward pass the search makes
+the KV-cached decoder of the absolute (official) model and of the window model, and, for the absolute model
+at Hopper dims, with the uncached reference (one GPT.forward over the cropped window per generated token,
+batched over rows: the official algorithm). It records every cached forward pass the search makes
 (incremental steps at their row counts, window re-encodes), counts their matmul FLOPs, times bare fp32
-matmuls of exactly those shapes in the same run, and reports cached time / GEMM time.
+matmuls of exactly those shapes in the same run, and reports cached time / GEMM time. Humanoid dims (45/17)
+run at beam 32, H 5.
 
     python benchmarks/plan_speed.py [--threads N] [--steps 3] [--uncached-steps 1]
 """
@@ -24,28 +27,32 @@ from trajformer.discretizer import Discretizer
 from trajformer.model import GPT, GPTConfig
 from trajformer.planner import BeamSearch
 
-OBS, ACT, BINS, CONTEXT = 11, 3, 100, 5
-SETTINGS = [
-    ("beam 32, E 2, H 5", PlanConfig(beam_width=32, n_expand=2, horizon=5, max_context_transitions=CONTEXT)),
-    ("beam 128, E 2, H 15", PlanConfig(beam_width=128, n_expand=2, horizon=15, max_context_transitions=CONTEXT)),
+BINS, CONTEXT = 100, 5
+SMALL = PlanConfig(beam_width=32, n_expand=2, horizon=5, max_context_transitions=CONTEXT)
+OFFICIAL = PlanConfig(beam_width=128, n_expand=2, horizon=15, max_context_transitions=CONTEXT)
+SETTINGS = [  # (label, dims, plan, time the uncached reference)
+    ("hopper 32/5", (11, 3), SMALL, True),
+    ("hopper 128/15", (11, 3), OFFICIAL, True),
+    ("humanoid 32/5", (45, 17), SMALL, False),
 ]
 
 
-def build() -> tuple[GPT, Discretizer, torch.Tensor]:
+def build(obs: int, act: int, attention: str) -> tuple[GPT, Discretizer, torch.Tensor]:
     """Random-init 4x4x128 GPT (fixed seed), a discretizer, and a steady-state prefix (5 transitions + obs)."""
     torch.manual_seed(0)
-    T = OBS + ACT + 2
-    cfg = GPTConfig(obs_dim=OBS, act_dim=ACT, n_bins=BINS, block_size=10 * T - 1, n_layer=4, n_head=4,
-                    n_embd=128, dropout=0.0)
+    T = obs + act + 2
+    cfg = GPTConfig(obs_dim=obs, act_dim=act, n_bins=BINS, block_size=10 * T - 1, n_layer=4, n_head=4,
+                    n_embd=128, dropout=0.0, attention=attention, window=CONTEXT * T if attention == "window" else 0)
     model = GPT(cfg).eval()
     disc = Discretizer.fit(np.random.default_rng(0).normal(size=(10_000, T)), BINS)
-    bins = np.random.default_rng(1).integers(0, BINS, size=CONTEXT * T + OBS)
+    bins = np.random.default_rng(1).integers(0, BINS, size=CONTEXT * T + obs)
     return model, disc, torch.as_tensor(bins + BINS * (np.arange(len(bins)) % T))
 
 
-def seconds_per_step(search: BeamSearch, prefix: torch.Tensor, steps: int) -> float:
-    """Median wall time of `steps` searches (one env step each) after a warm-up search."""
-    search.search([prefix], [torch.Generator().manual_seed(0)])
+def seconds_per_step(search: BeamSearch, prefix: torch.Tensor, steps: int, warmup: bool = True) -> float:
+    """Median wall time of `steps` searches (one env step each), after a warm-up search if `warmup`."""
+    if warmup:
+        search.search([prefix], [torch.Generator().manual_seed(0)])
     times = []
     for i in range(steps):
         t0 = time.perf_counter()
@@ -92,6 +99,18 @@ def matmul_flops(m: int, rows: int, cfg: GPTConfig) -> int:
     return 2 * m * 12 * cfg.n_embd**2 * cfg.n_layer + 2 * rows * cfg.n_embd * (cfg.n_bins + 1)
 
 
+def measure(search: BeamSearch, prefix: torch.Tensor, steps: int) -> dict:
+    """Cached seconds per env step, and the GEMM-bound estimate of the same search."""
+    cfg = search.model.config
+    t_cached = seconds_per_step(search, prefix, steps)
+    calls = cached_calls(search, prefix)
+    shapes = {(rows * t, rows) for rows, t in calls}
+    gemm = {s: gemm_seconds(*s, cfg) for s in shapes}
+    t_gemm = sum(gemm[(rows * t, rows)] for rows, t in calls)
+    flops = sum(matmul_flops(rows * t, rows, cfg) for rows, t in calls)
+    return {"s": t_cached, "gemm": t_gemm, "flops": flops, "encodes": sum(t > 1 for _, t in calls)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -100,31 +119,28 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, disc, prefix = build()
-    cfg = model.config
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"Hopper dims (obs {OBS}, act {ACT}), GPT {cfg.n_layer}x{cfg.n_head}x{cfg.n_embd}, {BINS} bins, "
-          f"context {CONTEXT}, fp32, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {load:.1f}")
-    header = (f"{'setting':<22}{'cached s':>10}{'uncached s':>12}{'speedup':>9}{'GFLOP':>8}{'GEMM s':>9}"
-              f"{'GEMM GFLOP/s':>14}{'cached/GEMM':>13}{'re-encodes':>12}")
-    print(header)
+    print(f"GPT 4x4x128, {BINS} bins, context {CONTEXT}, fp32, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {load:.1f}")
+    print(f"{'setting':<16}{'model':<10}{'cached s':>10}{'uncached s':>12}{'speedup':>9}{'GFLOP':>8}{'GEMM s':>9}"
+          f"{'GEMM GFLOP/s':>14}{'cached/GEMM':>13}{'encodes':>9}")
+    results = {}
     with torch.inference_mode():
-        for name, plan in SETTINGS:
-            cached = BeamSearch(model, disc, plan, 0.99, cached=True)
-            uncached = BeamSearch(model, disc, plan, 0.99, cached=False)
-            t_cached = seconds_per_step(cached, prefix, args.steps)
-            t_uncached = seconds_per_step(uncached, prefix, args.uncached_steps)
-            calls = cached_calls(cached, prefix)
-            shapes = {(rows * t, rows) for rows, t in calls}
-            gemm = {s: gemm_seconds(*s, cfg) for s in shapes}
-            t_gemm = sum(gemm[(rows * t, rows)] for rows, t in calls)
-            flops = sum(matmul_flops(rows * t, rows, cfg) for rows, t in calls)
-            encodes = sum(t > 1 for _, t in calls)
-            print(f"{name:<22}{t_cached:>10.3f}{t_uncached:>12.2f}{t_uncached / t_cached:>9.1f}{flops / 1e9:>8.1f}"
-                  f"{t_gemm:>9.3f}{flops / t_gemm / 1e9:>14.1f}{t_cached / t_gemm:>13.2f}{encodes:>12}")
-    print(f"plan_speed cached_vs_uncached={t_uncached / t_cached:.1f} vs_gemm_limit={t_cached / t_gemm:.2f} "
-          f"seconds_per_step={t_cached:.3f}")
+        for label, (obs, act), plan, reference in SETTINGS:
+            for attention in ("absolute", "window"):
+                model, disc, prefix = build(obs, act, attention)
+                r = measure(BeamSearch(model, disc, plan, 0.99, cached=True), prefix, args.steps)
+                r["uncached"] = float("nan")
+                if reference and attention == "absolute":
+                    uncached = BeamSearch(model, disc, plan, 0.99, cached=False)
+                    r["uncached"] = seconds_per_step(uncached, prefix, args.uncached_steps, warmup=False)
+                results[label, attention] = r
+                print(f"{label:<16}{attention:<10}{r['s']:>10.3f}{r['uncached']:>12.2f}"
+                      f"{r['uncached'] / r['s']:>9.1f}{r['flops'] / 1e9:>8.1f}{r['gemm']:>9.3f}"
+                      f"{r['flops'] / r['gemm'] / 1e9:>14.1f}{r['s'] / r['gemm']:>13.2f}{r['encodes']:>9}", flush=True)
+    a, w = results["hopper 128/15", "absolute"], results["hopper 128/15", "window"]
+    print(f"plan_speed cached_vs_uncached={a['uncached'] / a['s']:.1f} vs_gemm_limit={a['s'] / a['gemm']:.2f} "
+          f"seconds_per_step={a['s']:.3f} window_seconds_per_step={w['s']:.3f}")
 
 
 if __name__ == "__main__":

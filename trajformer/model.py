@@ -48,11 +48,11 @@ class GPTConfig:
 
 
 def attention_mask(query_pos: torch.Tensor, n_keys: int, pad: torch.Tensor, transition_dim: int,
-                   window: int = 0) -> torch.Tensor:
-    """Boolean (B, 1, q, k) mask over buffer slots: key k is visible from the query in slot q if k <= q, k is
-    not left padding, k is not a value column (relative position (k - pad) % T == T - 1) and, with a band
-    (`window` > 0), q - k < window."""
-    keys = torch.arange(n_keys, device=pad.device)
+                   window: int = 0, first_key: int = 0) -> torch.Tensor:
+    """Boolean (B, 1, q, k) mask over buffer slots first_key..n_keys-1: key k is visible from the query in slot
+    q if k <= q, k is not left padding, k is not a value column (relative position (k - pad) % T == T - 1)
+    and, with a band (`window` > 0), q - k < window."""
+    keys = torch.arange(first_key, n_keys, device=pad.device)
     rel = keys[None, :] - pad[:, None]  # (B, k)
     visible = (rel >= 0) & (rel % transition_dim != transition_dim - 1)
     causal = keys[None, :] <= query_pos[:, None]  # (q, k)
@@ -91,6 +91,7 @@ class KVCache:
         self.rows = 0
         self.length = 0
         self.offset = 0  # slots dropped from the front by `compact` (window models); positions keep counting
+        self.first_key = 0  # first slot the current forward pass attends to
         self.pad = torch.zeros(0, dtype=torch.long, device=device)
 
     @property
@@ -192,9 +193,9 @@ class SelfAttention(nn.Module):
             start = cache.length
             cache.k[layer, :B, :, start : start + t] = k
             cache.v[layer, :B, :, start : start + t] = v
-            n_keys = mask.shape[-1]  # written slots, or the whole buffer for one query (see forward_cached)
-            k = cache.k[layer, :B, :, :n_keys]
-            v = cache.v[layer, :B, :, :n_keys]
+            keys = slice(cache.first_key, cache.first_key + mask.shape[-1])  # the slots forward_cached chose
+            k = cache.k[layer, :B, :, keys]
+            v = cache.v[layer, :B, :, keys]
         if cache is None:  # training and full-window forward: `mask` is the additive (t, t) bias
             y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
         elif t == 1:  # one query per row: plain matmuls beat the fused CPU kernel
@@ -316,10 +317,10 @@ class GPT(nn.Module):
         if self.wpe is not None and int(rel.max()) >= self.config.block_size:
             raise ValueError(f"position {int(rel.max())} exceeds the model's block size {self.config.block_size}")
         x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(rel.clamp(min=0))
-        # One query attends over the whole buffer (contiguous: fast plain matmuls; the causal mask hides the
-        # unwritten slots); several attend over the written slots only (fewer key blocks for the fused kernel).
-        n_keys = cache.max_len if t == 1 else start + t
-        mask = attention_mask(query_pos, n_keys, cache.pad - cache.offset, self.config.transition_dim, self.band)
+        # Queries attend over the written slots, and a window model's only over those its band can reach.
+        cache.first_key = max(0, start - self.band + 1) if self.band else 0
+        mask = attention_mask(query_pos, start + t, cache.pad - cache.offset, self.config.transition_dim, self.band,
+                              cache.first_key)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer, rel)
         cache.length = start + t
