@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import gymnasium as gym
 import imageio.v2 as imageio
@@ -17,6 +18,7 @@ from trajformer.config import Config, config_from_dict, to_toml
 from trajformer.discretizer import Discretizer
 from trajformer.model import GPT, GPTConfig
 from trajformer.planner import plan_config
+from trajformer.render import EpisodeVideo
 from trajformer.rollout import evaluate, score_reference, summarize
 from trajformer.run import gpt_config_dict, load_run, save_discretizer, save_json, save_text, save_torch
 
@@ -222,6 +224,27 @@ def test_video_shows_real_episode_beside_planned_states(tmp_path):
     height, width = frames.shape[1:3]
     assert width == 2 * height  # real | planned
     assert frames[:, :, width // 2 :].mean() > 20  # the planned panel is rendered, not left black
+    # Both panels carry a label in their top-left corner: a dark box with white text.
+    for left in (0, width // 2):
+        corner = frames[0, 2:16, left + 2 : left + 40]
+        assert corner.max() > 200 and np.percentile(corner, 25) < 30
+    assert record["video_fps"] == gym.make("Hopper-v5").metadata["render_fps"]  # the env's real time
+
+
+def test_rendering_time_is_not_planning_time(tmp_path, monkeypatch):
+    """seconds_per_step counts planning and env steps, not video frames (here made to take 0.3 s each)."""
+    run_dir = hopper_run(tmp_path / "hopper", list(range(11)))
+    add = EpisodeVideo.add
+
+    def slow_add(self, *args):
+        time.sleep(0.3)
+        add(self, *args)
+
+    monkeypatch.setattr(EpisodeVideo, "add", slow_add)
+    record = evaluate(load_run(run_dir), episodes=1, max_steps=3, video=tmp_path / "v.mp4", progress=False,
+                      video_speed=0.25)
+    assert record["seconds_per_step"] < 0.3
+    assert record["video_fps"] == 0.25 * gym.make("Hopper-v5").metadata["render_fps"]
 
 
 def test_video_falls_back_to_gif_name(tmp_path):

@@ -116,7 +116,10 @@ def _add_plan(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="episode e uses seed + e for the env and the planner")
     _add_overrides(p, "plan.beam_width=32", metavar="plan.KEY=VALUE")
     p.add_argument("--json", dest="json_path", default=None, metavar="OUT.json", help="write the results as JSON")
-    p.add_argument("--video", default=None, metavar="OUT.mp4", help="render the first episode and its plans")
+    p.add_argument("--video", default=None, metavar="OUT.mp4",
+                   help="render the first episode (left, real) beside its planned future (right)")
+    p.add_argument("--video-speed", type=float, default=1.0,
+                   help="playback speed of the video: 1 = the env's real time, 0.25 = four times slower")
     p.set_defaults(func=_cmd_plan)
 
 
@@ -125,7 +128,7 @@ def _cmd_plan(args) -> None:
 
     plan_command(args.run_dir, env_id=args.env, episodes=args.episodes, num_envs=args.num_envs,
                  max_steps=args.max_steps, seed=args.seed, overrides=args.overrides, json_path=args.json_path,
-                 video=args.video)
+                 video=args.video, video_speed=args.video_speed)
 
 
 def _add_train_ensemble(sub) -> None:

@@ -1,17 +1,12 @@
 """Figures for predictions and models: error and likelihood curves, traces, humanoid filmstrips, attention maps.
 
 Everything writes PNGs (atomically) with the Agg backend, so it runs headless in tests and notebooks.
-Poses are rendered by setting predicted observations into a MuJoCo simulator copy: qpos = [x, y, obs[:nq-2]]
-for a free-root body (Humanoid, Ant), with the root x/y integrated from the predicted velocities and the root
-quaternion normalised; the layout is detected with rollout.PlanRenderer.
+Poses are rendered by trajformer.render from the predicted observations.
 """
 
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering; must precede the first mujoco import
-
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from trajformer.render import pose_renderer, save_video  # noqa: E402
 from trajformer.run import atomic_write  # noqa: E402
 
 COLORS = {"true": "black", "transformer": "tab:blue", "ensemble": "tab:orange", "oracle": "tab:green"}
@@ -115,51 +111,6 @@ def traces(true: np.ndarray, preds: dict[str, np.ndarray], path: str | os.PathLi
     return save_figure(fig, path, dpi=90)
 
 
-def pose_renderer(env_spec: dict, obs_indices: np.ndarray, size: int = 240):
-    """A function rendering observation sequences (H, dS) as frames, or None when the env has no
-    [qpos[skip:], qvel] layout covered by the model's dims (or cannot be made)."""
-    from trajformer.rollout import PlanRenderer, make_env
-
-    if not env_spec.get("id"):
-        return None
-    kwargs = {k: v for k, v in (env_spec.get("kwargs") or {}).items() if k != "render_mode"}
-    # A camera that tracks the torso from close by, aimed low: fallen humanoids stay in the frame.
-    camera = {"trackbodyid": 1, "distance": 3.5, "lookat": np.array([0.0, 0.0, 0.6]), "elevation": -20.0}
-    try:
-        env = make_env(env_spec["id"], {**kwargs, "width": size, "height": size, "default_camera_config": camera},
-                       None, render=True)
-    except (ValueError, TypeError):
-        return None
-    obs, _ = env.reset(seed=0)
-    layout = PlanRenderer(env, env, obs_indices)
-    layout.start(obs)
-    sim = env.unwrapped
-    skip = layout.skip
-    nq, nv = (sim.model.nq, sim.model.nv) if skip is not None else (0, 0)
-    if skip is None or not np.array_equal(obs_indices[: nq - skip + nv], np.arange(nq - skip + nv)):
-        env.close()
-        return None
-    free_root = skip == 2 and int(sim.model.jnt_type[0]) == 0  # mjJNT_FREE: qpos[3:7] is a quaternion
-
-    def render(states: np.ndarray) -> list[np.ndarray]:
-        xy = np.zeros(skip)
-        frames = []
-        for state in states:
-            if not np.all(np.isfinite(state[: nq - skip + nv])):
-                frames.append(np.zeros_like(frames[-1]) if frames else np.zeros((size, size, 3), np.uint8))
-                continue
-            qvel = np.asarray(state[nq - skip : nq - skip + nv], dtype=np.float64)
-            xy = xy + qvel[:skip] * sim.dt
-            qpos = np.concatenate([xy, state[: nq - skip]])
-            if free_root:
-                qpos[3:7] /= max(np.linalg.norm(qpos[3:7]), 1e-8)
-            sim.set_state(qpos, qvel)
-            frames.append(env.render())
-        return frames
-
-    return render
-
-
 def filmstrip(rows: dict[str, list[np.ndarray]], steps: list[int], path: str | os.PathLike) -> Path:
     """A grid of frames: one row per name (true, transformer, ensemble), one column per step."""
     fig, axes = plt.subplots(len(rows), len(steps), figsize=(1.3 * len(steps), 1.4 * len(rows)), squeeze=False)
@@ -177,22 +128,6 @@ def filmstrip(rows: dict[str, list[np.ndarray]], steps: list[int], path: str | o
     return save_figure(fig, path, dpi=120)
 
 
-def save_video(frames: list[np.ndarray], path: str | os.PathLike, fps: int = 20) -> Path:
-    """mp4 through imageio-ffmpeg, or a gif when it is missing."""
-    import imageio.v2 as imageio
-
-    path = Path(path)
-    try:
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError:
-        path = path.with_suffix(".gif")
-    if path.suffix == ".gif":
-        imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
-    else:
-        imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
-    return path
-
-
 def prediction_figures(record: dict, out: Path, true: np.ndarray, tf: dict, ens_tf: dict | None, ol: dict,
                        ens_ol: dict | None, start: np.ndarray, env: dict, obs_indices: np.ndarray,
                        render: bool = True) -> dict:
@@ -207,9 +142,9 @@ def prediction_figures(record: dict, out: Path, true: np.ndarray, tf: dict, ens_
     if renderer is None:
         files["filmstrip"] = None
         return files
-    rows = {"true": renderer(np.concatenate([start[:1], true[0]]))}
+    rows = {"true": renderer.render(np.concatenate([start[:1], true[0]]), stop_at_nan=False)}
     for name, pred in preds.items():
-        rows[name] = renderer(np.concatenate([start[:1], pred]))
+        rows[name] = renderer.render(np.concatenate([start[:1], pred]), stop_at_nan=False)
     horizon = len(true[0])
     steps = sorted({*range(0, horizon + 1, max(1, horizon // 10)), horizon})
     files["filmstrip"] = str(filmstrip(rows, steps, out / "filmstrip.png"))

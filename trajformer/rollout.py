@@ -7,10 +7,6 @@ not depend on how many envs run at once (--num-envs changes only the speed).
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering; must precede the first mujoco import
-
 import dataclasses
 import math
 import time
@@ -22,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from trajformer.config import PlanConfig
-from trajformer.planner import Plan, Planner, plan_config
+from trajformer.planner import Planner, plan_config
+from trajformer.render import EpisodeVideo, make_env
 from trajformer.run import Run, load_run, save_json
 
 # D4RL v2 random / expert reference returns (labelled as such: our envs are v5).
@@ -45,15 +42,6 @@ def env_settings(run: Run, env_id: str | None = None) -> tuple[str, dict, int | 
         return env_id, {}, None
     kwargs = {k: v for k, v in (recorded.get("kwargs") or {}).items() if k != "render_mode"}
     return env_id, kwargs, recorded.get("max_episode_steps")
-
-
-def make_env(env_id: str, kwargs: dict, max_episode_steps: int | None, render: bool = False) -> gym.Env:
-    """gym.make with a one-line error for unknown ids."""
-    try:
-        return gym.make(env_id, max_episode_steps=max_episode_steps, **kwargs,
-                        **({"render_mode": "rgb_array"} if render else {}))
-    except gym.error.Error as err:
-        raise ValueError(f"cannot make env {env_id!r} ({err}); pass a registered Gymnasium id with --env") from None
 
 
 def check_env(env: gym.Env, run: Run, env_id: str) -> None:
@@ -98,89 +86,17 @@ def summarize(returns: list[float], lengths: list[int], reference: tuple[float, 
     return out
 
 
-class PlanRenderer:
-    """Renders a MuJoCo locomotion env's real frames and, beside them, the planned future states.
-
-    Planned observations are set into a second copy of the simulator: qpos = [x, obs[:nq - skip]] and
-    qvel = obs[nq - skip : nq - skip + nv], where `skip` (1 for Hopper/HalfCheetah/Walker2d, 2 for Ant and
-    Humanoid) is detected by comparing the reset observation with the simulator state. Dims the model does
-    not see keep the real current value; x (and y) are integrated from the planned velocities. Limits: the
-    velocity clipping of some envs is not undone, and envs whose observation does not start with
-    [qpos[skip:], qvel] get the real frames only.
-    """
-
-    def __init__(self, real: gym.Env, ghost: gym.Env | None, obs_indices: np.ndarray):
-        self.real, self.ghost, self.obs_indices = real, ghost, obs_indices
-        self.skip = None
-        self.frames: list[np.ndarray] = []
-
-    def start(self, obs: np.ndarray) -> None:
-        """Detect the observation layout after the real env's reset."""
-        sim = self.real.unwrapped
-        if self.ghost is None or not hasattr(sim, "data") or not hasattr(sim, "set_state"):
-            return
-        self.ghost.reset(seed=0)
-        nq, nv = sim.model.nq, sim.model.nv
-        for skip in (1, 2, 0):
-            n = nq - skip
-            if len(obs) >= n + nv and np.allclose(obs[:n], sim.data.qpos[skip:]) and np.allclose(
-                    obs[n : n + nv], sim.data.qvel):
-                self.skip = skip
-                return
-
-    def _ghost_frame(self, obs: np.ndarray, plan: Plan) -> np.ndarray | None:
-        if self.skip is None:
-            return None
-        sim, ghost = self.real.unwrapped, self.ghost.unwrapped
-        nq, nv, skip = sim.model.nq, sim.model.nv, self.skip
-        xy = sim.data.qpos[:skip].copy()
-        frames = []
-        for state in plan.next_observations:
-            if not np.all(np.isfinite(state)):
-                break
-            raw = np.asarray(obs, dtype=np.float64).copy()
-            raw[self.obs_indices] = state
-            qvel = raw[nq - skip : nq - skip + nv]
-            xy = xy + qvel[:skip] * sim.dt
-            ghost.set_state(np.concatenate([xy, raw[: nq - skip]]), qvel)
-            frames.append(self.ghost.render().astype(np.float32))
-        return np.mean(frames, axis=0).astype(np.uint8) if frames else None
-
-    def add(self, obs: np.ndarray, plan: Plan | None) -> None:
-        """One video frame: the real env now, and beside it the blend of the planned states (if possible)."""
-        real = self.real.render()
-        if self.skip is None:
-            self.frames.append(real)
-            return
-        ghost = self._ghost_frame(obs, plan) if plan is not None else None
-        self.frames.append(np.concatenate([real, ghost if ghost is not None else np.zeros_like(real)], axis=1))
-
-    def save(self, path: Path, fps: int) -> Path:
-        """Write an mp4 through imageio-ffmpeg, or a gif when it is missing (or asked for)."""
-        import imageio.v2 as imageio
-
-        path = Path(path)
-        if path.suffix != ".gif":
-            try:
-                import imageio_ffmpeg  # noqa: F401
-            except ImportError:
-                path = path.with_suffix(".gif")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".gif":
-            imageio.mimsave(path, self.frames, duration=1000 / fps, loop=0)
-        else:
-            imageio.mimsave(path, self.frames, fps=fps, macro_block_size=1)
-        return path
-
-
 def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = None, episodes: int = 1,
              num_envs: int = 1, max_steps: int | None = None, seed: int = 0, video: str | Path | None = None,
-             progress: bool = True, dtype: torch.dtype = torch.float32) -> dict:
-    """Plan `episodes` episodes over `num_envs` envs stepped together; returns the JSON record."""
+             progress: bool = True, dtype: torch.dtype = torch.float32, video_speed: float = 1.0) -> dict:
+    """Plan `episodes` episodes over `num_envs` envs stepped together; returns the JSON record. The video shows
+    episode 0 at the env's frame rate times `video_speed`; rendering is not counted in seconds_per_step."""
     if episodes < 1 or num_envs < 1:
         raise ValueError(f"--episodes ({episodes}) and --num-envs ({num_envs}) must be >= 1")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
+    if video_speed <= 0:
+        raise ValueError(f"--video-speed must be > 0 (1 = real time, 0.25 = four times slower), got {video_speed}")
     plan_cfg = plan_cfg or run.config.plan
     env_id, kwargs, limit = env_settings(run, env_id)
     if plan_cfg.num_threads > 0:
@@ -201,7 +117,7 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
     renderer = None
     if video is not None:
         ghost = make_env(env_id, kwargs, limit, render=True)
-        renderer = PlanRenderer(envs[0], ghost, run.obs_indices)
+        renderer = EpisodeVideo(envs[0], ghost, run.obs_indices)
 
     obs: list[np.ndarray | None] = [None] * num_envs
     episode_of, ret, length = [-1] * num_envs, [0.0] * num_envs, [0] * num_envs
@@ -222,7 +138,7 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
         start(k)
     total = episodes * (max_steps or limit) if (max_steps or limit) else None
     bar = tqdm(total=total, desc=f"plan {env_id}", unit="step", disable=not progress)
-    steps, t0 = 0, time.perf_counter()
+    steps, t0, render_seconds = 0, time.perf_counter(), 0.0
     while True:
         active = [k for k in range(num_envs) if episode_of[k] >= 0]
         if not active:
@@ -233,7 +149,11 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
             if planner.offsets[k] == 1:  # replanned this step
                 log_likelihoods.append(planner.last_plans[k].log_likelihood)
             if renderer is not None and episode_of[k] == 0:
-                renderer.add(obs[k], planner.last_plans[k])
+                tick = time.perf_counter()
+                plan = planner.last_plans[k]
+                future = plan.next_observations[planner.offsets[k] - 1 :] if plan is not None else None
+                renderer.add(obs[k], future, length[k])
+                render_seconds += time.perf_counter() - tick
             obs[k], reward, terminated, truncated, _ = envs[k].step(action)
             rewards.append(float(reward))
             ret[k] += float(reward)
@@ -250,7 +170,7 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
         running = [ret[k] for k in range(num_envs) if episode_of[k] >= 0]
         bar.set_postfix(running_return=f"{np.mean(running):.1f}" if running else "-", done=len(results))
     bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - render_seconds
 
     reference, label = score_reference(env_id, run.meta)
     order = sorted(results)
@@ -265,9 +185,10 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
                    "dtype": str(dtype).removeprefix("torch.")},
     })
     if renderer is not None:
-        fps = int(envs[0].metadata.get("render_fps", 30))
-        record["video"] = str(renderer.save(Path(video), min(fps, 60)))
-        if renderer.skip is None:
+        fps = float(envs[0].metadata.get("render_fps", 30)) * video_speed
+        record["video"] = str(renderer.save(Path(video), fps))
+        record["video_fps"] = fps
+        if not renderer.posed:
             record["video_note"] = "real episode only: the env is not a MuJoCo env with [qpos, qvel] observations"
     for env in envs:
         env.close()
@@ -296,12 +217,12 @@ def report(record: dict) -> str:
 
 def plan_command(run_dir: str, env_id: str | None = None, episodes: int = 1, num_envs: int = 1,
                  max_steps: int | None = None, seed: int = 0, overrides: list[str] | None = None,
-                 json_path: str | None = None, video: str | None = None) -> dict:
+                 json_path: str | None = None, video: str | None = None, video_speed: float = 1.0) -> dict:
     """`trajformer plan`: load the run, validate the settings, evaluate, print the report, write JSON."""
     run = load_run(run_dir)
     plan_cfg = plan_config(run, overrides or [])
     record = evaluate(run, plan_cfg, env_id=env_id, episodes=episodes, num_envs=num_envs, max_steps=max_steps,
-                      seed=seed, video=video)
+                      seed=seed, video=video, video_speed=video_speed)
     print(report(record))
     if json_path is not None:
         save_json(Path(json_path), record)
