@@ -192,7 +192,8 @@ transition) in early layers and striated, per-dimension patterns later."""),
 import numpy as np
 
 from trajformer.plots import attention_figure
-from trajformer.predict import _tokens, attention_maps, load_heldout
+from trajformer.predict import attention_maps, load_heldout
+from trajformer.tokens import context_transition
 from trajformer.run import load_run
 
 RUN = Path(os.environ.get("TRAJFORMER_HUMANOID_RUN", "pretrained/models/humanoid-tt"))
@@ -200,8 +201,8 @@ run = load_run(RUN)
 held = load_heldout("pretrained/data/humanoid-heldout.npz", run)
 ep, t0 = held.episodes[0], 200
 L, T = run.config.data.sequence_length, run.model.config.transition_dim
-rows = [np.concatenate([ep.obs[t], ep.act[t], [ep.rew[t], 1e6]]) for t in range(t0, t0 + L)]
-idx = torch.as_tensor(np.concatenate([_tokens(run, r, 0) for r in rows]))[None, : L * T - 1]
+rows = [context_transition(run.discretizer, ep.obs[t], ep.act[t], ep.rew[t]) for t in range(t0, t0 + L)]
+idx = torch.as_tensor(np.concatenate(rows))[None, : L * T - 1]
 maps = attention_maps(run.model, idx)[:, 0].numpy()  # (layer, head, query, key)
 print(f"window of {idx.shape[1]} tokens = {L} transitions of {T} (45 state, 17 action, reward, value)")"""),
     ("code", """\

@@ -11,18 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trajformer.config import Config, PlanConfig
+from trajformer.decoding import CachedDecoder, ReferenceDecoder, crop_start
 from trajformer.discretizer import Discretizer
 from trajformer.model import GPT, GPTConfig
-from trajformer.planner import (
-    BeamSearch,
-    CachedDecoder,
-    Planner,
-    ReferenceDecoder,
-    crop_start,
-    filter_cdf,
-    filter_top_k,
-    plan_config,
-)
+from trajformer.planner import BeamSearch, Planner, filter_cdf, filter_top_k, plan_config
 from trajformer.run import Run
 
 DS, DA, N, SEQ = 3, 2, 10, 4

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 from trajformer import cli
+from trajformer.decoding import crop_start
 from trajformer.ensemble import EnsembleConfig, train_ensemble
-from trajformer.planner import crop_start
 from trajformer.predict import (
     attention_maps,
     choose_starts,
@@ -112,9 +112,9 @@ def test_teacher_forcing_uses_the_actions(run, held):
 
 
 def out_tokens(run, values, first_dim):
-    from trajformer.predict import _tokens
+    from trajformer.tokens import encode_values
 
-    return torch.as_tensor(_tokens(run, np.asarray(values), first_dim))
+    return torch.as_tensor(encode_values(run.discretizer, np.asarray(values), first_dim))
 
 
 def test_attention_maps_reproduce_the_model(run, held):

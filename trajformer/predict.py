@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from trajformer.data import Episode, load_episodes
+from trajformer.decoding import CachedDecoder, crop_start, pick
 from trajformer.ensemble import Ensemble, load_ensemble, obs_std
 from trajformer.model import GPT
-from trajformer.planner import CachedDecoder, crop_start, draw_per_env
 from trajformer.run import Run, atomic_write, load_run, save_json
+from trajformer.tokens import VALUE_PLACEHOLDER, context_transition, encode_values
 
 SUMMARY_STEPS = (1, 10, 25, 50, 100)
-VALUE_PLACEHOLDER = 1e6  # the planner's value for past transitions (clipped to the last bin; never attended)
 
 
 @dataclass
@@ -134,23 +134,13 @@ def choose_starts(held: HeldOut, horizon: int, n_starts: int, seed: int = 0) -> 
             for k in range(n_starts)]
 
 
-def _tokens(run: Run, values: np.ndarray, first_dim: int) -> np.ndarray:
-    """Token ids (..., n) of values (..., n) for dimensions first_dim .. first_dim + n - 1."""
-    n, T = values.shape[-1], run.discretizer.dim
-    full = np.zeros((*values.shape[:-1], T))
-    full[..., first_dim : first_dim + n] = values
-    bins = run.discretizer.encode(full)[..., first_dim : first_dim + n]
-    return bins + run.discretizer.n_bins * np.arange(first_dim, first_dim + n)
-
-
 def context_tokens(run: Run, episode: Episode, t: int) -> torch.Tensor:
     """The true past transitions before t (at most sequence_length - 1, value = placeholder), then s_t."""
     L = run.config.data.sequence_length
     past = []
     for u in range(max(0, t - (L - 1)), t):
-        joined = np.concatenate([episode.obs[u], episode.act[u], [episode.rew[u], VALUE_PLACEHOLDER]])
-        past.append(_tokens(run, joined, 0))
-    past.append(_tokens(run, episode.obs[t], 0))
+        past.append(context_transition(run.discretizer, episode.obs[u], episode.act[u], episode.rew[u]))
+    past.append(encode_values(run.discretizer, episode.obs[t], 0))
     return torch.as_tensor(np.concatenate(past))
 
 
@@ -173,13 +163,10 @@ def rollout_transformer(run: Run, prefixes: list[torch.Tensor], horizon: int, sa
     dec.start(prefixes, K * M)
     dec.reorder(torch.arange(K).repeat_interleave(M))
     generators = [torch.Generator().manual_seed(seed + k) for k in range(K)]
-    value_token = torch.full((K * M,), int(_tokens(run, np.array([VALUE_PLACEHOLDER]), T - 1)[0]))
-    true_act = None if actions is None else torch.as_tensor(_tokens(run, actions, dS)).repeat_interleave(M, dim=0)
+    value_token = torch.full((K * M,), int(encode_values(disc, np.array([VALUE_PLACEHOLDER]), T - 1)[0]))
+    true_act = None if actions is None else torch.as_tensor(encode_values(disc, actions, dS)).repeat_interleave(M, 0)
     bins = torch.zeros(K * M, horizon, T, dtype=torch.long)
     stop_step = torch.zeros(K * M, dtype=torch.long)
-
-    def pick(logits: torch.Tensor, use_argmax: bool) -> torch.Tensor:
-        return logits.argmax(-1) if use_argmax else draw_per_env(logits.softmax(-1), generators)
 
     for h in range(horizon):
         for j in range(dA):
@@ -189,15 +176,15 @@ def rollout_transformer(run: Run, prefixes: list[torch.Tensor], horizon: int, sa
                 continue
             logits = dec.logits().clone()
             logits[:, N] = -math.inf  # an action is never stop
-            local = pick(logits, False)
+            local = pick(logits, False, generators)
             bins[:, h, dS + j] = local
             dec.append(local + (dS + j) * N)
-        local = pick(dec.logits()[:, :N], greedy)  # reward over the N bins
+        local = pick(dec.logits()[:, :N], greedy, generators)  # reward over the N bins
         bins[:, h, dS + dA] = local
         dec.append(local + (dS + dA) * N)
         dec.append(value_token)
         for j in range(dS):
-            local = pick(dec.logits(), greedy)
+            local = pick(dec.logits(), greedy, generators)
             stopped = local == N
             stop_step = torch.where(stopped & (stop_step == 0), h + 1, stop_step)
             bins[:, h, j] = local
@@ -338,8 +325,8 @@ def transformer_one_step(run: Run, held: HeldOut, n: int = 128, seed: int = 0) -
         e = held.episodes[int(rng.integers(len(held.episodes)))]
         t = int(rng.integers(e.length))
         context = context_tokens(run, e, t)
-        tail = _tokens(run, np.concatenate([e.act[t], [e.rew[t], VALUE_PLACEHOLDER]]), dS)
-        idx = torch.cat([context, torch.as_tensor(tail), torch.as_tensor(_tokens(run, e.obs[t + 1], 0))])
+        tail = encode_values(disc, np.concatenate([e.act[t], [e.rew[t], VALUE_PLACEHOLDER]]), dS)
+        idx = torch.cat([context, torch.as_tensor(tail), torch.as_tensor(encode_values(disc, e.obs[t + 1], 0))])
         idx = idx[crop_start(len(idx) - 1, model.config.block_size, T) :]  # the planner's sliding window
         logits = model(idx[None, :-1])[0, -dS:]
         target = idx[-dS:] - torch.arange(dS) * N

@@ -12,6 +12,10 @@ import numpy as np
 import torch
 
 from trajformer.data import Episode
+from trajformer.discretizer import Discretizer
+
+VALUE_PLACEHOLDER = 1e6
+"""The value fed for past transitions (official): clipped to the value column's last bin, never attended."""
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -82,3 +86,18 @@ def loss_weights(obs_dim: int, act_dim: int, sequence_length: int, action_weight
     per_slot = torch.tensor([1.0] * obs_dim + [action_weight] * act_dim + [reward_weight, value_weight])
     transition_dim = obs_dim + act_dim + 2
     return per_slot[torch.arange(1, sequence_length * transition_dim) % transition_dim]
+
+
+def encode_values(discretizer: Discretizer, values: np.ndarray, first_dim: int) -> np.ndarray:
+    """Token ids (..., n) of values (..., n) of the consecutive dimensions first_dim .. first_dim + n - 1."""
+    values = np.asarray(values, dtype=np.float64)
+    n, T = values.shape[-1], discretizer.dim
+    full = np.zeros((*values.shape[:-1], T))
+    full[..., first_dim : first_dim + n] = values
+    bins = discretizer.encode(full)[..., first_dim : first_dim + n]
+    return bins + discretizer.n_bins * np.arange(first_dim, first_dim + n)
+
+
+def context_transition(discretizer: Discretizer, obs: np.ndarray, act: np.ndarray, reward: float) -> np.ndarray:
+    """Token ids of one past transition as the planner's context holds it: [s, a, r, value placeholder]."""
+    return encode_values(discretizer, np.concatenate([obs, act, [reward, VALUE_PLACEHOLDER]]), 0)

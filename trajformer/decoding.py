@@ -1,0 +1,136 @@
+"""Next-token decoding over a GPT, shared by the planner and long-horizon prediction (DESIGN.md §5, §5b).
+
+Two decoders produce next-token logits for rows of token sequences: `CachedDecoder` (incremental over a KV
+cache: an absolute model re-encodes its window only when the official sliding window drops a transition from
+its front; a window model's cache drops its oldest keys and never re-encodes) and `ReferenceDecoder` (the
+official algorithm: one GPT.forward over each row's cropped window per generated token), which the tests and
+the benchmark compare. Rows are env-major, with the same number per env, and env k draws from its own
+torch.Generator, so a batch of envs decodes as the envs would alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trajformer.model import GPT, KVCache
+
+
+def crop_start(length: int, window: int | None, transition_dim: int) -> int:
+    """Official sliding window: how many tokens to drop from the front (whole transitions) to fit `window`
+    (None: no crop, as for window models, whose attention band bounds what each query sees)."""
+    if window is None:
+        return 0
+    excess = max(0, length - window)
+    return -(-excess // transition_dim) * transition_dim
+
+
+def draw_per_env(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One categorical draw per row; env k's equal block of rows uses only generators[k]."""
+    rows = len(probs) // len(generators)
+    draws = [torch.multinomial(probs[k * rows : (k + 1) * rows], 1, generator=g) for k, g in enumerate(generators)]
+    return torch.cat(draws)[:, 0]
+
+
+class ReferenceDecoder:
+    """Next-token logits by one GPT.forward over each env's cropped window per token (uncached, official).
+    An absolute model's window is cropped to `window` tokens; a window model's sequence is never cropped.
+
+    Rows are env-major with the same number per env; `generated` holds every row's tokens after its prefix.
+    """
+
+    def __init__(self, model: GPT, window: int):
+        self.model = model
+        self.window = window
+        self.crop = window if model.config.attention == "absolute" else None
+        self.transition_dim = model.config.transition_dim
+
+    def start(self, prefixes: list[torch.Tensor], max_rows: int) -> None:
+        """Begin a search with one row per env holding its prefix (ids, starting at a transition boundary)."""
+        self.prefixes = prefixes
+        self.generated = torch.zeros(len(prefixes), 0, dtype=torch.long)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (expansion and re-ranking)."""
+        self.generated = self.generated[index]
+
+    def append(self, tokens: torch.Tensor) -> None:
+        """Append one token (rows,) to every row."""
+        self.generated = torch.cat([self.generated, tokens[:, None]], dim=1)
+
+    def crop_starts(self) -> list[int]:
+        """Per env, the first sequence position inside the current window."""
+        n = self.generated.shape[1]
+        return [crop_start(len(p) + n, self.crop, self.transition_dim) for p in self.prefixes]
+
+    def windows(self) -> list[torch.Tensor]:
+        """Per env, its rows' current windows (rows_per_env, length)."""
+        rows = len(self.generated) // len(self.prefixes)
+        out = []
+        for k, (prefix, start) in enumerate(zip(self.prefixes, self.crop_starts(), strict=True)):
+            seq = torch.cat([prefix.expand(rows, -1), self.generated[k * rows : (k + 1) * rows]], dim=1)
+            out.append(seq[:, start:])
+        return out
+
+    def logits(self) -> torch.Tensor:
+        """Logits (rows, N+1) of the next token of every row."""
+        return torch.cat([self.model(w)[:, -1] for w in self.windows()])
+
+
+class CachedDecoder(ReferenceDecoder):
+    """Exact incremental decoding: the prefix is encoded once (one row per env) and broadcast by re-indexing
+    the KV cache; each token is one cached step. An absolute model's window is re-encoded when a crop moves its
+    start; a window model's cache drops its oldest keys instead (`KVCache.compact`) and never re-encodes.
+    """
+
+    def __init__(self, model: GPT, window: int):
+        super().__init__(model, window)
+        self.cache: KVCache | None = None
+        band = model.config.window
+        # Room for a prefix of `window` tokens plus one transition, and for the band's kept keys plus new ones.
+        self.cache_len = window if self.crop is not None else max(window + self.transition_dim, band) + band
+
+    def start(self, prefixes: list[torch.Tensor], max_rows: int) -> None:
+        super().start(prefixes, max_rows)
+        dtype = next(self.model.parameters()).dtype
+        if self.cache is None or self.cache.max_rows < max_rows or self.cache.k.dtype != dtype:
+            self.cache = KVCache(self.model.config, max_rows, self.cache_len, dtype=dtype)
+        self._encode()
+
+    def _encode(self) -> None:
+        """Encode every row's window from scratch into the cache, left-padded to a common length."""
+        windows = self.windows()
+        length = max(w.shape[1] for w in windows)
+        idx = torch.zeros(len(self.generated), length, dtype=torch.long)
+        pad = torch.empty(len(self.generated), dtype=torch.long)
+        rows = len(self.generated) // len(windows)
+        for k, w in enumerate(windows):
+            idx[k * rows : (k + 1) * rows, length - w.shape[1] :] = w
+            pad[k * rows : (k + 1) * rows] = length - w.shape[1]
+        self.cache.reset(pad)
+        self._logits = self.model.forward_cached(idx, self.cache)
+        self._starts = self.crop_starts()
+        self._fed = self.generated.shape[1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        self.cache.reorder(index)
+        if self._logits is not None:
+            self._logits = self._logits[index]
+
+    def append(self, tokens: torch.Tensor) -> None:
+        super().append(tokens)
+        self._logits = None
+
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            if self.crop_starts() != self._starts:
+                self._encode()
+            else:
+                self._logits = self.model.forward_cached(self.generated[:, self._fed :], self.cache)
+                self._fed = self.generated.shape[1]
+        return self._logits
+
+
+def pick(logits: torch.Tensor, greedy: bool, generators: list[torch.Generator]) -> torch.Tensor:
+    """Local class ids (rows,): the argmax, or one draw per row from the softmax with each env's generator."""
+    return logits.argmax(-1) if greedy else draw_per_env(logits.softmax(-1), generators)
