@@ -18,11 +18,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from trajformer.run import read_metrics  # noqa: E402
+
 TYPES = ("obs", "action", "reward", "value")
 
 
 def read(run: Path) -> dict:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run / "metrics.jsonl")
     meta = json.loads((run / "run.json").read_text())
     batch = meta.get("compute", {}).get("batch_size") or 64
     block = meta["model"]["block_size"]

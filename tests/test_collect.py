@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from minari.storage import get_dataset_path
 
+from trajformer.behavior import BEHAVIOR_DIR, evaluate_policy
 from trajformer.cli import main
-from trajformer.collect import BEHAVIOR_DIR, PRESETS, collect, collect_preset, evaluate
+from trajformer.collect import PRESETS, collect, collect_preset
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +68,7 @@ def test_same_seed_same_data():
 
 def test_actor_reproduces_card():
     card = json.loads((BEHAVIOR_DIR / "hopper-sac-0025k.json").read_text())
-    returns = evaluate("hopper-sac-0025k", episodes=card["eval_episodes"])
+    returns = evaluate_policy("hopper-sac-0025k", episodes=card["eval_episodes"])
     assert np.mean(returns) == pytest.approx(card["eval_return_mean"], rel=1e-6)
     assert np.std(returns) == pytest.approx(card["eval_return_std"], rel=1e-4)
 

@@ -13,6 +13,7 @@ from conftest import tiny_config
 from trajformer import cli
 from trajformer.data import load_episodes, split_episodes
 from trajformer.ensemble import EnsembleConfig, gaussian_nll, load_ensemble, train_ensemble, transitions
+from trajformer.run import read_metrics
 
 SMALL = EnsembleConfig(members=3, hidden=64, layers=2, max_epochs=15, patience=3, batch_size=128)
 
@@ -31,7 +32,7 @@ def split_data(hopper_dataset):
 
 
 def test_nll_falls_and_beats_constant_prediction(ensemble_dir, split_data):
-    rows = [json.loads(line) for line in (ensemble_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(ensemble_dir / "metrics.jsonl")
     meta = json.loads((ensemble_dir / "ensemble.json").read_text())
     assert meta["validation"]["val_nll"] < rows[0]["val_nll"] - 0.3  # held-out NLL fell from the untrained net
     data, train_idx, val_idx = split_data

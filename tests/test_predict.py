@@ -17,14 +17,12 @@ from conftest import tiny_config
 from trajformer import cli
 from trajformer.decoding import crop_start
 from trajformer.ensemble import EnsembleConfig, train_ensemble
+from trajformer.metrics import error_summary, histogram_loglik, normalized_error
 from trajformer.predict import (
     attention_maps,
     choose_starts,
     context_tokens,
-    error_summary,
-    histogram_loglik,
     load_heldout,
-    normalized_error,
     predict,
     rollout_transformer,
     save_heldout,

@@ -16,10 +16,11 @@ from minari.data_collector import EpisodeBuffer
 from trajformer import cli
 from trajformer.config import Config, config_from_dict, to_toml
 from trajformer.discretizer import Discretizer
+from trajformer.metrics import score_reference, summarize
 from trajformer.model import GPT, GPTConfig
 from trajformer.planner import plan_config
 from trajformer.render import EpisodeVideo
-from trajformer.rollout import evaluate, score_reference, summarize
+from trajformer.rollout import evaluate
 from trajformer.run import gpt_config_dict, load_run, save_discretizer, save_json, save_text, save_torch
 
 ENV_ID = "trajformer-test/PointLine-v0"

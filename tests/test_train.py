@@ -20,8 +20,9 @@ from minari.data_collector import EpisodeBuffer
 from trajformer import train as train_module
 from trajformer.cli import main as cli_main
 from trajformer.info import describe
+from trajformer.metrics import score_reference
 from trajformer.model import token_losses
-from trajformer.run import load_run
+from trajformer.run import load_run, read_metrics
 from trajformer.train import prepare, train
 
 
@@ -54,7 +55,7 @@ def test_run_directory_is_self_contained_and_pickle_free(tiny_run):
     assert set(meta["split"]["train_episodes"]).isdisjoint(meta["split"]["validation_episodes"])
     state = torch.load(tiny_run / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tiny_run / "metrics.jsonl")
     val = [r for r in rows if "val_loss" in r]
     assert {"val_obs", "val_action", "val_reward", "val_value"} <= set(val[-1])
     assert {"train_loss", "lr", "tokens_per_s"} <= set(rows[0])
@@ -86,7 +87,7 @@ def test_resume_after_interrupt_mid_epoch_is_bit_identical(hopper_dataset, tmp_p
         a = torch.load(full / name, weights_only=True)
         b = torch.load(tmp_path / "resumed" / name, weights_only=True)
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in read_metrics(tmp_path / "resumed" / "metrics.jsonl")]
     assert steps == sorted(steps)
 
 
@@ -233,3 +234,6 @@ def test_bfloat16_training_and_dataset_info(hopper_dataset, tmp_path):
     text = describe(hopper_dataset, None, ["discretizer.n_bins=20"])
     assert "transition_dim 16" in text and "3000 steps" in text
     assert len([line for line in text.splitlines() if "obs[" in line or "act[" in line]) == 14
+    # One reference for scores: the one `trajformer plan` normalises with.
+    (low, high), label = score_reference("Hopper-v5", {})
+    assert f"random {low:.2f} / expert {high:.2f} ({label})" in text

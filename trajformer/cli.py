@@ -101,9 +101,28 @@ def _add_collect(sub) -> None:
 
 
 def _cmd_collect(args) -> None:
-    from trajformer.collect import run
+    from minari.storage import get_dataset_path
 
-    run(args)
+    from trajformer.collect import collect, collect_preset
+
+    if args.preset is not None:
+        extra = [flag for flag in ("env_id", "policy", "dataset_id", "env_kwargs", "action_noise",
+                                   "max_episode_steps") if getattr(args, flag) is not None]
+        extra += ["deterministic"] if args.deterministic else []
+        if extra:
+            flags = ", ".join("ENV_ID" if f == "env_id" else "--" + f.replace("_", "-") for f in extra)
+            raise ValueError(f"--preset fixes the env, policy, actions and dataset id: drop {flags}")
+        dataset = collect_preset(args.preset, args.steps, args.seed, args.overwrite, args.num_envs)
+    else:
+        if args.env_id is None or args.dataset_id is None:
+            raise ValueError("give ENV_ID and --dataset-id NAMESPACE/NAME-v0, or --preset NAME")
+        dataset = collect(args.env_id, args.policy or "random", args.steps or 1_000_000, args.dataset_id,
+                          args.seed, args.action_noise or 0.0, args.env_kwargs, args.overwrite,
+                          args.deterministic, args.max_episode_steps, args.num_envs)
+    meta = dataset.storage.metadata
+    returns = f", return {meta['return_mean']:.1f} ± {meta['return_std']:.1f}" if "return_mean" in meta else ""
+    print(f"{meta['dataset_id']}: {dataset.total_episodes} episodes, {dataset.total_steps} steps{returns} "
+          f"in {get_dataset_path(meta['dataset_id'])}")
 
 
 def _add_plan(sub) -> None:

@@ -7,12 +7,10 @@ the episodes with `minari.create_dataset_from_buffers`; `collect_preset(name)` m
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,129 +21,18 @@ import torch
 from minari.data_collector import EpisodeBuffer
 from minari.dataset.minari_dataset import parse_dataset_id
 from minari.storage import get_dataset_path
-from torch import nn
 from tqdm import tqdm
 
-BEHAVIOR_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "behavior"
-"""Shipped behaviour policies: NAME.pt (actor state_dict) + NAME.json (card)."""
+from trajformer.behavior import Policy, episode_returns, load_behavior_policy, one_thread
+from trajformer.metrics import D4RL_REFERENCE, env_family
 
 HUMANOID_45 = {f"include_{k}_in_observation": False for k in ("cinert", "cvel", "qfrc_actuator", "cfrc_ext")}
 """Humanoid-v5 observation trimmed to qpos[2:] + qvel (45 dims), as the shipped humanoid actors expect."""
-
-D4RL_EXPERT = {"Hopper-v5": 3234.3, "HalfCheetah-v5": 12135.0, "Walker2d-v5": 4592.3}
-"""D4RL v2 expert reference returns, used as `ref_max_score` (D4RL's were measured on the v2 envs)."""
-
-Policy = Callable[[np.ndarray], np.ndarray]
-"""A batch of observations (n, dS) -> a batch of actions (n, dA) within the action bounds."""
-
-
-class SACActor(nn.Module):
-    """The SB3 SAC `MlpPolicy` actor (same state_dict keys), without SB3: a tanh-squashed Gaussian."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: tuple[int, ...] = (256, 256)):
-        super().__init__()
-        layers, width = [], obs_dim
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        self.latent_pi = nn.Sequential(*layers)
-        self.mu = nn.Linear(width, act_dim)
-        self.log_std = nn.Linear(width, act_dim)
-
-    @torch.no_grad()
-    def forward(self, obs: torch.Tensor, deterministic: bool = True,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Squashed action in [-1, 1]: tanh(mu), or tanh of a sample of N(mu, exp(clamp(log_std)))."""
-        latent = self.latent_pi(obs)
-        mu = self.mu(latent)
-        if deterministic:
-            return torch.tanh(mu)
-        std = self.log_std(latent).clamp(-20, 2).exp()
-        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
-        return torch.tanh(mu + std * eps)
-
-
-@dataclass
-class BehaviorPolicy:
-    """A shipped actor with its card; `.card` holds env id/kwargs, dims, bounds and the eval return."""
-
-    name: str
-    actor: SACActor
-    card: dict
-
-    def policy(self, deterministic: bool, generator: torch.Generator | None = None) -> Policy:
-        """Batched numpy policy, rescaled from [-1, 1] to the card's bounds as SB3 does (float32)."""
-        low = np.asarray(self.card["action_low"], dtype=np.float32)
-        high = np.asarray(self.card["action_high"], dtype=np.float32)
-
-        def act(obs: np.ndarray) -> np.ndarray:
-            squashed = self.actor(torch.as_tensor(obs, dtype=torch.float32), deterministic, generator).numpy()
-            return low + 0.5 * (squashed + 1.0) * (high - low)
-
-        return act
-
-
-def load_behavior_policy(path: str | Path) -> BehaviorPolicy:
-    """Load NAME.pt (a plain state_dict, never unpickled) into SACActor, with the sibling NAME.json card."""
-    path = Path(path)
-    if not path.is_file() and (BEHAVIOR_DIR / f"{path.name}.pt").is_file():
-        path = BEHAVIOR_DIR / f"{path.name}.pt"  # a bare shipped name such as hopper-sac-0175k
-    card_path = path.with_suffix(".json")
-    if not path.is_file():
-        raise FileNotFoundError(f"policy file {path} not found: pass 'random', a shipped name "
-                                f"(see {BEHAVIOR_DIR}) or the path of a .pt written by scripts/train_behavior.py")
-    if not card_path.is_file():
-        raise FileNotFoundError(f"policy {path} has no card {card_path}: keep the .json written with the .pt")
-    card = json.loads(card_path.read_text())
-    actor = SACActor(card["obs_dim"], card["act_dim"], tuple(card["net_arch"]))
-    actor.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return BehaviorPolicy(path.stem, actor.eval(), card)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: for a batch of a few observations, intra-op threads cost more than they
-    save (16 ms instead of 0.4 ms per 8-row forward on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def random_policy(space: gym.spaces.Box, rng: np.random.Generator) -> Policy:
     """Uniform actions within the bounds: the reference 'random' behaviour (and ref_min_score)."""
     return lambda obs: rng.uniform(space.low, space.high, (len(obs), *space.shape)).astype(space.dtype)
-
-
-def episode_returns(env: gym.Env, policy: Policy, episodes: int, seed: int = 10_000) -> list[float]:
-    """Undiscounted returns of `episodes` episodes, the i-th from env.reset(seed=seed + i) (card protocol)."""
-    returns = []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
-        done, total = False, 0.0
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(policy(obs[None])[0])
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    return returns
-
-
-def evaluate(path: str | Path, episodes: int = 10, env_kwargs: dict | None = None,
-             deterministic: bool = True, seed: int = 0) -> list[float]:
-    """Returns of a behaviour policy on its card's env (or env_kwargs), reset seeds 10_000 + i.
-
-    Deterministic is the cards' protocol; stochastic (actions sampled with torch seed `seed`) is how the
-    presets collect.
-    """
-    bp = load_behavior_policy(path)
-    env = gym.make(bp.card["env_id"], **(bp.card["env_kwargs"] if env_kwargs is None else env_kwargs))
-    with one_thread():
-        returns = episode_returns(env, bp.policy(deterministic, torch.Generator().manual_seed(seed)), episodes)
-    env.close()
-    return returns
 
 
 def _rollouts(make_env: Callable[[], gym.Env], policy: Policy, steps: int, seed: int, num_envs: int,
@@ -268,7 +155,8 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
     returns = [sum(ep["rewards"]) for ep, c in zip(episodes, cut, strict=True) if not c]
     returns = returns or [sum(ep["rewards"]) for ep in episodes]
     ref_min = float(np.mean(episode_returns(env, random_policy(env.action_space, rng), 10)))
-    ref_max = D4RL_EXPERT.get(env_id) if not env_kwargs else None
+    # D4RL v2's expert return as ref_max_score (D4RL measured it on the v2 envs); scores use metrics.score_reference.
+    ref_max = D4RL_REFERENCE[env_family(env_id)][1] if env_family(env_id) in D4RL_REFERENCE and not env_kwargs else None
     buffers = [EpisodeBuffer(id=k, observations=np.array(ep["observations"]), actions=np.array(ep["actions"]),
                              rewards=np.array(ep["rewards"]), terminations=np.array(ep["terminations"]),
                              truncations=np.array(ep["truncations"]))
@@ -388,25 +276,3 @@ def collect_preset(name: str, steps: int | None = None, seed: int = 0, overwrite
         "return_mean_per_part": [part.storage.metadata["return_mean"] for part in parts],
         **{k: parts[0].storage.metadata[k] for k in ("ref_min_score", "ref_max_score", "env_kwargs")}})
     return minari.load_dataset(dataset_id)
-
-
-def run(args: argparse.Namespace) -> None:
-    """`trajformer collect`: a preset, or ENV_ID with an explicit policy and dataset id."""
-    if args.preset is not None:
-        extra = [flag for flag in ("env_id", "policy", "dataset_id", "env_kwargs", "action_noise",
-                                   "max_episode_steps") if getattr(args, flag) is not None]
-        extra += ["deterministic"] if args.deterministic else []
-        if extra:
-            flags = ", ".join("ENV_ID" if f == "env_id" else "--" + f.replace("_", "-") for f in extra)
-            raise ValueError(f"--preset fixes the env, policy, actions and dataset id: drop {flags}")
-        dataset = collect_preset(args.preset, args.steps, args.seed, args.overwrite, args.num_envs)
-    else:
-        if args.env_id is None or args.dataset_id is None:
-            raise ValueError("give ENV_ID and --dataset-id NAMESPACE/NAME-v0, or --preset NAME")
-        dataset = collect(args.env_id, args.policy or "random", args.steps or 1_000_000, args.dataset_id,
-                          args.seed, args.action_noise or 0.0, args.env_kwargs, args.overwrite,
-                          args.deterministic, args.max_episode_steps, args.num_envs)
-    meta = dataset.storage.metadata
-    returns = f", return {meta['return_mean']:.1f} ± {meta['return_std']:.1f}" if "return_mean" in meta else ""
-    print(f"{meta['dataset_id']}: {dataset.total_episodes} episodes, {dataset.total_steps} steps{returns} "
-          f"in {get_dataset_path(meta['dataset_id'])}")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from trajformer.config import Config
 from trajformer.data import Episode, OfflineData, load_episodes, split_episodes
-from trajformer.run import load_torch, save_json, save_text, save_torch
+from trajformer.run import load_torch, read_metrics, save_json, save_text, save_torch
 
 
 @dataclass
@@ -261,7 +261,7 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> None:
     """loss.png: training loss and validation NLL per epoch."""
     from trajformer.plots import line_plot
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     curves = {"train loss (sum over members)": [(r["epoch"], r["train_loss"] / len(r["val_nll_members"]))
                                                 for r in rows if "train_loss" in r],
               "validation NLL (mean member)": [(r["epoch"], r["val_nll"]) for r in rows]}

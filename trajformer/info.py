@@ -9,6 +9,7 @@ import numpy as np
 
 from trajformer.config import Config, load_config
 from trajformer.data import return_stats
+from trajformer.metrics import score_reference
 
 
 def _reconstruction_table(names: list[str], errors: np.ndarray, n_real: np.ndarray, scale: np.ndarray) -> list[str]:
@@ -24,7 +25,7 @@ def column_names(obs_dim: int, act_dim: int) -> list[str]:
 
 def describe_run(run_dir: Path) -> str:
     """Dims, tokens, parameters, dataset and split, last validation losses of a run directory."""
-    from trajformer.run import load_run
+    from trajformer.run import load_run, read_metrics
 
     run = load_run(run_dir)
     meta, cfg = run.meta, run.config
@@ -49,9 +50,8 @@ def describe_run(run_dir: Path) -> str:
         lines.append(f"  data          {stats['episodes']} episodes, {stats['steps']} steps = "
                      f"{stats['steps'] * mc.transition_dim:,} tokens; return {stats['return_mean']:.2f} "
                      f"+- {stats['return_std']:.2f} (min {stats['return_min']:.2f}, max {stats['return_max']:.2f})")
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if metrics.exists():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    if rows:
         steps = [r["step"] for r in rows]
         val = [r for r in rows if "val_loss" in r]
         lines.append(f"  trained       {max(steps) if steps else 0} steps")
@@ -64,6 +64,15 @@ def describe_run(run_dir: Path) -> str:
         lines += _reconstruction_table(column_names(mc.obs_dim, mc.act_dim), np.array(recon["mean_abs_error"]),
                                        np.array(recon["n_bins"]), np.array(recon["std"]))
     return "\n".join(lines)
+
+
+def _reference_line(data) -> str:
+    """The returns a score of this dataset's env is normalised with: the same as `trajformer plan` uses."""
+    meta = {"ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score}
+    reference, label = score_reference(data.env_spec.get("id") or "", meta)
+    if reference is None:
+        return "no reference returns: scores are not normalised"
+    return f"normalised scores use random {reference[0]:.2f} / expert {reference[1]:.2f} ({label})"
 
 
 def describe_dataset(dataset_id: str, cfg: Config) -> str:
@@ -85,7 +94,7 @@ def describe_dataset(dataset_id: str, cfg: Config) -> str:
         f"mean length {stats['length_mean']:.1f}",
         f"  returns       mean {stats['return_mean']:.2f} +- {stats['return_std']:.2f} "
         f"(min {stats['return_min']:.2f}, max {stats['return_max']:.2f})",
-        f"  reference     ref_min_score {data.ref_min_score}, ref_max_score {data.ref_max_score}",
+        f"  reference     {_reference_line(data)}",
         f"  tokens        {stats['steps'] * T:,} tokens, {n_windows:,} windows of "
         f"{cfg.data.sequence_length} transitions",
         f"  discretizer   {cfg.discretizer.kind}, {cfg.discretizer.n_bins} bins",

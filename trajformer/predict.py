@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from trajformer.data import Episode, load_episodes
 from trajformer.decoding import CachedDecoder, crop_start, pick
 from trajformer.ensemble import Ensemble, load_ensemble, obs_std
+from trajformer.metrics import error_summary, histogram_loglik, normalized_error
 from trajformer.model import GPT
-from trajformer.run import Run, atomic_write, load_run, save_json
+from trajformer.run import Run, atomic_write, load_run, read_metrics, save_json
 from trajformer.tokens import VALUE_PLACEHOLDER, context_transition, encode_values
 
 SUMMARY_STEPS = (1, 10, 25, 50, 100)
@@ -228,54 +229,6 @@ def rollout_ensemble(ens: Ensemble, start: np.ndarray, actions: np.ndarray, samp
             "rew": torch.stack(rew, 1).reshape(K, M, H).double().numpy()}
 
 
-def normalized_error(pred: np.ndarray, true: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """RMS over dimensions of (pred - true) / std: (..., H, dS) -> (..., H); NaN where pred is NaN."""
-    return np.sqrt(np.mean(((pred - true) / std) ** 2, axis=-1))
-
-
-def error_summary(errors: np.ndarray) -> dict:
-    """Mean and 10/50/90% quantiles over starts (K, H) of per-step errors, ignoring stopped (NaN) rows."""
-    alive = np.isfinite(errors)
-    out = {"rows": alive.sum(0).tolist()}
-    with np.errstate(all="ignore"):
-        out["mean"] = [float(np.mean(c[a])) if a.any() else None for c, a in zip(errors.T, alive.T, strict=True)]
-        for q in (10, 50, 90):
-            out[f"q{q}"] = [float(np.percentile(c[a], q)) if a.any() else None
-                            for c, a in zip(errors.T, alive.T, strict=True)]
-    return out
-
-
-def histogram_loglik(samples: np.ndarray, true: np.ndarray, edges: np.ndarray, n_real: np.ndarray,
-                     scale: np.ndarray | None = None, pseudo_count: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Per-timestep log-density of the true states under per-dimension histograms of the samples.
-
-    samples (M, H, D) (NaN rows = stopped, left out), true (H, D), edges (D, >= n_real + 1) per-dimension
-    bin edges of which the first n_real[d] + 1 are real. Each bin is a uniform density; `pseudo_count` is
-    spread evenly over a dimension's bins so an empty bin is not log 0. `scale` (D,) measures states in
-    those units (e.g. the dataset std). Returns (log-likelihood, discrete-oracle bound), each (H,): the mean
-    over dimensions, in nats per dimension (NaN where every sample stopped); the oracle puts all the mass in
-    the true state's bin.
-    """
-    M, H, D = samples.shape
-    scale = np.ones(D) if scale is None else scale
-    ll, oracle = np.full(H, np.nan), np.full(H, np.nan)
-    for h in range(H):
-        alive = np.all(np.isfinite(samples[:, h]), axis=-1)
-        per_dim, bound = [], []
-        for d in range(D):
-            inner = edges[d, 1 : n_real[d]]
-            true_bin = int(np.searchsorted(inner, true[h, d], side="right"))
-            width = (edges[d, true_bin + 1] - edges[d, true_bin]) / scale[d]
-            count = np.sum(np.searchsorted(inner, samples[alive, h, d], side="right") == true_bin)
-            prob = (count + pseudo_count / n_real[d]) / (alive.sum() + pseudo_count)
-            per_dim.append(math.log(prob) - math.log(width))
-            bound.append(-math.log(width))
-        oracle[h] = np.mean(bound)
-        if alive.any():  # where every sample stopped there is no histogram and no score
-            ll[h] = np.mean(per_dim)
-    return ll, oracle
-
-
 @torch.no_grad()
 def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """Attention weights (n_layer, B, n_head, t, t) of a window (B, t), computed from the model's own modules:
@@ -296,8 +249,7 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
 def transformer_compute(run: Run) -> dict:
     """Training steps, windows and wall-clock of a run, rebuilt from its metrics.jsonl throughput log."""
-    path = run.path / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = read_metrics(run.path / "metrics.jsonl")
     logged = [r for r in rows if "tokens_per_s" in r]
     batch, block = run.config.train.batch_size, run.model.config.block_size
     seconds, last = 0.0, 0

@@ -7,14 +7,14 @@ them on the embedded defaults: the shipped Hopper behaviour policy and configs/q
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from trajformer.collect import BEHAVIOR_DIR, collect
+from trajformer.behavior import BEHAVIOR_DIR
+from trajformer.collect import collect
 from trajformer.config import load_config
 from trajformer.data import is_local_dataset
 from trajformer.rollout import evaluate, report
-from trajformer.run import load_run, save_json
+from trajformer.run import load_run, read_metrics, save_json
 from trajformer.train import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
@@ -50,7 +50,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", steps: int = 20_000, pla
               f"{run.config.plan.beam_width}, horizon {run.config.plan.horizon})")
         plans[str(directory)] = evaluate(run, episodes=1, max_steps=plan_steps, seed=0)
         print(report(plans[str(directory)]))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     best = min((r for r in rows if "val_loss" in r), key=lambda r: r["val_loss"])
     summary = {
         "dataset": dataset_id, "run_dir": str(run_dir), "loss_plot": str(run_dir / "loss.png"),

@@ -8,7 +8,6 @@ not depend on how many envs run at once (--num-envs changes only the speed).
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 
@@ -18,17 +17,10 @@ import torch
 from tqdm import tqdm
 
 from trajformer.config import PlanConfig
+from trajformer.metrics import score_reference, summarize
 from trajformer.planner import Planner, plan_config
 from trajformer.render import EpisodeVideo, make_env
 from trajformer.run import Run, load_run, save_json
-
-# D4RL v2 random / expert reference returns (labelled as such: our envs are v5).
-D4RL_REFERENCE = {
-    "hopper": (-20.272305, 3234.3),
-    "halfcheetah": (-280.178953, 12135.0),
-    "walker2d": (1.629008, 4592.3),
-    "ant": (-325.6, 3879.7),
-}
 
 
 def env_settings(run: Run, env_id: str | None = None) -> tuple[str, dict, int | None]:
@@ -60,30 +52,6 @@ def check_env(env: gym.Env, run: Run, env_id: str) -> None:
             f"({run.meta.get('dataset_id')}) but env {env_id} has {obs_dim} and {act_dim}; "
             f"plan in the env the run was trained on (omit --env)"
         )
-
-
-def score_reference(env_id: str, meta: dict) -> tuple[tuple[float, float] | None, str | None]:
-    """(random, expert) returns for normalising: D4RL v2 for D4RL's envs, else the dataset's reference scores."""
-    name = env_id.split("/")[-1].split("-")[0].lower()
-    if name in D4RL_REFERENCE:
-        return D4RL_REFERENCE[name], "d4rl-v2"
-    low, high = meta.get("ref_min_score"), meta.get("ref_max_score")
-    if low is not None and high is not None and high != low:
-        return (float(low), float(high)), "dataset"
-    return None, None
-
-
-def summarize(returns: list[float], lengths: list[int], reference: tuple[float, float] | None) -> dict:
-    """Mean return, its standard error (None for one episode) and the normalised score."""
-    r = np.asarray(returns, dtype=np.float64)
-    stderr = float(r.std(ddof=1) / math.sqrt(len(r))) if len(r) > 1 else None
-    out = {"returns": r.tolist(), "lengths": [int(n) for n in lengths], "mean_return": float(r.mean()),
-           "stderr": stderr, "normalized_score": None, "normalized_stderr": None}
-    if reference is not None:
-        low, high = reference
-        out["normalized_score"] = 100.0 * (out["mean_return"] - low) / (high - low)
-        out["normalized_stderr"] = None if stderr is None else 100.0 * stderr / (high - low)
-    return out
 
 
 def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = None, episodes: int = 1,

@@ -141,5 +141,21 @@ def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
     return Run(path, model, discretizer, config, meta)
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.jsonl log (training or ensemble), oldest first; [] when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_run_files(out_dir: Path, config_toml: str, discretizer: Discretizer, meta: dict) -> None:
+    """Write a run directory's self-description (each file atomically): config.toml, discretizer.npz, run.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_text(out_dir / "config.toml", config_toml)
+    save_discretizer(out_dir / "discretizer.npz", discretizer)
+    save_json(out_dir / "run.json", meta)
+
+
 def gpt_config_dict(config: GPTConfig) -> dict:
     return asdict(config)

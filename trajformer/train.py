@@ -33,10 +33,10 @@ from trajformer.run import (
     atomic_write,
     load_discretizer,
     load_torch,
-    save_discretizer,
-    save_json,
+    read_metrics,
     save_text,
     save_torch,
+    write_run_files,
 )
 from trajformer.tokens import TokenWindows, loss_weights, make_windows
 
@@ -276,7 +276,7 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
     val = [r for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -354,15 +354,12 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
 
     metrics_path = out_dir / "metrics.jsonl"
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_text(out_dir / "config.toml", to_toml(cfg))
-        save_discretizer(out_dir / "discretizer.npz", prep.discretizer)
         compute = {"device": str(device), "dtype": dtype, "world_size": world, "threads": torch.get_num_threads(),
                    "compile": cfg.train.compile, "total_steps": total, "batch_size": batch}
-        save_json(out_dir / "run.json", run_metadata(prep, cfg, model_cfg, compute))
+        write_run_files(out_dir, to_toml(cfg), prep.discretizer, run_metadata(prep, cfg, model_cfg, compute))
         if state is not None and metrics_path.exists():  # drop lines logged after the checkpoint
-            kept = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            save_text(metrics_path, "".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(metrics_path) if row["step"] <= step]
+            save_text(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
         elif state is None:
             save_text(metrics_path, "")
 
