@@ -168,7 +168,7 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: 
     (loss * world).backward()  # DDP averages gradients over ranks; * world makes it the global sum
     torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     optimizer.step()
-    return loss
+    return loss.detach()
 
 
 @torch.no_grad()
