@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trajformer.run import read_metrics  # noqa: E402
+from trajformer.run import read_metrics
 
 TYPES = ("obs", "action", "reward", "value")
 

@@ -21,9 +21,14 @@ TINY = [
 ]
 
 
-def tiny_config(dataset_id: str, *overrides: str):
-    """A config small enough to train in seconds on 2 cores."""
+def _tiny_config(dataset_id: str, *overrides: str):
     return load_config(None, [f'data.dataset="{dataset_id}"', *TINY, *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """tiny_config(dataset_id, *overrides): a config small enough to train in seconds on 2 cores."""
+    return _tiny_config
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,5 +51,15 @@ def tiny_run(hopper_dataset, tmp_path_factory):
     """One tiny model trained for 300 steps, shared by the tests that only read a run directory."""
     from trajformer.train import train
 
-    cfg = tiny_config(hopper_dataset, "train.max_steps=300")
+    cfg = _tiny_config(hopper_dataset, "train.max_steps=300")
     return train(cfg, tmp_path_factory.mktemp("runs") / "tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def ensemble_dir(hopper_dataset, tmp_path_factory):
+    """One small ensemble (3 members of 2 x 64) on the tiny dataset, for the ensemble and prediction tests."""
+    from trajformer.config import EnsembleConfig
+    from trajformer.ensemble import train_ensemble
+
+    small = EnsembleConfig(members=3, hidden=64, layers=2, max_epochs=15, patience=3, batch_size=128)
+    return train_ensemble(_tiny_config(hopper_dataset), tmp_path_factory.mktemp("ens") / "e", small, progress=False)

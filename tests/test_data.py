@@ -6,7 +6,7 @@ import torch
 
 from trajformer.config import DataConfig
 from trajformer.data import Episode, joined_transitions, select_obs, split_episodes, values_to_go
-from trajformer.tokens import loss_weights, make_windows
+from trajformer.tokens import TokenWindows, loss_weights
 
 
 def _episode(rewards, terminal: bool, obs_dim=2, act_dim=1) -> Episode:
@@ -35,7 +35,7 @@ def test_windows_stop_tokens_after_termination_and_masked_padding_after_truncati
     n_bins, L = 4, 3
     terminal, truncated = _episode([1.0, 2.0], True), _episode([1.0, 2.0], False)
     bins = [np.array([[0, 1, 2, 3, 0], [1, 2, 3, 0, 1]])] * 2  # (T=2 transitions, 5 dims)
-    windows = make_windows([terminal, truncated], bins, lambda b: b, n_bins, L)
+    windows = TokenWindows(bins, [terminal.is_terminal, truncated.is_terminal], n_bins, L)
     assert len(windows) == 4  # a window starts at every transition
     stop = n_bins * 5
     offsets = np.arange(5) * n_bins

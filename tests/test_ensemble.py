@@ -8,23 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
 from trajformer import cli
 from trajformer.data import load_episodes, split_episodes
-from trajformer.ensemble import EnsembleConfig, gaussian_nll, load_ensemble, train_ensemble, transitions
+from trajformer.ensemble import gaussian_nll, load_ensemble, transitions
 from trajformer.run import read_metrics
 
-SMALL = EnsembleConfig(members=3, hidden=64, layers=2, max_epochs=15, patience=3, batch_size=128)
-
 
 @pytest.fixture(scope="module")
-def ensemble_dir(hopper_dataset, tmp_path_factory):
-    return train_ensemble(tiny_config(hopper_dataset), tmp_path_factory.mktemp("ens") / "e", SMALL, progress=False)
-
-
-@pytest.fixture(scope="module")
-def split_data(hopper_dataset):
+def split_data(tiny_config, hopper_dataset):
     cfg = tiny_config(hopper_dataset)
     data = load_episodes(hopper_dataset, cfg.data)
     train_idx, val_idx = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)

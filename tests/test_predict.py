@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
 
 from trajformer import cli
+from trajformer.config import EnsembleConfig
 from trajformer.decoding import crop_start
-from trajformer.ensemble import EnsembleConfig, train_ensemble
+from trajformer.ensemble import train_ensemble
+from trajformer.files import save_torch
 from trajformer.metrics import error_summary, histogram_loglik, normalized_error
 from trajformer.predict import (
     attention_maps,
@@ -27,7 +28,7 @@ from trajformer.predict import (
     rollout_transformer,
     save_heldout,
 )
-from trajformer.run import load_run, save_torch
+from trajformer.run import load_run
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +39,6 @@ def run(tiny_run):
 @pytest.fixture(scope="module")
 def held(run):
     return load_heldout(run.meta["dataset_id"], run)
-
-
-@pytest.fixture(scope="module")
-def ensemble_dir(hopper_dataset, tmp_path_factory):
-    ens = EnsembleConfig(members=2, hidden=32, layers=2, max_epochs=3)
-    return train_ensemble(tiny_config(hopper_dataset), tmp_path_factory.mktemp("pe") / "e", ens, progress=False)
 
 
 def test_normalized_error_and_summary_hand_made():
@@ -183,7 +178,7 @@ def test_stop_tokens_end_rollouts_and_are_reported(run, tmp_path):
             assert np.all(np.isfinite(row))
 
 
-def test_bad_input(run, hopper_dataset, tmp_path, capsys):
+def test_bad_input(tiny_config, run, hopper_dataset, tmp_path, capsys):
     held = load_heldout(run.meta["dataset_id"], run)
     longest = max(e.length for e in held.episodes)
     with pytest.raises(ValueError, match=f"--horizon {longest + 1} is longer than every held-out episode"):

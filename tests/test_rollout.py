@@ -14,14 +14,14 @@ import torch
 from minari.data_collector import EpisodeBuffer
 
 from trajformer import cli
-from trajformer.config import Config, config_from_dict, to_toml
+from trajformer.config import Config, config_from_dict
 from trajformer.discretizer import Discretizer
 from trajformer.metrics import score_reference, summarize
 from trajformer.model import GPT, GPTConfig
 from trajformer.planner import plan_config
 from trajformer.render import EpisodeVideo
 from trajformer.rollout import evaluate
-from trajformer.run import gpt_config_dict, load_run, save_discretizer, save_json, save_text, save_torch
+from trajformer.run import load_run, save_run
 
 ENV_ID = "trajformer-test/PointLine-v0"
 DATASET_ID = "trajformer-test/pointline-v0"
@@ -196,7 +196,7 @@ def test_score_reference_and_summary():
 
 
 def hopper_run(path, obs_indices: list[int]):
-    """A hand-built run directory: random-init GPT for Hopper-v5 with an observation selection."""
+    """A run directory for Hopper-v5 with an observation selection: a random-init GPT, saved through run.py."""
     cfg = Config()
     cfg.data.sequence_length = 3
     cfg.plan.beam_width, cfg.plan.horizon, cfg.plan.max_context_transitions = 2, 3, 2
@@ -204,14 +204,10 @@ def hopper_run(path, obs_indices: list[int]):
     T = dS + dA + 2
     gpt = GPTConfig(obs_dim=dS, act_dim=dA, n_bins=n_bins, block_size=3 * T - 1, n_layer=1, n_head=2, n_embd=16)
     torch.manual_seed(0)
-    save_torch(path / "model.pt", GPT(gpt).state_dict())
-    save_discretizer(path / "discretizer.npz", Discretizer.fit(np.random.default_rng(0).normal(size=(300, T)),
-                                                               n_bins))
-    save_text(path / "config.toml", to_toml(cfg))
-    save_json(path / "run.json", {"dataset_id": "none", "env": {"id": "Hopper-v5", "kwargs": {},
-                                                                "max_episode_steps": 1000},
-                                  "obs_indices": obs_indices, "raw_obs_dim": 11, "model": gpt_config_dict(gpt)})
-    return path
+    disc = Discretizer.fit(np.random.default_rng(0).normal(size=(300, T)), n_bins)
+    meta = {"dataset_id": "none", "env": {"id": "Hopper-v5", "kwargs": {}, "max_episode_steps": 1000},
+            "obs_indices": obs_indices, "raw_obs_dim": 11}
+    return save_run(path, cfg, GPT(gpt), disc, meta)
 
 
 def test_video_shows_real_episode_beside_planned_states(tmp_path):

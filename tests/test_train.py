@@ -14,7 +14,6 @@ import minari
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 from minari.data_collector import EpisodeBuffer
 
 from trajformer import train as train_module
@@ -64,7 +63,7 @@ def test_run_directory_is_self_contained_and_pickle_free(tiny_run):
     assert "transition_dim 16" in text and "best val loss" in text
 
 
-def test_resume_after_interrupt_mid_epoch_is_bit_identical(hopper_dataset, tmp_path, monkeypatch):
+def test_resume_after_interrupt_mid_epoch_is_bit_identical(tiny_config, hopper_dataset, tmp_path, monkeypatch):
     cfg = lambda: tiny_config(hopper_dataset, "train.max_steps=24", "train.checkpoint_every=100",  # noqa: E731
                               "train.eval_every=10", "model.dropout=0.1")
     full = train(cfg(), tmp_path / "full", progress=False)
@@ -91,7 +90,7 @@ def test_resume_after_interrupt_mid_epoch_is_bit_identical(hopper_dataset, tmp_p
     assert steps == sorted(steps)
 
 
-def test_data_parallel_two_processes_match_single_process(hopper_dataset, tmp_path):
+def test_data_parallel_two_processes_match_single_process(tiny_config, hopper_dataset, tmp_path):
     overrides = ["train.max_steps=6", "model.dropout=0.0", "train.eval_every=100", "train.batch_size=32",
                  "train.dtype=float32"]  # bf16 rounding differs between one batch and two half batches
     single = train(tiny_config(hopper_dataset, *overrides), tmp_path / "single", progress=False)
@@ -204,7 +203,7 @@ def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys):
     fails(base + ["--out", str(tiny_run)], r"already holds a run; pass --resume")
 
 
-def test_plus_joins_datasets_like_medium_expert(hopper_dataset):
+def test_plus_joins_datasets_like_medium_expert(tiny_config, hopper_dataset):
     from trajformer.data import load_episodes
 
     cfg = tiny_config(hopper_dataset).data
@@ -227,7 +226,7 @@ def test_missing_remote_dataset_fails_fast_without_network(monkeypatch):
     assert time.perf_counter() - start < 5.0
 
 
-def test_bfloat16_training_and_dataset_info(hopper_dataset, tmp_path):
+def test_bfloat16_training_and_dataset_info(tiny_config, hopper_dataset, tmp_path):
     run_dir = train(tiny_config(hopper_dataset, "train.max_steps=3", "train.dtype=\"bfloat16\""), tmp_path / "bf16",
                     progress=False)
     assert all(torch.isfinite(v).all() for v in torch.load(run_dir / "last.pt", weights_only=True).values())

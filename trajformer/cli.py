@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from trajformer.config import EnsembleConfig
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `trajformer` command."""
@@ -156,15 +158,14 @@ def _add_train_ensemble(sub) -> None:
     p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
     p.add_argument("--out", default=None, help="ensemble directory (default runs/<config name>-ensemble)")
     _add_overrides(p, "data.max_episodes=10")
-    p.add_argument("--members", type=int, default=5, help="ensemble members (default 5)")
-    p.add_argument("--hidden", type=int, default=200, help="units per hidden layer (default 200)")
-    p.add_argument("--layers", type=int, default=4, help="hidden layers (default 4)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-epochs", type=int, default=100)
-    p.add_argument("--patience", type=int, default=5, help="epochs without a member improving before stopping")
-    p.add_argument("--max-seconds", type=float, default=0.0, help="training time limit (0 = none)")
-    p.add_argument("--seed", type=int, default=0)
+    flags = {"members": "ensemble members", "hidden": "units per hidden layer", "layers": "hidden layers",
+             "batch_size": "transitions per gradient step", "learning_rate": "Adam learning rate",
+             "max_epochs": "epochs at most", "patience": "epochs without a member improving before stopping",
+             "max_seconds": "training time limit in seconds (0 = none)", "seed": "bootstrap and init seed"}
+    for name, text in flags.items():  # shortcuts for --set ensemble.NAME=VALUE; defaults from config.EnsembleConfig
+        default = getattr(EnsembleConfig(), name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None, help=f"{text} "
+                       f"(default {default}; the same as --set ensemble.{name}=...)")
     p.set_defaults(func=_cmd_train_ensemble)
 
 
@@ -172,14 +173,13 @@ def _cmd_train_ensemble(args) -> None:
     from pathlib import Path
 
     from trajformer.config import load_config
-    from trajformer.ensemble import EnsembleConfig, train_ensemble
+    from trajformer.ensemble import train_ensemble
 
-    cfg = load_config(args.config, args.overrides)
-    ens = EnsembleConfig(members=args.members, hidden=args.hidden, layers=args.layers, batch_size=args.batch_size,
-                         learning_rate=args.lr, max_epochs=args.max_epochs, patience=args.patience,
-                         max_seconds=args.max_seconds, seed=args.seed)
+    shortcuts = [f"ensemble.{name}={value}" for name, value in vars(args).items()
+                 if name in vars(EnsembleConfig()) and value is not None]
+    cfg = load_config(args.config, [*args.overrides, *shortcuts])
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-ensemble"
-    print(f"ensemble directory: {train_ensemble(cfg, out, ens, dataset_id=args.dataset)}")
+    print(f"ensemble directory: {train_ensemble(cfg, out, dataset_id=args.dataset)}")
 
 
 def _add_predict(sub) -> None:

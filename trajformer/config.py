@@ -110,6 +110,22 @@ class PlanConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    """Sizes and training settings of the ensemble (PETS defaults: 5 members, 4 x 200 swish layers)."""
+
+    members: int = 5
+    hidden: int = 200
+    layers: int = 4
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 256
+    max_epochs: int = 100
+    patience: int = 5
+    max_seconds: float = 0.0  # stop after this much training time (0 = no limit)
+    seed: int = 0
+
+
+@dataclass
 class Config:
     """The whole configuration; each field is one TOML section."""
 
@@ -118,6 +134,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
 
 _CHOICES = {
@@ -231,6 +248,11 @@ def validate(cfg: Config) -> None:
         (cfg.plan.plan_freq >= 1, "plan.plan_freq must be >= 1"),
         (cfg.plan.num_threads >= 0, "plan.num_threads must be >= 0 (0 = torch's default)"),
     ]
+    ens = cfg.ensemble
+    for name in ("members", "hidden", "layers", "batch_size", "max_epochs", "patience"):
+        checks.append((getattr(ens, name) >= 1, f"ensemble.{name} must be >= 1"))
+    checks.append((ens.learning_rate > 0 and ens.max_seconds >= 0,
+                   "ensemble.learning_rate must be > 0 and ensemble.max_seconds >= 0"))
     for ok, message in checks:
         if not ok:
             raise ValueError(message)

@@ -25,33 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trajformer.config import Config
+from trajformer.config import Config, EnsembleConfig
 from trajformer.data import Episode, OfflineData, load_episodes, split_episodes
-from trajformer.run import load_torch, read_metrics, save_json, save_text, save_torch
-
-
-@dataclass
-class EnsembleConfig:
-    """Sizes and training settings of the ensemble (PETS defaults: 5 members, 4 x 200 swish layers)."""
-
-    members: int = 5
-    hidden: int = 200
-    layers: int = 4
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-5
-    batch_size: int = 256
-    max_epochs: int = 100
-    patience: int = 5
-    max_seconds: float = 0.0  # stop after this much training time (0 = no limit)
-    seed: int = 0
-
-    def check(self) -> None:
-        """One-line errors for settings that cannot train."""
-        for name in ("members", "hidden", "layers", "batch_size", "max_epochs", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ensemble {name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0 or self.max_seconds < 0:
-            raise ValueError("ensemble learning_rate must be > 0 and max_seconds >= 0")
+from trajformer.files import load_torch, save_json, save_text, save_torch
+from trajformer.run import read_metrics
 
 
 class EnsembleLinear(nn.Module):
@@ -164,8 +141,7 @@ def evaluate(model: GaussianEnsemble, inputs: np.ndarray, targets: np.ndarray, s
 def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig | None = None,
                    dataset_id: str | None = None, progress: bool = True) -> Path:
     """Train an ensemble on cfg's dataset and episode split (data.validation_fraction, train.seed) into out_dir."""
-    ens = ens or EnsembleConfig()
-    ens.check()
+    ens = ens or cfg.ensemble
     out_dir = Path(out_dir)
     if (out_dir / "ensemble.json").exists():
         raise FileExistsError(f"{out_dir} already holds an ensemble; choose another --out or delete it")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 
 @dataclass
@@ -295,10 +296,9 @@ class GPT(nn.Module):
             x = block(x, bias, positions=positions)
         x = self.ln_f(x)
         T = self.config.transition_dim
-        n_tr = -(-t // T)
-        x = F.pad(x, (0, 0, 0, n_tr * T - t)).view(B, n_tr, T, -1)
-        logits = torch.einsum("bntc,tcv->bntv", x, self.head)
-        return logits.reshape(B, n_tr * T, -1)[:, :t]
+        x = rearrange(F.pad(x, (0, 0, 0, -t % T)), "b (n slot) c -> b n slot c", slot=T)  # whole transitions
+        logits = torch.einsum("bntc,tcv->bntv", x, self.head)  # each slot through its own head
+        return rearrange(logits, "b n slot v -> b (n slot) v")[:, :t]
 
     def forward_cached(self, idx: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Append tokens (B, t) to the cache and return the logits of the last position (B, N+1), or of

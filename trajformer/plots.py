@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from trajformer.files import atomic_write
 from trajformer.render import pose_renderer, save_video  # noqa: E402
-from trajformer.run import atomic_write  # noqa: E402
 
 COLORS = {"true": "black", "transformer": "tab:blue", "ensemble": "tab:orange", "oracle": "tab:green"}
 

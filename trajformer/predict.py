@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from trajformer.data import Episode, load_episodes
 from trajformer.decoding import CachedDecoder, crop_start, pick
 from trajformer.ensemble import Ensemble, load_ensemble, obs_std
+from trajformer.files import atomic_write, save_json
 from trajformer.metrics import error_summary, histogram_loglik, normalized_error
 from trajformer.model import GPT
-from trajformer.run import Run, atomic_write, load_run, read_metrics, save_json
+from trajformer.run import Run, load_run, read_metrics
 from trajformer.tokens import VALUE_PLACEHOLDER, context_transition, encode_values
 
 SUMMARY_STEPS = (1, 10, 25, 50, 100)

@@ -13,8 +13,9 @@ from trajformer.behavior import BEHAVIOR_DIR
 from trajformer.collect import collect
 from trajformer.config import load_config
 from trajformer.data import is_local_dataset
+from trajformer.files import save_json
 from trajformer.rollout import evaluate, report
-from trajformer.run import load_run, read_metrics, save_json
+from trajformer.run import load_run, read_metrics
 from trajformer.train import train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"

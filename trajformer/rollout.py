@@ -17,10 +17,11 @@ import torch
 from tqdm import tqdm
 
 from trajformer.config import PlanConfig
+from trajformer.files import save_json
 from trajformer.metrics import score_reference, summarize
 from trajformer.planner import Planner, plan_config
 from trajformer.render import EpisodeVideo, make_env
-from trajformer.run import Run, load_run, save_json
+from trajformer.run import Run, load_run
 
 
 def env_settings(run: Run, env_id: str | None = None) -> tuple[str, dict, int | None]:

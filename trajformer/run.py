@@ -16,60 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from trajformer.config import Config, load_config
+from trajformer.config import Config, load_config, to_toml
 from trajformer.discretizer import Discretizer
+from trajformer.files import atomic_write, load_torch, save_json, save_text, save_torch
 from trajformer.model import GPT, GPTConfig
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename the temp file onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def save_json(path: Path, obj: dict) -> None:
-    save_text(path, json.dumps(obj, indent=1) + "\n")
-
-
-def save_torch(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def load_torch(path: Path):
-    """Load a tensor checkpoint without unpickling objects; a corrupt file is a one-line error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; train a model into {path.parent} first")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        raise ValueError(
-            f"checkpoint {path} is corrupt or not a trajformer checkpoint ({type(err).__name__}); "
-            f"delete it and retrain, or restore it from a backup"
-        ) from None
 
 
 def save_discretizer(path: Path, disc: Discretizer) -> None:
@@ -157,5 +112,10 @@ def write_run_files(out_dir: Path, config_toml: str, discretizer: Discretizer, m
     save_json(out_dir / "run.json", meta)
 
 
-def gpt_config_dict(config: GPTConfig) -> dict:
-    return asdict(config)
+def save_run(out_dir: str | os.PathLike, cfg: Config, model: GPT, discretizer: Discretizer, meta: dict) -> Path:
+    """A complete run directory for `model` in the format load_run reads: run.json is `meta` (dataset id, env
+    spec, obs_indices, raw_obs_dim, ...) plus the model's sizes; weights go to model.pt."""
+    out_dir = Path(out_dir)
+    write_run_files(out_dir, to_toml(cfg), discretizer, {**meta, "model": asdict(model.config)})
+    save_torch(out_dir / "model.pt", model.state_dict())
+    return out_dir

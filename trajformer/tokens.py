@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trajformer.data import Episode
 from trajformer.discretizer import Discretizer
 
 VALUE_PLACEHOLDER = 1e6
@@ -71,13 +70,6 @@ class TokenWindows(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y, m = self.batch(torch.tensor([i]))
         return x[0], y[0], m[0]
-
-
-def make_windows(
-    episodes: list[Episode], transitions: list[np.ndarray], encode, n_bins: int, sequence_length: int
-) -> TokenWindows:
-    """Windows over `episodes`, whose joined transitions are `transitions`, binned by `encode`."""
-    return TokenWindows([encode(t) for t in transitions], [e.is_terminal for e in episodes], n_bins, sequence_length)
 
 
 def loss_weights(obs_dim: int, act_dim: int, sequence_length: int, action_weight: float,

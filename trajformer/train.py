@@ -28,17 +28,10 @@ from trajformer import __version__
 from trajformer.config import Config, to_toml
 from trajformer.data import OfflineData, joined_transitions, load_episodes, return_stats, split_episodes
 from trajformer.discretizer import Discretizer
+from trajformer.files import atomic_write, load_torch, save_text, save_torch
 from trajformer.model import GPT, GPTConfig, token_losses
-from trajformer.run import (
-    atomic_write,
-    load_discretizer,
-    load_torch,
-    read_metrics,
-    save_text,
-    save_torch,
-    write_run_files,
-)
-from trajformer.tokens import TokenWindows, loss_weights, make_windows
+from trajformer.run import load_discretizer, read_metrics, write_run_files
+from trajformer.tokens import TokenWindows, loss_weights
 
 TOKEN_TYPES = ("obs", "action", "reward", "value")
 
@@ -81,9 +74,9 @@ def prepare(cfg: Config, dataset_id: str | None = None, discretizer: Discretizer
     train_idx, val_idx = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
 
     def windows(idx: np.ndarray) -> TokenWindows:
-        eps = [data.episodes[i] for i in idx]
-        return make_windows(eps, [transitions[i] for i in idx], discretizer.encode,
-                            cfg.discretizer.n_bins, cfg.data.sequence_length)
+        return TokenWindows([discretizer.encode(transitions[i]) for i in idx],
+                            [data.episodes[i].is_terminal for i in idx], cfg.discretizer.n_bins,
+                            cfg.data.sequence_length)
 
     val_windows = windows(val_idx) if len(val_idx) else None
     return Prepared(data, transitions, discretizer, train_idx, val_idx, windows(train_idx), val_windows)

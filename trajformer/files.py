@@ -1,0 +1,55 @@
+"""Safe files: every write goes to a temp file that is renamed into place (a crash never leaves half a file),
+and checkpoints load as plain tensors (`torch.load(..., weights_only=True)`), never unpickled objects."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename the temp file onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_json(path: Path, obj: dict) -> None:
+    save_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def save_torch(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: Path):
+    """Load a tensor checkpoint without unpickling objects; a corrupt file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; train a model into {path.parent} first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated or foreign files
+        raise ValueError(
+            f"checkpoint {path} is corrupt or not a trajformer checkpoint ({type(err).__name__}); "
+            f"delete it and retrain, or restore it from a backup"
+        ) from None
