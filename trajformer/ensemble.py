@@ -114,7 +114,7 @@ def obs_std(data: OfflineData) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(model: GaussianEnsemble, inputs: np.ndarray, targets: np.ndarray, std: np.ndarray,
+def validation_metrics(model: GaussianEnsemble, inputs: np.ndarray, targets: np.ndarray, std: np.ndarray,
              chunk: int = 8192) -> dict:
     """Validation metrics: per-member NLL (normalised targets, nats per dim), the mixture's NLL of s' in
     dataset-std units (nats per obs dim), and the RMS one-step error of the mean s' in dataset stds."""
@@ -171,7 +171,7 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
     best = torch.full((ens.members,), math.inf, dtype=torch.float64)
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
     stale, epoch, steps, t0 = 0, 0, 0, time.perf_counter()
-    first = evaluate(model, x_va, y_va, std)
+    first = validation_metrics(model, x_va, y_va, std)
     with open(metrics_path, "a") as f:
         f.write(json.dumps({"epoch": 0, **first}) + "\n")
     while epoch < ens.max_epochs and stale < ens.patience:
@@ -191,7 +191,7 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
             total, steps = total + loss.item(), steps + 1
         epoch += 1
         model.eval()
-        row = evaluate(model, x_va, y_va, std)
+        row = validation_metrics(model, x_va, y_va, std)
         per_member = torch.tensor(row["val_nll_members"], dtype=torch.float64)
         improved = per_member < best - 1e-3 * best.abs().clamp(max=1e6)
         if bool(improved.any()):  # keep each member's best weights (its slice of every ensemble tensor)
@@ -213,7 +213,7 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
     seconds = time.perf_counter() - t0
     model.load_state_dict(best_state)
     model.eval()
-    final = evaluate(model, x_va, y_va, std)
+    final = validation_metrics(model, x_va, y_va, std)
     save_torch(out_dir / "model.pt", model.state_dict())
     meta = {
         "format": 1, "kind": "gaussian-ensemble",

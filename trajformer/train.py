@@ -165,7 +165,7 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, windows: 
 
 
 @torch.no_grad()
-def evaluate(model: GPT, windows: TokenWindows, cfg: Config, weights: torch.Tensor, autocast: bool) -> dict:
+def validation_losses(model: GPT, windows: TokenWindows, cfg: Config, weights: torch.Tensor, autocast: bool) -> dict:
     """Validation loss (weighted, as trained) and mean CE per token type over evenly spaced windows."""
     model.eval()
     n = min(len(windows), cfg.train.eval_windows)
@@ -381,7 +381,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
         nonlocal best
         if prep.val_windows is None:
             return
-        row = {"step": step, **evaluate(model, prep.val_windows, cfg, weights, autocast)}
+        row = {"step": step, **validation_losses(model, prep.val_windows, cfg, weights, autocast)}
         log(row)
         if row["val_loss"] < best:
             best = row["val_loss"]
