@@ -3,9 +3,11 @@
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from minari.data_collector import EpisodeBuffer
 
 from trajformer import train as train_module
 from trajformer.cli import main as cli_main
+from trajformer.config import to_toml
 from trajformer.info import describe
 from trajformer.metrics import score_reference
 from trajformer.model import token_losses
@@ -95,7 +98,7 @@ def test_data_parallel_two_processes_match_single_process(tiny_config, hopper_da
                  "train.dtype=float32"]  # bf16 rounding differs between one batch and two half batches
     single = train(tiny_config(hopper_dataset, *overrides), tmp_path / "single", progress=False)
     config = tmp_path / "tiny.toml"
-    from trajformer.config import to_toml
+
 
     config.write_text(to_toml(tiny_config(hopper_dataset, *overrides)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -199,7 +202,7 @@ def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys):
     fails(base + ["--out", str(corrupt), "--resume"], r"checkpoint.pt is corrupt .* delete it and retrain")
     assert sorted(p.name for p in corrupt.iterdir()) == before
     fails(base + ["--out", str(tiny_run), "--resume", "--set", "data.obs_dims=\"0:5\""],
-          r"discretizer is for 16-dim transitions with 20 bins, this data and config give 10 dims .* new --out")
+          r"would change the run \(data.obs_dims \[\] -> '0:5'\); resume with the run's own config")
     fails(base + ["--out", str(tiny_run)], r"already holds a run; pass --resume")
 
 
@@ -236,3 +239,53 @@ def test_bfloat16_training_and_dataset_info(tiny_config, hopper_dataset, tmp_pat
     # One reference for scores: the one `trajformer plan` normalises with.
     (low, high), label = score_reference("Hopper-v5", {})
     assert f"random {low:.2f} / expert {high:.2f} ({label})" in text
+
+
+# ---- interrupts and resuming as a user meets them ----
+
+
+def test_ctrl_c_exits_130_with_one_line_and_the_printed_command_resumes_bit_identically(
+        tiny_config, hopper_dataset, tmp_path):
+    overrides = ["train.max_steps=60", "train.checkpoint_every=1000", "train.eval_every=20"]
+    full = train(tiny_config(hopper_dataset, *overrides), tmp_path / "full", progress=False)
+    config = tmp_path / "tiny.toml"
+    config.write_text(to_toml(tiny_config(hopper_dataset, *overrides)))
+    out = tmp_path / "run"
+    slow = ("import sys, time; import trajformer.train as t; f = t.batch_indices; "
+            "t.batch_indices = lambda *a: (time.sleep(0.05), f(*a))[1]; from trajformer.cli import main; "
+            "main(sys.argv[1:])")
+    proc = subprocess.Popen([sys.executable, "-c", slow, "train", str(config), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ,
+                                                                                         "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() or not read_metrics(out / "metrics.jsonl"):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "checkpoint written" in lines[0]
+    command = lines[0].split("resume with: ", 1)[1]
+    assert command == f"trajformer train --resume --out {out}"
+    cli_main(shlex.split(command)[1:])  # the printed command, as typed: no CONFIG
+    for name in ("last.pt", "model.pt"):
+        a = torch.load(full / name, weights_only=True)
+        b = torch.load(out / name, weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_refuses_changed_settings_and_records_allowed_ones(tiny_config, hopper_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(tiny_config(hopper_dataset, "train.max_steps=4"), out, progress=False)
+    before = (out / "config.toml").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--resume", "--out", str(out), "--set", "train.max_steps=8"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "would change the run (train.max_steps 4 -> 8)" in err and "\n" not in err
+    assert (out / "config.toml").read_text() == before  # nothing rewritten
+    cli_main(["train", "--resume", "--out", str(out), "--set", "train.log_every=2"])
+    rows = read_metrics(out / "metrics.jsonl")
+    assert {"step": 4, "resumed_with": {"train.log_every": 2}} in rows

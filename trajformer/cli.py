@@ -1,4 +1,4 @@
-"""Command-line interface: parse arguments and call library functions, nothing else.
+"""Command-line interface: parse and check arguments, call library functions, print results.
 
 Each subcommand has an `_add_<name>(subparsers)` that declares its arguments and sets `func`.
 """
@@ -10,11 +10,40 @@ import sys
 
 from trajformer.config import EnsembleConfig
 
+DESCRIPTION = """\
+The Trajectory Transformer (Janner, Li & Levine 2021) on Gymnasium v5 and Minari: train a GPT on discretized
+trajectories, plan with a KV-cached beam search, and predict long horizons.
+
+start with:  trajformer quickstart           (offline: dataset -> train -> plan, a few minutes)
+then:        trajformer train configs/hopper-medium-local.toml
+             trajformer plan runs/hopper-medium-local --episodes 5 --num-envs 5
+help on one command:  trajformer COMMAND --help"""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help (where there is one); descriptions and examples as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _parser(sub, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand with a one-line summary, an example, and defaults in its help."""
+    return sub.add_parser(name, help=summary, description=summary, epilog=f"example:\n  {example}",
+                          formatter_class=_Help)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `trajformer` command."""
-    parser = argparse.ArgumentParser(prog="trajformer", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from trajformer import __version__
+
+    parser = argparse.ArgumentParser(prog="trajformer", description=DESCRIPTION, formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"trajformer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
@@ -24,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
         # Library errors are one-line messages that name the problem and the fix.
         print(f"trajformer {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as err:  # Ctrl-C: one line saying where it stopped and how to go on, no traceback
+        print(f"\ntrajformer {args.command}: {err or 'interrupted; nothing was written'}", file=sys.stderr)
+        sys.exit(130)
 
 
 def _add_overrides(p, example: str = "train.max_steps=200", metavar: str = "SECTION.KEY=VALUE") -> None:
@@ -33,12 +65,14 @@ def _add_overrides(p, example: str = "train.max_steps=200", metavar: str = "SECT
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a Trajectory Transformer on a Minari dataset")
-    p.add_argument("config", help="TOML config (see configs/)")
+    p = _parser(sub, "train", "train a Trajectory Transformer on a Minari dataset into a run directory",
+                "trajformer train configs/hopper-medium-local.toml --set train.max_windows=250000")
+    p.add_argument("config", nargs="?", help="TOML config (see configs/); with --resume, the run's own by default")
     p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
     p.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
     _add_overrides(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (bit-identical to an uninterrupted run)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -48,6 +82,12 @@ def _cmd_train(args) -> None:
     from trajformer.config import load_config
     from trajformer.train import train
 
+    if args.config is None:
+        if not (args.resume and args.out):
+            raise ValueError("give a CONFIG to train (e.g. configs/quickstart.toml), or --resume --out RUN_DIR")
+        args.config = Path(args.out) / "config.toml"
+        if not args.config.is_file():
+            raise FileNotFoundError(f"{args.out} has no config.toml: it is not a run directory; check --out")
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     run_dir = train(cfg, out, dataset_id=args.dataset, resume=args.resume)
@@ -55,7 +95,8 @@ def _cmd_train(args) -> None:
 
 
 def _add_quickstart(sub) -> None:
-    p = sub.add_parser("quickstart", help="offline end-to-end demo: make a dataset, train, plan (a few minutes)")
+    p = _parser(sub, "quickstart", "offline end-to-end demo: make a dataset, train, plan (a few minutes)",
+                "trajformer quickstart --out runs/quickstart")
     p.add_argument("--out", default="runs/quickstart", help="output directory")
     p.add_argument("--steps", type=int, default=20_000, help="dataset size in transitions (made once)")
     p.add_argument("--plan-steps", type=int, default=100, help="length of the planned episode")
@@ -70,7 +111,8 @@ def _cmd_quickstart(args) -> None:
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="describe a run directory or a Minari dataset")
+    p = _parser(sub, "info", "describe a run directory, a shipped model or a Minari dataset",
+                "trajformer info pretrained/models/hopper-medium")
     p.add_argument("target", help="RUN_DIR or DATASET_ID")
     p.add_argument("--config", default=None, help="for a dataset: config whose [data]/[discretizer] to apply")
     _add_overrides(p)
@@ -86,14 +128,15 @@ def _cmd_info(args) -> None:
 def _add_collect(sub) -> None:
     import json
 
-    p = sub.add_parser("collect", help="make a local Minari dataset by rolling out a behaviour policy (or a preset)")
+    p = _parser(sub, "collect", "make a local Minari dataset by rolling out a behaviour policy (or a preset)",
+                "trajformer collect --preset hopper-medium --steps 100000")
     p.add_argument("env_id", nargs="?", help="Gymnasium env id, e.g. Hopper-v5 (not with --preset)")
     p.add_argument("--preset", help="named dataset trajformer/NAME-v0, e.g. hopper-medium, halfcheetah-replay")
     p.add_argument("--policy", help="'random' (default), a shipped name (hopper-sac-0175k) or a .pt path")
-    p.add_argument("--steps", type=int, help="transitions to collect (default 1,000,000)")
+    p.add_argument("--steps", type=int, help="transitions to collect")
     p.add_argument("--dataset-id", help="NAMESPACE/NAME-v0 of the dataset to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--action-noise", type=float, help="Gaussian action noise std, in half action ranges (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the envs' resets and the policy's action noise")
+    p.add_argument("--action-noise", type=float, help="Gaussian action noise std, in half action ranges")
     p.add_argument("--deterministic", action="store_true", help="the policy's mean action instead of a sample")
     p.add_argument("--env-kwargs", type=json.loads, help='JSON kwargs for gym.make, e.g. \'{"ctrl_cost_weight": 0.1}\'')
     p.add_argument("--max-episode-steps", type=int, help="time limit (default: the env's own)")
@@ -128,10 +171,11 @@ def _cmd_collect(args) -> None:
 
 
 def _add_plan(sub) -> None:
-    p = sub.add_parser("plan", help="evaluate a run by beam-search planning in its Gymnasium environment")
+    p = _parser(sub, "plan", "evaluate a run by beam-search planning (MPC) in its Gymnasium environment",
+                "trajformer plan pretrained/models/hopper-medium --episodes 5 --num-envs 5 --set plan.beam_width=32")
     p.add_argument("run_dir", help="run directory written by `trajformer train`")
     p.add_argument("--env", default=None, help="Gymnasium env id (default: the run's, with its kwargs)")
-    p.add_argument("--episodes", type=int, default=1, help="episodes to run (default 1)")
+    p.add_argument("--episodes", type=int, default=1, help="episodes to run")
     p.add_argument("--num-envs", type=int, default=1, help="envs planned together in one batched search")
     p.add_argument("--max-steps", type=int, default=None, help="cut episodes after this many steps")
     p.add_argument("--seed", type=int, default=0, help="episode e uses seed + e for the env and the planner")
@@ -153,7 +197,8 @@ def _cmd_plan(args) -> None:
 
 
 def _add_train_ensemble(sub) -> None:
-    p = sub.add_parser("train-ensemble", help="train a PETS-style Gaussian dynamics ensemble (prediction baseline)")
+    p = _parser(sub, "train-ensemble", "train a PETS-style Gaussian dynamics ensemble (the prediction baseline)",
+                "trajformer train-ensemble configs/humanoid.toml --members 5 --max-seconds 600")
     p.add_argument("config", help="TOML config whose [data] and train.seed (episode split) to use")
     p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
     p.add_argument("--out", default=None, help="ensemble directory (default runs/<config name>-ensemble)")
@@ -183,16 +228,18 @@ def _cmd_train_ensemble(args) -> None:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="long-horizon predictions from held-out starts, against an ensemble baseline")
+    p = _parser(sub, "predict", "long-horizon predictions from held-out starts, against an ensemble baseline",
+                "trajformer predict pretrained/models/humanoid-tt --dataset pretrained/data/humanoid-heldout.npz "
+                "--baseline pretrained/models/humanoid-ensemble")
     p.add_argument("run_dir", help="run directory written by `trajformer train`")
     p.add_argument("--dataset", default=None,
                    help="Minari dataset id (the run's validation episodes if it is the run's dataset) or a held-out "
                         ".npz slice (default: the run's dataset)")
-    p.add_argument("--horizon", type=int, default=100, help="prediction steps (default 100)")
-    p.add_argument("--starts", type=int, default=8, help="held-out start states (default 8)")
+    p.add_argument("--horizon", type=int, default=100, help="prediction steps")
+    p.add_argument("--starts", type=int, default=8, help="held-out start states")
     p.add_argument("--baseline", default=None, metavar="ENSEMBLE_DIR", help="ensemble from `trajformer train-ensemble`")
-    p.add_argument("--samples", type=int, default=32, help="open-loop sampled trajectories per start (default 32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=32, help="open-loop sampled trajectories per start")
+    p.add_argument("--seed", type=int, default=0, help="seed of the start states and the sampled rollouts")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/predict)")
     p.add_argument("--no-render", action="store_true", help="skip the filmstrip and video")
     p.set_defaults(func=_cmd_predict)

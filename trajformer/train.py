@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from trajformer import __version__
-from trajformer.config import Config, to_toml
+from trajformer.config import Config, load_config, to_toml
 from trajformer.data import OfflineData, joined_transitions, load_episodes, return_stats, split_episodes
 from trajformer.discretizer import Discretizer
 from trajformer.files import atomic_write, load_torch, save_text, save_torch
@@ -34,6 +34,24 @@ from trajformer.run import load_discretizer, read_metrics, write_run_files
 from trajformer.tokens import TokenWindows, loss_weights
 
 TOKEN_TYPES = ("obs", "action", "reward", "value")
+
+RESUMABLE_KEYS = ("train.num_threads", "train.log_every", "train.checkpoint_every", "train.eval_every",
+                  "train.eval_windows", "train.device", "train.compile")
+"""Keys a resumed run may change: they cannot change the weights trained so far or the schedule ahead (eval
+settings only change which validation rows are logged; device and compile change speed, not the maths)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the checkpoint is written; the message holds the command that resumes."""
+
+
+def config_changes(old: Config, new: Config) -> dict[str, tuple]:
+    """{section.key: (old, new)} for every key of [data], [discretizer], [model] and [train] that differs."""
+    changes = {}
+    for section in ("data", "discretizer", "model", "train"):
+        a, b = asdict(getattr(old, section)), asdict(getattr(new, section))
+        changes.update({f"{section}.{k}": (a[k], b[k]) for k in a if a[k] != b[k]})
+    return changes
 
 
 @dataclass
@@ -281,7 +299,8 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a run shorter than log_every has nothing to label yet
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
 
@@ -307,6 +326,14 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     rank, world = _distributed()
 
     # Everything that can fail on bad input happens before anything is written.
+    changed = {}
+    if resume and (out_dir / "config.toml").is_file():
+        changed = config_changes(load_config(out_dir / "config.toml"), cfg)
+        refused = [k for k in changed if k not in RESUMABLE_KEYS]
+        if refused:
+            detail = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
+            raise ValueError(f"--resume would change the run ({detail}); resume with the run's own config "
+                             f"(omit CONFIG and those --set), or train a new run into another --out")
     saved = out_dir / "discretizer.npz"
     prep = prepare(cfg, discretizer=load_discretizer(saved) if resume and saved.exists() else None)
     state = _check_resume(out_dir, prep) if resume else None
@@ -355,6 +382,9 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
             save_text(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
         elif state is None:
             save_text(metrics_path, "")
+        if changed:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, "resumed_with": {k: v[1] for k, v in changed.items()}}) + "\n")
 
     def log(row: dict) -> None:
         if rank == 0:
@@ -440,5 +470,6 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     if world > 1:
         dist.barrier()
     if interrupted:
-        raise KeyboardInterrupt(f"training interrupted at step {step}; resume with --resume --out {out_dir}")
+        raise TrainingInterrupted(f"training interrupted at step {step} of {total}; checkpoint written; resume with: "
+                                  f"trajformer train --resume --out {out_dir}")
     return out_dir
