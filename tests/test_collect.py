@@ -135,3 +135,20 @@ def test_cli_preset_refuses_other_settings(capsys):
         main(["collect", "--preset", "hopper-medium", "--policy", "random", "--deterministic"])
     assert "drop --policy, --deterministic" in capsys.readouterr().err
     assert not get_dataset_path("trajformer/hopper-medium-v0").exists()
+
+
+def test_ctrl_c_while_writing_leaves_no_partial_dataset(monkeypatch, capsys):
+    from minari.storage import get_dataset_path
+
+    real = minari.create_dataset_from_buffers
+
+    def write_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C after the files exist, before the metadata is complete
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", write_then_interrupt)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["collect", "Hopper-v5", "--steps", "64", "--num-envs", "2", "--dataset-id", "test/interrupted-v0"])
+    assert exit_info.value.code == 130
+    assert "Traceback" not in capsys.readouterr().err
+    assert not get_dataset_path("test/interrupted-v0").exists()

@@ -183,6 +183,22 @@ def test_cli_plan_missing_or_corrupt_run_dir(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["plan", str(tmp_path)])
     assert "run.json is corrupt" in capsys.readouterr().err
+    # A quickstart output directory: the error names the run directory inside it.
+    (tmp_path / "qs" / "run").mkdir(parents=True)
+    (tmp_path / "qs" / "run" / "run.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        cli.main(["plan", str(tmp_path / "qs")])
+    assert f"did you mean {tmp_path / 'qs' / 'run'}?" in capsys.readouterr().err
+
+
+def test_shipped_models_load_by_name(tmp_path, monkeypatch):
+    from trajformer.info import describe
+    from trajformer.run import shipped_models
+
+    assert "hopper-medium" in shipped_models()
+    monkeypatch.chdir(tmp_path)  # anywhere: the name resolves to the shipped model, not a relative path
+    assert load_run("hopper-medium").meta["env"]["id"] == "Hopper-v5"
+    assert describe("hopper-medium").startswith("run directory ")
 
 
 def test_score_reference_and_summary():

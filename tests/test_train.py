@@ -226,6 +226,10 @@ def test_missing_remote_dataset_fails_fast_without_network(monkeypatch):
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"mujoco/hopper/medium-v0.*MINARI_DATASETS_PATH.*trajformer collect"):
         load_minari("mujoco/hopper/medium-v0")
+    monkeypatch.setattr("trajformer.data._hub_reachable", lambda: True)  # online, but without the hub client
+    monkeypatch.setattr("trajformer.data._hub_client_installed", lambda: False)
+    with pytest.raises(FileNotFoundError, match=r"pip install 'trajformer\[hf\]'"):
+        load_minari("mujoco/hopper/medium-v0")
     assert time.perf_counter() - start < 5.0
 
 

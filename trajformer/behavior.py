@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-BEHAVIOR_DIR = Path(__file__).resolve().parent.parent / "pretrained" / "behavior"
+from trajformer.files import shipped
+
+BEHAVIOR_DIR = shipped("pretrained") / "behavior"
 """Shipped behaviour policies: NAME.pt (actor state_dict) + NAME.json (card)."""
 
 Policy = Callable[[np.ndarray], np.ndarray]

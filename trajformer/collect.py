@@ -142,7 +142,8 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     episodes, cut = [], []
     start = time.perf_counter()
-    with tqdm(total=steps, desc=f"collect {dataset_id}", unit="step", smoothing=0.1) as bar, one_thread():
+    with tqdm(total=steps, desc=f"collect {dataset_id}", unit="step", smoothing=0.1,
+              disable=None) as bar, one_thread():
         for j, bp in enumerate(behaviors):
             share = steps // len(behaviors) + (j < steps % len(behaviors))
             act = random_policy(env.action_space, rng) if bp is None else bp.policy(deterministic, generator)
@@ -170,27 +171,32 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
         "truncations; the last episode of each env is cut (truncated) where the step budget ran out.")
     if get_dataset_path(dataset_id).exists():
         minari.delete_dataset(dataset_id)  # only reached with overwrite=True, now that the new data exists
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(code_permalink|author_email).*")
-        dataset = minari.create_dataset_from_buffers(
-            dataset_id, buffers, env=env, eval_env=env.spec, algorithm_name="trajformer collect",
-            author="trajformer", ref_min_score=ref_min, ref_max_score=ref_max, description=description)
-    dataset.storage.update_metadata({
-        "behavior_policy": names,
-        "behavior_policy_eval_return": [None if bp is None else bp.card["eval_return_mean"] for bp in behaviors],
-        "deterministic": deterministic,
-        "action_noise": action_noise,
-        "env_kwargs": env_kwargs,
-        "seed": seed,
-        "num_envs": num_envs,
-        "steps": steps,
-        "return_mean": float(np.mean(returns)),
-        "return_std": float(np.std(returns)),
-        "ref_min_score": ref_min,
-        "num_episodes_average_score": 10,
-        "ref_min_score_protocol": "uniform random policy, 10 episodes, env.reset(seed=10_000 + i)",
-        **(metadata or {}),
-    })
+    try:  # a dataset is written whole or not at all (Ctrl-C or an error mid-write removes the pieces)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(code_permalink|author_email).*")
+            dataset = minari.create_dataset_from_buffers(
+                dataset_id, buffers, env=env, eval_env=env.spec, algorithm_name="trajformer collect",
+                author="trajformer", ref_min_score=ref_min, ref_max_score=ref_max, description=description)
+        dataset.storage.update_metadata({
+            "behavior_policy": names,
+            "behavior_policy_eval_return": [None if bp is None else bp.card["eval_return_mean"] for bp in behaviors],
+            "deterministic": deterministic,
+            "action_noise": action_noise,
+            "env_kwargs": env_kwargs,
+            "seed": seed,
+            "num_envs": num_envs,
+            "steps": steps,
+            "return_mean": float(np.mean(returns)),
+            "return_std": float(np.std(returns)),
+            "ref_min_score": ref_min,
+            "num_episodes_average_score": 10,
+            "ref_min_score_protocol": "uniform random policy, 10 episodes, env.reset(seed=10_000 + i)",
+            **(metadata or {}),
+        })
+    except BaseException:
+        if get_dataset_path(dataset_id).exists():
+            minari.delete_dataset(dataset_id)
+        raise
     env.close()
     return minari.load_dataset(dataset_id)
 

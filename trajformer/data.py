@@ -87,11 +87,22 @@ def _hub_reachable(timeout: float = 1.5) -> bool:
         return False
 
 
-def missing_dataset_message(dataset_id: str) -> str:
+def _hub_client_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("huggingface_hub") is not None
+
+
+def missing_dataset_message(dataset_id: str, reachable: bool = False) -> str:
+    """What to do about a dataset that is neither local nor downloadable: the next command to run."""
+    if reachable and not _hub_client_installed():
+        return (f"dataset '{dataset_id}' is not local and downloading it needs the hub client: "
+                f"pip install 'trajformer[hf]' (or make a local one with `trajformer collect --preset NAME`)")
+    hub = "" if _hub_client_installed() else "; remote ids also need pip install 'trajformer[hf]' when online"
     return (
         f"dataset '{dataset_id}' is not in MINARI_DATASETS_PATH ({datasets_root()}) and cannot be downloaded "
         f"(offline); make a local one with `trajformer collect --preset hopper-medium` (or `trajformer collect "
-        f"ENV_ID --policy random --steps N --dataset-id NAMESPACE/NAME-v0`), or set MINARI_DATASETS_PATH"
+        f"ENV_ID --policy random --steps N --dataset-id NAMESPACE/NAME-v0`), or set MINARI_DATASETS_PATH{hub}"
     )
 
 
@@ -100,8 +111,9 @@ def load_minari(dataset_id: str, download: bool = True):
     import minari
 
     if not is_local_dataset(dataset_id):
-        if not download or not _hub_reachable():
-            raise FileNotFoundError(missing_dataset_message(dataset_id))
+        reachable = download and _hub_reachable()
+        if not reachable or not _hub_client_installed():
+            raise FileNotFoundError(missing_dataset_message(dataset_id, reachable))
         return minari.load_dataset(dataset_id, download=True)
     return minari.load_dataset(dataset_id)
 

@@ -5,10 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+
+def shipped(name: str) -> Path:
+    """A folder we ship beside the package (`pretrained`, `configs`): the source tree's in a checkout or an
+    editable install, else the copy a wheel installs under <prefix>/share/trajformer/."""
+    source = Path(__file__).resolve().parent.parent / name
+    if source.is_dir():
+        return source
+    return Path(sys.prefix) / "share" / "trajformer" / name
 
 
 def atomic_write(path: Path, write) -> None:

@@ -105,7 +105,9 @@ def describe_dataset(dataset_id: str, cfg: Config) -> str:
 
 
 def describe(target: str, config: str | None = None, overrides: list[str] | None = None) -> str:
-    """Describe `target`: a run directory if it holds run.json, else a dataset id."""
-    if (Path(target) / "run.json").is_file():
-        return describe_run(Path(target))
+    """Describe `target`: a run directory (or a shipped model's name) if it is one, else a dataset id."""
+    from trajformer.run import find_run, is_run
+
+    if is_run(target):
+        return describe_run(find_run(target))
     return describe_dataset(target, load_config(config, overrides))

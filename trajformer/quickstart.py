@@ -13,13 +13,13 @@ from trajformer.behavior import BEHAVIOR_DIR
 from trajformer.collect import collect
 from trajformer.config import load_config
 from trajformer.data import is_local_dataset
-from trajformer.files import save_json
+from trajformer.files import save_json, shipped
 from trajformer.rollout import evaluate, report
 from trajformer.run import load_run, read_metrics
-from trajformer.train import train
+from trajformer.train import train, trained_steps
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
-PRETRAINED = Path(__file__).resolve().parent.parent / "pretrained" / "models" / "hopper-medium"
+CONFIG = shipped("configs") / "quickstart.toml"
+PRETRAINED = shipped("pretrained") / "models" / "hopper-medium"
 POLICY = "hopper-sac-0175k"  # the shipped D4RL-style "medium" Hopper policy (pretrained/README.md)
 
 
@@ -30,24 +30,27 @@ def quickstart(out_dir: str | Path = "runs/quickstart", steps: int = 20_000, pla
     cfg = load_config(CONFIG, overrides or [])
     dataset_id = cfg.data.dataset
     if is_local_dataset(dataset_id):
-        print(f"[1/3] dataset {dataset_id}: already made")
+        print(f"[1/4] dataset {dataset_id}: already made")
     else:
-        print(f"[1/3] dataset {dataset_id}: collecting {steps} Hopper-v5 steps with {POLICY}")
+        print(f"[1/4] dataset {dataset_id}: collecting {steps} Hopper-v5 steps with {POLICY}")
         collect("Hopper-v5", POLICY, steps=steps, dataset_id=dataset_id, seed=0,
                 description=f"trajformer quickstart: {steps} Hopper-v5 steps from the shipped "
                             f"{POLICY} SAC policy (stochastic actions), seed 0.")
 
     run_dir = out_dir / "run"
-    resume = (run_dir / "checkpoint.pt").exists()
-    print(f"[2/3] training {run_dir}" + (" (resuming)" if resume else ""))
-    train(cfg, run_dir, resume=resume)  # a finished run resumes to its last step and returns at once
+    progress = trained_steps(run_dir)
+    if progress is not None and progress[0] >= progress[1]:
+        print(f"[2/4] training {run_dir}: already trained ({progress[1]} steps)")
+    else:
+        print(f"[2/4] training {run_dir}" + (f" (resuming at step {progress[0]})" if progress else ""))
+        train(cfg, run_dir, resume=progress is not None)
 
     plans = {}
-    for name, directory in (("this run", run_dir), ("shipped pretrained/models/hopper-medium", PRETRAINED)):
+    for step, name, directory in ((3, "this run", run_dir), (4, "shipped model hopper-medium", PRETRAINED)):
         if not (directory / "run.json").exists():
             continue
         run = load_run(directory)
-        print(f"[3/3] planning a {plan_steps}-step Hopper-v5 episode with {name} ({directory}; beam "
+        print(f"[{step}/4] planning a {plan_steps}-step Hopper-v5 episode with {name} (beam "
               f"{run.config.plan.beam_width}, horizon {run.config.plan.horizon})")
         plans[str(directory)] = evaluate(run, episodes=1, max_steps=plan_steps, seed=0)
         print(report(plans[str(directory)]))

@@ -106,7 +106,8 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
     for k in range(num_envs):
         start(k)
     total = episodes * (max_steps or limit) if (max_steps or limit) else None
-    bar = tqdm(total=total, desc=f"plan {env_id}", unit="step", disable=not progress)
+    # disable=None: progress bars only on a terminal, never in redirected output.
+    bar = tqdm(total=total, desc=f"plan {env_id}", unit="step", disable=None if progress else True)
     steps, t0, render_seconds = 0, time.perf_counter(), 0.0
     while True:
         active = [k for k in range(num_envs) if episode_of[k] >= 0]

@@ -23,7 +23,7 @@ import numpy as np
 
 from trajformer.config import Config, load_config, to_toml
 from trajformer.discretizer import Discretizer
-from trajformer.files import atomic_write, load_torch, save_json, save_text, save_torch
+from trajformer.files import atomic_write, load_torch, save_json, save_text, save_torch, shipped
 from trajformer.model import GPT, GPTConfig
 
 
@@ -68,11 +68,40 @@ class Run:
         return np.asarray(self.meta["obs_indices"], dtype=np.int64)
 
 
-def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
-    """Load a run directory (no dataset, no pickle); `weights` picks model.pt (best) or last.pt."""
+def shipped_models() -> list[str]:
+    """Names of the models shipped in pretrained/models (usable wherever a run directory is asked for)."""
+    root = shipped("pretrained") / "models"
+    return sorted(p.name for p in root.iterdir() if (p / "run.json").is_file()) if root.is_dir() else []
+
+
+def find_run(run_dir: str | os.PathLike) -> Path:
+    """A run directory by path, or a shipped model by name (`hopper-medium`); errors say what was meant."""
     path = Path(run_dir)
-    if not (path / "run.json").is_file():
-        raise FileNotFoundError(f"{path} is not a run directory (no run.json); train one with `trajformer train`")
+    if (path / "run.json").is_file():
+        return path
+    named = shipped("pretrained") / "models" / str(run_dir)
+    if path.name == str(run_dir) and (named / "run.json").is_file():
+        return named
+    if (path / "run" / "run.json").is_file():
+        raise FileNotFoundError(f"{path} is not a run directory (no run.json); did you mean {path / 'run'}?")
+    models = ", ".join(shipped_models()) or "none installed"
+    raise FileNotFoundError(f"{path} is not a run directory (no run.json) nor a shipped model ({models}); "
+                            f"train one with `trajformer train`")
+
+
+def is_run(target: str | os.PathLike) -> bool:
+    """Whether `target` names a run directory or a shipped model."""
+    try:
+        find_run(target)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
+    """Load a run directory or a shipped model by name (no dataset, no pickle); `weights` picks model.pt (best)
+    or last.pt."""
+    path = find_run(run_dir)
     try:
         meta = json.loads((path / "run.json").read_text())
         gpt_config = GPTConfig(**meta["model"])

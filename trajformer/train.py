@@ -254,6 +254,16 @@ def _reconstruction(prep: Prepared) -> dict:
             "std": joined.std(axis=0).tolist(), "n_bins": prep.discretizer.n_real.tolist()}
 
 
+def trained_steps(out_dir: str | os.PathLike) -> tuple[int, int] | None:
+    """(steps done, total steps) of a run directory's checkpoint, or None when it has none to resume."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "checkpoint.pt").is_file() or not (out_dir / "run.json").is_file():
+        return None
+    total = json.loads((out_dir / "run.json").read_text()).get("compute", {}).get("total_steps")
+    step = int(load_torch(out_dir / "checkpoint.pt")["step"])
+    return (step, int(total)) if total is not None else None
+
+
 def _check_resume(out_dir: Path, prep: Prepared) -> dict:
     """The checkpoint to resume from, after checking that it exists, loads, and fits this data."""
     if not (out_dir / "checkpoint.pt").is_file():
@@ -419,7 +429,8 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
                 save_torch(out_dir / "model.pt", model.state_dict())
 
     tokens_per_step = batch * windows.block_size
-    bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc="train", unit="step")
+    bar = tqdm(total=total, initial=step, disable=None if progress and rank == 0 else True,
+               desc="train", unit="step")  # disable=None: bars only on a terminal
     # Ctrl-C sets a flag; the loop stops at the next step boundary and checkpoints, so a resumed run
     # repeats no step and skips none.
     interrupted = False
