@@ -33,8 +33,8 @@ os.chdir(ROOT)
 import torch
 from IPython.display import Image, display
 
-torch.set_num_threads(1 if TINY else 2)
-print("tiny mode" if TINY else "full mode", "| repository", ROOT)"""
+torch.set_num_threads(1)  # one thread: timings do not depend on what else the machine runs
+print("tiny mode" if TINY else "full mode")"""
 
 QUICKSTART = [
     ("markdown", """\

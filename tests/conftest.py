@@ -7,6 +7,8 @@ import tempfile
 os.environ["MINARI_DATASETS_PATH"] = tempfile.mkdtemp(prefix="trajformer-minari-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MUJOCO_GL", "egl")
+# Tests run in a scratch directory: nothing they (or MuJoCo's MUJOCO_LOG.TXT) write lands in the repository.
+os.chdir(tempfile.mkdtemp(prefix="trajformer-tests-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

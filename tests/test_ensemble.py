@@ -4,6 +4,7 @@ grows off the data, its directory round-trips, and bad input fails with one-line
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from trajformer import cli
 from trajformer.data import load_episodes, split_episodes
 from trajformer.ensemble import gaussian_nll, load_ensemble, transitions
 from trajformer.run import read_metrics
+
+QUICKSTART = str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml")
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +66,15 @@ def test_round_trip_and_prediction_shapes(ensemble_dir, split_data):
 
 def test_cli_and_bad_input(hopper_dataset, tmp_path, capsys, ensemble_dir):
     out = tmp_path / "cli-ens"
-    cli.main(["train-ensemble", "configs/quickstart.toml", "--dataset", hopper_dataset, "--out", str(out),
+    cli.main(["train-ensemble", QUICKSTART, "--dataset", hopper_dataset, "--out", str(out),
               "--members", "2", "--hidden", "16", "--layers", "1", "--max-epochs", "1"])
     meta = json.loads((out / "ensemble.json").read_text())
     assert meta["ensemble"]["members"] == 2 and meta["training"]["epochs"] == 1
     with pytest.raises(SystemExit):  # the directory already holds an ensemble
-        cli.main(["train-ensemble", "configs/quickstart.toml", "--dataset", hopper_dataset, "--out", str(out)])
+        cli.main(["train-ensemble", QUICKSTART, "--dataset", hopper_dataset, "--out", str(out)])
     assert "already holds an ensemble" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(["train-ensemble", "configs/quickstart.toml", "--dataset", hopper_dataset, "--out",
+        cli.main(["train-ensemble", QUICKSTART, "--dataset", hopper_dataset, "--out",
                   str(tmp_path / "x"), "--members", "0"])
     assert "members must be >= 1" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not an ensemble directory"):

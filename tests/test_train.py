@@ -27,6 +27,8 @@ from trajformer.model import token_losses
 from trajformer.run import load_run, read_metrics
 from trajformer.train import prepare, train
 
+QUICKSTART = str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml")
+
 
 def test_validation_loss_beats_per_dimension_marginal_entropy(tiny_run):
     """A model that learned nothing cannot do better than each dimension's marginal distribution."""
@@ -156,7 +158,7 @@ def bad_datasets():
 def test_bad_dataset_fails_before_writing(bad_datasets, hopper_dataset, tmp_path, capsys, dataset_id, overrides,
                                           message):
     out = tmp_path / "run"
-    args = ["train", "configs/quickstart.toml", "--dataset", dataset_id, "--out", str(out)]
+    args = ["train", QUICKSTART, "--dataset", dataset_id, "--out", str(out)]
     for o in overrides:
         args += ["--set", o]
     with pytest.raises(SystemExit) as exit_info:
@@ -176,7 +178,7 @@ def test_bad_dataset_fails_before_writing(bad_datasets, hopper_dataset, tmp_path
 def test_config_errors_name_the_key(tmp_path, capsys, override, message):
     out = tmp_path / "run"
     with pytest.raises(SystemExit):
-        cli_main(["train", "configs/quickstart.toml", "--out", str(out), "--set", override])
+        cli_main(["train", QUICKSTART, "--out", str(out), "--set", override])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not out.exists()
