@@ -7,8 +7,6 @@ import tempfile
 os.environ["MINARI_DATASETS_PATH"] = tempfile.mkdtemp(prefix="trajformer-minari-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MUJOCO_GL", "egl")
-# Tests run in a scratch directory: nothing they (or MuJoCo's MUJOCO_LOG.TXT) write lands in the repository.
-os.chdir(tempfile.mkdtemp(prefix="trajformer-tests-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -36,6 +34,15 @@ def tiny_config():
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_directory(tmp_path_factory):
+    """Tests run in a scratch directory: nothing they (or MuJoCo's MUJOCO_LOG.TXT) write lands in the repository."""
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)
 
 
 @pytest.fixture(scope="session")
