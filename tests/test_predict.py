@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from trajformer import cli
 from trajformer.config import EnsembleConfig
-from trajformer.decoding import crop_start
+from trajformer.decoding import crop_start, decode_bins
 from trajformer.ensemble import train_ensemble
 from trajformer.files import save_torch
 from trajformer.metrics import error_summary, histogram_loglik, normalized_error
@@ -27,6 +27,7 @@ from trajformer.predict import (
     predict,
     rollout_transformer,
     save_heldout,
+    stops_possible,
 )
 from trajformer.run import load_run
 
@@ -150,32 +151,89 @@ def test_predict_end_to_end_and_npz_slice(run, ensemble_dir, tmp_path):
     assert all(t <= o for t, o in zip(ol["transformer"], ol["oracle"], strict=True))
 
 
-def test_stop_tokens_end_rollouts_and_are_reported(run, tmp_path):
-    """A model that puts ~30% mass on stop for every next-state token: rows end mid-rollout, reported."""
-    stopper = tmp_path / "stopper"
-    shutil.copytree(run.path, stopper)
-    model = load_run(stopper).model
+def _stopper(run, path, p_stop: float):
+    """A copy of the run whose model puts p_stop on stop before state dim 0 (uniform bins otherwise)."""
+    shutil.copytree(run.path, path)
+    model = load_run(path).model
     N, T = model.config.n_bins, model.config.transition_dim
     with torch.no_grad():
         model.ln_f.weight.zero_()
         model.ln_f.bias.fill_(1.0)  # every final hidden state is the ones vector
         model.head.zero_()
-        model.head[T - 1, :, N] = math.log(0.3 / 0.7 * N) / model.config.n_embd  # before state dim 0: p(stop) 0.3
-    save_torch(stopper / "model.pt", model.state_dict())
+        model.head[T - 1, :, N] = math.log(p_stop / (1 - p_stop) * N) / model.config.n_embd
+    save_torch(path / "model.pt", model.state_dict())
+    return path
+
+
+def test_stop_tokens_end_rollouts_and_are_reported(run, tmp_path):
+    """p(stop) 0.3 before each state: greedy decodes never stop (stop must beat the bins), samples stop ~30% of
+    the time at each step, end their row there, and are reported; at p(stop) 0.7 greedy rows stop at once."""
+    stopper = _stopper(run, tmp_path / "stopper", 0.3)
+    assert stops_possible(load_run(stopper))  # the tiny dataset has terminations
     record = predict(stopper, horizon=4, starts=2, samples=16, out=tmp_path / "p", render=False, progress=False)
-    assert len(record["teacher_forced"]["transformer_stops"]) == 2  # greedy: stop is the argmax at once
-    assert record["teacher_forced"]["transformer"]["mean"] == [None] * 4
+    assert record["teacher_forced"]["transformer_stops"] == []
+    assert all(v is not None for v in record["teacher_forced"]["transformer"]["mean"])
     frac = record["open_loop"]["transformer_stopped_fraction"]
     assert 0.1 < frac[0] < 0.6 and frac[-1] > frac[0]  # some rows stop later than the first step
     stopped = load_run(stopper)
-    (i, t), = choose_starts(load_heldout(stopped.meta["dataset_id"], stopped), 4, 1)
     held = load_heldout(stopped.meta["dataset_id"], stopped)
+    (i, t), = choose_starts(held, 4, 1)
     out = rollout_transformer(stopped, [context_tokens(stopped, held.episodes[i], t)], 4, samples=16, greedy=False)
     for row, step in zip(out["obs"][0], out["stop_step"][0], strict=True):
         if step:
             assert np.all(np.isnan(row[step - 1 :])) and np.all(np.isfinite(row[: step - 1]))
         else:
             assert np.all(np.isfinite(row))
+    likely = load_run(_stopper(run, tmp_path / "likely", 0.7))
+    greedy = rollout_transformer(likely, [context_tokens(likely, held.episodes[i], t)], 4, greedy=True)
+    assert greedy["stop_step"].tolist() == [[1]]
+
+
+def test_no_stop_when_the_data_has_no_terminations(run, tmp_path):
+    stopper = load_run(_stopper(run, tmp_path / "stopper", 0.7))
+    stopper.meta["dataset_stats"]["terminated_episodes"] = 0
+    held = load_heldout(stopper.meta["dataset_id"], stopper)
+    (i, t), = choose_starts(held, 4, 1)
+    prefix = [context_tokens(stopper, held.episodes[i], t)]
+    for greedy in (True, False):
+        out = rollout_transformer(stopper, prefix, 4, samples=8, greedy=greedy)
+        assert not out["stop_step"].any() and np.isfinite(out["obs"]).all()
+
+
+def test_live_value_position_gets_the_models_argmax_value_token(run, held):
+    """The token fed at the value position of a rollout is the argmax of the model's value logits there."""
+    ep = held.episodes[0]
+    prefix = context_tokens(run, ep, 3)
+    actions = ep.act[3:5][None]
+    out = rollout_transformer(run, [prefix], 2, actions=actions, greedy=True)
+    dS, dA, N = run.obs_dim, run.act_dim, run.discretizer.n_bins
+    T = dS + dA + 2
+    seq = torch.cat([prefix, out_tokens(run, actions[0, 0], dS), out_tokens(run, out["rew"][0, 0, :1], dS + dA)])
+    block = run.model.config.block_size
+
+    def window(x):  # the planner's sliding window: whole transitions dropped from the front
+        return x[None, crop_start(len(x), block, T) :]
+
+    value_logits = run.model(window(seq))[0, -1, :N]
+    assert int(value_logits.argmax()) != N - 1  # differs from the placeholder's bin, so the test can tell them apart
+    # The rollout's next state is what the model predicts after that value token, not after the placeholder.
+    value_token = torch.tensor([int(value_logits.argmax()) + (T - 1) * N])
+    after = run.model(window(torch.cat([seq, value_token])))[0, -1, :N]
+    first_state = run.discretizer.midpoints[0][int(after.argmax())]
+    assert out["obs"][0, 0, 0, 0] == pytest.approx(first_state)
+
+
+def test_decode_bins_hand_made():
+    midpoints = torch.tensor([0.0, 1.0, 2.0, 10.0], dtype=torch.float64)
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=torch.float64).log()
+    ids, vals = decode_bins(logits, midpoints, "argmax")
+    assert ids.tolist() == [0] and vals.tolist() == [0.0]
+    ids, vals = decode_bins(logits, midpoints, "median")  # cumulative 0.4, 0.7: crosses 1/2 in bin 1
+    assert ids.tolist() == [1] and vals.tolist() == [1.0]
+    ids, vals = decode_bins(logits, midpoints, "expectation")  # 0.3 + 0.4 + 1.0 = 1.7, nearest midpoint 2
+    assert vals.tolist() == [pytest.approx(1.7)] and ids.tolist() == [2]
+    with pytest.raises(ValueError, match="choose one of argmax, expectation, median"):
+        decode_bins(logits, midpoints, "mode")
 
 
 def test_bad_input(tiny_config, run, hopper_dataset, tmp_path, capsys):

@@ -134,3 +134,25 @@ class CachedDecoder(ReferenceDecoder):
 def pick(logits: torch.Tensor, greedy: bool, generators: list[torch.Generator]) -> torch.Tensor:
     """Local class ids (rows,): the argmax, or one draw per row from the softmax with each env's generator."""
     return logits.argmax(-1) if greedy else draw_per_env(logits.softmax(-1), generators)
+
+
+DECODES = ("argmax", "expectation", "median")
+
+
+def decode_bins(logits: torch.Tensor, midpoints: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A greedy decode of one dimension from logits (rows, N) over its N bins (stop excluded): (bin ids, values).
+    argmax: the most probable bin and its midpoint; expectation: the mean of the midpoints under the
+    renormalised distribution, in the bin that contains it; median: the bin where the cumulative probability
+    reaches 1/2, and its midpoint."""
+    probs = logits.softmax(-1)
+    if how == "argmax":
+        ids = probs.argmax(-1)
+        return ids, midpoints[ids]
+    if how == "median":
+        ids = (probs.cumsum(-1) < 0.5).sum(-1).clamp(max=len(midpoints) - 1)
+        return ids, midpoints[ids]
+    if how == "expectation":
+        values = probs @ midpoints
+        edges = (midpoints[1:] + midpoints[:-1]) / 2  # a value's nearest midpoint is its bin
+        return torch.bucketize(values, edges), values
+    raise ValueError(f"decode {how!r} is not valid; choose one of {', '.join(DECODES)}")

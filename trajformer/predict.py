@@ -34,14 +34,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trajformer.data import Episode, load_episodes
-from trajformer.decoding import CachedDecoder, crop_start, pick
+from trajformer.data import Episode, joined_transitions, load_episodes
+from trajformer.decoding import DECODES, CachedDecoder, crop_start, decode_bins, pick
 from trajformer.ensemble import Ensemble, load_ensemble, obs_std
 from trajformer.files import atomic_write, save_json
 from trajformer.metrics import error_summary, histogram_loglik, normalized_error
 from trajformer.model import GPT
 from trajformer.run import Run, load_run, read_metrics
-from trajformer.tokens import VALUE_PLACEHOLDER, context_transition, encode_values
+from trajformer.tokens import context_transition, encode_values
 
 SUMMARY_STEPS = (1, 10, 25, 50, 100)
 
@@ -146,14 +146,24 @@ def context_tokens(run: Run, episode: Episode, t: int) -> torch.Tensor:
     return torch.as_tensor(np.concatenate(past))
 
 
+def stops_possible(run: Run) -> bool:
+    """Whether the run's training data had terminations: only then may a rollout decode a stop."""
+    return int(run.meta.get("dataset_stats", {}).get("terminated_episodes", 1)) > 0
+
+
 @torch.inference_mode()
 def rollout_transformer(run: Run, prefixes: list[torch.Tensor], horizon: int, samples: int = 1,
-                        actions: np.ndarray | None = None, greedy: bool = True, seed: int = 0) -> dict:
+                        actions: np.ndarray | None = None, greedy: bool = True, seed: int = 0,
+                        decode: str = "argmax") -> dict:
     """Decode `horizon` transitions after each prefix for `samples` rows per prefix.
 
     `actions` (K, H, dA): the true actions to feed (teacher forcing); None samples them from the model.
-    Observations (and rewards) are argmax tokens if `greedy`, else samples. Returns numpy arrays
-    obs (K, M, H, dS) (s_1..s_H, bin midpoints, NaN from a stop on), act (K, M, H, dA), rew (K, M, H)
+    Observations and rewards are decoded greedily (`decode`: argmax, expectation or median of each
+    dimension's bin distribution; see decoding.decode_bins) if `greedy`, else sampled. The value position is
+    fed the model's own argmax value token (never the 1e6 placeholder, which that position would see itself).
+    Stop: impossible when the run's data has no terminations; otherwise a greedy decode stops only where
+    p(stop) beats the summed probability of the bins, and a sample stops with probability p(stop).
+    Returns numpy arrays obs (K, M, H, dS) (s_1..s_H, NaN from a stop on), act (K, M, H, dA), rew (K, M, H)
     (NaN from a stop on), and stop_step (K, M): the first step whose state decoded a stop token (0 = none).
     """
     model: GPT = run.model
@@ -161,47 +171,65 @@ def rollout_transformer(run: Run, prefixes: list[torch.Tensor], horizon: int, sa
     dS, dA, K, M = run.obs_dim, run.act_dim, len(prefixes), samples
     if actions is not None and actions.shape != (K, horizon, dA):
         raise ValueError(f"actions have shape {actions.shape}, expected {(K, horizon, dA)}")
+    if decode not in DECODES:
+        raise ValueError(f"decode {decode!r} is not valid; choose one of {', '.join(DECODES)}")
     dec = CachedDecoder(model, model.config.block_size)
     dec.start(prefixes, K * M)
     dec.reorder(torch.arange(K).repeat_interleave(M))
     generators = [torch.Generator().manual_seed(seed + k) for k in range(K)]
-    value_token = torch.full((K * M,), int(encode_values(disc, np.array([VALUE_PLACEHOLDER]), T - 1)[0]))
     true_act = None if actions is None else torch.as_tensor(encode_values(disc, actions, dS)).repeat_interleave(M, 0)
-    bins = torch.zeros(K * M, horizon, T, dtype=torch.long)
+    midpoints = torch.as_tensor(disc.midpoints, dtype=torch.float64)
+    values = torch.full((K * M, horizon, T), float("nan"), dtype=torch.float64)
     stop_step = torch.zeros(K * M, dtype=torch.long)
+    can_stop = stops_possible(run)
+
+    def state_or_reward(logits: torch.Tensor, dim: int) -> torch.Tensor:
+        """Local ids of dimension `dim` (N = stop), writing their values; greedy or sampled."""
+        probs = logits.double().softmax(-1)
+        p_stop = probs[:, N]
+        if greedy:
+            ids, vals = decode_bins(logits[:, :N].double(), midpoints[dim], decode)
+            stopped = (p_stop > 0.5) & can_stop if dim < dS else torch.zeros_like(ids, dtype=torch.bool)
+        else:
+            masked = logits.clone()
+            if not can_stop or dim >= dS:
+                masked[:, N] = -math.inf
+            ids = pick(masked, False, generators)
+            stopped = ids == N
+            ids = ids.clamp(max=N - 1)
+            vals = midpoints[dim][ids]
+        values[:, h, dim] = torch.where(stopped, float("nan"), vals)
+        return torch.where(stopped, N, ids)
 
     for h in range(horizon):
         for j in range(dA):
             if true_act is not None:
-                dec.append(true_act[:, h, j])
-                bins[:, h, dS + j] = true_act[:, h, j] - (dS + j) * N
-                continue
-            logits = dec.logits().clone()
-            logits[:, N] = -math.inf  # an action is never stop
-            local = pick(logits, False, generators)
-            bins[:, h, dS + j] = local
+                local = true_act[:, h, j] - (dS + j) * N
+            else:
+                logits = dec.logits().clone()
+                logits[:, N] = -math.inf  # an action is never stop
+                local = pick(logits, False, generators)
+            values[:, h, dS + j] = midpoints[dS + j][local]
             dec.append(local + (dS + j) * N)
-        local = pick(dec.logits()[:, :N], greedy, generators)  # reward over the N bins
-        bins[:, h, dS + dA] = local
+        local = state_or_reward(dec.logits(), dS + dA)
         dec.append(local + (dS + dA) * N)
-        dec.append(value_token)
+        value = dec.logits()[:, :N].argmax(-1)  # the model's own value token at the live value position
+        values[:, h, T - 1] = midpoints[T - 1][value]
+        dec.append(value + (T - 1) * N)
         for j in range(dS):
-            local = pick(dec.logits(), greedy, generators)
+            local = state_or_reward(dec.logits(), j)
             stopped = local == N
             stop_step = torch.where(stopped & (stop_step == 0), h + 1, stop_step)
-            bins[:, h, j] = local
             dec.append(torch.where(stopped, model.config.stop_id, local + j * N))
-    bins_np, stop_np = bins.numpy(), stop_step.numpy()
-    values = disc.midpoints[np.arange(T), np.minimum(bins_np, N - 1)]
+    values_np, stop_np = values.numpy(), stop_step.numpy()
     dead = (stop_np[:, None] > 0) & (np.arange(1, horizon + 1)[None, :] >= stop_np[:, None])
-    values[dead, :dS] = np.nan  # states and rewards end at a stop; the actions drawn after it are kept
-    values[dead, dS + dA :] = np.nan
+    values_np[dead, :dS] = np.nan  # states and rewards end at a stop; the actions drawn after it are kept
+    values_np[dead, dS + dA :] = np.nan
     shape = (K, M, horizon)
-    return {"obs": values[..., :dS].reshape(*shape, dS), "act": values[..., dS : dS + dA].reshape(*shape, dA),
-            "rew": values[..., dS + dA].reshape(shape), "stop_step": stop_np.reshape(K, M)}
+    return {"obs": values_np[..., :dS].reshape(*shape, dS), "act": values_np[..., dS : dS + dA].reshape(*shape, dA),
+            "rew": values_np[..., dS + dA].reshape(shape), "stop_step": stop_np.reshape(K, M)}
 
 
-@torch.no_grad()
 def rollout_ensemble(ens: Ensemble, start: np.ndarray, actions: np.ndarray, sample: bool = False,
                      seed: int = 0) -> dict:
     """Roll the ensemble from start states (K, dS) through actions (K, M, H, dA).
@@ -278,7 +306,8 @@ def transformer_one_step(run: Run, held: HeldOut, n: int = 128, seed: int = 0) -
         e = held.episodes[int(rng.integers(len(held.episodes)))]
         t = int(rng.integers(e.length))
         context = context_tokens(run, e, t)
-        tail = encode_values(disc, np.concatenate([e.act[t], [e.rew[t], VALUE_PLACEHOLDER]]), dS)
+        # a_t, r_t and the true value-to-go V_t as training saw them (never the placeholder at the live position)
+        tail = encode_values(disc, joined_transitions(e, run.config.data)[t, dS:], dS)
         idx = torch.cat([context, torch.as_tensor(tail), torch.as_tensor(encode_values(disc, e.obs[t + 1], 0))])
         idx = idx[crop_start(len(idx) - 1, model.config.block_size, T) :]  # the planner's sliding window
         logits = model(idx[None, :-1])[0, -dS:]
@@ -344,7 +373,12 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     tf = rollout_transformer(run, prefixes, horizon, 1, actions=true_act, greedy=True, seed=seed)
     seconds["transformer_teacher_forced"] = time.perf_counter() - t0
     record_tf = {"transformer": error_summary(normalized_error(tf["obs"][:, 0], true, held.obs_std)),
-                 "transformer_stops": [{"start": k, "step": int(s)} for k, s in enumerate(tf["stop_step"][:, 0]) if s]}
+                 "transformer_stops": [{"start": k, "step": int(s)} for k, s in enumerate(tf["stop_step"][:, 0]) if s],
+                 "decodes": {"argmax": None}}
+    for how in DECODES[1:]:  # the same teacher-forced rollouts with the other greedy decodes, side by side
+        other = rollout_transformer(run, prefixes, horizon, 1, actions=true_act, greedy=True, seed=seed, decode=how)
+        record_tf["decodes"][how] = error_summary(normalized_error(other["obs"][:, 0], true, held.obs_std))
+    record_tf["decodes"]["argmax"] = record_tf["transformer"]
     ens_tf = None
     if ens is not None:
         ens_tf = rollout_ensemble(ens, start, true_act[:, None])
@@ -381,6 +415,7 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
                                 "transitions": ens.meta["training"]["validation_transitions"]}
     at = [s for s in SUMMARY_STEPS if s <= horizon]
     summary = {str(s): {"transformer_error": record_tf["transformer"]["mean"][s - 1],
+                        **{f"transformer_error_{how}": record_tf["decodes"][how]["mean"][s - 1] for how in DECODES[1:]},
                         "ensemble_error": record_tf["ensemble"]["mean"][s - 1] if ens else None,
                         "transformer_loglik": float(record_ol["transformer"][s - 1]),
                         "ensemble_loglik": float(record_ol["ensemble"][s - 1]) if ens else None,
@@ -390,8 +425,10 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
                    "dataset": held.dataset_id, "held_out": held.source, "horizon": horizon, "starts": len(chosen),
                    "samples": samples, "seed": seed,
                    "error": "RMS over observation dims of (predicted - true) / dataset std per dim",
-                   "teacher_forced": "true actions fed to both; transformer argmax tokens decoded as bin midpoints, "
-                                     "ensemble mean of member means",
+                   "teacher_forced": "true actions fed to both; transformer argmax tokens decoded as bin midpoints "
+                                     "(expectation and median decodes under decodes), its own argmax value token "
+                                     "at each value position, stop only if the data has terminations and p(stop) > "
+                                     "1/2; ensemble mean of member means",
                    "open_loop": "transformer samples actions and states (temperature 1); ensemble on the same "
                                 "sampled actions, random member + Gaussian sample per step (TS1); log-likelihood of "
                                 "true states under per-step histograms over the transformer's bins, nats per dim, "
@@ -415,13 +452,14 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
 
 def report(record: dict) -> str:
     """The summary table: normalised error (teacher-forced) and open-loop log-likelihood at a few steps."""
-    lines = ["step  TT error  ensemble error  TT loglik  ensemble loglik  oracle"]
+    lines = ["step  TT error (argmax  expect.  median)  ensemble error  TT loglik  ensemble loglik  oracle"]
 
     def fmt(v, w=9):
         return f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}"
 
     for step, row in record["summary"].items():
-        lines.append(f"{step:>4} {fmt(row['transformer_error'])} {fmt(row['ensemble_error'], 15)} "
+        lines.append(f"{step:>4} {fmt(row['transformer_error'], 16)} {fmt(row.get('transformer_error_expectation'))}"
+                     f"{fmt(row.get('transformer_error_median'))} {fmt(row['ensemble_error'], 16)} "
                      f"{fmt(row['transformer_loglik'], 10)} {fmt(row['ensemble_loglik'], 16)} "
                      f"{fmt(row['oracle_loglik'], 7)}")
     for name, row in record["one_step"].items():
