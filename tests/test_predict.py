@@ -61,14 +61,14 @@ def test_histogram_loglik_hand_made():
     ll, oracle = histogram_loglik(samples, true, edges, n_real)
     # step 1: 2 of 4 samples in the true bin [0, 1) of width 1, one pseudo-count over 3 bins
     assert ll[0] == pytest.approx(math.log((2 + 1 / 3) / 5)) and oracle[0] == pytest.approx(0.0)
-    # step 2: the stopped sample is left out: 2 of 3 in [2, 4) of width 2
-    assert ll[1] == pytest.approx(math.log((2 + 1 / 3) / 4) - math.log(2.0))
+    # step 2: the stopped sample counts with no mass: 2 of 4 in [2, 4) of width 2
+    assert ll[1] == pytest.approx(math.log((2 + 1 / 3) / 5) - math.log(2.0))
     assert oracle[1] == pytest.approx(-math.log(2.0))
     ll_scaled, oracle_scaled = histogram_loglik(samples, true, edges, n_real, scale=np.array([2.0]))
     assert ll_scaled[1] == pytest.approx(ll[1] + math.log(2.0)) and oracle_scaled[1] == pytest.approx(0.0)
     assert np.all(ll <= oracle)
     all_stopped, bound = histogram_loglik(np.full((2, 1, 1), np.nan), true[:1], edges, n_real)
-    assert np.isnan(all_stopped[0]) and bound[0] == pytest.approx(0.0)  # no samples, no score; the bound stays
+    assert all_stopped[0] == pytest.approx(math.log((1 / 3) / 3)) and bound[0] == pytest.approx(0.0)  # pseudo only
 
 
 def test_open_loop_shapes_and_determinism(run, held):

@@ -67,12 +67,13 @@ def histogram_loglik(samples: np.ndarray, true: np.ndarray, edges: np.ndarray, n
                      scale: np.ndarray | None = None, pseudo_count: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Per-timestep log-density of the true states under per-dimension histograms of the samples.
 
-    samples (M, H, D) (NaN rows = stopped, left out), true (H, D), edges (D, >= n_real + 1) per-dimension
-    bin edges of which the first n_real[d] + 1 are real. Each bin is a uniform density; `pseudo_count` is
-    spread evenly over a dimension's bins so an empty bin is not log 0. `scale` (D,) measures states in
-    those units (e.g. the dataset std). Returns (log-likelihood, discrete-oracle bound), each (H,): the mean
-    over dimensions, in nats per dimension (NaN where every sample stopped); the oracle puts all the mass in
-    the true state's bin.
+    samples (M, H, D) (NaN rows = stopped), true (H, D), edges (D, >= n_real + 1) per-dimension bin edges of
+    which the first n_real[d] + 1 are real. Each bin is a uniform density; `pseudo_count` is spread evenly
+    over a dimension's bins so an empty bin is not log 0. A stopped row counts as a sample that put no mass
+    on any bin (it is in the denominator, not dropped), so stopping never improves the score. `scale` (D,)
+    measures states in those units (e.g. the dataset std). Returns (log-likelihood, discrete-oracle bound),
+    each (H,): the mean over dimensions, in nats per dimension; the oracle puts all the mass in the true
+    state's bin.
     """
     M, H, D = samples.shape
     scale = np.ones(D) if scale is None else scale
@@ -85,10 +86,9 @@ def histogram_loglik(samples: np.ndarray, true: np.ndarray, edges: np.ndarray, n
             true_bin = int(np.searchsorted(inner, true[h, d], side="right"))
             width = (edges[d, true_bin + 1] - edges[d, true_bin]) / scale[d]
             count = np.sum(np.searchsorted(inner, samples[alive, h, d], side="right") == true_bin)
-            prob = (count + pseudo_count / n_real[d]) / (alive.sum() + pseudo_count)
+            prob = (count + pseudo_count / n_real[d]) / (M + pseudo_count)  # stopped rows count, with no mass
             per_dim.append(math.log(prob) - math.log(width))
             bound.append(-math.log(width))
         oracle[h] = np.mean(bound)
-        if alive.any():  # where every sample stopped there is no histogram and no score
-            ll[h] = np.mean(per_dim)
+        ll[h] = np.mean(per_dim)
     return ll, oracle
