@@ -432,7 +432,8 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
                    "open_loop": "transformer samples actions and states (temperature 1); ensemble on the same "
                                 "sampled actions, random member + Gaussian sample per step (TS1); log-likelihood of "
                                 "true states under per-step histograms over the transformer's bins, nats per dim, "
-                                "states in dataset-std units, 1 pseudo-count per dim; a stopped row counts with no mass"},
+                                "states in dataset-std units, 1 pseudo-count per dim; a stopped row counts with "
+                                "no mass"},
         "starts": [{"episode": i, "t": t} for i, t in chosen],
         "summary": summary,
         "one_step": one_step,
