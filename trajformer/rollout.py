@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import gymnasium as gym
 import numpy as np
@@ -55,6 +57,73 @@ def check_env(env: gym.Env, run: Run, env_id: str) -> None:
         )
 
 
+class Agent(Protocol):
+    """What run_episodes steps: per-env resets, batched actions, and the rewards that follow them."""
+
+    def reset(self, env: int = 0, seed: int = 0) -> None: ...
+
+    def act_batch(self, envs: list[int], observations: np.ndarray) -> np.ndarray: ...
+
+    def observe_batch(self, envs: list[int], rewards: np.ndarray) -> None: ...
+
+
+def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0, max_steps: int | None = None,
+                 limit: int | None = None, desc: str = "episodes", progress: bool = True,
+                 on_step: Callable[[int, np.ndarray, int, int], None] | None = None,
+                 timed_hook: bool = False) -> tuple[dict[int, tuple[float, int]], int, float]:
+    """The evaluation protocol (DESIGN.md §6): episode e is reset with seed + e, and the agent's slot with the
+    same seed, so results do not depend on len(envs); up to max_steps (or the env's limit) steps each. Returns
+    ({episode: (return, length)}, env steps, seconds of acting and stepping; `on_step` time only if timed_hook).
+    `on_step(slot, obs, episode, step)` runs before each env step (the planner's video and likelihoods)."""
+    n = len(envs)
+    obs: list[np.ndarray | None] = [None] * n
+    episode_of, ret, length = [-1] * n, [0.0] * n, [0] * n
+    results: dict[int, tuple[float, int]] = {}
+    started = 0
+
+    def start(k: int) -> None:
+        nonlocal started
+        episode_of[k], ret[k], length[k] = started, 0.0, 0
+        obs[k], _ = envs[k].reset(seed=seed + started)
+        agent.reset(k, seed=seed + started)
+        started += 1
+
+    for k in range(min(n, episodes)):
+        start(k)
+    total = episodes * (max_steps or limit) if (max_steps or limit) else None
+    # disable=None: progress bars only on a terminal, never in redirected output.
+    bar = tqdm(total=total, desc=desc, unit="step", disable=None if progress else True)
+    steps, t0, hook_seconds = 0, time.perf_counter(), 0.0
+    while True:
+        active = [k for k in range(n) if episode_of[k] >= 0]
+        if not active:
+            break
+        actions = agent.act_batch(active, np.stack([obs[k] for k in active]))
+        rewards = []
+        for k, action in zip(active, actions, strict=True):
+            if on_step is not None:
+                tick = time.perf_counter()
+                on_step(k, obs[k], episode_of[k], length[k])
+                hook_seconds += 0.0 if timed_hook else time.perf_counter() - tick
+            obs[k], reward, terminated, truncated, _ = envs[k].step(action)
+            rewards.append(float(reward))
+            ret[k] += float(reward)
+            length[k] += 1
+            if terminated or truncated or (max_steps is not None and length[k] >= max_steps):
+                results[episode_of[k]] = (ret[k], length[k])
+                episode_of[k] = -1
+        agent.observe_batch(active, np.array(rewards))
+        for k in active:
+            if episode_of[k] < 0 and started < episodes:
+                start(k)
+        steps += len(active)
+        bar.update(len(active))
+        running = [ret[k] for k in range(n) if episode_of[k] >= 0]
+        bar.set_postfix(running_return=f"{np.mean(running):.1f}" if running else "-", done=len(results))
+    bar.close()
+    return results, steps, time.perf_counter() - t0 - hook_seconds
+
+
 def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = None, episodes: int = 1,
              num_envs: int = 1, max_steps: int | None = None, seed: int = 0, video: str | Path | None = None,
              progress: bool = True, dtype: torch.dtype = torch.float32, video_speed: float = 1.0) -> dict:
@@ -88,59 +157,21 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
         ghost = make_env(env_id, kwargs, limit, render=True)
         renderer = EpisodeVideo(envs[0], ghost, run.obs_indices)
 
-    obs: list[np.ndarray | None] = [None] * num_envs
-    episode_of, ret, length = [-1] * num_envs, [0.0] * num_envs, [0] * num_envs
-    results: dict[int, tuple[float, int]] = {}
     log_likelihoods: list[float] = []
-    started = 0
 
-    def start(k: int) -> None:
-        nonlocal started
-        episode_of[k], ret[k], length[k] = started, 0.0, 0
-        obs[k], _ = envs[k].reset(seed=seed + started)
-        planner.reset(k, seed=seed + started)
-        if renderer is not None and started == 0:
-            renderer.start(obs[k])
-        started += 1
+    def on_step(k: int, obs: np.ndarray, episode: int, length: int) -> None:
+        """The planner's extras: each new plan's log-likelihood; episode 0's video frame."""
+        if planner.offsets[k] == 1:  # replanned this step
+            log_likelihoods.append(planner.last_plans[k].log_likelihood)
+        if renderer is not None and episode == 0:
+            if length == 0:
+                renderer.start(obs)
+            plan = planner.last_plans[k]
+            future = plan.next_observations[planner.offsets[k] - 1 :] if plan is not None else None
+            renderer.add(obs, future, length)
 
-    for k in range(num_envs):
-        start(k)
-    total = episodes * (max_steps or limit) if (max_steps or limit) else None
-    # disable=None: progress bars only on a terminal, never in redirected output.
-    bar = tqdm(total=total, desc=f"plan {env_id}", unit="step", disable=None if progress else True)
-    steps, t0, render_seconds = 0, time.perf_counter(), 0.0
-    while True:
-        active = [k for k in range(num_envs) if episode_of[k] >= 0]
-        if not active:
-            break
-        actions = planner.act_batch(active, np.stack([obs[k] for k in active]))
-        rewards = []
-        for k, action in zip(active, actions, strict=True):
-            if planner.offsets[k] == 1:  # replanned this step
-                log_likelihoods.append(planner.last_plans[k].log_likelihood)
-            if renderer is not None and episode_of[k] == 0:
-                tick = time.perf_counter()
-                plan = planner.last_plans[k]
-                future = plan.next_observations[planner.offsets[k] - 1 :] if plan is not None else None
-                renderer.add(obs[k], future, length[k])
-                render_seconds += time.perf_counter() - tick
-            obs[k], reward, terminated, truncated, _ = envs[k].step(action)
-            rewards.append(float(reward))
-            ret[k] += float(reward)
-            length[k] += 1
-            if terminated or truncated or (max_steps is not None and length[k] >= max_steps):
-                results[episode_of[k]] = (ret[k], length[k])
-                episode_of[k] = -1
-        planner.observe_batch(active, np.array(rewards))
-        for k in active:
-            if episode_of[k] < 0 and started < episodes:
-                start(k)
-        steps += len(active)
-        bar.update(len(active))
-        running = [ret[k] for k in range(num_envs) if episode_of[k] >= 0]
-        bar.set_postfix(running_return=f"{np.mean(running):.1f}" if running else "-", done=len(results))
-    bar.close()
-    seconds = time.perf_counter() - t0 - render_seconds
+    results, steps, seconds = run_episodes(envs, planner, episodes, seed, max_steps, limit, f"plan {env_id}",
+                                           progress, on_step, timed_hook=renderer is None)
 
     reference, label = score_reference(env_id, run.meta)
     order = sorted(results)
