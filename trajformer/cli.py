@@ -252,5 +252,48 @@ def _cmd_predict(args) -> None:
             samples=args.samples, out=args.out, seed=args.seed, render=not args.no_render)
 
 
-_COMMANDS: list = [_add_quickstart, _add_train, _add_info, _add_collect, _add_plan, _add_train_ensemble,
+def _add_bc(sub) -> None:
+    from trajformer.baselines.bc import BCConfig
+
+    p = _parser(sub, "bc", "behaviour cloning on a config's dataset and split, evaluated with the shared protocol",
+                "trajformer bc configs/hopper-medium-local.toml --episodes 10 --out runs/hopper-bc")
+    p.add_argument("config", help="TOML config whose [data] and train.seed (episode split) to use")
+    p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
+    p.add_argument("--out", default=None, help="output directory (default runs/<config name>-bc)")
+    _add_overrides(p, "data.max_episodes=10")
+    defaults = BCConfig()
+    p.add_argument("--steps", type=int, default=defaults.steps, help="gradient steps")
+    p.add_argument("--hidden", type=int, default=defaults.hidden, help="units per hidden layer")
+    p.add_argument("--layers", type=int, default=defaults.layers, help="hidden layers")
+    p.add_argument("--episodes", type=int, default=10, help="evaluation episodes (seeds SEED..SEED+N-1)")
+    p.add_argument("--num-envs", type=int, default=10, help="evaluation envs stepped together")
+    p.add_argument("--seed", type=int, default=0, help="training seed, and the first evaluation episode's seed")
+    p.set_defaults(func=_cmd_bc)
+
+
+def _cmd_bc(args) -> None:
+    from pathlib import Path
+
+    from trajformer.baselines.bc import BCConfig, load_bc, train_bc
+    from trajformer.config import load_config
+    from trajformer.data import load_episodes, return_stats
+    from trajformer.files import save_json
+    from trajformer.rollout import evaluate_agent, report
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-bc"
+    bc = BCConfig(hidden=args.hidden, layers=args.layers, steps=args.steps, seed=args.seed)
+    train_bc(cfg, out, bc, dataset_id=args.dataset)
+    policy, meta = load_bc(out)
+    data = load_episodes(meta["dataset_id"], cfg.data)
+    record = evaluate_agent(policy, meta["env"], args.episodes, args.num_envs, args.seed,
+                            meta={"ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score})
+    meta["evaluation"] = record
+    meta["dataset_mean_return"] = return_stats(data)["complete_return_mean"]
+    save_json(out / "bc.json", meta)
+    print(report(record))
+    print(f"dataset mean return over complete episodes {meta['dataset_mean_return']:.1f}; bc directory {out}")
+
+
+_COMMANDS: list = [_add_quickstart, _add_train, _add_info, _add_collect, _add_plan, _add_bc, _add_train_ensemble,
                    _add_predict]

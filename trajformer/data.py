@@ -261,11 +261,22 @@ def split_episodes(n_episodes: int, validation_fraction: float, seed: int) -> tu
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def complete_episodes(data: OfflineData) -> list[Episode]:
+    """Episodes that ended by termination or at the env's time limit: not the pieces the end of collection cut
+    (all episodes when the data records no time limit)."""
+    limit = data.env_spec.get("max_episode_steps")
+    return [e for e in data.episodes if e.is_terminal or limit is None or e.length >= limit]
+
+
 def return_stats(data: OfflineData) -> dict:
-    """Episode count, steps, and undiscounted return statistics of the raw rewards."""
+    """Episode count, steps, undiscounted return statistics of the raw rewards, and the mean return over complete
+    episodes (the dataset's behaviour reference, DESIGN.md §6)."""
     returns = np.array([e.rew.sum() for e in data.episodes])
     lengths = np.array([e.length for e in data.episodes])
+    complete = np.array([e.rew.sum() for e in complete_episodes(data)])
     return {
+        "complete_episodes": len(complete),
+        "complete_return_mean": float(complete.mean()) if len(complete) else None,
         "episodes": len(data.episodes),
         "steps": int(lengths.sum()),
         "terminated_episodes": int(sum(e.is_terminal for e in data.episodes)),

@@ -124,6 +124,30 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
     return results, steps, time.perf_counter() - t0 - hook_seconds
 
 
+def evaluate_agent(agent: Agent, env: dict, episodes: int = 10, num_envs: int = 10, seed: int = 0,
+                   max_steps: int | None = None, meta: dict | None = None, progress: bool = True) -> dict:
+    """The evaluation protocol for any agent in a recorded env spec ({id, kwargs, max_episode_steps}): returns,
+    mean ± standard error, normalised score (metrics.score_reference), seconds per env step."""
+    if episodes < 1 or num_envs < 1:
+        raise ValueError(f"--episodes ({episodes}) and --num-envs ({num_envs}) must be >= 1")
+    if not env.get("id"):
+        raise ValueError("the data records no environment; evaluate in a named env")
+    kwargs = {k: v for k, v in (env.get("kwargs") or {}).items() if k != "render_mode"}
+    limit = env.get("max_episode_steps")
+    envs = [make_env(env["id"], kwargs, limit) for _ in range(min(num_envs, episodes))]
+    results, steps, seconds = run_episodes(envs, agent, episodes, seed, max_steps, limit, f"evaluate {env['id']}",
+                                           progress)
+    for e in envs:
+        e.close()
+    reference, label = score_reference(env["id"], meta or {})
+    order = sorted(results)
+    record = summarize([results[e][0] for e in order], [results[e][1] for e in order], reference)
+    record.update({"score_reference": label, "seconds_per_step": seconds / max(steps, 1),
+                   "config": {"env": env["id"], "env_kwargs": kwargs, "episodes": episodes, "num_envs": num_envs,
+                              "max_steps": max_steps, "seed": seed}})
+    return record
+
+
 def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = None, episodes: int = 1,
              num_envs: int = 1, max_steps: int | None = None, seed: int = 0, video: str | Path | None = None,
              progress: bool = True, dtype: torch.dtype = torch.float32, video_speed: float = 1.0) -> dict:
@@ -209,8 +233,9 @@ def report(record: dict) -> str:
                      + (f" ± {nse:.1f}" if nse else ""))
     else:
         lines.append("normalised score: no reference returns for this env or dataset")
-    lines.append(f"{record['seconds_per_step']:.3f} s per env step, plan log-likelihood "
-                 f"{record['plan_log_likelihood']:.2f} per plan")
+    lines.append(f"{record['seconds_per_step']:.3f} s per env step"
+                 + (f", plan log-likelihood {record['plan_log_likelihood']:.2f} per plan"
+                    if "plan_log_likelihood" in record else ""))
     if "video" in record:
         lines.append(f"video: {record['video']}" + (f" ({record['video_note']})" if "video_note" in record else ""))
     return "\n".join(lines)
