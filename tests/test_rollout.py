@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import gymnasium as gym
@@ -282,3 +283,24 @@ def test_behaviour_cloning_runs_end_to_end_and_beats_random(point_run, tmp_path,
     assert meta["dataset_mean_return"] == pytest.approx(
         np.mean([sum(ep.rewards) for ep in minari.load_dataset(DATASET_ID).iterate_episodes()]))
     assert "mean return" in capsys.readouterr().out
+
+
+def test_evaluation_protocol_writes_eval_json_beside_references(point_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
+    bc = tmp_path / "bc"
+    cli.main(["bc", str(point_run / "config.toml"), "--out", str(bc), "--steps", "300", "--episodes", "4"])
+    run = tmp_path / "run"
+    shutil.copytree(point_run, run)
+    with pytest.raises(SystemExit):  # BC evaluated on another number of episodes: refused before planning
+        cli.main(["eval", str(run), "--episodes", "3", "--settings", "32x5", "--bc", str(bc)])
+    assert "re-run `trajformer bc` with --episodes 3" in capsys.readouterr().err
+    cli.main(["eval", str(run), "--episodes", "4", "--settings", "32x5,official", "--bc", str(bc)])
+    record = json.loads((run / "eval.json").read_text())
+    bc_record = json.loads((bc / "bc.json").read_text())
+    assert record["episodes"] == 4 and record["bc_mean_return"] == bc_record["evaluation"]["mean_return"]
+    assert record["dataset_mean_return"] == pytest.approx(bc_record["dataset_mean_return"])
+    cheap, official = record["settings"]["32x5"], record["settings"]["official"]
+    assert cheap["plan"]["beam_width"] == 32 and cheap["plan"]["horizon"] == 5
+    assert official["plan"]["beam_width"] == 16  # the run's own [plan]
+    for r in (cheap, official):
+        assert len(r["returns"]) == 4 and r["normalized_score"] is not None and r["seconds_per_step"] > 0

@@ -252,6 +252,32 @@ def _cmd_predict(args) -> None:
             samples=args.samples, out=args.out, seed=args.seed, render=not args.no_render)
 
 
+def _add_eval(sub) -> None:
+    p = _parser(sub, "eval", "the evaluation protocol: a run at its own and the cheap planner setting, beside the "
+                "dataset's mean return and BC; writes RUN_DIR/eval.json",
+                "trajformer eval runs/hopper-medium-local --episodes 10 --bc runs/hopper-medium-local-bc")
+    p.add_argument("run_dir", help="run directory written by `trajformer train`")
+    p.add_argument("--episodes", type=int, default=10, help="episodes, seeds 0..N-1, all envs batched")
+    p.add_argument("--settings", default="official,32x5",
+                   help="comma-separated: official (the run's [plan]) and/or 32x5 (beam 32, horizon 5)")
+    p.add_argument("--bc", default=None, metavar="BC_DIR", help="a `trajformer bc` directory evaluated on as many "
+                   "episodes")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> None:
+    from trajformer.rollout import evaluation_protocol
+
+    out = evaluation_protocol(args.run_dir, args.episodes, tuple(args.settings.split(",")), args.bc)
+    for name, record in out["settings"].items():
+        score = record["normalized_score"]
+        print(f"{name}: return {record['mean_return']:.1f} ± {record['stderr'] or 0:.1f}"
+              + (f", normalised {score:.1f}" if score is not None else "")
+              + f", {record['seconds_per_step']:.3f} s per env step")
+    bc = out["bc_mean_return"]
+    print(f"dataset mean return {out['dataset_mean_return']:.1f}" + (f", BC {bc:.1f}" if bc is not None else ""))
+
+
 def _add_bc(sub) -> None:
     from trajformer.baselines.bc import BCConfig
 
@@ -295,5 +321,6 @@ def _cmd_bc(args) -> None:
     print(f"dataset mean return over complete episodes {meta['dataset_mean_return']:.1f}; bc directory {out}")
 
 
-_COMMANDS: list = [_add_quickstart, _add_train, _add_info, _add_collect, _add_plan, _add_bc, _add_train_ensemble,
+_COMMANDS: list = [_add_quickstart, _add_train, _add_info, _add_collect, _add_plan, _add_eval, _add_bc,
+                   _add_train_ensemble,
                    _add_predict]

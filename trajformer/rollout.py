@@ -8,6 +8,7 @@ not depend on how many envs run at once (--num-envs changes only the speed).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -254,3 +255,42 @@ def plan_command(run_dir: str, env_id: str | None = None, episodes: int = 1, num
         save_json(Path(json_path), record)
         print(f"wrote {json_path}")
     return record
+
+
+CHEAP = {"beam_width": 32, "horizon": 5}
+"""The cheap planner setting every evaluation also reports (DESIGN.md §6), beside the run's own (official)."""
+
+
+def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, ...] = ("official", "32x5"),
+                        bc_dir: str | None = None, num_envs: int | None = None, progress: bool = True) -> dict:
+    """The one evaluation protocol (issue 9): N episodes (seeds 0..N-1) of up to 1000 steps with envs batched,
+    at the run's own planner setting ("official") and at beam 32 / horizon 5 ("32x5"), beside the dataset's
+    mean return over complete episodes and behaviour cloning's return on the same protocol; RUN_DIR/eval.json."""
+    from trajformer.data import load_episodes, return_stats
+
+    unknown = [s for s in settings if s not in ("official", "32x5")]
+    if unknown or not settings:
+        raise ValueError(f"--settings {','.join(settings)}: choose from official, 32x5")
+    run = load_run(run_dir)
+    bc_return = None
+    if bc_dir is not None:
+        bc_json = Path(bc_dir) / "bc.json"
+        if not bc_json.is_file() or "evaluation" not in (bc := json.loads(bc_json.read_text())):
+            raise FileNotFoundError(f"{bc_dir} holds no evaluated BC (bc.json with an evaluation); make one with "
+                                    f"`trajformer bc CONFIG --episodes {episodes} --out {bc_dir}`")
+        if bc["evaluation"]["config"]["episodes"] != episodes:
+            raise ValueError(f"{bc_dir} was evaluated on {bc['evaluation']['config']['episodes']} episodes, not "
+                             f"{episodes}; re-run `trajformer bc` with --episodes {episodes}")
+        bc_return = bc["evaluation"]["mean_return"]
+    data = load_episodes(run.meta["dataset_id"], run.config.data)
+    out = {"episodes": episodes, "dataset_mean_return": return_stats(data)["complete_return_mean"],
+           "bc_mean_return": bc_return, "settings": {}}
+    for name in settings:
+        overrides = [] if name == "official" else [f"plan.{k}={v}" for k, v in CHEAP.items()]
+        record = evaluate(run, plan_config(run, overrides), episodes=episodes, num_envs=num_envs or episodes,
+                          progress=progress)
+        out["settings"][name] = {**{k: record[k] for k in ("returns", "mean_return", "stderr", "normalized_score",
+                                                            "normalized_stderr", "seconds_per_step")},
+                                 "plan": record["config"]["plan"]}
+    save_json(Path(run.path) / "eval.json", out)
+    return out
