@@ -234,7 +234,7 @@ def report(record: dict) -> str:
                      + (f" ± {nse:.1f}" if nse else ""))
     else:
         lines.append("normalised score: no reference returns for this env or dataset")
-    lines.append(f"{record['seconds_per_step']:.3f} s per env step"
+    lines.append(f"{record['seconds_per_step']:.3g} s per env step"
                  + (f", plan log-likelihood {record['plan_log_likelihood']:.2f} per plan"
                     if "plan_log_likelihood" in record else ""))
     if "video" in record:
