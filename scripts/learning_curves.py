@@ -2,9 +2,10 @@
 
     python scripts/learning_curves.py [--runs runs/curves] [--out benchmarks/learning_curves.png]
 
-Per run: validation cross-entropy per token type against sampled training windows, the final values, the
-training wall-clock (from the logged throughput) and, where `plan-32x5.json` exists beside the run, the planned
-return (mean ± standard error over its episodes).
+Per run: validation cross-entropy per token type against training target tokens (compute), the final values,
+the training wall-clock (from the logged throughput, on a shared machine) and, where `plan-32x5.json` exists
+beside the run, the planned return (mean ± standard error over its episodes). Each run is validated on windows
+of its own length; scripts/compare_models.py scores runs on the same windows.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def read(run: Path) -> dict:
             last = r["step"]
     val = [r for r in rows if "val_loss" in r]
     plan = run / "plan-32x5.json"
-    return {"name": run.name, "val": val, "batch": batch, "seconds": seconds, "steps": last,
+    seq = meta["model"]["block_size"] + 1
+    name = run.name + (f" (val: windows of {seq // (meta['transition_dim'])})" if seq // meta["transition_dim"] != 5
+                       else "")
+    return {"name": name, "val": val, "batch": batch, "block": block, "seconds": seconds, "steps": last,
             "dtype": meta.get("compute", {}).get("dtype", "?"),
             "plan": json.loads(plan.read_text()) if plan.is_file() else None}
 
@@ -49,19 +53,20 @@ def main() -> None:
     runs = [r for r in runs if r["val"]]
     fig, axes = plt.subplots(1, 5, figsize=(20, 4))
     for r in runs:
-        windows = [v["step"] * r["batch"] for v in r["val"]]
+        tokens = [v["step"] * r["batch"] * r["block"] for v in r["val"]]
         for ax, key in zip(axes, ("val_loss", *(f"val_{t}" for t in TYPES)), strict=True):
-            ax.plot(windows, [v[key] for v in r["val"]], marker=".", label=r["name"])
+            ax.plot(tokens, [v[key] for v in r["val"]], marker=".", label=r["name"])
             ax.set_title(key.replace("_", " "))
             ax.set_xscale("log")
-            ax.set_xlabel("training windows")
+            ax.set_xlabel("training target tokens")
             ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation cross-entropy (nats)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out}\n")
-    print("| run | windows | dtype | CPU min | val loss | obs | action | reward | value | return (32/5) |")
+    print("| run | windows | dtype | wall min (shared CPU) | val loss | obs | action | reward | value "
+          "| return (32/5) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         last = r["val"][-1]
