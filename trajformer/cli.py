@@ -278,49 +278,61 @@ def _cmd_eval(args) -> None:
     print(f"dataset mean return {out['dataset_mean_return']:.1f}" + (f", BC {bc:.1f}" if bc is not None else ""))
 
 
-def _add_bc(sub) -> None:
-    from trajformer.baselines.bc import BCConfig
-
-    p = _parser(sub, "bc", "behaviour cloning on a config's dataset and split, evaluated with the shared protocol",
-                "trajformer bc configs/hopper-medium-local.toml --episodes 10 --out runs/hopper-bc")
-    p.add_argument("config", help="TOML config whose [data] and train.seed (episode split) to use")
-    p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
-    p.add_argument("--out", default=None, help="output directory (default runs/<config name>-bc)")
-    _add_overrides(p, "data.max_episodes=10")
-    defaults = BCConfig()
-    p.add_argument("--steps", type=int, default=defaults.steps, help="gradient steps")
-    p.add_argument("--hidden", type=int, default=defaults.hidden, help="units per hidden layer")
-    p.add_argument("--layers", type=int, default=defaults.layers, help="hidden layers")
-    p.add_argument("--episodes", type=int, default=10, help="evaluation episodes (seeds SEED..SEED+N-1)")
-    p.add_argument("--num-envs", type=int, default=10, help="evaluation envs stepped together")
-    p.add_argument("--seed", type=int, default=0, help="training seed, and the first evaluation episode's seed")
-    p.set_defaults(func=_cmd_bc)
+BASELINES = {"bc": "behaviour cloning", "iql": "implicit Q-learning (expectile V, TD Q, AWR policy)"}
 
 
-def _cmd_bc(args) -> None:
+def _add_baselines(sub) -> None:
+    for name, what in BASELINES.items():
+        p = _parser(sub, name, f"{what} on a config's dataset and split, evaluated with the shared protocol",
+                    f"trajformer {name} configs/hopper-medium-local.toml --episodes 10 --out runs/hopper-{name}")
+        p.add_argument("config", help="TOML config whose [data] and train.seed (episode split) to use")
+        p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
+        p.add_argument("--out", default=None, help=f"output directory (default runs/<config name>-{name})")
+        _add_overrides(p, "data.max_episodes=10")
+        p.add_argument("--steps", type=int, default=None, help="gradient steps (default: the algorithm's)")
+        p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"an {name} setting, e.g. --hp learning_rate=1e-3 (repeatable; see baselines/{name}.py)")
+        p.add_argument("--episodes", type=int, default=10, help="evaluation episodes (seeds SEED..SEED+N-1)")
+        p.add_argument("--num-envs", type=int, default=10, help="evaluation envs stepped together")
+        p.add_argument("--seed", type=int, default=0, help="training seed, and the first evaluation episode's seed")
+        p.set_defaults(func=_cmd_baseline, baseline=name)
+
+
+def _cmd_baseline(args) -> None:
+    import dataclasses
+    import importlib
     from pathlib import Path
 
-    from trajformer.baselines.bc import BCConfig, load_bc, train_bc
     from trajformer.config import load_config
     from trajformer.data import load_episodes, return_stats
     from trajformer.files import save_json
     from trajformer.rollout import evaluate_agent, report
 
+    module = importlib.import_module(f"trajformer.baselines.{args.baseline}")
+    settings_cls = {"bc": "BCConfig", "iql": "IQLConfig"}[args.baseline]
+    fields = {f.name: f.type for f in dataclasses.fields(getattr(module, settings_cls))}
+    values = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}
+    for item in args.hp:
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise ValueError(f"--hp {item!r}: use KEY=VALUE with KEY one of {', '.join(fields)}")
+        values[key] = float(value) if fields[key] == "float" else int(value)
+    settings = getattr(module, settings_cls)(**values)
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-bc"
-    bc = BCConfig(hidden=args.hidden, layers=args.layers, steps=args.steps, seed=args.seed)
-    train_bc(cfg, out, bc, dataset_id=args.dataset)
-    policy, meta = load_bc(out)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{args.baseline}"
+    getattr(module, f"train_{args.baseline}")(cfg, out, settings, dataset_id=args.dataset)
+    agent, meta = getattr(module, f"load_{args.baseline}")(out)
     data = load_episodes(meta["dataset_id"], cfg.data)
-    record = evaluate_agent(policy, meta["env"], args.episodes, args.num_envs, args.seed,
+    record = evaluate_agent(agent, meta["env"], args.episodes, args.num_envs, args.seed,
                             meta={"ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score})
     meta["evaluation"] = record
     meta["dataset_mean_return"] = return_stats(data)["complete_return_mean"]
-    save_json(out / "bc.json", meta)
+    save_json(out / f"{args.baseline}.json", meta)
     print(report(record))
-    print(f"dataset mean return over complete episodes {meta['dataset_mean_return']:.1f}; bc directory {out}")
+    print(f"dataset mean return over complete episodes {meta['dataset_mean_return']:.1f}; "
+          f"{args.baseline} directory {out}")
 
 
-_COMMANDS: list = [_add_quickstart, _add_train, _add_info, _add_collect, _add_plan, _add_eval, _add_bc,
+_COMMANDS: list = [_add_quickstart, _add_train, _add_info, _add_collect, _add_plan, _add_eval, _add_baselines,
                    _add_train_ensemble,
                    _add_predict]

@@ -1,0 +1,176 @@
+"""Implicit Q-learning (Kostrikov, Nair & Levine 2021) on a run's training episodes, CleanRL-style in one file.
+
+Read top to bottom: transitions of the training split (terminal flags from true terminations only, never time
+limits), rewards scaled as the paper does for locomotion (1000 / (max - min episode return)), then one loop of
+three updates per batch: V by expectile regression (tau) towards the target twin-Q's minimum, Q by TD towards
+r + gamma * V(s'), and the policy by advantage-weighted regression, weights exp(beta * (Q - V)) clipped at 100.
+The policy is a state-conditioned Gaussian mean with a learned state-independent log std; it acts with its
+mean, clipped to the data's action bounds. Files: iql.pt (plain tensors) and iql.json. The critic V also scores
+plans for the planner's `critic` objective (the baselines issue), not wired yet.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from trajformer.config import Config
+from trajformer.data import load_episodes, split_episodes
+from trajformer.files import load_torch, save_json, save_torch
+
+
+@dataclass
+class IQLConfig:
+    """The paper's locomotion settings (tau 0.7, beta 3, 2 x 256 MLPs, lr 3e-4, batch 256, Polyak 0.005)."""
+
+    tau: float = 0.7
+    beta: float = 3.0
+    discount: float = 0.99
+    hidden: int = 256
+    steps: int = 100_000
+    batch_size: int = 256
+    learning_rate: float = 3e-4
+    polyak: float = 0.005
+    seed: int = 0
+
+
+def mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, n_out))
+
+
+class IQLAgent(nn.Module):
+    """Twin Q(s, a), V(s) and the policy mean; observations standardised with the data's statistics."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.q1, self.q2 = mlp(obs_dim + act_dim, 1, hidden), mlp(obs_dim + act_dim, 1, hidden)
+        self.v = mlp(obs_dim, 1, hidden)
+        self.pi = mlp(obs_dim, act_dim, hidden)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+        for name, size in (("obs_mean", obs_dim), ("obs_std", obs_dim), ("act_low", act_dim), ("act_high", act_dim)):
+            self.register_buffer(name, torch.zeros(size))
+        self.register_buffer("obs_indices", torch.zeros(obs_dim, dtype=torch.long))
+
+    def norm(self, obs: torch.Tensor) -> torch.Tensor:
+        return (obs - self.obs_mean) / self.obs_std
+
+    def q(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([self.norm(obs), act], -1)
+        return self.q1(x)[:, 0], self.q2(x)[:, 0]
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        """V(s) of selected observations (batch, obs_dim), in the scaled reward units of training."""
+        return self.v(self.norm(obs))[:, 0]
+
+    # The rollout.Agent interface: the policy's mean action.
+    def reset(self, env: int = 0, seed: int = 0) -> None:
+        """Nothing to reset."""
+
+    @torch.no_grad()
+    def act_batch(self, envs: list[int], observations: np.ndarray) -> np.ndarray:
+        obs = torch.as_tensor(np.asarray(observations)[:, self.obs_indices.numpy()], dtype=torch.float32)
+        return torch.maximum(torch.minimum(self.pi(self.norm(obs)), self.act_high), self.act_low).numpy()
+
+    def observe_batch(self, envs: list[int], rewards: np.ndarray) -> None:
+        """The policy is Markovian: rewards are not needed."""
+
+
+def expectile_loss(diff: torch.Tensor, tau: float) -> torch.Tensor:
+    """Asymmetric squared loss |tau - 1(diff < 0)| diff^2: tau > 0.5 pushes V towards the upper expectile."""
+    weight = torch.where(diff > 0, tau, 1.0 - tau)
+    return (weight * diff**2).mean()
+
+
+def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = None, dataset_id: str | None = None,
+              progress: bool = True) -> Path:
+    """Train IQL on the training episodes of cfg's dataset and split; writes iql.pt and iql.json into out_dir."""
+    iql = iql or IQLConfig()
+    if not 0.5 <= iql.tau < 1.0 or iql.beta <= 0 or min(iql.steps, iql.batch_size, iql.hidden) < 1:
+        raise ValueError(f"IQL needs 0.5 <= tau < 1, beta > 0 and positive sizes; got {iql}")
+    data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
+    train_idx, _ = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
+    eps = [data.episodes[i] for i in train_idx]
+    returns = np.array([e.rew.sum() for e in eps])
+    scale = 1000.0 / max(float(returns.max() - returns.min()), 1e-6)  # the paper's locomotion reward scaling
+    t = lambda a: torch.as_tensor(np.concatenate(a), dtype=torch.float32)  # noqa: E731
+    obs, nxt = t([e.obs[:-1] for e in eps]), t([e.obs[1:] for e in eps])
+    act, rew = t([e.act for e in eps]), t([e.rew for e in eps]) * scale
+    done = t([e.terminated.astype(np.float32) for e in eps])  # time limits bootstrap; terminations do not
+
+    torch.manual_seed(iql.seed)
+    agent = IQLAgent(data.obs_dim, data.act_dim, iql.hidden)
+    agent.obs_mean.copy_(obs.mean(0))
+    agent.obs_std.copy_(obs.std(0).clamp(min=1e-6))
+    agent.act_low.copy_(act.min(0).values)
+    agent.act_high.copy_(act.max(0).values)
+    agent.obs_indices.copy_(torch.as_tensor(data.obs_indices))
+    target = copy.deepcopy(agent).requires_grad_(False)
+    q_opt = torch.optim.Adam([*agent.q1.parameters(), *agent.q2.parameters()], lr=iql.learning_rate)
+    v_opt = torch.optim.Adam(agent.v.parameters(), lr=iql.learning_rate)
+    pi_opt = torch.optim.Adam([*agent.pi.parameters(), agent.log_std], lr=iql.learning_rate)
+    pi_sched = torch.optim.lr_scheduler.CosineAnnealingLR(pi_opt, iql.steps)
+    generator = torch.Generator().manual_seed(iql.seed)
+    start, log = time.perf_counter(), {}
+    for step in tqdm(range(iql.steps), desc="iql", unit="step", disable=None if progress else True):
+        i = torch.randint(len(obs), (min(iql.batch_size, len(obs)),), generator=generator)
+        s, a, r, s2, d = obs[i], act[i], rew[i], nxt[i], done[i]
+        with torch.no_grad():
+            q_target = torch.minimum(*target.q(s, a))
+            v_next = agent.value(s2)
+        v_loss = expectile_loss(q_target - agent.value(s), iql.tau)
+        v_opt.zero_grad(set_to_none=True)
+        v_loss.backward()
+        v_opt.step()
+        q1, q2 = agent.q(s, a)
+        backup = r + iql.discount * (1.0 - d) * v_next
+        q_loss = ((q1 - backup) ** 2).mean() + ((q2 - backup) ** 2).mean()
+        q_opt.zero_grad(set_to_none=True)
+        q_loss.backward()
+        q_opt.step()
+        with torch.no_grad():
+            weights = torch.exp(iql.beta * (q_target - agent.value(s))).clamp(max=100.0)
+        dist = torch.distributions.Normal(agent.pi(agent.norm(s)), agent.log_std.exp())
+        pi_loss = -(weights * dist.log_prob(a).sum(-1)).mean()
+        pi_opt.zero_grad(set_to_none=True)
+        pi_loss.backward()
+        pi_opt.step()
+        pi_sched.step()
+        with torch.no_grad():
+            for p, tp in zip([*agent.q1.parameters(), *agent.q2.parameters()],
+                             [*target.q1.parameters(), *target.q2.parameters()], strict=True):
+                tp.lerp_(p, iql.polyak)
+        if step == iql.steps - 1:
+            log = {"v_loss": float(v_loss), "q_loss": float(q_loss), "pi_loss": float(pi_loss)}
+    out_dir = Path(out_dir)
+    save_torch(out_dir / "iql.pt", agent.state_dict())
+    save_json(out_dir / "iql.json", {
+        "config": dataclasses.asdict(iql), "dataset_id": data.dataset_id, "env": data.env_spec,
+        "obs_dim": data.obs_dim, "act_dim": data.act_dim, "reward_scale": scale,
+        "split": {"seed": cfg.train.seed, "validation_fraction": cfg.data.validation_fraction,
+                  "train_episodes": len(train_idx)},
+        "training": {"steps": iql.steps, "seconds": round(time.perf_counter() - start, 1), "transitions": len(obs),
+                     "threads": torch.get_num_threads(), **log},
+    })
+    return out_dir
+
+
+def load_iql(path: str | os.PathLike) -> tuple[IQLAgent, dict]:
+    """The agent and iql.json of a directory written by train_iql (no pickle)."""
+    path = Path(path)
+    if not (path / "iql.json").is_file():
+        raise FileNotFoundError(f"{path} has no iql.json; train one with `trajformer iql CONFIG.toml --out {path}`")
+    meta = json.loads((path / "iql.json").read_text())
+    agent = IQLAgent(meta["obs_dim"], meta["act_dim"], meta["config"]["hidden"])
+    agent.load_state_dict(load_torch(path / "iql.pt"))
+    return agent.eval(), meta
