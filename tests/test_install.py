@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,10 @@ def test_every_shipped_model_is_in_the_wheel_data():
 
 def test_wheel_install_finds_shipped_models_configs_and_policies(tmp_path):
     run = lambda *cmd, **kw: subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)  # noqa: E731
-    built = run(sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    source = tmp_path / "source"  # build from a copy: setuptools writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__",
+                                                               ".pytest_cache", ".ruff_cache", ".hypothesis"))
+    built = run(sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                 "-w", str(tmp_path / "wheel"))
     assert built.returncode == 0, built.stderr[-2000:]
     venv = tmp_path / "venv"
