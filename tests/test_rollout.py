@@ -102,7 +102,10 @@ def point_run(tmp_path_factory):
             buffers.append(EpisodeBuffer(observations=np.array(observations), actions=np.array(actions),
                                          rewards=np.array(rewards), terminations=np.zeros(20, bool),
                                          truncations=np.arange(20) == 19))
-        minari.create_dataset_from_buffers(DATASET_ID, buffers, env=env, ref_min_score=-10.0, ref_max_score=-1.0)
+        minari.create_dataset_from_buffers(
+            DATASET_ID, buffers, env=env, eval_env=env.spec, ref_min_score=-10.0, ref_max_score=-1.0,
+            algorithm_name="noisy goal-seeking policy", author="trajformer tests", author_email="none",
+            code_permalink="tests/test_rollout.py", description="point on a line, 250 episodes of the noisy policy")
         cfg = config_from_dict({
             "data": {"dataset": DATASET_ID, "sequence_length": 4},
             "discretizer": {"n_bins": 30},

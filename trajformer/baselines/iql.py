@@ -151,7 +151,7 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
                              [*target.q1.parameters(), *target.q2.parameters()], strict=True):
                 tp.lerp_(p, iql.polyak)
         if step == iql.steps - 1:
-            log = {"v_loss": float(v_loss), "q_loss": float(q_loss), "pi_loss": float(pi_loss)}
+            log = {"v_loss": v_loss.item(), "q_loss": q_loss.item(), "pi_loss": pi_loss.item()}
     out_dir = Path(out_dir)
     save_torch(out_dir / "iql.pt", agent.state_dict())
     save_json(out_dir / "iql.json", {
