@@ -325,3 +325,26 @@ def test_act_twice_without_observe_is_an_error():
     planner.act(np.zeros(DS))
     with pytest.raises(ValueError, match="without observe"):
         planner.act(np.zeros(DS))
+
+
+def test_critic_objective_scores_rows_with_the_critic_and_changes_plans():
+    """objective = critic: rows rank by sum_{i<t} gamma^i r_i + gamma^t Q(s_t, a_t); a critic that likes large
+    first action dims makes the planner pick them."""
+    model, disc = make_model(seed=5), make_discretizer()
+    prefix = [random_prefix(2, np.random.default_rng(3))]
+    calls = []
+
+    def critic(obs, act):
+        calls.append((obs.shape, act.shape))
+        return 100.0 * act[:, 0]
+
+    cfg = PlanConfig(beam_width=6, n_expand=2, horizon=3, max_context_transitions=3, cdf_act=None)
+    (reward_plan,) = BeamSearch(model, disc, cfg, 0.9).search(prefix, generators([0]))
+    critic_cfg = dataclasses.replace(cfg, objective="critic", critic="(in memory)")
+    (critic_plan,) = BeamSearch(model, disc, critic_cfg, 0.9, critic=critic).search(prefix, generators([0]))
+    assert calls and calls[0] == ((12, DS), (12, DA))  # B x E rows, decoded states and actions
+    assert critic_plan.actions[-1, 0] > reward_plan.actions[-1, 0]
+    expected = sum(0.9**i * critic_plan.rewards[i] for i in range(2)) + 0.9**2 * 100.0 * critic_plan.actions[2, 0]
+    assert critic_plan.score == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="needs a critic"):
+        BeamSearch(model, disc, critic_cfg, 0.9)

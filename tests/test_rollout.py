@@ -335,3 +335,20 @@ def test_baseline_settings_errors_are_one_line(point_run, tmp_path, capsys):
         cli.main(["iql", str(point_run / "config.toml"), "--out", str(tmp_path / "x"), "--hp", "temperature=3"])
     err = capsys.readouterr().err.strip()
     assert "--hp 'temperature=3': use KEY=VALUE with KEY one of tau, beta" in err and "\n" not in err
+
+
+def test_planning_with_the_iql_critic_objective(point_run, tmp_path, monkeypatch, capsys):
+    """TT with IQL's critic in place of its value token (`plan.objective=critic`) plans, and beats random."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
+    critic = tmp_path / "iql"
+    cli.main(["iql", str(point_run / "config.toml"), "--out", str(critic), "--steps", "1500", "--hp", "hidden=64",
+              "--episodes", "2", "--num-envs", "2"])
+    out = tmp_path / "critic.json"
+    cli.main(["plan", str(point_run), "--episodes", "6", "--num-envs", "6", "--set", "plan.objective=critic",
+              "--set", f"plan.critic={critic}", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["config"]["plan"]["objective"] == "critic"
+    assert record["mean_return"] > random_returns(6, 0).mean() + 4.0
+    with pytest.raises(SystemExit):
+        cli.main(["plan", str(point_run), "--set", "plan.objective=critic"])
+    assert "needs plan.critic" in capsys.readouterr().err

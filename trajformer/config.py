@@ -105,6 +105,8 @@ class PlanConfig:
     plan_freq: int = 1
     objective: str = "reward"
     penalty_lambda: float = 1.0
+    # objective = "critic": a `trajformer iql` directory whose Q(s_t, a_t) replaces the value token in the score.
+    critic: str = ""
     # torch.set_num_threads while planning (0 = torch's default); 1 avoids OpenMP spinning on a busy machine.
     num_threads: int = 0
 
@@ -141,7 +143,7 @@ _CHOICES = {
     ("discretizer", "kind"): ("quantile", "uniform"),
     ("train", "dtype"): ("auto", "float32", "bfloat16"),
     ("model", "attention"): ("absolute", "window"),
-    ("plan", "objective"): ("reward", "likelihood", "penalized"),
+    ("plan", "objective"): ("reward", "likelihood", "penalized", "critic"),
 }
 
 
@@ -247,6 +249,8 @@ def validate(cfg: Config) -> None:
         (cfg.plan.k_obs >= 1, "plan.k_obs must be >= 1"),
         (cfg.plan.plan_freq >= 1, "plan.plan_freq must be >= 1"),
         (cfg.plan.num_threads >= 0, "plan.num_threads must be >= 0 (0 = torch's default)"),
+        (cfg.plan.objective != "critic" or bool(cfg.plan.critic),
+         "plan.objective = \"critic\" needs plan.critic = an IQL directory (trajformer iql CONFIG --out DIR)"),
     ]
     ens = cfg.ensemble
     for name in ("members", "hidden", "layers", "batch_size", "max_epochs", "patience"):

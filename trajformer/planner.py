@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,10 @@ from trajformer.run import Run, load_run
 from trajformer.tokens import VALUE_PLACEHOLDER, encode_values
 
 NEG_INF = float("-inf")
+
+Critic = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""Q(s, a) in environment reward units for decoded (rows, dS) states and (rows, dA) actions (the `critic`
+objective: the TT paper's AntMaze variant, with IQL's critic)."""
 
 
 def filter_cdf(logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -93,7 +98,8 @@ class _Rows:
 class BeamSearch:
     """Batched beam search over K envs' prefixes (DESIGN.md §5); stateless between calls."""
 
-    def __init__(self, model: GPT, discretizer: Discretizer, cfg: PlanConfig, discount: float, cached: bool = True):
+    def __init__(self, model: GPT, discretizer: Discretizer, cfg: PlanConfig, discount: float, cached: bool = True,
+                 critic: Critic | None = None):
         gpt = model.config
         self.T, self.N, self.dS, self.dA = gpt.transition_dim, gpt.n_bins, gpt.obs_dim, gpt.act_dim
         if discretizer.dim != self.T or discretizer.n_bins != self.N:
@@ -108,12 +114,16 @@ class BeamSearch:
                 f"was trained on windows of {gpt.block_size}; set plan.max_context_transitions <= "
                 f"{(gpt.block_size + 1) // self.T}"
             )
+        if cfg.objective == "critic" and critic is None:
+            raise ValueError("plan.objective = \"critic\" needs a critic: load one with rollout.load_critic")
         self.model, self.discretizer, self.cfg, self.discount = model, discretizer, cfg, discount
+        self.critic = critic
         self.stop_id = gpt.stop_id
         decoder = CachedDecoder if cached else ReferenceDecoder
         self.decoder: ReferenceDecoder = decoder(model, window)
         dtype = next(model.parameters()).dtype
         self.midpoints = torch.as_tensor(discretizer.midpoints[self.T - 2 :], dtype=dtype)  # (2, N): r, V
+        self.all_midpoints = torch.as_tensor(discretizer.midpoints, dtype=dtype)  # (T, N)
 
     def tokens(self, values: np.ndarray, first_dim: int) -> torch.Tensor:
         """Token ids of values for consecutive dimensions starting at `first_dim`."""
@@ -127,8 +137,26 @@ class BeamSearch:
             rows.alive &= local != self.N
         self.decoder.append(torch.where(local == self.N, self.stop_id, local + dim * self.N))
 
+    def _critic_value(self, prefixes: list[torch.Tensor], t: int) -> torch.Tensor:
+        """The critic's Q(s_t, a_t) for every row, from decoded midpoints: s_0 is the env's observation (the end
+        of each env's prefix), later states are the rows' decoded observations; stop tokens decode as bin 0."""
+        gen, dS, dA, N, T = self.decoder.generated, self.dS, self.dA, self.N, self.T
+        if t == 0:
+            rows = len(gen) // len(prefixes)
+            obs_ids = torch.cat([p[-dS:].expand(rows, -1) for p in prefixes])
+        else:
+            obs_ids = gen[:, t * T - dS : t * T]
+        act_ids = gen[:, t * T : t * T + dA]
+        dims = torch.arange(T)
+
+        def values(ids: torch.Tensor, first: int) -> torch.Tensor:
+            local = (ids - dims[first : first + ids.shape[1]] * N).clamp(0, N - 1)
+            return self.all_midpoints[dims[first : first + ids.shape[1]], local]
+
+        return self.critic(values(obs_ids, 0), values(act_ids, dS)).to(self.midpoints.dtype)
+
     def _rank(self, rows: _Rows) -> torch.Tensor:
-        if self.cfg.objective == "reward":
+        if self.cfg.objective in ("reward", "critic"):
             return rows.score
         if self.cfg.objective == "likelihood":
             return rows.logp
@@ -171,7 +199,11 @@ class BeamSearch:
                 self._append(rows, logits, bins.argmax(-1), dS + dA + j)
             r, v = expected
             ret = rows.ret + self.discount**t * r
-            rows.score = torch.where(rows.alive, ret + self.discount ** (t + 1) * v, rows.score)
+            if cfg.objective == "critic":  # sum_{i<t} gamma^i r_i + gamma^t Q(s_t, a_t) from the external critic
+                q = self._critic_value(prefixes, t)
+                rows.score = torch.where(rows.alive, rows.ret + self.discount**t * q, rows.score)
+            else:
+                rows.score = torch.where(rows.alive, ret + self.discount ** (t + 1) * v, rows.score)
             rows.ret = torch.where(rows.alive, ret, rows.ret)
             rows.rewards[:, t], rows.values[:, t] = r, v
             best = self._rank(rows).view(K, n).sort(dim=-1, descending=True, stable=True).indices[:, :B]
@@ -243,10 +275,12 @@ class Planner:
 
     @classmethod
     def from_run(cls, run: Run, plan_cfg: PlanConfig | None = None, n_envs: int = 1, cached: bool = True,
+                 critic: Critic | None = None,
                  dtype: torch.dtype = torch.float32) -> Planner:
         """A planner for a loaded run (its [plan] settings unless `plan_cfg` is given)."""
         model = run.model.to(dtype).eval()
-        search = BeamSearch(model, run.discretizer, plan_cfg or run.config.plan, run.config.data.discount, cached)
+        search = BeamSearch(model, run.discretizer, plan_cfg or run.config.plan, run.config.data.discount, cached,
+                            critic)
         return cls(search, run.obs_indices, n_envs)
 
     def reset(self, env: int = 0, seed: int = 0) -> None:

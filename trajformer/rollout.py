@@ -22,7 +22,7 @@ from tqdm import tqdm
 from trajformer.config import PlanConfig
 from trajformer.files import save_json
 from trajformer.metrics import score_reference, summarize
-from trajformer.planner import Planner, plan_config
+from trajformer.planner import Critic, Planner, plan_config
 from trajformer.render import EpisodeVideo, make_env
 from trajformer.run import Run, load_run
 
@@ -125,6 +125,25 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
     return results, steps, time.perf_counter() - t0 - hook_seconds
 
 
+def load_critic(path: str, run: Run) -> Critic:
+    """The `critic` objective's Q(s, a) in environment reward units: the min of an IQL directory's twin Qs,
+    undoing IQL's reward scaling; its observation dims must be the run's."""
+    from trajformer.baselines.iql import load_iql
+
+    agent, meta = load_iql(path)
+    if agent.obs_indices.tolist() != run.obs_indices.tolist() or meta["act_dim"] != run.act_dim:
+        raise ValueError(f"critic {path} was trained on observation dims {agent.obs_indices.tolist()[:4]}... and "
+                         f"{meta['act_dim']} action dims, the run on {run.obs_indices.tolist()[:4]}... and "
+                         f"{run.act_dim}; train it on the run's dataset and data.obs_dims")
+    scale = float(meta["reward_scale"])
+
+    @torch.no_grad()
+    def critic(obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(*agent.q(obs.float(), act.float())) / scale
+
+    return critic
+
+
 def evaluate_agent(agent: Agent, env: dict, episodes: int = 10, num_envs: int = 10, seed: int = 0,
                    max_steps: int | None = None, meta: dict | None = None, progress: bool = True) -> dict:
     """The evaluation protocol for any agent in a recorded env spec ({id, kwargs, max_episode_steps}): returns,
@@ -170,7 +189,8 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
         check_env(first, run, env_id)
         if video is not None and "rgb_array" not in first.metadata.get("render_modes", []):
             raise ValueError(f"env {env_id} cannot render rgb_array frames; drop --video")
-        planner = Planner.from_run(run, plan_cfg, n_envs=num_envs, dtype=dtype)
+        critic = load_critic(plan_cfg.critic, run) if plan_cfg.objective == "critic" else None
+        planner = Planner.from_run(run, plan_cfg, n_envs=num_envs, critic=critic, dtype=dtype)
     finally:
         if video is not None:
             first.close()
