@@ -193,8 +193,8 @@ import numpy as np
 
 from trajformer.plots import attention_figure
 from trajformer.predict import attention_maps, load_heldout
-from trajformer.tokens import context_transition
 from trajformer.run import load_run
+from trajformer.tokens import context_transition
 
 RUN = Path(os.environ.get("TRAJFORMER_HUMANOID_RUN", "pretrained/models/humanoid-tt"))
 run = load_run(RUN)
