@@ -304,7 +304,6 @@ def _cmd_baseline(args) -> None:
     from pathlib import Path
 
     from trajformer.config import load_config
-    from trajformer.data import load_episodes, return_stats
     from trajformer.files import save_json
     from trajformer.rollout import evaluate_agent, report
 
@@ -322,12 +321,9 @@ def _cmd_baseline(args) -> None:
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{args.baseline}"
     getattr(module, f"train_{args.baseline}")(cfg, out, settings, dataset_id=args.dataset)
     agent, meta = getattr(module, f"load_{args.baseline}")(out)
-    data = load_episodes(meta["dataset_id"], cfg.data)
-    record = evaluate_agent(agent, meta["env"], args.episodes, args.num_envs, args.seed,
-                            meta={"ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score})
-    meta["evaluation"] = record
-    meta["dataset_mean_return"] = return_stats(data)["complete_return_mean"]
+    meta["evaluation"] = evaluate_agent(agent, meta["env"], args.episodes, args.num_envs, args.seed, meta=meta)
     save_json(out / f"{args.baseline}.json", meta)
+    record = meta["evaluation"]
     print(report(record))
     print(f"dataset mean return over complete episodes {meta['dataset_mean_return']:.1f}; "
           f"{args.baseline} directory {out}")

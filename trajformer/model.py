@@ -62,6 +62,11 @@ def attention_mask(query_pos: torch.Tensor, n_keys: int, pad: torch.Tensor, tran
     return (visible[:, None, :] & causal[None]).unsqueeze(1)
 
 
+def additive(mask: torch.Tensor) -> torch.Tensor:
+    """The additive form (0 / -inf) of a boolean attention mask, for the training attention."""
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding of (B, H, t, d) queries or keys at positions (t,) or (B, t): channel pairs
     (i, i + d/2) rotated by position * 10000^(-2i/d). Angles are computed in float64, so positions in the
@@ -259,8 +264,7 @@ class GPT(nn.Module):
         full = attention_mask(torch.arange(config.block_size), config.block_size, torch.zeros(1, dtype=torch.long), T,
                               self.band)
         self.register_buffer("mask", full[0, 0], persistent=False)
-        bias = torch.zeros(full.shape[-2:]).masked_fill(~full[0, 0], float("-inf"))
-        self.register_buffer("bias", bias, persistent=False)  # additive form of the training mask
+        self.register_buffer("bias", additive(full[0, 0]), persistent=False)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -285,9 +289,8 @@ class GPT(nn.Module):
         if t <= self.config.block_size:
             bias = self.bias[:t, :t]
         elif self.wpe is None:
-            full = attention_mask(positions, t, torch.zeros(1, dtype=torch.long, device=idx.device),
-                                  self.config.transition_dim, self.band)[0, 0]
-            bias = torch.zeros(t, t, device=idx.device).masked_fill(~full, float("-inf"))
+            bias = additive(attention_mask(positions, t, torch.zeros(1, dtype=torch.long, device=idx.device),
+                                           self.config.transition_dim, self.band)[0, 0])
         else:
             raise ValueError(f"sequence of {t} tokens exceeds the model's block size {self.config.block_size}")
         x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(positions)

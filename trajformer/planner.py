@@ -122,8 +122,7 @@ class BeamSearch:
         decoder = CachedDecoder if cached else ReferenceDecoder
         self.decoder: ReferenceDecoder = decoder(model, window)
         dtype = next(model.parameters()).dtype
-        self.midpoints = torch.as_tensor(discretizer.midpoints[self.T - 2 :], dtype=dtype)  # (2, N): r, V
-        self.all_midpoints = torch.as_tensor(discretizer.midpoints, dtype=dtype)  # (T, N)
+        self.midpoints = torch.as_tensor(discretizer.midpoints, dtype=dtype)  # (T, N): bin midpoints per dimension
 
     def tokens(self, values: np.ndarray, first_dim: int) -> torch.Tensor:
         """Token ids of values for consecutive dimensions starting at `first_dim`."""
@@ -151,7 +150,7 @@ class BeamSearch:
 
         def values(ids: torch.Tensor, first: int) -> torch.Tensor:
             local = (ids - dims[first : first + ids.shape[1]] * N).clamp(0, N - 1)
-            return self.all_midpoints[dims[first : first + ids.shape[1]], local]
+            return self.midpoints[dims[first : first + ids.shape[1]], local]
 
         return self.critic(values(obs_ids, 0), values(act_ids, dS)).to(self.midpoints.dtype)
 
@@ -195,7 +194,7 @@ class BeamSearch:
             for j in range(2):  # reward, then value: argmax token, expectation over the renormalised bins
                 logits = dec.logits()
                 bins = logits[:, :N]
-                expected.append(bins.softmax(-1) @ self.midpoints[j])
+                expected.append(bins.softmax(-1) @ self.midpoints[self.T - 2 + j])
                 self._append(rows, logits, bins.argmax(-1), dS + dA + j)
             r, v = expected
             ret = rows.ret + self.discount**t * r

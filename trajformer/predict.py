@@ -185,10 +185,9 @@ def rollout_transformer(run: Run, prefixes: list[torch.Tensor], horizon: int, sa
 
     def state_or_reward(logits: torch.Tensor, dim: int) -> torch.Tensor:
         """Local ids of dimension `dim` (N = stop), writing their values; greedy or sampled."""
-        probs = logits.double().softmax(-1)
-        p_stop = probs[:, N]
         if greedy:
             ids, vals = decode_bins(logits[:, :N].double(), midpoints[dim], decode)
+            p_stop = logits.double().softmax(-1)[:, N]
             stopped = (p_stop > 0.5) & can_stop if dim < dS else torch.zeros_like(ids, dtype=torch.bool)
         else:
             masked = logits.clone()
@@ -373,12 +372,11 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     tf = rollout_transformer(run, prefixes, horizon, 1, actions=true_act, greedy=True, seed=seed)
     seconds["transformer_teacher_forced"] = time.perf_counter() - t0
     record_tf = {"transformer": error_summary(normalized_error(tf["obs"][:, 0], true, held.obs_std)),
-                 "transformer_stops": [{"start": k, "step": int(s)} for k, s in enumerate(tf["stop_step"][:, 0]) if s],
-                 "decodes": {"argmax": None}}
+                 "transformer_stops": [{"start": k, "step": int(s)} for k, s in enumerate(tf["stop_step"][:, 0]) if s]}
+    record_tf["decodes"] = {"argmax": record_tf["transformer"]}
     for how in DECODES[1:]:  # the same teacher-forced rollouts with the other greedy decodes, side by side
         other = rollout_transformer(run, prefixes, horizon, 1, actions=true_act, greedy=True, seed=seed, decode=how)
         record_tf["decodes"][how] = error_summary(normalized_error(other["obs"][:, 0], true, held.obs_std))
-    record_tf["decodes"]["argmax"] = record_tf["transformer"]
     ens_tf = None
     if ens is not None:
         ens_tf = rollout_ensemble(ens, start, true_act[:, None])

@@ -71,11 +71,11 @@ class Agent(Protocol):
 def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0, max_steps: int | None = None,
                  limit: int | None = None, desc: str = "episodes", progress: bool = True,
                  on_step: Callable[[int, np.ndarray, int, int], None] | None = None,
-                 timed_hook: bool = False) -> tuple[dict[int, tuple[float, int]], int, float]:
+                 ) -> tuple[dict[int, tuple[float, int]], int, float]:
     """The evaluation protocol (DESIGN.md §6): episode e is reset with seed + e, and the agent's slot with the
     same seed, so results do not depend on len(envs); up to max_steps (or the env's limit) steps each. Returns
-    ({episode: (return, length)}, env steps, seconds of acting and stepping; `on_step` time only if timed_hook).
-    `on_step(slot, obs, episode, step)` runs before each env step (the planner's video and likelihoods)."""
+    ({episode: (return, length)}, env steps, seconds of acting and stepping). `on_step(slot, obs, episode, step)`
+    runs before each env step (the planner's video and likelihoods); its time is not counted."""
     n = len(envs)
     obs: list[np.ndarray | None] = [None] * n
     episode_of, ret, length = [-1] * n, [0.0] * n, [0] * n
@@ -105,7 +105,7 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
             if on_step is not None:
                 tick = time.perf_counter()
                 on_step(k, obs[k], episode_of[k], length[k])
-                hook_seconds += 0.0 if timed_hook else time.perf_counter() - tick
+                hook_seconds += time.perf_counter() - tick
             obs[k], reward, terminated, truncated, _ = envs[k].step(action)
             rewards.append(float(reward))
             ret[k] += float(reward)
@@ -123,6 +123,17 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
         bar.set_postfix(running_return=f"{np.mean(running):.1f}" if running else "-", done=len(results))
     bar.close()
     return results, steps, time.perf_counter() - t0 - hook_seconds
+
+
+def episode_record(results: dict[int, tuple[float, int]], steps: int, seconds: float, env_id: str,
+                   meta: dict) -> dict:
+    """run_episodes' results as the protocol's record: returns and lengths by episode, mean ± standard error,
+    normalised score with its reference (metrics.score_reference), seconds per env step."""
+    reference, label = score_reference(env_id, meta)
+    order = sorted(results)
+    record = summarize([results[e][0] for e in order], [results[e][1] for e in order], reference)
+    record.update({"score_reference": label, "seconds_per_step": seconds / max(steps, 1)})
+    return record
 
 
 def load_critic(path: str, run: Run) -> Critic:
@@ -159,12 +170,9 @@ def evaluate_agent(agent: Agent, env: dict, episodes: int = 10, num_envs: int = 
                                            progress)
     for e in envs:
         e.close()
-    reference, label = score_reference(env["id"], meta or {})
-    order = sorted(results)
-    record = summarize([results[e][0] for e in order], [results[e][1] for e in order], reference)
-    record.update({"score_reference": label, "seconds_per_step": seconds / max(steps, 1),
-                   "config": {"env": env["id"], "env_kwargs": kwargs, "episodes": episodes, "num_envs": num_envs,
-                              "max_steps": max_steps, "seed": seed}})
+    record = episode_record(results, steps, seconds, env["id"], meta or {})
+    record["config"] = {"env": env["id"], "env_kwargs": kwargs, "episodes": episodes, "num_envs": num_envs,
+                        "max_steps": max_steps, "seed": seed}
     return record
 
 
@@ -216,14 +224,9 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
             renderer.add(obs, future, length)
 
     results, steps, seconds = run_episodes(envs, planner, episodes, seed, max_steps, limit, f"plan {env_id}",
-                                           progress, on_step, timed_hook=renderer is None)
-
-    reference, label = score_reference(env_id, run.meta)
-    order = sorted(results)
-    record = summarize([results[e][0] for e in order], [results[e][1] for e in order], reference)
+                                           progress, on_step)
+    record = episode_record(results, steps, seconds, env_id, run.meta)
     record.update({
-        "score_reference": label,
-        "seconds_per_step": seconds / max(steps, 1),
         "plan_log_likelihood": float(np.mean(log_likelihoods)),
         "config": {"plan": dataclasses.asdict(plan_cfg), "discount": run.config.data.discount, "env": env_id,
                    "env_kwargs": kwargs, "episodes": episodes, "num_envs": num_envs, "max_steps": max_steps,
@@ -302,8 +305,10 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
             raise ValueError(f"{bc_dir} was evaluated on {bc['evaluation']['config']['episodes']} episodes, not "
                              f"{episodes}; re-run `trajformer bc` with --episodes {episodes}")
         bc_return = bc["evaluation"]["mean_return"]
-    data = load_episodes(run.meta["dataset_id"], run.config.data)
-    out = {"episodes": episodes, "dataset_mean_return": return_stats(data)["complete_return_mean"],
+    dataset_mean = run.meta.get("dataset_stats", {}).get("complete_return_mean")  # recorded at training
+    if dataset_mean is None:  # a run.json from before it was recorded
+        dataset_mean = return_stats(load_episodes(run.meta["dataset_id"], run.config.data))["complete_return_mean"]
+    out = {"episodes": episodes, "dataset_mean_return": dataset_mean,
            "bc_mean_return": bc_return, "settings": {}}
     for name in settings:
         overrides = [] if name == "official" else [f"plan.{k}={v}" for k, v in CHEAP.items()]

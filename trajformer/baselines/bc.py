@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from trajformer.baselines.policy import DatasetPolicy, data_references
 from trajformer.config import Config
 from trajformer.data import load_episodes, split_episodes
 from trajformer.files import load_torch, save_json, save_torch
@@ -37,33 +38,21 @@ class BCConfig:
     seed: int = 0
 
 
-class BCPolicy(nn.Module):
+class BCPolicy(DatasetPolicy):
     """obs (raw env observation) -> action: select the run's dims, standardise, MLP, clip to the action bounds."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, layers: int = 2):
-        super().__init__()
+        super().__init__(obs_dim, act_dim)
         widths = [obs_dim] + [hidden] * layers
         body = [m for a, b in zip(widths[:-1], widths[1:], strict=True) for m in (nn.Linear(a, b), nn.ReLU())]
         self.net = nn.Sequential(*body, nn.Linear(widths[-1], act_dim))
-        for name, size in (("obs_mean", obs_dim), ("obs_std", obs_dim), ("act_low", act_dim), ("act_high", act_dim)):
-            self.register_buffer(name, torch.zeros(size))
-        self.register_buffer("obs_indices", torch.zeros(obs_dim, dtype=torch.long))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         """Actions for already selected observations (batch, obs_dim)."""
-        return self.net((obs - self.obs_mean) / self.obs_std)
+        return self.net(self.norm(obs))
 
-    # The rollout.Agent interface: a stateless policy.
-    def reset(self, env: int = 0, seed: int = 0) -> None:
-        """Nothing to reset."""
-
-    @torch.no_grad()
-    def act_batch(self, envs: list[int], observations: np.ndarray) -> np.ndarray:
-        obs = torch.as_tensor(np.asarray(observations)[:, self.obs_indices.numpy()], dtype=torch.float32)
-        return torch.maximum(torch.minimum(self(obs), self.act_high), self.act_low).numpy()
-
-    def observe_batch(self, envs: list[int], rewards: np.ndarray) -> None:
-        """BC ignores rewards."""
+    def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
 
 
 def train_bc(cfg: Config, out_dir: str | os.PathLike, bc: BCConfig | None = None, dataset_id: str | None = None,
@@ -84,11 +73,7 @@ def train_bc(cfg: Config, out_dir: str | os.PathLike, bc: BCConfig | None = None
     x, y = arrays(train_idx)
     torch.manual_seed(bc.seed)
     policy = BCPolicy(data.obs_dim, data.act_dim, bc.hidden, bc.layers)
-    policy.obs_mean.copy_(x.mean(0))
-    policy.obs_std.copy_(x.std(0).clamp(min=1e-6))
-    policy.act_low.copy_(y.min(0).values)
-    policy.act_high.copy_(y.max(0).values)
-    policy.obs_indices.copy_(torch.as_tensor(data.obs_indices))
+    policy.fit_data(x, y, data.obs_indices)
     optimizer = torch.optim.Adam(policy.net.parameters(), lr=bc.learning_rate)
     generator = torch.Generator().manual_seed(bc.seed)
     start = time.perf_counter()
@@ -113,6 +98,7 @@ def train_bc(cfg: Config, out_dir: str | os.PathLike, bc: BCConfig | None = None
                   "train_episodes": len(train_idx), "validation_episodes": len(val_idx)},
         "training": {"steps": bc.steps, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
                      "train_mse": train_mse, "validation_mse": val_mse, "transitions": len(x)},
+        **data_references(data),
     })
     return out_dir
 

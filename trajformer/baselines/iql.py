@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from trajformer.baselines.policy import DatasetPolicy, data_references
 from trajformer.config import Config
 from trajformer.data import load_episodes, split_episodes
 from trajformer.files import load_torch, save_json, save_torch
@@ -49,21 +50,15 @@ def mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
                          nn.Linear(hidden, n_out))
 
 
-class IQLAgent(nn.Module):
+class IQLAgent(DatasetPolicy):
     """Twin Q(s, a), V(s) and the policy mean; observations standardised with the data's statistics."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
-        super().__init__()
+        super().__init__(obs_dim, act_dim)
         self.q1, self.q2 = mlp(obs_dim + act_dim, 1, hidden), mlp(obs_dim + act_dim, 1, hidden)
         self.v = mlp(obs_dim, 1, hidden)
         self.pi = mlp(obs_dim, act_dim, hidden)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
-        for name, size in (("obs_mean", obs_dim), ("obs_std", obs_dim), ("act_low", act_dim), ("act_high", act_dim)):
-            self.register_buffer(name, torch.zeros(size))
-        self.register_buffer("obs_indices", torch.zeros(obs_dim, dtype=torch.long))
-
-    def norm(self, obs: torch.Tensor) -> torch.Tensor:
-        return (obs - self.obs_mean) / self.obs_std
 
     def q(self, obs: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.cat([self.norm(obs), act], -1)
@@ -73,17 +68,8 @@ class IQLAgent(nn.Module):
         """V(s) of selected observations (batch, obs_dim), in the scaled reward units of training."""
         return self.v(self.norm(obs))[:, 0]
 
-    # The rollout.Agent interface: the policy's mean action.
-    def reset(self, env: int = 0, seed: int = 0) -> None:
-        """Nothing to reset."""
-
-    @torch.no_grad()
-    def act_batch(self, envs: list[int], observations: np.ndarray) -> np.ndarray:
-        obs = torch.as_tensor(np.asarray(observations)[:, self.obs_indices.numpy()], dtype=torch.float32)
-        return torch.maximum(torch.minimum(self.pi(self.norm(obs)), self.act_high), self.act_low).numpy()
-
-    def observe_batch(self, envs: list[int], rewards: np.ndarray) -> None:
-        """The policy is Markovian: rewards are not needed."""
+    def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.pi(obs)
 
 
 def expectile_loss(diff: torch.Tensor, tau: float) -> torch.Tensor:
@@ -110,11 +96,7 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
 
     torch.manual_seed(iql.seed)
     agent = IQLAgent(data.obs_dim, data.act_dim, iql.hidden)
-    agent.obs_mean.copy_(obs.mean(0))
-    agent.obs_std.copy_(obs.std(0).clamp(min=1e-6))
-    agent.act_low.copy_(act.min(0).values)
-    agent.act_high.copy_(act.max(0).values)
-    agent.obs_indices.copy_(torch.as_tensor(data.obs_indices))
+    agent.fit_data(obs, act, data.obs_indices)
     target = copy.deepcopy(agent).requires_grad_(False)
     q_opt = torch.optim.Adam([*agent.q1.parameters(), *agent.q2.parameters()], lr=iql.learning_rate)
     v_opt = torch.optim.Adam(agent.v.parameters(), lr=iql.learning_rate)
@@ -161,6 +143,7 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
                   "train_episodes": len(train_idx)},
         "training": {"steps": iql.steps, "seconds": round(time.perf_counter() - start, 1), "transitions": len(obs),
                      "threads": torch.get_num_threads(), **log},
+        **data_references(data),
     })
     return out_dir
 
