@@ -329,6 +329,92 @@ def _cmd_baseline(args) -> None:
           f"{args.baseline} directory {out}")
 
 
+MODEL_BASED = {"mopo": "MOPO (reward minus lambda x ensemble uncertainty)",
+               "morel": "MOReL (halt with -kappa where the ensemble disagrees)",
+               "combo": "COMBO (conservative Q on model rollouts)"}
+
+
+def _add_model_based(sub) -> None:
+    for name, what in MODEL_BASED.items():
+        p = _parser(sub, name, f"{what}: SAC inside the ensemble's model env, on a config's dataset and split, "
+                    "evaluated with the shared protocol",
+                    f"trajformer {name} configs/hopper-medium-local.toml --ensemble runs/hopper-ensemble --episodes 10")
+        p.add_argument("config", help="TOML config: [data], train.seed (split), [model_based] (the paper's settings)")
+        p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
+        p.add_argument("--ensemble", default=None, help="a `trajformer train-ensemble` directory on the same data "
+                       "(default: model_based.ensemble, else one is trained with [ensemble] into OUT/ensemble)")
+        p.add_argument("--out", default=None, help=f"output directory (default runs/<config name>-{name})")
+        _add_overrides(p, "model_based.steps=20000")
+        p.add_argument("--episodes", type=int, default=10, help="evaluation episodes (seeds 0..N-1)")
+        p.add_argument("--num-envs", type=int, default=10, help="evaluation envs stepped together")
+        p.set_defaults(func=_cmd_model_based, method=name)
+
+
+def _cmd_model_based(args) -> None:
+    from pathlib import Path
+
+    from trajformer.baselines.model_based import check_ensemble, load_model_based, train_model_based
+    from trajformer.config import load_config
+    from trajformer.data import load_episodes
+    from trajformer.ensemble import load_ensemble, train_ensemble
+    from trajformer.files import save_json
+    from trajformer.rollout import evaluate_agent, report
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dataset:
+        cfg.data.dataset = args.dataset
+    if args.episodes < 1 or args.num_envs < 1:
+        raise ValueError(f"--episodes ({args.episodes}) and --num-envs ({args.num_envs}) must be >= 1")
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{args.method}"
+    ensemble = args.ensemble or cfg.model_based.ensemble
+    data = load_episodes(cfg.data.dataset, cfg.data)  # bad data is refused before the ensemble trains
+    if ensemble:
+        check_ensemble(load_ensemble(ensemble), data)
+    else:
+        ensemble = out / "ensemble"
+        if not (ensemble / "ensemble.json").is_file():
+            print(f"training the ensemble into {ensemble}")
+            train_ensemble(cfg, ensemble)
+    train_model_based(args.method, cfg, out, ensemble)
+    agent, meta = load_model_based(out, args.method)
+    meta["evaluation"] = evaluate_agent(agent, meta["env"], args.episodes, args.num_envs, meta=meta)
+    save_json(out / f"{args.method}.json", meta)
+    print(report(meta["evaluation"]))
+    print(f"termination in the model: {meta['termination_rule']}; {args.method} directory {out}")
+
+
+def _add_compare(sub) -> None:
+    p = _parser(sub, "compare", "train TT, BC, IQL, MOPO, MOReL, COMBO and TT with IQL's critic on one dataset and "
+                "evaluate them with one protocol: OUT/compare.json, compare.md, compare.png",
+                "trajformer compare configs/compare-tiny.toml --out runs/compare-tiny")
+    p.add_argument("config", help="TOML config: [data], [model]/[train]/[plan] for TT, [model_based], [compare]")
+    p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of tt,bc,iql,mopo,morel,combo,tt-critic "
+                   "(default: compare.methods)")
+    p.add_argument("--episodes", type=int, default=None,
+                   help="evaluation episodes per method (default: compare.episodes)")
+    p.add_argument("--out", default=None, help="output directory, new or empty (default runs/<config name>-compare)")
+    _add_overrides(p, "compare.tt_run=runs/hopper-medium")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> None:
+    from pathlib import Path
+
+    from trajformer.compare import compare, markdown_table
+    from trajformer.config import load_config
+
+    overrides = list(args.overrides)
+    if args.methods is not None:
+        overrides.append("compare.methods=[" + ",".join(f'"{m.strip()}"' for m in args.methods.split(",")) + "]")
+    if args.episodes is not None:
+        overrides += [f"compare.episodes={args.episodes}"]
+    cfg = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-compare"
+    result = compare(cfg, out, dataset_id=args.dataset)
+    print(markdown_table(result), end="")
+    print(f"comparison in {out}/compare.json, compare.md, compare.png")
+
+
 _COMMANDS: list = [_add_quickstart, _add_train, _add_info, _add_collect, _add_plan, _add_eval, _add_baselines,
-                   _add_train_ensemble,
-                   _add_predict]
+                   _add_model_based, _add_compare, _add_train_ensemble, _add_predict]

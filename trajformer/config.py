@@ -128,6 +128,50 @@ class EnsembleConfig:
 
 
 @dataclass
+class ModelBasedConfig:
+    """MOPO, MOReL and COMBO on the ensemble (DESIGN.md §9): model rollouts branched from dataset states, SAC on
+    batches mixing real and model transitions. Defaults are the papers' Hopper-medium settings; the env configs
+    carry their own (configs/*-medium-local.toml)."""
+
+    ensemble: str = ""  # a `trajformer train-ensemble` directory to reuse ("" = train one with [ensemble])
+    elites: int = 5  # members sampled by the model env: the best on validation NLL (MOPO: 5 of 7)
+    steps: int = 100_000  # SAC gradient steps (the papers: 1M-3M; a CPU budget here)
+    batch_size: int = 256
+    hidden: int = 256
+    learning_rate: float = 3e-4
+    discount: float = 0.99
+    polyak: float = 0.005
+    rollout_every: int = 1000  # SAC steps between rollout rounds (MOPO's epoch)
+    rollout_batch: int = 10_000  # rollouts per round, all batched (MOPO: 50k; a CPU budget here)
+    retain_rounds: int = 5  # rounds of model transitions kept in the model buffer (MOPO: 5 epochs)
+    mopo_rollout_length: int = 5  # h (MOPO D4RL v0: hopper/walker2d-medium 5, halfcheetah-medium 1)
+    mopo_lambda: float = 5.0  # reward penalty weight (hopper/walker2d-medium 5, halfcheetah-medium 1)
+    mopo_real_ratio: float = 0.05  # share of real transitions in each SAC batch
+    morel_rollout_length: int = 5  # ours: SAC on branched h-step rollouts of the pessimistic MDP, not NPG
+    morel_kappa: float = 100.0  # the halt reward is -kappa
+    morel_quantile: float = 0.99  # halt where d(s, a) exceeds this quantile of d over the data's transitions
+    morel_real_ratio: float = 0.0  # MOReL optimises in the pessimistic MDP only
+    combo_rollout_length: int = 5  # h (COMBO: 5 for hopper/halfcheetah-medium, 1 for walker2d-medium)
+    combo_beta: float = 5.0  # conservative weight (COMBO: hopper/walker2d-medium 5, halfcheetah-medium 0.5)
+    combo_real_ratio: float = 0.5  # f
+    combo_actions: int = 10  # actions per state in the log-sum-exp (uniform and policy, as CQL(H))
+    seed: int = 0
+
+
+@dataclass
+class CompareConfig:
+    """`trajformer compare`: which methods, their budgets, and the shared evaluation protocol (DESIGN.md §6)."""
+
+    methods: list[str] = field(default_factory=lambda: ["tt", "bc", "iql", "mopo", "morel", "combo", "tt-critic"])
+    episodes: int = 10
+    num_envs: int = 10
+    max_steps: int = 0  # env steps per episode (0 = the env's limit, 1000 for MuJoCo locomotion)
+    bc_steps: int = 20_000
+    iql_steps: int = 100_000
+    tt_run: str = ""  # a trained TT run directory to reuse instead of training one with [model]/[train]
+
+
+@dataclass
 class Config:
     """The whole configuration; each field is one TOML section."""
 
@@ -137,8 +181,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    model_based: ModelBasedConfig = field(default_factory=ModelBasedConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
 
+COMPARE_METHODS = ("tt", "bc", "iql", "mopo", "morel", "combo", "tt-critic")
 _CHOICES = {
     ("discretizer", "kind"): ("quantile", "uniform"),
     ("train", "dtype"): ("auto", "float32", "bfloat16"),
@@ -257,6 +304,25 @@ def validate(cfg: Config) -> None:
         checks.append((getattr(ens, name) >= 1, f"ensemble.{name} must be >= 1"))
     checks.append((ens.learning_rate > 0 and ens.max_seconds >= 0,
                    "ensemble.learning_rate must be > 0 and ensemble.max_seconds >= 0"))
+    mb = cfg.model_based
+    for name in ("elites", "steps", "batch_size", "hidden", "rollout_every", "rollout_batch", "retain_rounds",
+                 "mopo_rollout_length", "morel_rollout_length", "combo_rollout_length", "combo_actions"):
+        checks.append((getattr(mb, name) >= 1, f"model_based.{name} must be >= 1"))
+    for name in ("mopo_lambda", "morel_kappa", "combo_beta"):
+        checks.append((getattr(mb, name) >= 0, f"model_based.{name} must be >= 0, got {getattr(mb, name)}"))
+    for name in ("mopo_real_ratio", "morel_real_ratio", "combo_real_ratio", "morel_quantile"):
+        checks.append((0.0 <= getattr(mb, name) <= 1.0, f"model_based.{name} must be in [0, 1]"))
+    checks.append((mb.learning_rate > 0 and 0 < mb.discount <= 1 and 0 < mb.polyak <= 1,
+                   "model_based.learning_rate must be > 0, discount and polyak in (0, 1]"))
+    cmp = cfg.compare
+    unknown = [m for m in cmp.methods if m not in COMPARE_METHODS]
+    checks += [
+        (not unknown, f"compare.methods: unknown method {', '.join(map(repr, unknown))}; choose from "
+                      f"{', '.join(COMPARE_METHODS)}"),
+        (len(set(cmp.methods)) == len(cmp.methods) and bool(cmp.methods), "compare.methods must list each method once"),
+        (min(cmp.episodes, cmp.num_envs, cmp.bc_steps, cmp.iql_steps) >= 1 and cmp.max_steps >= 0,
+         "compare.episodes, num_envs, bc_steps and iql_steps must be >= 1, max_steps >= 0"),
+    ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)

@@ -1,0 +1,161 @@
+"""`trajformer compare`: TT beside BC, IQL, MOPO, MOReL, COMBO and TT with IQL's critic, trained on one dataset
+(same episode split, same seed) and evaluated with one protocol (DESIGN.md §6, §9).
+
+Everything that can be refused is checked before the first method trains: the methods (config validation),
+the dataset (continuous Box actions, no NaN: data.load_episodes), a reused ensemble's dims and a reused TT run's
+dataset. Then each method trains into OUT/<method>/ (the ensemble once, into OUT/ensemble/, shared by MOPO,
+MOReL and COMBO; tt-critic plans with the TT run and the IQL critic) and is evaluated on episodes seeded
+0..N-1. OUT/compare.json holds per method returns, mean, stderr, normalized, train_seconds and steps;
+OUT/compare.md the table; OUT/compare.png a bar plot with standard-error bars.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from trajformer.baselines.bc import BCConfig, load_bc, train_bc
+from trajformer.baselines.iql import IQLConfig, load_iql, train_iql
+from trajformer.baselines.model_based import METHODS as MODEL_BASED
+from trajformer.baselines.model_based import check_ensemble, load_model_based, train_model_based
+from trajformer.config import Config
+from trajformer.data import load_episodes, return_stats
+from trajformer.ensemble import load_ensemble, train_ensemble
+from trajformer.files import save_json, save_text
+from trajformer.planner import plan_config
+from trajformer.rollout import evaluate, evaluate_agent
+from trajformer.run import load_run
+from trajformer.train import train
+
+LABELS = {"tt": "TT (transformer's value)", "bc": "BC", "iql": "IQL", "mopo": "MOPO", "morel": "MOReL",
+          "combo": "COMBO", "tt-critic": "TT + IQL critic"}
+
+
+def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, progress: bool = True) -> dict:
+    """Train and evaluate every method in cfg.compare.methods on one dataset; returns compare.json's content."""
+    if dataset_id:
+        cfg.data.dataset = dataset_id
+    cmp, out_dir = cfg.compare, Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; compare into a new --out directory or delete it")
+    data = load_episodes(cfg.data.dataset, cfg.data)  # refuses missing, non-Box or NaN data before any training
+    if cfg.model_based.ensemble and any(m in MODEL_BASED for m in cmp.methods):
+        check_ensemble(load_ensemble(cfg.model_based.ensemble), data)
+    if cmp.tt_run:
+        reused = load_run(cmp.tt_run)
+        if reused.meta["dataset_id"] != data.dataset_id:
+            raise ValueError(f"compare.tt_run {cmp.tt_run} was trained on {reused.meta['dataset_id']}, not "
+                             f"{data.dataset_id}; compare on its dataset or drop compare.tt_run")
+    episodes, num_envs = cmp.episodes, min(cmp.num_envs, cmp.episodes)
+    max_steps = cmp.max_steps or None
+    results: dict[str, dict] = {}
+    dataset_mean = return_stats(data)["complete_return_mean"]
+    seconds: dict[str, float] = {}
+
+    def timed(key: str, fn):
+        start = time.perf_counter()
+        value = fn()
+        seconds[key] = time.perf_counter() - start
+        return value
+
+    def tt_run():
+        if cmp.tt_run:  # reused: its training time is not ours to count
+            seconds.setdefault("tt", None)
+            return load_run(cmp.tt_run)
+        if "tt" not in seconds:
+            timed("tt", lambda: train(cfg, out_dir / "tt", progress=progress))
+        return load_run(out_dir / "tt")
+
+    def iql_dir() -> Path:
+        if "iql" not in seconds:
+            timed("iql", lambda: train_iql(cfg, out_dir / "iql", IQLConfig(steps=cmp.iql_steps, seed=cfg.train.seed),
+                                           progress=progress))
+        return out_dir / "iql"
+
+    def ensemble_dir() -> Path:
+        if cfg.model_based.ensemble:
+            return Path(cfg.model_based.ensemble)
+        if "ensemble" not in seconds:
+            timed("ensemble", lambda: train_ensemble(cfg, out_dir / "ensemble", progress=progress))
+        return out_dir / "ensemble"
+
+    for i, method in enumerate(cmp.methods, 1):
+        print(f"[{i}/{len(cmp.methods)}] {LABELS[method]}", flush=True)
+        if method in ("tt", "tt-critic"):
+            run = tt_run()
+            overrides = ["plan.objective=critic", f"plan.critic={iql_dir()}"] if method == "tt-critic" else []
+            record = evaluate(run, plan_config(run, overrides), episodes=episodes, num_envs=num_envs,
+                              max_steps=max_steps, progress=progress)
+            train_seconds = None if seconds["tt"] is None else \
+                seconds["tt"] + (seconds.get("iql", 0.0) if method == "tt-critic" else 0.0)
+            steps = run.meta.get("compute", {}).get("total_steps")
+        elif method == "bc":
+            timed("bc", lambda: train_bc(cfg, out_dir / "bc", BCConfig(steps=cmp.bc_steps, seed=cfg.train.seed),
+                                         progress=progress))
+            agent, meta = load_bc(out_dir / "bc")
+            record = evaluate_agent(agent, meta["env"], episodes, num_envs, max_steps=max_steps, meta=meta,
+                                    progress=progress)
+            train_seconds, steps = seconds["bc"], cmp.bc_steps
+        elif method == "iql":
+            agent, meta = load_iql(iql_dir())
+            record = evaluate_agent(agent, meta["env"], episodes, num_envs, max_steps=max_steps, meta=meta,
+                                    progress=progress)
+            train_seconds, steps = seconds["iql"], cmp.iql_steps
+        else:
+            ens = ensemble_dir()
+            timed(method, lambda m=method, e=ens: train_model_based(m, cfg, out_dir / m, e, progress=progress))
+            agent, meta = load_model_based(out_dir / method, method)
+            record = evaluate_agent(agent, meta["env"], episodes, num_envs, max_steps=max_steps, meta=meta,
+                                    progress=progress)
+            # The ensemble's training counts towards every method that plans or optimises inside it.
+            train_seconds, steps = seconds[method] + seconds.get("ensemble", 0.0), cfg.model_based.steps
+        results[method] = {"label": LABELS[method], "returns": record["returns"], "mean": record["mean_return"],
+                           "stderr": record["stderr"], "normalized": record["normalized_score"],
+                           "normalized_stderr": record["normalized_stderr"],
+                           "train_seconds": None if train_seconds is None else round(train_seconds, 1),
+                           "steps": steps, "seconds_per_step": record["seconds_per_step"]}
+        print(f"    {LABELS[method]}: {_pm(results[method]['mean'], results[method]['stderr'])}", flush=True)
+        out = {"dataset_id": data.dataset_id, "env": data.env_spec, "episodes": episodes, "max_steps": max_steps,
+               "dataset_mean_return": dataset_mean, "ensemble_seconds": round(seconds.get("ensemble", 0.0), 1), "methods": results,
+               "complete": i == len(cmp.methods)}
+        save_json(out_dir / "compare.json", out)  # after every method: an interrupted comparison keeps its rows
+    save_text(out_dir / "compare.md", markdown_table(out))
+    bar_plot(out, out_dir / "compare.png")
+    return out
+
+
+def _pm(mean: float | None, stderr: float | None, digits: int = 1) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {stderr:.{digits}f}" if stderr is not None else "")
+
+
+def markdown_table(out: dict) -> str:
+    """The comparison as a markdown table: return and normalised score (± standard error), training cost."""
+    mean = out["dataset_mean_return"]
+    lines = [f"Dataset `{out['dataset_id']}` (mean return over its complete episodes {mean:.1f}); "
+             f"{out['episodes']} episodes each, seeds 0..{out['episodes'] - 1}.", "",
+             "| method | return | normalised | training (s) | steps |", "|---|---|---|---|---|"]
+    for r in out["methods"].values():
+        lines.append(f"| {r['label']} | {_pm(r['mean'], r['stderr'])} | {_pm(r['normalized'], r['normalized_stderr'])} "
+                     f"| {'reused' if r['train_seconds'] is None else round(r['train_seconds'])} | {r['steps']} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_plot(out: dict, path: Path) -> Path:
+    """compare.png: mean return per method with standard-error bars, the dataset's mean as a line."""
+    from trajformer.plots import plt, save_figure
+
+    methods = list(out["methods"].values())
+    fig, ax = plt.subplots(figsize=(1.1 * len(methods) + 2, 3.5))
+    means = [m["mean"] for m in methods]
+    errors = [m["stderr"] or 0.0 for m in methods]
+    ax.bar(np.arange(len(methods)), means, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
+    ax.axhline(out["dataset_mean_return"], color="black", ls="--", lw=1, label="dataset mean")
+    ax.set_xticks(np.arange(len(methods)), [m["label"] for m in methods], rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="return", title=out["dataset_id"])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
