@@ -72,3 +72,15 @@ def ensemble_dir(hopper_dataset, tmp_path_factory):
 
     small = EnsembleConfig(members=3, hidden=64, layers=2, max_epochs=15, patience=3, batch_size=128)
     return train_ensemble(_tiny_config(hopper_dataset), tmp_path_factory.mktemp("ens") / "e", small, progress=False)
+
+
+@pytest.fixture(scope="session")
+def point_datasets(tmp_path_factory):
+    """A root whose datasets/ holds the point-line dataset (tests/pointline.py); runs may go beside it."""
+    from pointline import make_point_dataset
+
+    root = tmp_path_factory.mktemp("pointline")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(root / "datasets"))
+        make_point_dataset(root)
+    return root

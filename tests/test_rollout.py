@@ -13,7 +13,7 @@ import minari
 import numpy as np
 import pytest
 import torch
-from minari.data_collector import EpisodeBuffer
+from pointline import DATASET_ID, ENV_ID, random_returns
 
 from trajformer import cli
 from trajformer.config import Config, config_from_dict
@@ -25,87 +25,14 @@ from trajformer.render import EpisodeVideo
 from trajformer.rollout import evaluate
 from trajformer.run import load_run, save_run
 
-ENV_ID = "trajformer-test/PointLine-v0"
-DATASET_ID = "trajformer-test/pointline-v0"
-
-
-class PointLine(gym.Env):
-    """A point on [-1, 1] must reach a goal at -0.5 or +0.5, drawn per episode (so no constant action wins).
-
-    Observation [x, goal], action a in [-1, 1] moves x by 0.1 a, reward -|x - goal|, 20 steps, deterministic.
-    """
-
-    def __init__(self):
-        self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
-        self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-    def _obs(self) -> np.ndarray:
-        return np.array([self.x, self.goal], np.float32)
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        self.goal, self.x = float(self.np_random.choice([-0.5, 0.5])), 0.0
-        return self._obs(), {}
-
-    def step(self, action):
-        self.x = float(np.clip(self.x + 0.1 * np.clip(action[0], -1.0, 1.0), -1.0, 1.0))
-        return self._obs(), -abs(self.x - self.goal), False, False, {}
-
-
-gym.register(ENV_ID, entry_point=f"{__name__}:PointLine", max_episode_steps=20)
-
-
-def behaviour_action(obs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The data's noisy policy: half the time a random speed towards the goal, else a uniform random action.
-
-    (Purely uniform data would make imitation equal to the random policy, leaving nothing to compare.)
-    """
-    x, goal = obs
-    if rng.random() < 0.5:
-        return np.array([np.sign(goal - x) * rng.random()], np.float32)
-    return rng.uniform(-1.0, 1.0, 1).astype(np.float32)
-
-
-def random_returns(episodes: int, seed: int) -> np.ndarray:
-    env = gym.make(ENV_ID)
-    env.action_space.seed(seed)
-    out = []
-    for e in range(episodes):
-        env.reset(seed=seed + e)
-        out.append(sum(env.step(env.action_space.sample())[1] for _ in range(20)))
-    return np.array(out)
-
 
 @pytest.fixture(scope="module")
-def point_run(tmp_path_factory):
-    """A Minari dataset of the noisy policy (250 episodes) and a tiny model trained on it for ~30 s."""
-    import minari
-
+def point_run(point_datasets):
+    """A tiny model trained for ~30 s on the point-line dataset (in point_datasets/datasets)."""
     from trajformer.train import train
 
-    root = tmp_path_factory.mktemp("pointline")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINARI_DATASETS_PATH", str(root / "datasets"))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        env = gym.make(ENV_ID)
-        rng = np.random.default_rng(0)
-        buffers = []
-        for e in range(250):
-            obs, _ = env.reset(seed=e)
-            observations, actions, rewards = [obs], [], []
-            for _ in range(20):
-                action = behaviour_action(obs, rng)
-                obs, reward, *_ = env.step(action)
-                observations.append(obs)
-                actions.append(action)
-                rewards.append(reward)
-            buffers.append(EpisodeBuffer(observations=np.array(observations), actions=np.array(actions),
-                                         rewards=np.array(rewards), terminations=np.zeros(20, bool),
-                                         truncations=np.arange(20) == 19))
-        minari.create_dataset_from_buffers(
-            DATASET_ID, buffers, env=env, eval_env=env.spec, ref_min_score=-10.0, ref_max_score=-1.0,
-            algorithm_name="noisy goal-seeking policy", author="trajformer tests", author_email="none",
-            code_permalink="tests/test_rollout.py", description="point on a line, 250 episodes of the noisy policy")
+        mp.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
         cfg = config_from_dict({
             "data": {"dataset": DATASET_ID, "sequence_length": 4},
             "discretizer": {"n_bins": 30},
@@ -114,8 +41,7 @@ def point_run(tmp_path_factory):
                       "checkpoint_every": 600, "log_every": 100, "num_threads": 1},
             "plan": {"beam_width": 16, "n_expand": 2, "horizon": 5, "max_context_transitions": 3},
         })
-        run_dir = train(cfg, root / "run", progress=False)
-        yield run_dir
+        yield train(cfg, point_datasets / "run", progress=False)
 
 
 def test_reward_planning_beats_imitation_beats_random(point_run):

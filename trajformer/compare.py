@@ -118,8 +118,8 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, pro
                            "steps": steps, "seconds_per_step": record["seconds_per_step"]}
         print(f"    {LABELS[method]}: {_pm(results[method]['mean'], results[method]['stderr'])}", flush=True)
         out = {"dataset_id": data.dataset_id, "env": data.env_spec, "episodes": episodes, "max_steps": max_steps,
-               "dataset_mean_return": dataset_mean, "ensemble_seconds": round(seconds.get("ensemble", 0.0), 1), "methods": results,
-               "complete": i == len(cmp.methods)}
+               "dataset_mean_return": dataset_mean, "ensemble_seconds": round(seconds.get("ensemble", 0.0), 1),
+               "methods": results, "complete": i == len(cmp.methods)}
         save_json(out_dir / "compare.json", out)  # after every method: an interrupted comparison keeps its rows
     save_text(out_dir / "compare.md", markdown_table(out))
     bar_plot(out, out_dir / "compare.png")

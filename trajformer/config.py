@@ -147,6 +147,9 @@ class ModelBasedConfig:
     mopo_rollout_length: int = 5  # h (MOPO D4RL v0: hopper/walker2d-medium 5, halfcheetah-medium 1)
     mopo_lambda: float = 5.0  # reward penalty weight (hopper/walker2d-medium 5, halfcheetah-medium 1)
     mopo_real_ratio: float = 0.05  # share of real transitions in each SAC batch
+    # u(s, a): "max_std" (the paper: largest predicted-std norm over members) or "ensemble_std" (the mixture's std,
+    # which adds member disagreement; our learned variances shrink away from the data, disagreement grows).
+    mopo_uncertainty: str = "max_std"
     morel_rollout_length: int = 5  # ours: SAC on branched h-step rollouts of the pessimistic MDP, not NPG
     morel_kappa: float = 100.0  # the halt reward is -kappa
     morel_quantile: float = 0.99  # halt where d(s, a) exceeds this quantile of d over the data's transitions
@@ -191,6 +194,7 @@ _CHOICES = {
     ("train", "dtype"): ("auto", "float32", "bfloat16"),
     ("model", "attention"): ("absolute", "window"),
     ("plan", "objective"): ("reward", "likelihood", "penalized", "critic"),
+    ("model_based", "mopo_uncertainty"): ("max_std", "ensemble_std"),
 }
 
 

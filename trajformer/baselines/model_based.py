@@ -125,6 +125,7 @@ def train_model_based(method: str, cfg: Config, out_dir: str | os.PathLike, ense
     low, high = action_bounds(data)
     env = ModelEnv(ensemble, real.obs.numpy(), low, high, mb.rollout_batch, horizon, mb.elites,
                    penalty={"mopo": "mopo", "morel": "morel", "combo": "none"}[method], mopo_lambda=mb.mopo_lambda,
+                   mopo_uncertainty=mb.mopo_uncertainty,
                    morel_threshold=threshold if threshold is not None else np.inf, morel_kappa=mb.morel_kappa,
                    terminated_fn=terminated_fn, seed=mb.seed)
 

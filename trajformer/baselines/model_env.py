@@ -4,7 +4,7 @@ member's Gaussian over (s', r), batched over many rollouts that start from datas
 Two kinds of pessimism, both on the trained ensemble (trajformer/ensemble.py):
 
 - `mopo` (Yu et al. 2020): reward r - lambda * u(s, a), u = the largest norm over members of the predicted
-  standard deviation of (s', r), in raw units.
+  standard deviation of (s', r), in raw units (or, as an option, the norm of the ensemble mixture's std).
 - `morel` (Kidambi et al. 2020): the unknown-state detector d(s, a) = the largest distance between two members'
   predicted mean s'; where d exceeds a threshold the rollout halts (terminated) with reward -kappa. The threshold
   is a quantile of d over the dataset's own transitions (`morel_threshold`).
@@ -73,9 +73,21 @@ def predict_all(ensemble: Ensemble, obs: np.ndarray, act: np.ndarray) -> tuple[t
     return ensemble.model.predict(o, a)
 
 
-def mopo_uncertainty(std: torch.Tensor) -> torch.Tensor:
-    """MOPO's u(s, a): the largest norm over members of the predicted std of [s', r]: (E, n, d) -> (n,)."""
-    return std.norm(dim=-1).amax(dim=0)
+UNCERTAINTIES = ("max_std", "ensemble_std")
+
+
+def mopo_uncertainty(mean: torch.Tensor, std: torch.Tensor, kind: str = "max_std") -> torch.Tensor:
+    """MOPO's u(s, a) from every member's mean and std of [s', r] (E, n, d) -> (n,).
+
+    max_std (the paper's): the largest norm over members of the predicted std. ensemble_std: the norm of the
+    ensemble mixture's std, sqrt(mean over members of var + variance of the members' means), which adds the
+    members' disagreement: learned variances need not grow away from the data (they shrink on ours), the
+    disagreement does (tests/test_compare.py)."""
+    if kind == "max_std":
+        return std.norm(dim=-1).amax(dim=0)
+    if kind == "ensemble_std":
+        return (std.pow(2).mean(0) + mean.var(0, unbiased=False)).sqrt().norm(dim=-1)
+    raise ValueError(f"unknown MOPO uncertainty {kind!r}: choose one of {', '.join(UNCERTAINTIES)}")
 
 
 def morel_disagreement(mean: torch.Tensor, obs_dim: int) -> torch.Tensor:
@@ -99,6 +111,7 @@ class ModelEnv(gym.vector.VectorEnv):
 
     def __init__(self, ensemble: Ensemble, start_obs: np.ndarray, action_low: np.ndarray, action_high: np.ndarray,
                  num_envs: int, horizon: int, elites: int = 5, penalty: str = "none", mopo_lambda: float = 0.0,
+                 mopo_uncertainty: str = "max_std",
                  morel_threshold: float = np.inf, morel_kappa: float = 0.0,
                  terminated_fn: Callable[[np.ndarray], np.ndarray] | None = None, seed: int = 0):
         if penalty not in PENALTIES:
@@ -114,7 +127,9 @@ class ModelEnv(gym.vector.VectorEnv):
                              "the ensemble on this dataset and data.obs_dims")
         self.ensemble, self.start_obs, self.horizon = ensemble, np.asarray(start_obs, np.float32), horizon
         self.elites = elite_members(ensemble, elites)
-        self.penalty, self.mopo_lambda = penalty, mopo_lambda
+        if mopo_uncertainty not in UNCERTAINTIES:
+            raise ValueError(f"unknown MOPO uncertainty {mopo_uncertainty!r}: choose one of {', '.join(UNCERTAINTIES)}")
+        self.penalty, self.mopo_lambda, self.uncertainty = penalty, mopo_lambda, mopo_uncertainty
         self.morel_threshold, self.morel_kappa = morel_threshold, morel_kappa
         self.terminated_fn = terminated_fn
         self.num_envs = num_envs
@@ -149,7 +164,7 @@ class ModelEnv(gym.vector.VectorEnv):
         terminated = self.terminated_fn(nxt) if self.terminated_fn else np.zeros(n, bool)
         info: dict = {}
         if self.penalty == "mopo":
-            info["uncertainty"] = mopo_uncertainty(std).numpy()
+            info["uncertainty"] = mopo_uncertainty(mean, std, self.uncertainty).numpy()
             info["raw_reward"] = reward.copy()
             reward = reward - self.mopo_lambda * info["uncertainty"]
         elif self.penalty == "morel":

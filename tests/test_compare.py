@@ -1,0 +1,185 @@
+"""The model-based family and `trajformer compare`: the model env's penalties and termination, every method end to
+end on the point-line task against a random policy, and bad input refused in one line before any training."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+import torch
+from minari.data_collector import EpisodeBuffer
+from pointline import DATASET_ID, random_returns
+
+from trajformer import cli
+from trajformer.baselines.model_env import (
+    ModelEnv,
+    elite_members,
+    mopo_uncertainty,
+    morel_disagreement,
+    predict_all,
+    termination_rule,
+)
+from trajformer.ensemble import load_ensemble
+from trajformer.files import shipped
+
+TINY_COMPARE = shipped("configs") / "compare-tiny.toml"
+# compare-tiny on the point-line task, smaller still; MOReL's halt reward sized to its rewards (|r| <= 1.5 a step
+# over 20 steps: -10 is an episode's worth, as -100 is about 30 Hopper steps' worth).
+FAST = ["--set", "train.max_steps=600", "--set", "model.n_embd=64", "--set", "data.sequence_length=4",
+        "--set", "discretizer.n_bins=30", "--set", "plan.max_context_transitions=3", "--set", "train.num_threads=1",
+        "--set", "model_based.steps=1000", "--set", "model_based.hidden=64",
+        "--set", "model_based.morel_kappa=10", "--set", "model_based.rollout_every=200",
+        "--set", "model_based.rollout_batch=500", "--set", "compare.iql_steps=1500", "--set", "compare.bc_steps=1500",
+        "--set", "compare.episodes=12", "--set", "compare.num_envs=12", "--set", "ensemble.max_epochs=15"]
+
+
+def hopper_states(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Observations from Hopper resets and random in-range actions."""
+    env = gym.make("Hopper-v5")
+    obs = np.stack([env.reset(seed=i)[0] for i in range(n)]).astype(np.float32)
+    return obs, np.random.default_rng(0).uniform(-1, 1, (n, 3)).astype(np.float32)
+
+
+def test_compare_tiny_runs_every_method_and_each_beats_random(point_datasets, tmp_path, monkeypatch, capsys):
+    """configs/compare-tiny.toml on the point-line data: all seven methods train on one split, are evaluated on
+    the same 12 seeded episodes, and each beats the random policy (about -10; the data's mean about -4)."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
+    out = tmp_path / "cmp"
+    cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), *FAST])
+    result = json.loads((out / "compare.json").read_text())
+    assert result["complete"] and list(result["methods"]) == ["tt", "bc", "iql", "mopo", "morel", "combo",
+                                                              "tt-critic"]
+    random_mean = random_returns(12, 0).mean()
+    for name, row in result["methods"].items():
+        assert len(row["returns"]) == 12 and row["stderr"] is not None and row["train_seconds"] > 0, name
+        assert row["mean"] > random_mean + 2.0, (name, row["mean"], random_mean)
+    assert result["methods"]["tt-critic"]["train_seconds"] > result["methods"]["tt"]["train_seconds"]  # + IQL
+    for method in ("mopo", "morel", "combo"):  # one ensemble, shared
+        meta = json.loads((out / method / f"{method}.json").read_text())
+        assert meta["ensemble"]["path"] == str(out / "ensemble") and meta["termination_rule"].startswith("none")
+    assert json.loads((out / "morel" / "morel.json").read_text())["morel_threshold"] > 0
+    table = (out / "compare.md").read_text()
+    assert table.count("\n| ") == 8 and "| MOPO |" in table and (out / "compare.png").stat().st_size > 0
+    assert "| COMBO |" in capsys.readouterr().out
+
+
+def test_mopo_penalty_grows_outside_the_data(ensemble_dir):
+    """The ensemble-std u(s, a) at actions far outside the data's [-1, 1] exceeds u at the data's kind of actions;
+    the paper's max_std is the largest member's std norm (on this ensemble it does not grow away from the data:
+    learned variances shrink there, which is why the option exists); the model env's reward is r - lambda * u."""
+    ens = load_ensemble(ensemble_dir)
+    obs, act = hopper_states()
+    inside = mopo_uncertainty(*predict_all(ens, obs, act), "ensemble_std")
+    outside = mopo_uncertainty(*predict_all(ens, obs, 4.0 * np.sign(act)), "ensemble_std")
+    assert float(outside.mean()) > 1.5 * float(inside.mean())
+    assert float((outside > inside).float().mean()) > 0.9
+    mean, std = predict_all(ens, obs, act)
+    by_hand = np.max([[np.linalg.norm(std[e, i]) for i in range(len(obs))] for e in range(len(std))], axis=0)
+    np.testing.assert_allclose(mopo_uncertainty(mean, std, "max_std"), by_hand, rtol=1e-5)
+    for kind in ("max_std", "ensemble_std"):
+        env = ModelEnv(ens, obs, -np.ones(3), np.ones(3), num_envs=64, horizon=3, elites=2, penalty="mopo",
+                       mopo_lambda=2.5, mopo_uncertainty=kind, seed=0)
+        env.reset(seed=0)
+        _, reward, *_, info = env.step(act)
+        np.testing.assert_allclose(reward, info["raw_reward"] - 2.5 * info["uncertainty"], rtol=1e-5)
+    assert len(elite_members(ens, 2)) == 2
+
+
+def test_morel_halts_exactly_where_disagreement_exceeds_its_threshold(ensemble_dir):
+    ens = load_ensemble(ensemble_dir)
+    obs, act = hopper_states()
+    d = morel_disagreement(predict_all(ens, obs, act)[0], ens.model.obs_dim).numpy()
+    threshold = float(np.median(d))
+    env = ModelEnv(ens, obs, -np.ones(3), np.ones(3), num_envs=64, horizon=10, penalty="morel",
+                   morel_threshold=threshold, morel_kappa=50.0, seed=0)
+    env.reset(seed=0)
+    env.obs[:] = obs  # step from known states
+    _, reward, terminated, truncated, info = env.step(act)
+    np.testing.assert_allclose(info["disagreement"], d, rtol=1e-5)
+    halted = d > threshold
+    assert 0 < halted.sum() < 64
+    np.testing.assert_array_equal(info["halted"], halted)
+    assert np.all(terminated[halted]) and np.all(reward[halted] == -50.0) and not truncated.any()
+    assert np.all(reward[~halted] != -50.0)
+
+
+def test_model_env_terminates_by_the_hopper_healthy_rule_and_truncates_at_its_horizon(ensemble_dir):
+    ens = load_ensemble(ensemble_dir)
+    rule, text = termination_rule({"id": "Hopper-v5", "kwargs": {}}, np.arange(11), 11)
+    assert "z in (0.7, inf)" in text and "angle in (-0.2, 0.2)" in text
+    obs, act = hopper_states(4)
+    fallen = obs.copy()
+    fallen[1, 0], fallen[2, 1], fallen[3, 5] = 0.5, 0.5, 150.0  # too low, tilted, a state entry out of range
+    np.testing.assert_array_equal(rule(fallen), [False, True, True, True])
+    assert termination_rule({"id": "HalfCheetah-v5"}, np.arange(17), 17)[0] is None
+    assert termination_rule({"id": "Hopper-v5", "kwargs": {"terminate_when_unhealthy": False}},
+                            np.arange(11), 11)[0] is None
+    env = ModelEnv(ens, obs, -np.ones(3), np.ones(3), num_envs=4, horizon=2, seed=0)  # no rule: only truncation
+    env.reset(seed=0)
+    assert not any(env.step(act)[3])
+    nxt, _, terminated, truncated, info = env.step(act)
+    assert truncated.all() and not terminated.any() and info["_final_obs"].all()
+    assert np.isin(nxt, obs).all(axis=1).all()  # restarted from dataset states in the same step
+
+
+def discrete_dataset(root) -> str:
+    env = gym.make("CartPole-v1")
+    buffers = []
+    for e in range(3):
+        obs, _ = env.reset(seed=e)
+        observations, actions = [obs], []
+        for _ in range(10):
+            a = env.action_space.sample()
+            obs, *_ = env.step(a)
+            observations.append(obs)
+            actions.append(a)
+        buffers.append(EpisodeBuffer(observations=np.array(observations), actions=np.array(actions),
+                                     rewards=np.ones(10), terminations=np.zeros(10, bool),
+                                     truncations=np.arange(10) == 9))
+    minari.create_dataset_from_buffers("test/cartpole-v0", buffers, env=env, eval_env=env.spec, algorithm_name="random",
+                                       author="tests", author_email="none", code_permalink="tests",
+                                       description="discrete actions")
+    return "test/cartpole-v0"
+
+
+@pytest.mark.parametrize("case", ["other-dims", "discrete", "negative-lambda", "unknown-method"])
+def test_bad_compare_input_is_refused_in_one_line_before_training(case, point_datasets, ensemble_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
+    args = ["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(tmp_path / "cmp")]
+    expected = {
+        "other-dims": (["--set", f"model_based.ensemble={ensemble_dir}"], "train the ensemble on this dataset"),
+        "discrete": ([], "Box action"),
+        "negative-lambda": (["--set", "model_based.mopo_lambda=-1"], "model_based.mopo_lambda must be >= 0"),
+        "unknown-method": (["--methods", "tt,dreamer"], "unknown method 'dreamer'"),
+    }[case]
+    if case == "discrete":
+        monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+        args[3] = discrete_dataset(tmp_path)
+    with pytest.raises(SystemExit):
+        cli.main([*args, *expected[0]])
+    err = capsys.readouterr().err.strip()
+    assert expected[1] in err and "\n" not in err, err
+    assert not (tmp_path / "cmp").exists()  # refused before anything was trained or written
+
+
+def test_model_based_training_is_reproducible(point_datasets, tmp_path, monkeypatch):
+    """Same seed, same data: the same MOPO policy, bit for bit, on CPU."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
+    from trajformer.baselines.model_based import train_model_based
+    from trajformer.config import load_config
+    from trajformer.ensemble import train_ensemble
+
+    cfg = load_config(TINY_COMPARE, [f'data.dataset="{DATASET_ID}"', "model_based.steps=60", "model_based.hidden=32",
+                                     "model_based.rollout_every=30", "model_based.rollout_batch=50",
+                                     "ensemble.max_epochs=2", "ensemble.hidden=32"])
+    ens = train_ensemble(cfg, tmp_path / "ens", progress=False)
+    weights = []
+    for name in ("a", "b"):
+        train_model_based("mopo", cfg, tmp_path / name, ens, progress=False)
+        weights.append(torch.load(tmp_path / name / "mopo.pt", weights_only=True))
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
