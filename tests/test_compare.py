@@ -66,6 +66,28 @@ def test_compare_tiny_runs_every_method_and_each_beats_random(point_datasets, tm
     assert "| COMBO |" in capsys.readouterr().out
 
 
+def test_a_stopped_comparison_resumes_keeping_its_rows_and_trained_parts(point_datasets, tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
+    out = tmp_path / "cmp"
+    small = [*FAST, "--set", "model_based.steps=100", "--set", "compare.bc_steps=200", "--set", "compare.episodes=3"]
+    cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc,mopo",
+              *small])
+    first = json.loads((out / "compare.json").read_text())
+    ensemble_written = (out / "ensemble" / "model.pt").stat().st_mtime_ns
+    with pytest.raises(SystemExit):  # not empty: refused without --resume
+        cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), *small])
+    assert "pass --resume" in capsys.readouterr().err
+    cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc,mopo,morel",
+              "--resume", *small])
+    second = json.loads((out / "compare.json").read_text())
+    assert second["complete"] and list(second["methods"]) == ["bc", "mopo", "morel"]
+    assert second["methods"]["bc"] == first["methods"]["bc"] and second["methods"]["mopo"] == first["methods"]["mopo"]
+    assert (out / "ensemble" / "model.pt").stat().st_mtime_ns == ensemble_written  # reused, not retrained
+    assert second["methods"]["morel"]["train_seconds"] > second["seconds"]["ensemble"] > 0  # its share counted
+    assert "kept from" in capsys.readouterr().out
+
+
 def test_mopo_penalty_grows_outside_the_data(ensemble_dir):
     """The ensemble-std u(s, a) at actions far outside the data's [-1, 1] exceeds u at the data's kind of actions;
     the paper's max_std is the largest member's std norm (on this ensemble it does not grow away from the data:

@@ -394,6 +394,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--episodes", type=int, default=None,
                    help="evaluation episodes per method (default: compare.episodes)")
     p.add_argument("--out", default=None, help="output directory, new or empty (default runs/<config name>-compare)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped comparison in --out: keep its rows, "
+                   "reuse its trained TT run, IQL and ensemble")
     _add_overrides(p, "compare.tt_run=runs/hopper-medium")
     p.set_defaults(func=_cmd_compare)
 
@@ -411,7 +413,7 @@ def _cmd_compare(args) -> None:
         overrides += [f"compare.episodes={args.episodes}"]
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-compare"
-    result = compare(cfg, out, dataset_id=args.dataset)
+    result = compare(cfg, out, dataset_id=args.dataset, resume=args.resume)
     print(markdown_table(result), end="")
     print(f"comparison in {out}/compare.json, compare.md, compare.png")
 

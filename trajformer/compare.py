@@ -6,11 +6,14 @@ the dataset (continuous Box actions, no NaN: data.load_episodes), a reused ensem
 dataset. Then each method trains into OUT/<method>/ (the ensemble once, into OUT/ensemble/, shared by MOPO,
 MOReL and COMBO; tt-critic plans with the TT run and the IQL critic) and is evaluated on episodes seeded
 0..N-1. OUT/compare.json holds per method returns, mean, stderr, normalized, train_seconds and steps;
-OUT/compare.md the table; OUT/compare.png a bar plot with standard-error bars.
+OUT/compare.md the table; OUT/compare.png a bar plot with standard-error bars. compare.json is written after
+every method, with the training time of each trained part, so `--resume` continues a stopped comparison.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -33,14 +36,23 @@ LABELS = {"tt": "TT (transformer's value)", "bc": "BC", "iql": "IQL", "mopo": "M
           "combo": "COMBO", "tt-critic": "TT + IQL critic"}
 
 
-def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, progress: bool = True) -> dict:
-    """Train and evaluate every method in cfg.compare.methods on one dataset; returns compare.json's content."""
+def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, resume: bool = False,
+            progress: bool = True) -> dict:
+    """Train and evaluate every method in cfg.compare.methods on one dataset; returns compare.json's content.
+    With `resume`, rows already in OUT/compare.json are kept and trained parts (TT run, IQL, ensemble) reused."""
     if dataset_id:
         cfg.data.dataset = dataset_id
     cmp, out_dir = cfg.compare, Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} is not empty; compare into a new --out directory or delete it")
+    prior: dict = {}
+    if resume and (out_dir / "compare.json").is_file():
+        prior = json.loads((out_dir / "compare.json").read_text())
+    elif not resume and out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; pass --resume to continue its comparison, or compare into "
+                              "a new --out directory")
     data = load_episodes(cfg.data.dataset, cfg.data)  # refuses missing, non-Box or NaN data before any training
+    if prior and (prior["dataset_id"], prior["episodes"]) != (data.dataset_id, cmp.episodes):
+        raise ValueError(f"--resume: {out_dir} compared on {prior['dataset_id']} over {prior['episodes']} episodes, "
+                         f"not {data.dataset_id} over {cmp.episodes}; resume with the same dataset and episodes")
     if cfg.model_based.ensemble and any(m in MODEL_BASED for m in cmp.methods):
         check_ensemble(load_ensemble(cfg.model_based.ensemble), data)
     if cmp.tt_run:
@@ -50,26 +62,28 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, pro
                              f"{data.dataset_id}; compare on its dataset or drop compare.tt_run")
     episodes, num_envs = cmp.episodes, min(cmp.num_envs, cmp.episodes)
     max_steps = cmp.max_steps or None
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {m: prior["methods"][m] for m in cmp.methods if m in prior.get("methods", {})}
     dataset_mean = return_stats(data)["complete_return_mean"]
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float | None] = dict(prior.get("seconds", {}))  # training time of each trained part
 
     def timed(key: str, fn):
         start = time.perf_counter()
         value = fn()
-        seconds[key] = time.perf_counter() - start
+        seconds[key] = (seconds.get(key) or 0.0) + time.perf_counter() - start
         return value
 
     def tt_run():
         if cmp.tt_run:  # reused: its training time is not ours to count
-            seconds.setdefault("tt", None)
+            seconds["tt"] = None
             return load_run(cmp.tt_run)
-        if "tt" not in seconds:
-            timed("tt", lambda: train(cfg, out_dir / "tt", progress=progress))
-        return load_run(out_dir / "tt")
+        path = out_dir / "tt"
+        done = (path / "model.pt").is_file() and (path / "run.json").is_file() and "tt" in seconds
+        if not done:  # a run interrupted by a stopped comparison continues from its checkpoint
+            timed("tt", lambda: train(cfg, path, resume=(path / "checkpoint.pt").is_file(), progress=progress))
+        return load_run(path)
 
     def iql_dir() -> Path:
-        if "iql" not in seconds:
+        if "iql" not in seconds or not (out_dir / "iql" / "iql.json").is_file():
             timed("iql", lambda: train_iql(cfg, out_dir / "iql", IQLConfig(steps=cmp.iql_steps, seed=cfg.train.seed),
                                            progress=progress))
         return out_dir / "iql"
@@ -77,11 +91,23 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, pro
     def ensemble_dir() -> Path:
         if cfg.model_based.ensemble:
             return Path(cfg.model_based.ensemble)
-        if "ensemble" not in seconds:
+        if (out_dir / "ensemble" / "ensemble.json").is_file():
+            seconds.setdefault("ensemble", load_ensemble(out_dir / "ensemble").meta["training"]["seconds"])
+        else:
+            shutil.rmtree(out_dir / "ensemble", ignore_errors=True)  # a half-trained one from a stopped comparison
             timed("ensemble", lambda: train_ensemble(cfg, out_dir / "ensemble", progress=progress))
         return out_dir / "ensemble"
 
+    def summary(rows: dict) -> dict:
+        return {"dataset_id": data.dataset_id, "env": data.env_spec, "episodes": episodes, "max_steps": max_steps,
+                "dataset_mean_return": dataset_mean, "seconds": seconds,
+                "methods": {m: rows[m] for m in cmp.methods if m in rows},
+                "complete": all(m in rows for m in cmp.methods)}
+
     for i, method in enumerate(cmp.methods, 1):
+        if method in results:
+            print(f"[{i}/{len(cmp.methods)}] {LABELS[method]}: kept from {out_dir}/compare.json", flush=True)
+            continue
         print(f"[{i}/{len(cmp.methods)}] {LABELS[method]}", flush=True)
         if method in ("tt", "tt-critic"):
             run = tt_run()
@@ -89,7 +115,7 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, pro
             record = evaluate(run, plan_config(run, overrides), episodes=episodes, num_envs=num_envs,
                               max_steps=max_steps, progress=progress)
             train_seconds = None if seconds["tt"] is None else \
-                seconds["tt"] + (seconds.get("iql", 0.0) if method == "tt-critic" else 0.0)
+                seconds["tt"] + (seconds["iql"] if method == "tt-critic" else 0.0)
             steps = run.meta.get("compute", {}).get("total_steps")
         elif method == "bc":
             timed("bc", lambda: train_bc(cfg, out_dir / "bc", BCConfig(steps=cmp.bc_steps, seed=cfg.train.seed),
@@ -110,17 +136,16 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, pro
             record = evaluate_agent(agent, meta["env"], episodes, num_envs, max_steps=max_steps, meta=meta,
                                     progress=progress)
             # The ensemble's training counts towards every method that plans or optimises inside it.
-            train_seconds, steps = seconds[method] + seconds.get("ensemble", 0.0), cfg.model_based.steps
+            train_seconds, steps = seconds[method] + (seconds.get("ensemble") or 0.0), cfg.model_based.steps
         results[method] = {"label": LABELS[method], "returns": record["returns"], "mean": record["mean_return"],
                            "stderr": record["stderr"], "normalized": record["normalized_score"],
                            "normalized_stderr": record["normalized_stderr"],
                            "train_seconds": None if train_seconds is None else round(train_seconds, 1),
                            "steps": steps, "seconds_per_step": record["seconds_per_step"]}
         print(f"    {LABELS[method]}: {_pm(results[method]['mean'], results[method]['stderr'])}", flush=True)
-        out = {"dataset_id": data.dataset_id, "env": data.env_spec, "episodes": episodes, "max_steps": max_steps,
-               "dataset_mean_return": dataset_mean, "ensemble_seconds": round(seconds.get("ensemble", 0.0), 1),
-               "methods": results, "complete": i == len(cmp.methods)}
-        save_json(out_dir / "compare.json", out)  # after every method: an interrupted comparison keeps its rows
+        save_json(out_dir / "compare.json", summary(results))  # after every method: a stopped comparison resumes
+    out = summary(results)
+    save_json(out_dir / "compare.json", out)
     save_text(out_dir / "compare.md", markdown_table(out))
     bar_plot(out, out_dir / "compare.png")
     return out
