@@ -83,10 +83,13 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         return load_run(path)
 
     def iql_dir() -> Path:
-        if "iql" not in seconds or not (out_dir / "iql" / "iql.json").is_file():
-            timed("iql", lambda: train_iql(cfg, out_dir / "iql", IQLConfig(steps=cmp.iql_steps, seed=cfg.train.seed),
+        path = out_dir / "iql"
+        if (path / "iql.json").is_file():  # trained earlier in this comparison
+            seconds.setdefault("iql", json.loads((path / "iql.json").read_text())["training"]["seconds"])
+        else:
+            timed("iql", lambda: train_iql(cfg, path, IQLConfig(steps=cmp.iql_steps, seed=cfg.train.seed),
                                            progress=progress))
-        return out_dir / "iql"
+        return path
 
     def ensemble_dir() -> Path:
         if cfg.model_based.ensemble:
