@@ -12,6 +12,7 @@ every method, with the training time of each trained part, so `--resume` continu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -27,7 +28,6 @@ from trajformer.config import Config
 from trajformer.data import load_episodes, return_stats
 from trajformer.ensemble import load_ensemble, train_ensemble
 from trajformer.files import save_json, save_text
-from trajformer.planner import plan_config
 from trajformer.rollout import evaluate, evaluate_agent
 from trajformer.run import load_run
 from trajformer.train import train
@@ -103,7 +103,7 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
 
     def summary(rows: dict) -> dict:
         return {"dataset_id": data.dataset_id, "env": data.env_spec, "episodes": episodes, "max_steps": max_steps,
-                "dataset_mean_return": dataset_mean, "seconds": seconds,
+                "dataset_mean_return": dataset_mean, "seconds": seconds, "plan": dataclasses.asdict(cfg.plan),
                 "methods": {m: rows[m] for m in cmp.methods if m in rows},
                 "complete": all(m in rows for m in cmp.methods)}
 
@@ -114,8 +114,10 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         print(f"[{i}/{len(cmp.methods)}] {LABELS[method]}", flush=True)
         if method in ("tt", "tt-critic"):
             run = tt_run()
-            overrides = ["plan.objective=critic", f"plan.critic={iql_dir()}"] if method == "tt-critic" else []
-            record = evaluate(run, plan_config(run, overrides), episodes=episodes, num_envs=num_envs,
+            # The comparison's [plan] (not the run's own, which a reused run brings): one setting for both rows.
+            plan = dataclasses.replace(cfg.plan, objective="critic", critic=str(iql_dir())) \
+                if method == "tt-critic" else cfg.plan
+            record = evaluate(run, plan, episodes=episodes, num_envs=num_envs,
                               max_steps=max_steps, progress=progress)
             train_seconds = None if seconds["tt"] is None else \
                 seconds["tt"] + (seconds["iql"] if method == "tt-critic" else 0.0)
