@@ -88,6 +88,20 @@ def test_a_stopped_comparison_resumes_keeping_its_rows_and_trained_parts(point_d
     assert "kept from" in capsys.readouterr().out
 
 
+def test_model_based_command_trains_its_own_ensemble_and_evaluates(point_datasets, tmp_path, monkeypatch, capsys):
+    """`trajformer combo CONFIG` without --ensemble trains one into OUT/ensemble, then SAC, then the protocol."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
+    out = tmp_path / "combo"
+    cli.main(["combo", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--episodes", "3",
+              "--num-envs", "3", "--set", "model_based.steps=60", "--set", "model_based.hidden=32",
+              "--set", "model_based.rollout_batch=100", "--set", "ensemble.max_epochs=2"])
+    meta = json.loads((out / "combo.json").read_text())
+    assert (out / "ensemble" / "ensemble.json").is_file() and meta["ensemble"]["path"] == str(out / "ensemble")
+    assert meta["config"]["combo_beta"] == 5.0 and meta["training"]["regulariser"] != 0.0
+    assert len(meta["evaluation"]["returns"]) == 3
+    assert "termination in the model: none" in capsys.readouterr().out
+
+
 def test_mopo_penalty_grows_outside_the_data(ensemble_dir):
     """The ensemble-std u(s, a) at actions far outside the data's [-1, 1] exceeds u at the data's kind of actions;
     the paper's max_std is the largest member's std norm (on this ensemble it does not grow away from the data:
