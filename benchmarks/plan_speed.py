@@ -7,7 +7,7 @@ at Hopper dims, with the uncached reference (one GPT.forward over the cropped wi
 batched over rows: the official algorithm). It records every cached forward pass the search makes
 (incremental steps at their row counts, window re-encodes), counts their matmul FLOPs, times bare fp32
 matmuls of exactly those shapes in the same run, and reports cached time / GEMM time. Humanoid dims (45/17)
-run at beam 32, H 5.
+run at beam 32, H 5. "absolute bf16" is the absolute model planning with plan.dtype = "bfloat16".
 
     python benchmarks/plan_speed.py [--threads N] [--steps 3] [--uncached-steps 1]
 """
@@ -122,23 +122,28 @@ def main() -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"GPT 4x4x128, {BINS} bins, context {CONTEXT}, fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {load:.1f}")
-    print(f"{'setting':<16}{'model':<10}{'cached s':>10}{'uncached s':>12}{'speedup':>9}{'GFLOP':>8}{'GEMM s':>9}"
+    print(f"{'setting':<16}{'model':<14}{'cached s':>10}{'uncached s':>12}{'speedup':>9}{'GFLOP':>8}{'GEMM s':>9}"
           f"{'GEMM GFLOP/s':>14}{'cached/GEMM':>13}{'encodes':>9}")
     results = {}
     with torch.inference_mode():
         for label, (obs, act), plan, reference in SETTINGS:
-            for attention in ("absolute", "window"):
-                model, disc, prefix = build(obs, act, attention)
+            for attention in ("absolute", "window", "absolute bf16"):
+                model, disc, prefix = build(obs, act, attention.split()[0])
+                if attention.endswith("bf16"):  # plan.dtype = "bfloat16": weights and KV cache in bf16
+                    model = model.to(torch.bfloat16)
                 r = measure(BeamSearch(model, disc, plan, 0.99, cached=True), prefix, args.steps)
                 r["uncached"] = float("nan")
                 if reference and attention == "absolute":
                     uncached = BeamSearch(model, disc, plan, 0.99, cached=False)
                     r["uncached"] = seconds_per_step(uncached, prefix, args.uncached_steps, warmup=False)
                 results[label, attention] = r
-                print(f"{label:<16}{attention:<10}{r['s']:>10.3f}{r['uncached']:>12.2f}"
+                print(f"{label:<16}{attention:<14}{r['s']:>10.3f}{r['uncached']:>12.2f}"
                       f"{r['uncached'] / r['s']:>9.1f}{r['flops'] / 1e9:>8.1f}{r['gemm']:>9.3f}"
                       f"{r['flops'] / r['gemm'] / 1e9:>14.1f}{r['s'] / r['gemm']:>13.2f}{r['encodes']:>9}", flush=True)
     a, w = results["hopper 128/15", "absolute"], results["hopper 128/15", "window"]
+    h = results["hopper 128/15", "absolute bf16"]
+    print(f"bf16 planning (plan.dtype = \"bfloat16\") at 128/15: {h['s']:.3f} s, {a['s'] / h['s']:.2f}x float32; "
+          "its cached/GEMM column divides by the fp32 GEMM bound")
     print(f"plan_speed cached_vs_uncached={a['uncached'] / a['s']:.1f} vs_gemm_limit={a['s'] / a['gemm']:.2f} "
           f"seconds_per_step={a['s']:.3f} window_seconds_per_step={w['s']:.3f}")
 

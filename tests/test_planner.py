@@ -191,6 +191,31 @@ def test_greedy_plans_equal_reference_in_float32():
         np.testing.assert_array_equal(x.action_tokens, y.action_tokens)
 
 
+@pytest.mark.parametrize("attention", ["absolute", "window"])
+def test_bfloat16_planning_keeps_float32_scores_and_the_float32_plans(attention):
+    """plan.dtype = bfloat16: weights and KV cache in bf16, logits cast up before any score; with greedy actions
+    on well-separated logits the plans are the float32 ones, and rewards/values agree to bf16 precision."""
+    model, disc = make_model(head_std=1.0, dtype=torch.float32, attention=attention), make_discretizer()
+    cfg = PlanConfig(beam_width=3, n_expand=2, horizon=4, max_context_transitions=2, k_act=1, cdf_act=None)
+    rng = np.random.default_rng(5)
+    prefixes = [random_prefix(n, rng) for n in (0, 2)]
+    full = BeamSearch(model, disc, cfg, 0.99).search(prefixes, generators([0, 1]))
+    half_model = GPT(model.config).to(torch.bfloat16).eval()
+    half_model.load_state_dict(model.state_dict())
+    half = BeamSearch(half_model, disc, cfg, 0.99)
+    assert half.midpoints.dtype == torch.float32
+    plans = half.search(prefixes, generators([0, 1]))
+    assert half.decoder.cache.k.dtype == torch.bfloat16
+    for x, y in zip(full, plans, strict=True):
+        np.testing.assert_array_equal(x.action_tokens[:1], y.action_tokens[:1])
+        assert y.rewards.dtype == np.float64 and np.isfinite(y.score)
+        np.testing.assert_allclose(x.rewards[:1], y.rewards[:1], rtol=0.05, atol=0.05)
+    assert plan_config(fake_run(), ["plan.dtype=bfloat16"]).dtype == "bfloat16"
+    bf16_run = fake_run(PlanConfig(max_context_transitions=2, dtype="bfloat16"))
+    assert next(Planner.from_run(bf16_run).search.model.parameters()).dtype == \
+        torch.bfloat16
+
+
 # ---------------------------------------------------------------- batched envs
 
 

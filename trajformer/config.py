@@ -109,6 +109,9 @@ class PlanConfig:
     critic: str = ""
     # torch.set_num_threads while planning (0 = torch's default); 1 avoids OpenMP spinning on a busy machine.
     num_threads: int = 0
+    # What the model computes in while planning: "float32", or "bfloat16" (weights and KV cache; scores stay
+    # float32): ~1.6x faster at beam 128 / horizon 15 on a CPU with native bf16, halves the cache's memory.
+    dtype: str = "float32"
 
 
 @dataclass
@@ -195,6 +198,7 @@ _CHOICES = {
     ("model", "attention"): ("absolute", "window"),
     ("plan", "objective"): ("reward", "likelihood", "penalized", "critic"),
     ("model_based", "mopo_uncertainty"): ("max_std", "ensemble_std"),
+    ("plan", "dtype"): ("float32", "bfloat16"),
 }
 
 

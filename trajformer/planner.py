@@ -121,7 +121,9 @@ class BeamSearch:
         self.stop_id = gpt.stop_id
         decoder = CachedDecoder if cached else ReferenceDecoder
         self.decoder: ReferenceDecoder = decoder(model, window)
-        dtype = next(model.parameters()).dtype
+        # Scores in float32 (float64 for a float64 model, as the exactness tests use) whatever the model computes in:
+        # a bfloat16 model's logits are cast up before any softmax, sum or ranking.
+        dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
         self.midpoints = torch.as_tensor(discretizer.midpoints, dtype=dtype)  # (T, N): bin midpoints per dimension
 
     def tokens(self, values: np.ndarray, first_dim: int) -> torch.Tensor:
@@ -170,6 +172,10 @@ class BeamSearch:
         K = len(prefixes)
         dtype = self.midpoints.dtype
         dec = self.decoder
+
+        def next_logits() -> torch.Tensor:
+            return dec.logits().to(dtype)
+
         dec.start(prefixes, K * B * E)
         dec.reorder(torch.arange(K).repeat_interleave(B))  # tile each prefix B times
         n = B
@@ -182,7 +188,7 @@ class BeamSearch:
             rows.take(expand)
             n *= E
             for j in range(dA):
-                logits = dec.logits()
+                logits = next_logits()
                 filtered = logits.clone()
                 filtered[:, N] = NEG_INF  # never an action's stop
                 if cfg.cdf_act is not None:
@@ -192,7 +198,7 @@ class BeamSearch:
                 self._append(rows, logits, draw_per_env(filtered.softmax(-1), generators), dS + j)
             expected = []
             for j in range(2):  # reward, then value: argmax token, expectation over the renormalised bins
-                logits = dec.logits()
+                logits = next_logits()
                 bins = logits[:, :N]
                 expected.append(bins.softmax(-1) @ self.midpoints[self.T - 2 + j])
                 self._append(rows, logits, bins.argmax(-1), dS + dA + j)
@@ -212,7 +218,7 @@ class BeamSearch:
             n = B
             if t < H - 1:
                 for j in range(dS):
-                    logits = dec.logits()
+                    logits = next_logits()
                     if cfg.k_obs == 1:
                         local = logits.argmax(-1)
                     else:
@@ -274,12 +280,12 @@ class Planner:
 
     @classmethod
     def from_run(cls, run: Run, plan_cfg: PlanConfig | None = None, n_envs: int = 1, cached: bool = True,
-                 critic: Critic | None = None,
-                 dtype: torch.dtype = torch.float32) -> Planner:
-        """A planner for a loaded run (its [plan] settings unless `plan_cfg` is given)."""
-        model = run.model.to(dtype).eval()
-        search = BeamSearch(model, run.discretizer, plan_cfg or run.config.plan, run.config.data.discount, cached,
-                            critic)
+                 critic: Critic | None = None, dtype: torch.dtype | None = None) -> Planner:
+        """A planner for a loaded run (its [plan] settings unless `plan_cfg` is given); the model computes in
+        `dtype`, by default plan.dtype."""
+        plan_cfg = plan_cfg or run.config.plan
+        model = run.model.to(dtype or getattr(torch, plan_cfg.dtype)).eval()
+        search = BeamSearch(model, run.discretizer, plan_cfg, run.config.data.discount, cached, critic)
         return cls(search, run.obs_indices, n_envs)
 
     def reset(self, env: int = 0, seed: int = 0) -> None:

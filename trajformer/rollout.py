@@ -178,7 +178,7 @@ def evaluate_agent(agent: Agent, env: dict, episodes: int = 10, num_envs: int = 
 
 def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = None, episodes: int = 1,
              num_envs: int = 1, max_steps: int | None = None, seed: int = 0, video: str | Path | None = None,
-             progress: bool = True, dtype: torch.dtype = torch.float32, video_speed: float = 1.0) -> dict:
+             progress: bool = True, dtype: torch.dtype | None = None, video_speed: float = 1.0) -> dict:
     """Plan `episodes` episodes over `num_envs` envs stepped together; returns the JSON record. The video shows
     episode 0 at the env's frame rate times `video_speed`; rendering is not counted in seconds_per_step."""
     if episodes < 1 or num_envs < 1:
@@ -231,7 +231,7 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
         "config": {"plan": dataclasses.asdict(plan_cfg), "discount": run.config.data.discount, "env": env_id,
                    "env_kwargs": kwargs, "episodes": episodes, "num_envs": num_envs, "max_steps": max_steps,
                    "seed": seed, "run_dir": str(run.path), "dataset_id": run.meta.get("dataset_id"),
-                   "dtype": str(dtype).removeprefix("torch.")},
+                   "dtype": str(next(planner.search.model.parameters()).dtype).removeprefix("torch.")},
     })
     if renderer is not None:
         fps = float(envs[0].metadata.get("render_fps", 30)) * video_speed
