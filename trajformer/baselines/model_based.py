@@ -12,8 +12,8 @@ and go into a model buffer holding the last `retain_rounds` rounds. Each SAC ste
 - combo: no reward penalty; the critic loss adds beta * (log-sum-exp of Q over uniform and policy actions at
          model-rollout states - Q at the data's (s, a)), CQL(H)'s form on COMBO's state distribution.
 
-Files: <method>.pt (plain tensors) and <method>.json (settings, ensemble, termination rule, MOReL threshold,
-training record, dataset references).
+Files: <method>.pt (plain tensors), <method>.json (settings, ensemble, termination rule, MOReL threshold,
+training record, dataset references) and metrics.jsonl (SAC losses, Q and rollout counts once a round).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from trajformer.baselines.sac import SAC, Batch, SACAgent
 from trajformer.config import Config
 from trajformer.data import OfflineData, load_episodes, split_episodes
 from trajformer.ensemble import Ensemble, load_ensemble
-from trajformer.files import load_torch, save_json, save_torch
+from trajformer.files import load_torch, save_json, save_text, save_torch
 
 METHODS = ("mopo", "morel", "combo")
 
@@ -140,9 +140,15 @@ def train_model_based(method: str, cfg: Config, out_dir: str | os.PathLike, ense
     n_real = round(real_ratio * mb.batch_size)
     real_buffer = Buffer(len(real.obs), data.obs_dim, data.act_dim)
     real_buffer.add(real)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_text(out_dir / "metrics.jsonl", "")
     start, log, stats = time.perf_counter(), {}, {"model_transitions": 0, "terminated": 0, "halted": 0}
     for step in tqdm(range(mb.steps), desc=method, unit="step", disable=None if progress else True):
         if step % mb.rollout_every == 0:  # a rollout round under the current policy
+            if step:  # the last update's losses and the rollouts so far, once a round
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **log, **stats}) + "\n")
             obs, _ = env.reset(seed=mb.seed + step)
             for _ in range(horizon):
                 with torch.no_grad():
@@ -165,7 +171,6 @@ def train_model_based(method: str, cfg: Config, out_dir: str | os.PathLike, ense
             real_part = parts[0] if n_real else real_buffer.sample(mb.batch_size // 2, generator)
             regulariser = combo_regulariser(model_obs, real_part, mb.combo_beta, mb.combo_actions)
         log = sac.update(batch, regulariser)
-    out_dir = Path(out_dir)
     save_torch(out_dir / f"{method}.pt", agent.state_dict())
     save_json(out_dir / f"{method}.json", {
         "method": method, "config": dataclasses.asdict(mb), "rollout_length": horizon, "real_ratio": real_ratio,
