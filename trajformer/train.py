@@ -383,6 +383,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
         prep.val_windows.to(device)
 
     metrics_path = out_dir / "metrics.jsonl"
+    seconds_before = 0.0  # training wall-clock of the sessions before a resume, from the kept log rows
     if rank == 0:
         compute = {"device": str(device), "dtype": dtype, "world_size": world, "threads": torch.get_num_threads(),
                    "compile": cfg.train.compile, "total_steps": total, "batch_size": batch}
@@ -390,6 +391,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
         if state is not None and metrics_path.exists():  # drop lines logged after the checkpoint
             kept = [row for row in read_metrics(metrics_path) if row["step"] <= step]
             save_text(metrics_path, "".join(json.dumps(row) + "\n" for row in kept))
+            seconds_before = max((row.get("seconds", 0.0) for row in kept), default=0.0)
         elif state is None:
             save_text(metrics_path, "")
         if changed:
@@ -443,6 +445,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     previous_handler = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
     model.train()
     tick, tick_step = time.perf_counter(), step
+    started = tick
     try:
         while step < total:
             ids = batch_indices(step, cfg.train.seed, len(windows), batch, steps_per_epoch)[rank::world]
@@ -459,7 +462,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
                 tok_s = tokens_per_step * (step - tick_step) / (now - tick)
                 tick, tick_step = now, step
                 log({"step": step, "windows": step * batch, "train_loss": float(reported), "lr": lr,
-                     "tokens_per_s": tok_s})
+                     "tokens_per_s": tok_s, "seconds": round(seconds_before + now - started, 1)})
                 bar.set_postfix(loss=f"{float(reported):.3f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
             if step % cfg.train.eval_every == 0 or step == total:
