@@ -1,0 +1,63 @@
+"""The README's per-env table of the shipped locomotion models, from each one's eval.json (`trajformer eval`) and
+run.json: the dataset's mean return, BC, TT at beam 32 / horizon 5 and at the official setting, the paper's D4RL
+figure for orientation (other data: D4RL v2, ~50M windows, 128/15), and the compute the model got.
+
+    python scripts/models_table.py            # prints the table and rewrites the README block between markers
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# The TT paper's Table 1 (quantile discretization), D4RL-normalised, for orientation only.
+PAPER = {"hopper-medium": "61.1 ± 3.6", "walker2d-medium": "79.0 ± 2.8", "halfcheetah-medium": "46.9 ± 0.4"}
+MARK = "<!-- models-table -->"
+
+
+def fmt(setting: dict | None) -> str:
+    if not setting:
+        return "not run"
+    s = setting
+    return (f"{s['mean_return']:.0f} ± {s['stderr']:.0f} ({s['normalized_score']:.1f}; "
+            f"{s['seconds_per_step']:.2f} s/step)")
+
+
+def compute(model_dir: Path) -> str:
+    meta = json.loads((model_dir / "run.json").read_text())
+    c = meta["compute"]
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    seconds = max((r.get("seconds", 0.0) for r in rows), default=0.0)
+    when = f", {seconds / 60:.0f} min" if seconds else ""
+    return f"{c['total_steps'] * c['batch_size']:,} windows, {c['device']} {c['dtype']}, {c['threads']} thread(s){when}"
+
+
+def table() -> str:
+    lines = ["| env | dataset mean | BC | TT 32/5 (D4RL-norm.; s/step) | TT official 128/15 | paper TT (D4RL) | "
+             "training |", "|---|---|---|---|---|---|---|"]
+    for name in PAPER:
+        model_dir = ROOT / "pretrained" / "models" / name
+        if not (model_dir / "eval.json").is_file():
+            continue
+        ev = json.loads((model_dir / "eval.json").read_text())
+        bc = ev["bc_mean_return"]
+        lines.append(f"| {name} ({ev['episodes']} episodes) | {ev['dataset_mean_return']:.0f} | "
+                     f"{'–' if bc is None else f'{bc:.0f}'} | {fmt(ev['settings'].get('32x5'))} | "
+                     f"{fmt(ev['settings'].get('official'))} | {PAPER[name]} | {compute(model_dir)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    text = table()
+    print(text)
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    if content.count(MARK) == 2:
+        content = re.sub(f"{MARK}.*?{MARK}", f"{MARK}\n{text}\n{MARK}", content, flags=re.S)
+        readme.write_text(content)
+
+
+if __name__ == "__main__":
+    main()
