@@ -110,7 +110,8 @@ class PlanConfig:
     # torch.set_num_threads while planning (0 = torch's default); 1 avoids OpenMP spinning on a busy machine.
     num_threads: int = 0
     # What the model computes in while planning: "float32", or "bfloat16" (weights and KV cache; scores stay
-    # float32): ~1.6x faster at beam 128 / horizon 15 on a CPU with native bf16, halves the cache's memory.
+    # float32): ~1.6x faster at beam 128 / horizon 15 on a CPU with native bf16 (none at 32 / 5), half the
+    # cache's memory; its plans differ from float32's about as much as another seed's do (README, Speed).
     dtype: str = "float32"
 
 
