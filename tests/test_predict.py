@@ -250,3 +250,41 @@ def test_bad_input(tiny_config, run, hopper_dataset, tmp_path, capsys):
     assert not (tmp_path / "p").exists()  # nothing written before the check
     with pytest.raises(FileNotFoundError, match="held-out slice"):
         load_heldout(str(tmp_path / "missing.npz"), run)
+
+
+def test_ablations_are_measured_on_the_same_starts_and_dims(run, tiny_config, hopper_dataset, tmp_path, capsys):
+    """--ablation: a Markovian run (windows of 2 transitions: each next state sees the latest transition only) and a
+    partially observed one (the first 5 of 11 dims),
+    each rolled out teacher-forced from the run's starts; the run's own error is also reported on the partial
+    run's dims (the same numbers as restricting its predictions by hand)."""
+    from trajformer.train import train
+
+    markov = train(tiny_config(hopper_dataset, "train.max_steps=60", "data.sequence_length=2"),
+                   tmp_path / "markov", progress=False)
+    partial = train(tiny_config(hopper_dataset, "train.max_steps=60", 'data.obs_dims="0:5"'),
+                    tmp_path / "partial", progress=False)
+    out = tmp_path / "pred"
+    cli.main(["predict", str(run.path), "--horizon", "6", "--starts", "3", "--samples", "2", "--no-render",
+              "--out", str(out), "--ablation", f"markovian={markov}", "--ablation", f"partial={partial}"])
+    record = json.loads((out / "predict.json").read_text())
+    ab = record["teacher_forced"]["ablations"]
+    assert ab["markovian"]["context_transitions"] == 2 and ab["markovian"]["obs_dims"] == list(range(11))
+    assert ab["partial"]["obs_dims"] == [0, 1, 2, 3, 4] and len(ab["partial"]["error"]["mean"]) == 6
+    # The Markovian run sees the full dims: the run's "same dims" error is its own error.
+    np.testing.assert_allclose(np.array(ab["markovian"]["transformer_same_dims"]["mean"], dtype=float),
+                               np.array(record["teacher_forced"]["transformer"]["mean"], dtype=float), rtol=1e-9)
+    held = load_heldout(run.meta["dataset_id"], run)
+    starts = [(s["episode"], s["t"]) for s in record["starts"]]
+    eps = [held.episodes[i] for i, _ in starts]
+    acts = np.stack([e.act[t : t + 6] for e, (_, t) in zip(eps, starts, strict=True)])
+    tf = rollout_transformer(run, [context_tokens(run, e, t) for e, (_, t) in zip(eps, starts, strict=True)], 6, 1,
+                             actions=acts, greedy=True)
+    true = np.stack([e.obs[t + 1 : t + 7, :5] for e, (_, t) in zip(eps, starts, strict=True)])
+    by_hand = error_summary(normalized_error(tf["obs"][:, 0, :, :5], true, held.obs_std[:5]))["mean"]
+    np.testing.assert_allclose(np.array(ab["partial"]["transformer_same_dims"]["mean"], dtype=float),
+                               np.array(by_hand, dtype=float), rtol=1e-6)
+    assert "partial_error" in record["summary"]["1"] and "ablation markovian" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the other way round: the ablation observes dims the run does not
+        cli.main(["predict", str(partial), "--horizon", "6", "--starts", "2", "--no-render", "--out",
+                  str(tmp_path / "bad"), "--ablation", f"full={run.path}"])
+    assert "observes dims the run does not" in capsys.readouterr().err

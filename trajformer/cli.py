@@ -239,6 +239,10 @@ def _add_predict(sub) -> None:
     p.add_argument("--starts", type=int, default=8, help="held-out start states")
     p.add_argument("--baseline", default=None, metavar="ENSEMBLE_DIR", help="ensemble from `trajformer train-ensemble`")
     p.add_argument("--samples", type=int, default=32, help="open-loop sampled trajectories per start")
+    p.add_argument("--ablation", action="append", default=[], metavar="NAME=RUN_DIR",
+                   help="another run on the same data and split, its teacher-forced error on the same starts "
+                        "(e.g. markovian=DIR trained with data.sequence_length=2, partial=DIR with half the "
+                        "data.obs_dims); repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed of the start states and the sampled rollouts")
     p.add_argument("--out", default=None, help="output directory (default RUN_DIR/predict)")
     p.add_argument("--no-render", action="store_true", help="skip the filmstrip and video")
@@ -248,8 +252,14 @@ def _add_predict(sub) -> None:
 def _cmd_predict(args) -> None:
     from trajformer.predict import predict
 
+    ablations = {}
+    for item in args.ablation:
+        name, _, path = item.partition("=")
+        if not name or not path or name in ablations:
+            raise ValueError(f"--ablation {item!r}: use NAME=RUN_DIR, each name once (e.g. markovian=runs/hum-markov)")
+        ablations[name] = path
     predict(args.run_dir, dataset=args.dataset, horizon=args.horizon, starts=args.starts, baseline=args.baseline,
-            samples=args.samples, out=args.out, seed=args.seed, render=not args.no_render)
+            samples=args.samples, out=args.out, seed=args.seed, render=not args.no_render, ablations=ablations)
 
 
 def _add_eval(sub) -> None:

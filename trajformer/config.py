@@ -278,7 +278,8 @@ def validate(cfg: Config) -> None:
         if value not in choices:
             raise ValueError(f"{section}.{key} = {value!r} is not valid; choose one of {', '.join(choices)}")
     checks = [
-        (cfg.data.sequence_length >= 1, "data.sequence_length must be >= 1"),
+        (cfg.data.sequence_length >= 2, "data.sequence_length must be >= 2: a window of one transition never "
+                                         "shows the model a next state (the Markovian model is sequence_length = 2)"),
         (0.0 <= cfg.data.validation_fraction < 1.0, "data.validation_fraction must be in [0, 1)"),
         (0.0 < cfg.data.discount <= 1.0, "data.discount must be in (0, 1]"),
         (cfg.data.max_episodes >= 0, "data.max_episodes must be >= 0 (0 = all)"),

@@ -19,6 +19,7 @@ from trajformer.files import atomic_write
 from trajformer.render import pose_renderer, save_video  # noqa: E402
 
 COLORS = {"true": "black", "transformer": "tab:blue", "ensemble": "tab:orange", "oracle": "tab:green"}
+ABLATION_COLORS = ("tab:purple", "tab:red", "tab:brown", "tab:pink")
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
@@ -59,6 +60,13 @@ def error_vs_horizon(record: dict, path: str | os.PathLike) -> Path:
         ax.plot(steps, _nan(stats["mean"]), color=COLORS[name], label=f"{name} (mean)")
         ax.fill_between(steps, _nan(stats["q10"]), _nan(stats["q90"]), color=COLORS[name], alpha=0.2,
                         label=f"{name} (10-90%)")
+    for (name, row), color in zip(record["teacher_forced"].get("ablations", {}).items(), ABLATION_COLORS,
+                                  strict=False):
+        mean = _nan(row["error"]["mean"])
+        if np.isfinite(mean).any():
+            plotted = True
+            ax.plot(np.arange(1, len(mean) + 1), mean, color=color, ls="--",
+                    label=f"{name} ({len(row['obs_dims'])} dims, context {row['context_transitions']})")
     ax.set(xlabel="prediction step", ylabel="RMS error / dataset std", yscale="log" if plotted else "linear",
            title=f"true actions fed, {record['config']['starts']} held-out starts")
     ax.grid(alpha=0.3, which="both")

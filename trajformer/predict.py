@@ -342,13 +342,50 @@ def _json(x):
     return x
 
 
+def load_ablations(ablations: dict[str, str | os.PathLike], run: Run) -> dict[str, Run]:
+    """The paper's ablations beside the run: other runs on the same dataset and split (a Markovian model with
+    data.sequence_length = 2, so each next state is predicted from the latest transition alone; a partially
+    observed one whose data.obs_dims are a subset of the run's)."""
+    loaded = {}
+    for name, path in ablations.items():
+        other = load_run(path)
+        if (other.meta["dataset_id"], other.meta["split"]) != (run.meta["dataset_id"], run.meta["split"]):
+            raise ValueError(f"--ablation {name}={path} was trained on {other.meta['dataset_id']} with another split; "
+                             f"ablations must share the run's dataset and data.validation_fraction / train.seed")
+        if not set(other.obs_indices.tolist()) <= set(run.obs_indices.tolist()):
+            raise ValueError(f"--ablation {name}={path} observes dims the run does not; give it a subset of "
+                             f"data.obs_dims {run.obs_indices.tolist()}")
+        loaded[name] = other
+    return loaded
+
+
+def ablation_errors(run: Run, ablation: Run, dataset: str, chosen: list[tuple[int, int]], horizon: int,
+                    main_pred: np.ndarray, seed: int) -> dict:
+    """Teacher-forced error of an ablation run on the same starts and true actions (argmax decode), on its own
+    observation dims, beside the main run's error on those same dims."""
+    held = load_heldout(dataset, ablation)
+    eps = [held.episodes[i] for i, _ in chosen]
+    true = np.stack([e.obs[t + 1 : t + horizon + 1] for e, (_, t) in zip(eps, chosen, strict=True)])
+    acts = np.stack([e.act[t : t + horizon] for e, (_, t) in zip(eps, chosen, strict=True)])
+    prefixes = [context_tokens(ablation, e, t) for e, (_, t) in zip(eps, chosen, strict=True)]
+    tf = rollout_transformer(ablation, prefixes, horizon, 1, actions=acts, greedy=True, seed=seed)
+    dims = [run.obs_indices.tolist().index(i) for i in ablation.obs_indices.tolist()]  # its dims in the run's order
+    return {"obs_dims": ablation.obs_indices.tolist(), "context_transitions": ablation.config.data.sequence_length,
+            "error": error_summary(normalized_error(tf["obs"][:, 0], true, held.obs_std)),
+            "transformer_same_dims": error_summary(normalized_error(main_pred[..., dims], true, held.obs_std))}
+
+
 def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int = 100, starts: int = 8,
             baseline: str | os.PathLike | None = None, samples: int = 32, out: str | os.PathLike | None = None,
-            seed: int = 0, render: bool = True, progress: bool = True) -> dict:
-    """`trajformer predict`: both protocols, predict.json and the figures in `out`; returns the record."""
+            seed: int = 0, render: bool = True, progress: bool = True,
+            ablations: dict[str, str | os.PathLike] | None = None) -> dict:
+    """`trajformer predict`: both protocols, predict.json and the figures in `out`; returns the record.
+    `ablations` ({name: run dir}) adds other runs' teacher-forced errors on the same starts (the paper's
+    Markovian and partially observed transformers)."""
     from trajformer import plots
 
     run = load_run(run_dir)
+    others = load_ablations(ablations or {}, run)
     tt_compute = transformer_compute(run)  # read with the weights, not after the (long) rollouts
     ens = load_ensemble(baseline) if baseline is not None else None
     if ens is not None:
@@ -381,6 +418,11 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     if ens is not None:
         ens_tf = rollout_ensemble(ens, start, true_act[:, None])
         record_tf["ensemble"] = error_summary(normalized_error(ens_tf["obs"][:, 0], true, held.obs_std))
+    if others:
+        say(f"ablations: {', '.join(others)}")
+        record_tf["ablations"] = {name: ablation_errors(run, other, dataset or run.meta["dataset_id"], chosen,
+                                                        horizon, tf["obs"][:, 0], seed)
+                                  for name, other in others.items()}
 
     say(f"open loop: {len(chosen)} starts x {samples} samples x {horizon} steps")
     t0 = time.perf_counter()
@@ -417,9 +459,12 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
                         "ensemble_error": record_tf["ensemble"]["mean"][s - 1] if ens else None,
                         "transformer_loglik": float(record_ol["transformer"][s - 1]),
                         "ensemble_loglik": float(record_ol["ensemble"][s - 1]) if ens else None,
-                        "oracle_loglik": float(record_ol["oracle"][s - 1])} for s in at}
+                        "oracle_loglik": float(record_ol["oracle"][s - 1]),
+                        **{f"{name}_error": row["error"]["mean"][s - 1]
+                           for name, row in record_tf.get("ablations", {}).items()}} for s in at}
     record = {
         "config": {"run_dir": str(run.path), "baseline": str(baseline) if baseline else None,
+                   "ablations": {name: str(other.path) for name, other in others.items()},
                    "dataset": held.dataset_id, "held_out": held.source, "horizon": horizon, "starts": len(chosen),
                    "samples": samples, "seed": seed,
                    "error": "RMS over observation dims of (predicted - true) / dataset std per dim",
@@ -466,6 +511,11 @@ def report(record: dict) -> str:
         lines.append(f"one-step {name}: NLL {row['obs_nll_std_units']:.3f} nats/dim (states in dataset stds, "
                      f"{row['transitions']} held-out transitions), error "
                      + ("- (stopped)" if error is None else f"{error:.3f}"))
+    for name, row in record["teacher_forced"].get("ablations", {}).items():
+        err, same = row["error"]["mean"], row["transformer_same_dims"]["mean"]
+        lines.append(f"ablation {name} ({row['context_transitions']}-transition context, {len(row['obs_dims'])} obs "
+                     f"dims): error at step {len(err)} {fmt(err[-1], 0).strip()}, the transformer on the same dims "
+                     f"{fmt(same[-1], 0).strip()}")
     stops = record["teacher_forced"]["transformer_stops"]
     if stops:
         lines.append(f"teacher-forced transformer rollouts ended by a stop token: {stops}")
