@@ -284,6 +284,8 @@ def test_ablations_are_measured_on_the_same_starts_and_dims(run, tiny_config, ho
     np.testing.assert_allclose(np.array(ab["partial"]["transformer_same_dims"]["mean"], dtype=float),
                                np.array(by_hand, dtype=float), rtol=1e-6)
     assert "partial_error" in record["summary"]["1"] and "ablation markovian" in capsys.readouterr().out
+    npz = save_heldout(run.path, tmp_path / "heldout.npz", episodes=2)  # a slice of the full dims serves both
+    assert load_heldout(str(npz), load_run(partial)).episodes[0].obs.shape[1] == 5
     with pytest.raises(SystemExit):  # the other way round: the ablation observes dims the run does not
         cli.main(["predict", str(partial), "--horizon", "6", "--starts", "2", "--no-render", "--out",
                   str(tmp_path / "bad"), "--ablation", f"full={run.path}"])

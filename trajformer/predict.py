@@ -65,14 +65,15 @@ def load_heldout(source: str, run: Run) -> HeldOut:
             raise FileNotFoundError(f"held-out slice {path} not found; pass a Minari dataset id or an .npz "
                                     f"written by trajformer.predict.save_heldout")
         with np.load(path, allow_pickle=False) as z:
-            episodes = [_episode(z["obs"][i, : n + 1], z["act"][i, :n], z["rew"][i, :n], bool(z["terminal"][i]))
-                        for i, n in enumerate(z["lengths"])]
-            held = HeldOut(str(z["dataset_id"]), episodes, z["obs_std"].astype(np.float64), json.loads(str(z["env"])),
-                           f"{path} ({len(episodes)} episodes)")
-            indices = z["obs_indices"]
-        if not np.array_equal(indices, run.obs_indices):
-            raise ValueError(f"{path} holds observation dims {indices.tolist()[:5]}... but the run reads "
-                             f"{run.obs_indices.tolist()[:5]}...; use a slice of the run's dataset")
+            indices = z["obs_indices"].tolist()
+            if not set(run.obs_indices.tolist()) <= set(indices):
+                raise ValueError(f"{path} holds observation dims {indices[:5]}... but the run reads "
+                                 f"{run.obs_indices.tolist()[:5]}...; use a slice of the run's dataset")
+            cols = [indices.index(i) for i in run.obs_indices.tolist()]  # a partially observed run: its dims
+            episodes = [_episode(z["obs"][i, : n + 1][:, cols], z["act"][i, :n], z["rew"][i, :n],
+                                 bool(z["terminal"][i])) for i, n in enumerate(z["lengths"])]
+            held = HeldOut(str(z["dataset_id"]), episodes, z["obs_std"].astype(np.float64)[cols],
+                           json.loads(str(z["env"])), f"{path} ({len(episodes)} episodes)")
     else:
         data = load_episodes(source, run.config.data)
         if data.obs_dim != run.obs_dim or data.act_dim != run.act_dim:
