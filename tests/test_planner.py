@@ -216,6 +216,30 @@ def test_bfloat16_planning_keeps_float32_scores_and_the_float32_plans(attention)
         torch.bfloat16
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", ["absolute", "window"])
+def test_planning_on_cuda_gives_the_cpu_plans(attention):
+    """plan.device = cuda: model and KV cache on the card, bookkeeping and draws on the CPU; float64 plans
+    match the CPU's (sampled actions included: the draws use the same CPU generators on the same probabilities)."""
+    model, disc = make_model(attention=attention), make_discretizer()
+    cfg = CONFIGS[1]
+    rng = np.random.default_rng(7)
+    prefixes = [random_prefix(n, rng) for n in (0, 3)]
+    cpu = BeamSearch(model, disc, cfg, 0.99).search(prefixes, generators([0, 1]))
+    gpu = BeamSearch(model.to("cuda"), disc, cfg, 0.99).search(prefixes, generators([0, 1]))
+    for x, y in zip(cpu, gpu, strict=True):
+        np.testing.assert_array_equal(x.action_tokens, y.action_tokens)
+        np.testing.assert_allclose(x.values, y.values, rtol=1e-9)
+
+
+def test_plan_device_is_checked_before_planning():
+    with pytest.raises(ValueError, match="plan.device = 'tpu' is not valid"):
+        plan_config(fake_run(), ["plan.device=tpu"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device; plan on the cpu"):
+            Planner.from_run(fake_run(PlanConfig(max_context_transitions=2, device="cuda")))
+
+
 # ---------------------------------------------------------------- batched envs
 
 

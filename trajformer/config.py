@@ -113,6 +113,9 @@ class PlanConfig:
     # float32): ~1.6x faster at beam 128 / horizon 15 on a CPU with native bf16 (none at 32 / 5), half the
     # cache's memory; its plans differ from float32's about as much as another seed's do (README, Speed).
     dtype: str = "float32"
+    # Where the model computes while planning ("cpu", "cuda", "cuda:1"): the search's bookkeeping and random
+    # draws stay on the CPU (the same plans on either device up to float rounding), logits come back per token.
+    device: str = "cpu"
 
 
 @dataclass
@@ -306,6 +309,8 @@ def validate(cfg: Config) -> None:
         (cfg.plan.k_obs >= 1, "plan.k_obs must be >= 1"),
         (cfg.plan.plan_freq >= 1, "plan.plan_freq must be >= 1"),
         (cfg.plan.num_threads >= 0, "plan.num_threads must be >= 0 (0 = torch's default)"),
+        (cfg.plan.device == "cpu" or cfg.plan.device.split(":")[0] == "cuda",
+         f"plan.device = {cfg.plan.device!r} is not valid; use \"cpu\" or \"cuda\" (\"cuda:N\" for card N)"),
         (cfg.plan.objective != "critic" or bool(cfg.plan.critic),
          "plan.objective = \"critic\" needs plan.critic = an IQL directory (trajformer iql CONFIG --out DIR)"),
     ]

@@ -71,9 +71,14 @@ class ReferenceDecoder:
             out.append(seq[:, start:])
         return out
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model computes; token bookkeeping stays on the CPU and logits come back to it."""
+        return next(self.model.parameters()).device
+
     def logits(self) -> torch.Tensor:
-        """Logits (rows, N+1) of the next token of every row."""
-        return torch.cat([self.model(w)[:, -1] for w in self.windows()])
+        """Logits (rows, N+1) of the next token of every row, on the CPU."""
+        return torch.cat([self.model(w.to(self.device))[:, -1] for w in self.windows()]).cpu()
 
 
 class CachedDecoder(ReferenceDecoder):
@@ -92,8 +97,9 @@ class CachedDecoder(ReferenceDecoder):
     def start(self, prefixes: list[torch.Tensor], max_rows: int) -> None:
         super().start(prefixes, max_rows)
         dtype = next(self.model.parameters()).dtype
-        if self.cache is None or self.cache.max_rows < max_rows or self.cache.k.dtype != dtype:
-            self.cache = KVCache(self.model.config, max_rows, self.cache_len, dtype=dtype)
+        if (self.cache is None or self.cache.max_rows < max_rows or self.cache.k.dtype != dtype
+                or self.cache.k.device != self.device):
+            self.cache = KVCache(self.model.config, max_rows, self.cache_len, device=self.device, dtype=dtype)
         self._encode()
 
     def _encode(self) -> None:
@@ -107,7 +113,7 @@ class CachedDecoder(ReferenceDecoder):
             idx[k * rows : (k + 1) * rows, length - w.shape[1] :] = w
             pad[k * rows : (k + 1) * rows] = length - w.shape[1]
         self.cache.reset(pad)
-        self._logits = self.model.forward_cached(idx, self.cache)
+        self._logits = self.model.forward_cached(idx.to(self.device), self.cache).cpu()
         self._starts = self.crop_starts()
         self._fed = self.generated.shape[1]
 
@@ -126,7 +132,8 @@ class CachedDecoder(ReferenceDecoder):
             if self.crop_starts() != self._starts:
                 self._encode()
             else:
-                self._logits = self.model.forward_cached(self.generated[:, self._fed :], self.cache)
+                self._logits = self.model.forward_cached(self.generated[:, self._fed :].to(self.device),
+                                                         self.cache).cpu()
                 self._fed = self.generated.shape[1]
         return self._logits
 

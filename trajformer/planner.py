@@ -284,7 +284,9 @@ class Planner:
         """A planner for a loaded run (its [plan] settings unless `plan_cfg` is given); the model computes in
         `dtype`, by default plan.dtype."""
         plan_cfg = plan_cfg or run.config.plan
-        model = run.model.to(dtype or getattr(torch, plan_cfg.dtype)).eval()
+        if plan_cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"plan.device = {plan_cfg.device!r} but torch sees no CUDA device; plan on the cpu")
+        model = run.model.to(plan_cfg.device, dtype or getattr(torch, plan_cfg.dtype)).eval()
         search = BeamSearch(model, run.discretizer, plan_cfg, run.config.data.discount, cached, critic)
         return cls(search, run.obs_indices, n_envs)
 
