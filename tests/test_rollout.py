@@ -230,9 +230,25 @@ def test_evaluation_protocol_writes_eval_json_beside_references(point_run, tmp_p
     assert record["dataset_mean_return"] == pytest.approx(bc_record["dataset_mean_return"])
     cheap, official = record["settings"]["32x5"], record["settings"]["official"]
     assert cheap["plan"]["beam_width"] == 32 and cheap["plan"]["horizon"] == 5
-    assert official["plan"]["beam_width"] == 16  # the run's own [plan]
+    # The official setting whatever the run's own [plan] (beam 16) says; context capped by its windows of 4.
+    assert (official["plan"]["beam_width"], official["plan"]["horizon"]) == (128, 15)
+    assert official["plan"]["max_context_transitions"] == 4 and official["plan"]["cdf_act"] == 0.6
     for r in (cheap, official):
         assert len(r["returns"]) == 4 and r["normalized_score"] is not None and r["seconds_per_step"] > 0
+
+
+def test_official_settings_per_task_and_protocol_overrides(point_run, tmp_path, capsys):
+    from trajformer.rollout import official_plan
+
+    assert official_plan("Hopper-v5", "trajformer/hopper-medium-v0")["beam_width"] == 128
+    assert official_plan("HalfCheetah-v5", "trajformer/halfcheetah-medium-v0")["horizon"] == 5
+    assert official_plan("HalfCheetah-v5", "mujoco/halfcheetah/expert-v0") == {**official_plan("Hopper-v5", ""),
+                                                                               "beam_width": 32}
+    replay = official_plan("Walker2d-v5", "trajformer/walker2d-replay-v0")
+    assert (replay["horizon"], replay["k_act"], replay["cdf_act"]) == (20, 40, None)
+    with pytest.raises(SystemExit):  # the protocol fixes what is searched; only how it runs may change
+        cli.main(["eval", str(point_run), "--episodes", "2", "--set", "plan.horizon=3"])
+    assert "the protocol fixes plan.horizon" in capsys.readouterr().err
 
 
 def test_iql_runs_end_to_end_and_beats_random(point_run, tmp_path, monkeypatch):

@@ -263,22 +263,25 @@ def _cmd_predict(args) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = _parser(sub, "eval", "the evaluation protocol: a run at its own and the cheap planner setting, beside the "
-                "dataset's mean return and BC; writes RUN_DIR/eval.json",
+    p = _parser(sub, "eval", "the evaluation protocol: a run at the official planner setting of its task and at the "
+                "cheap one, beside the dataset's mean return and BC; writes RUN_DIR/eval.json",
                 "trajformer eval runs/hopper-medium-local --episodes 10 --bc runs/hopper-medium-local-bc")
     p.add_argument("run_dir", help="run directory written by `trajformer train`")
     p.add_argument("--episodes", type=int, default=10, help="episodes, seeds 0..N-1, all envs batched")
     p.add_argument("--settings", default="official,32x5",
-                   help="comma-separated: official (the run's [plan]) and/or 32x5 (beam 32, horizon 5)")
+                   help="comma-separated: official (the official code's setting for the run's task, DESIGN.md §5) "
+                   "and/or 32x5 (beam 32, horizon 5)")
     p.add_argument("--bc", default=None, metavar="BC_DIR", help="a `trajformer bc` directory evaluated on as many "
                    "episodes")
+    _add_overrides(p, "plan.device=cuda", "plan.KEY=VALUE")
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> None:
     from trajformer.rollout import evaluation_protocol
 
-    out = evaluation_protocol(args.run_dir, args.episodes, tuple(args.settings.split(",")), args.bc)
+    out = evaluation_protocol(args.run_dir, args.episodes, tuple(args.settings.split(",")), args.bc,
+                              overrides=args.overrides)
     for name, record in out["settings"].items():
         score = record["normalized_score"]
         print(f"{name}: return {record['mean_return']:.1f} ± {record['stderr'] or 0:.1f}"

@@ -281,19 +281,52 @@ def plan_command(run_dir: str, env_id: str | None = None, episodes: int = 1, num
 
 
 CHEAP = {"beam_width": 32, "horizon": 5}
-"""The cheap planner setting every evaluation also reports (DESIGN.md §6), beside the run's own (official)."""
+"""The cheap planner setting every evaluation also reports (DESIGN.md §6), beside the official one."""
+
+OFFICIAL = {"beam_width": 128, "horizon": 15, "n_expand": 2, "cdf_act": 0.6, "k_act": None,
+            "max_context_transitions": 5}
+OFFICIAL_OVERRIDES = {  # (env family, dataset kind) -> the official code's per-task overrides (DESIGN.md §5)
+    ("halfcheetah", "medium"): {"beam_width": 32, "horizon": 5},
+    ("halfcheetah", "replay"): {"beam_width": 32, "horizon": 5},
+    ("halfcheetah", "expert"): {"beam_width": 32},
+    ("walker2d", "expert"): {"horizon": 5},
+    ("walker2d", "replay"): {"beam_width": 32, "horizon": 20, "k_act": 40, "cdf_act": None},
+    ("ant", ""): {"horizon": 5},
+}
+SETTING_KEYS = frozenset(OFFICIAL) | {"objective", "k_obs", "plan_freq"}
+"""Keys only the evaluation's settings decide; `--set` may change the rest (device, dtype, threads)."""
+
+
+def official_plan(env_id: str, dataset_id: str) -> dict:
+    """The official planner setting for a task: the defaults plus the official per-task overrides, the task read
+    from the env id and the dataset name (medium-expert before medium-replay before medium)."""
+    family = env_id.split("-")[0].split("/")[-1].lower()
+    name = dataset_id.lower()
+    kind = "expert" if "expert" in name else "replay" if "replay" in name else "medium" if "medium" in name else ""
+    for key in ((family, kind), (family, "")):
+        if key in OFFICIAL_OVERRIDES:
+            return {**OFFICIAL, **OFFICIAL_OVERRIDES[key]}
+    return dict(OFFICIAL)
 
 
 def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, ...] = ("official", "32x5"),
-                        bc_dir: str | None = None, num_envs: int | None = None, progress: bool = True) -> dict:
+                        bc_dir: str | None = None, num_envs: int | None = None, progress: bool = True,
+                        overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """The one evaluation protocol (issue 9): N episodes (seeds 0..N-1) of up to 1000 steps with envs batched,
-    at the run's own planner setting ("official") and at beam 32 / horizon 5 ("32x5"), beside the dataset's
-    mean return over complete episodes and behaviour cloning's return on the same protocol; RUN_DIR/eval.json."""
+    at the official planner setting of the run's task ("official", whatever the run's own [plan] says) and at
+    beam 32 / horizon 5 ("32x5"), beside the dataset's mean return over complete episodes and behaviour
+    cloning's return on the same protocol; RUN_DIR/eval.json. `overrides` (plan.key=value) may set how the
+    search runs (device, dtype, threads), not what it searches."""
     from trajformer.data import load_episodes, return_stats
 
     unknown = [s for s in settings if s not in ("official", "32x5")]
     if unknown or not settings:
         raise ValueError(f"--settings {','.join(settings)}: choose from official, 32x5")
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().removeprefix("plan.")
+        if key in SETTING_KEYS:
+            raise ValueError(f"--set {item!r}: the protocol fixes plan.{key}; set how it runs (plan.device, "
+                             "plan.dtype, plan.num_threads) or plan with `trajformer plan` instead")
     run = load_run(run_dir)
     bc_return = None
     if bc_dir is not None:
@@ -311,8 +344,14 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     out = {"episodes": episodes, "dataset_mean_return": dataset_mean,
            "bc_mean_return": bc_return, "settings": {}}
     for name in settings:
-        overrides = [] if name == "official" else [f"plan.{k}={v}" for k, v in CHEAP.items()]
-        record = evaluate(run, plan_config(run, overrides), episodes=episodes, num_envs=num_envs or episodes,
+        setting = official_plan(run.meta["env"]["id"], run.meta["dataset_id"])
+        if name == "32x5":
+            setting.update(CHEAP)
+        # The official context of 5 transitions, or all a model trained on shorter windows can take.
+        setting["max_context_transitions"] = min(setting["max_context_transitions"], run.config.data.sequence_length)
+        fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
+        record = evaluate(run, plan_config(run, [*fixed, "plan.objective=reward", *overrides]), episodes=episodes,
+                          num_envs=num_envs or episodes,
                           progress=progress)
         out["settings"][name] = {**{k: record[k] for k in ("returns", "mean_return", "stderr", "normalized_score",
                                                             "normalized_stderr", "seconds_per_step")},
