@@ -104,8 +104,9 @@ def test_model_based_command_trains_its_own_ensemble_and_evaluates(point_dataset
 
 def test_mopo_penalty_grows_outside_the_data(ensemble_dir):
     """The ensemble-std u(s, a) at actions far outside the data's [-1, 1] exceeds u at the data's kind of actions;
-    the paper's max_std is the largest member's std norm (on this ensemble it does not grow away from the data:
-    learned variances shrink there, which is why the option exists); the model env's reward is r - lambda * u."""
+    the paper's max_std is the largest member's std norm (on this small ensemble it does not grow away from the
+    data: its learned variances shrink there, which is why the option exists); the model env's reward is
+    r - lambda * u."""
     ens = load_ensemble(ensemble_dir)
     obs, act = hopper_states()
     inside = mopo_uncertainty(*predict_all(ens, obs, act), "ensemble_std")

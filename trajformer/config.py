@@ -155,7 +155,7 @@ class ModelBasedConfig:
     mopo_lambda: float = 5.0  # reward penalty weight (hopper/walker2d-medium 5, halfcheetah-medium 1)
     mopo_real_ratio: float = 0.05  # share of real transitions in each SAC batch
     # u(s, a): "max_std" (the paper: largest predicted-std norm over members) or "ensemble_std" (the mixture's std,
-    # which adds member disagreement; our learned variances shrink away from the data, disagreement grows).
+    # which adds member disagreement: it grows away from the data even where a small ensemble's variances shrink).
     mopo_uncertainty: str = "max_std"
     morel_rollout_length: int = 5  # ours: SAC on branched h-step rollouts of the pessimistic MDP, not NPG
     morel_kappa: float = 100.0  # the halt reward is -kappa

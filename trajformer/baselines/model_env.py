@@ -81,8 +81,8 @@ def mopo_uncertainty(mean: torch.Tensor, std: torch.Tensor, kind: str = "max_std
 
     max_std (the paper's): the largest norm over members of the predicted std. ensemble_std: the norm of the
     ensemble mixture's std, sqrt(mean over members of var + variance of the members' means), which adds the
-    members' disagreement: learned variances need not grow away from the data (they shrink on ours), the
-    disagreement does (tests/test_compare.py)."""
+    members' disagreement: learned variances need not grow away from the data (a small ensemble's shrink there),
+    the disagreement does (scripts/uncertainty_ood.py measures both)."""
     if kind == "max_std":
         return std.norm(dim=-1).amax(dim=0)
     if kind == "ensemble_std":
