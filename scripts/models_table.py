@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from trajformer.run import read_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 # The TT paper's Table 1 (quantile discretization), D4RL-normalised, for orientation only.
 PAPER = {"hopper-medium": "61.1 ± 3.6", "walker2d-medium": "79.0 ± 2.8", "halfcheetah-medium": "46.9 ± 0.4"}
@@ -28,7 +30,7 @@ def fmt(setting: dict | None) -> str:
 def compute(model_dir: Path) -> str:
     meta = json.loads((model_dir / "run.json").read_text())
     c = meta["compute"]
-    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(model_dir / "metrics.jsonl")
     seconds = max((r.get("seconds", 0.0) for r in rows), default=0.0)
     when = f", {seconds / 60:.0f} min" if seconds else ""
     return f"{c['total_steps'] * c['batch_size']:,} windows, {c['device']} {c['dtype']}, {c['threads']} thread(s){when}"

@@ -147,6 +147,16 @@ def context_tokens(run: Run, episode: Episode, t: int) -> torch.Tensor:
     return torch.as_tensor(np.concatenate(past))
 
 
+def true_segments(run: Run, held: HeldOut, chosen: list[tuple[int, int]], horizon: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[torch.Tensor]]:
+    """At each chosen (episode, t): the start state s_t (K, dS), the true next states s_t+1.. (K, H, dS), the true
+    actions a_t.. (K, H, dA), and the run's context tokens before s_t."""
+    eps = [held.episodes[i] for i, _ in chosen]
+    at = list(zip(eps, chosen, strict=True))
+    return (np.stack([e.obs[t] for e, (_, t) in at]), np.stack([e.obs[t + 1 : t + horizon + 1] for e, (_, t) in at]),
+            np.stack([e.act[t : t + horizon] for e, (_, t) in at]), [context_tokens(run, e, t) for e, (_, t) in at])
+
+
 def stops_possible(run: Run) -> bool:
     """Whether the run's training data had terminations: only then may a rollout decode a stop."""
     return int(run.meta.get("dataset_stats", {}).get("terminated_episodes", 1)) > 0
@@ -365,10 +375,7 @@ def ablation_errors(run: Run, ablation: Run, dataset: str, chosen: list[tuple[in
     """Teacher-forced error of an ablation run on the same starts and true actions (argmax decode), on its own
     observation dims, beside the main run's error on those same dims."""
     held = load_heldout(dataset, ablation)
-    eps = [held.episodes[i] for i, _ in chosen]
-    true = np.stack([e.obs[t + 1 : t + horizon + 1] for e, (_, t) in zip(eps, chosen, strict=True)])
-    acts = np.stack([e.act[t : t + horizon] for e, (_, t) in zip(eps, chosen, strict=True)])
-    prefixes = [context_tokens(ablation, e, t) for e, (_, t) in zip(eps, chosen, strict=True)]
+    _, true, acts, prefixes = true_segments(ablation, held, chosen, horizon)
     tf = rollout_transformer(ablation, prefixes, horizon, 1, actions=acts, greedy=True, seed=seed)
     dims = [run.obs_indices.tolist().index(i) for i in ablation.obs_indices.tolist()]  # its dims in the run's order
     return {"obs_dims": ablation.obs_indices.tolist(), "context_transitions": ablation.config.data.sequence_length,
@@ -398,11 +405,7 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     out = Path(out) if out is not None else run.path / "predict"
     say = print if progress else (lambda *a, **k: None)
 
-    eps = [held.episodes[i] for i, _ in chosen]
-    true = np.stack([e.obs[t + 1 : t + horizon + 1] for e, (_, t) in zip(eps, chosen, strict=True)])  # (K, H, dS)
-    start = np.stack([e.obs[t] for e, (_, t) in zip(eps, chosen, strict=True)])
-    true_act = np.stack([e.act[t : t + horizon] for e, (_, t) in zip(eps, chosen, strict=True)])
-    prefixes = [context_tokens(run, e, t) for e, (_, t) in zip(eps, chosen, strict=True)]
+    start, true, true_act, prefixes = true_segments(run, held, chosen, horizon)
     seconds = {}
 
     say(f"teacher-forced: {len(chosen)} starts x {horizon} steps")

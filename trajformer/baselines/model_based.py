@@ -68,6 +68,14 @@ class Buffer:
         self.data = Batch(torch.zeros(capacity, obs_dim), torch.zeros(capacity, act_dim), torch.zeros(capacity),
                           torch.zeros(capacity, obs_dim), torch.zeros(capacity))
 
+    @classmethod
+    def holding(cls, batch: Batch) -> Buffer:
+        """A full buffer over `batch`'s own tensors (no copy): the real transitions."""
+        buffer = cls.__new__(cls)
+        buffer.capacity = buffer.size = len(batch.obs)
+        buffer.head, buffer.data = 0, batch
+        return buffer
+
     def add(self, batch: Batch) -> None:
         n = len(batch.obs)
         keep = slice(max(0, n - self.capacity), n)  # more than fits: the newest
@@ -138,8 +146,7 @@ def train_model_based(method: str, cfg: Config, out_dir: str | os.PathLike, ense
     model = Buffer(mb.rollout_batch * horizon * mb.retain_rounds, data.obs_dim, data.act_dim)
     generator = torch.Generator().manual_seed(mb.seed)
     n_real = round(real_ratio * mb.batch_size)
-    real_buffer = Buffer(len(real.obs), data.obs_dim, data.act_dim)
-    real_buffer.add(real)
+    real_buffer = Buffer.holding(real)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_text(out_dir / "metrics.jsonl", "")
