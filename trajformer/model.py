@@ -165,17 +165,21 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p: float) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + bias) v over (B, H, t, d) with an additive (t, t) mask and attention dropout.
     CUDA uses the fused SDPA kernel. On CPU explicit batched matmuls beat SDPA's CPU kernels under a mask, with
-    dropout and in bfloat16, and the dropout scale is applied to the (t, d) output, not the (t, t) weights
-    (benchmarks/train_throughput.py)."""
+    dropout and in bfloat16; the keys are padded (masked) to a multiple of 16, since the CPU softmax over rows
+    of another length takes a scalar path 3x slower; and the dropout scale is applied to the (t, d) output, not
+    the (t, t) weights (benchmarks/train_throughput.py)."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)
     B, H, t, d = q.shape
-    scores = torch.baddbmm(bias.to(q.dtype).expand(B * H, t, t), q.reshape(B * H, t, d),
-                           k.reshape(B * H, t, d).transpose(1, 2), alpha=d**-0.5)
+    n = -(-t // 16) * 16
+    if n != t:
+        k, v, bias = F.pad(k, (0, 0, 0, n - t)), F.pad(v, (0, 0, 0, n - t)), F.pad(bias, (0, n - t), value=-math.inf)
+    scores = torch.baddbmm(bias.to(q.dtype).expand(B * H, t, n), q.reshape(B * H, t, d),
+                           k.reshape(B * H, n, d).transpose(1, 2), alpha=d**-0.5)
     weights = scores.softmax(-1)
     if p > 0.0:
         weights = weights.masked_fill(drop_mask(weights.shape, p), 0.0)
-    y = torch.bmm(weights, v.reshape(B * H, t, d)).view(B, H, t, d)
+    y = torch.bmm(weights, v.reshape(B * H, n, d)).view(B, H, t, d)
     return y * (1.0 / (1.0 - p)) if p > 0.0 else y
 
 
