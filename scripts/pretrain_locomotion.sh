@@ -4,7 +4,9 @@
 # The CPU recipe (README "Training budget") on the 1M-transition preset: 4 x 4 x 128, windows of 5 transitions,
 # no dropout, batch 64, bf16 where the CPU has it, 1M sampled windows by default (Hopper: about 90 min on one
 # shared core of a 2-core CPU; Walker2d and HalfCheetah windows are 1.6x longer). Then BC on the same split and
-# the evaluation protocol at the cheap setting (beam 32, horizon 5): eval.json beside the model.
+# the evaluation protocol (EPISODES, default 5): eval.json beside the model. On a CPU at the cheap setting (beam 32,
+# horizon 5), which for halfcheetah-medium is also the official one (one evaluation serves both); with
+# TRAIN_DEVICE=cuda at the official setting too, planned on the GPU.
 # Resumable: run it again after an interruption and it continues from the last checkpoint.
 # On a GPU: TRAIN_DEVICE=cuda scripts/pretrain_locomotion.sh hopper 50000000 (the official budget).
 set -euo pipefail
@@ -22,7 +24,9 @@ trajformer train "configs/$NAME-local.toml" --out "$RUN" "${RESUME[@]}" \
   --set train.num_threads="$OMP_NUM_THREADS" --set train.device="${TRAIN_DEVICE:-cpu}"
 [ -f "$RUN-bc/bc.json" ] || trajformer bc "configs/$NAME-local.toml" --episodes "$EPISODES" --num-envs "$EPISODES" \
   --out "$RUN-bc" --set train.num_threads="$OMP_NUM_THREADS"
-trajformer eval "$RUN" --episodes "$EPISODES" --settings 32x5 --bc "$RUN-bc"
+DEVICE=${TRAIN_DEVICE:-cpu}
+SETTINGS=32x5; { [ "$ENV" = halfcheetah ] || [ "$DEVICE" = cuda ]; } && SETTINGS=official,32x5
+trajformer eval "$RUN" --episodes "$EPISODES" --settings "$SETTINGS" --bc "$RUN-bc" --set plan.device="$DEVICE"
 mkdir -p "pretrained/models/$NAME"
 for f in model.pt config.toml run.json discretizer.npz metrics.jsonl loss.png eval.json; do
   cp "$RUN/$f" "pretrained/models/$NAME/"

@@ -251,6 +251,21 @@ def test_official_settings_per_task_and_protocol_overrides(point_run, tmp_path, 
     assert "the protocol fixes plan.horizon" in capsys.readouterr().err
 
 
+def test_protocol_plans_once_where_the_official_setting_is_the_cheap_one(point_run, tmp_path, monkeypatch):
+    """halfcheetah-medium's official setting is beam 32 / horizon 5: "official" and "32x5" share one evaluation."""
+    from trajformer import rollout
+
+    calls = []
+    real = rollout.evaluate
+    monkeypatch.setattr(rollout, "official_plan", lambda env, data: {**rollout.OFFICIAL, **rollout.CHEAP})
+    monkeypatch.setattr(rollout, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run = tmp_path / "run"
+    shutil.copytree(point_run, run)
+    record = rollout.evaluation_protocol(str(run), episodes=2, settings=("official", "32x5"), progress=False)
+    assert len(calls) == 1 and record["settings"]["official"] == record["settings"]["32x5"]
+    assert record["settings"]["official"]["plan"]["horizon"] == 5
+
+
 def test_iql_runs_end_to_end_and_beats_random(point_run, tmp_path, monkeypatch):
     """`trajformer iql` on the point-line data (half its actions head for the goal): the AWR policy beats
     random by far (measured: about -2, random -10, BC about -5)."""
