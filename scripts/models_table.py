@@ -19,11 +19,12 @@ PAPER = {"hopper-medium": "61.1 ± 3.6", "walker2d-medium": "79.0 ± 2.8", "half
 MARK = "<!-- models-table -->"
 
 
-def fmt(setting: dict | None) -> str:
+def fmt(setting: dict | None, show_plan: bool = False) -> str:
     if not setting:
-        return "not run"
+        return "not run (GPU session)"
     s = setting
-    return (f"{s['mean_return']:.0f} ± {s['stderr']:.0f} ({s['normalized_score']:.1f}; "
+    plan = f"{s['plan']['beam_width']}/{s['plan']['horizon']}: " if show_plan else ""
+    return (f"{plan}{s['mean_return']:.0f} ± {s['stderr']:.0f} ({s['normalized_score']:.1f}; "
             f"{s['seconds_per_step']:.2f} s/step)")
 
 
@@ -37,7 +38,7 @@ def compute(model_dir: Path) -> str:
 
 
 def table() -> str:
-    lines = ["| env | dataset mean | BC | TT 32/5 (D4RL-norm.; s/step) | TT official 128/15 | paper TT (D4RL) | "
+    lines = ["| env | dataset mean | BC | TT 32/5 (D4RL-norm.; s/step) | TT official setting | paper TT (D4RL) | "
              "training |", "|---|---|---|---|---|---|---|"]
     for name in PAPER:
         model_dir = ROOT / "pretrained" / "models" / name
@@ -47,7 +48,7 @@ def table() -> str:
         bc = ev["bc_mean_return"]
         lines.append(f"| {name} ({ev['episodes']} episodes) | {ev['dataset_mean_return']:.0f} | "
                      f"{'–' if bc is None else f'{bc:.0f}'} | {fmt(ev['settings'].get('32x5'))} | "
-                     f"{fmt(ev['settings'].get('official'))} | {PAPER[name]} | {compute(model_dir)} |")
+                     f"{fmt(ev['settings'].get('official'), show_plan=True)} | {PAPER[name]} | {compute(model_dir)} |")
     return "\n".join(lines)
 
 

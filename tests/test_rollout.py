@@ -70,7 +70,8 @@ def test_batched_envs_give_the_same_episodes_as_one_env(point_run):
     assert one["lengths"] == three["lengths"] == [8, 8, 8]
 
 
-def test_cli_plan_writes_json(point_run, tmp_path, capsys):
+def test_cli_plan_writes_json(point_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
     out = tmp_path / "plan.json"
     cli.main(["plan", str(point_run), "--episodes", "3", "--num-envs", "2", "--max-steps", "6", "--seed", "3",
               "--set", "plan.beam_width=4", "--set", "plan.horizon=3", "--json", str(out)])
@@ -83,8 +84,13 @@ def test_cli_plan_writes_json(point_run, tmp_path, capsys):
     assert record["normalized_score"] == pytest.approx(100 * (record["mean_return"] + 10.0) / 9.0)
     assert record["config"]["plan"]["beam_width"] == 4 and record["config"]["env"] == ENV_ID
     assert record["plan_log_likelihood"] < 0
+    # Episodes cut at 6 steps read against the data's own first 6 steps.
+    episodes = list(minari.load_dataset(DATASET_ID).iterate_episodes())
+    assert record["dataset_mean_return"] == pytest.approx(
+        np.mean([sum(ep.rewards[:6]) for ep in episodes if len(ep.rewards) >= 6 or ep.terminations[-1]]))
     printed = capsys.readouterr().out
     assert "episode 2: return" in printed and "mean return" in printed and "normalised score (dataset)" in printed
+    assert "over their first 6 steps" in printed
 
 
 @pytest.mark.parametrize("args, message", [

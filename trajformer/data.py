@@ -268,6 +268,13 @@ def complete_episodes(data: OfflineData) -> list[Episode]:
     return [e for e in data.episodes if e.is_terminal or limit is None or e.length >= limit]
 
 
+def prefix_return_mean(data: OfflineData, steps: int) -> float | None:
+    """Mean return over the first `steps` steps of the episodes that reach them or terminate before (the data's
+    reference for episodes cut at `steps`); None if no episode qualifies."""
+    returns = [e.rew[:steps].sum() for e in data.episodes if e.length >= steps or e.is_terminal]
+    return float(np.mean(returns)) if returns else None
+
+
 def return_stats(data: OfflineData) -> dict:
     """Episode count, steps, undiscounted return statistics of the raw rewards, and the mean return over complete
     episodes (the dataset's behaviour reference, DESIGN.md §6)."""

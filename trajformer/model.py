@@ -67,16 +67,22 @@ def additive(mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of (B, H, t, d) queries or keys at positions (t,) or (B, t): channel pairs
-    (i, i + d/2) rotated by position * 10000^(-2i/d). Angles are computed in float64, so positions in the
-    tens of thousands (a long episode's cache) rotate as exactly as small ones."""
-    d = x.shape[-1]
-    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
-    angles = positions.to(torch.float64)[..., None] * inv_freq  # (t, d/2) or (B, t, d/2)
+def rotary_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of the rotary angles position * 10000^(-2i/d), (t, d/2) for positions (t,) or (B, 1, t, d/2)
+    for (B, t); once per forward, shared by every layer. Angles are computed in float64, so positions in the tens
+    of thousands (a long episode's cache) rotate as exactly as small ones."""
+    inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.to(torch.float64)[..., None] * inv_freq
     if angles.dim() == 3:
-        angles = angles[:, None]  # (B, 1, t, d/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        angles = angles[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotary(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary position embedding of (B, H, t, d) queries or keys: channel pairs (i, i + d/2) rotated by the
+    angles of `rotary_tables`."""
+    cos, sin = (table.to(x.dtype) for table in tables)  # no-op but under autocast
+    d = x.shape[-1]
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -193,12 +199,12 @@ class SelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                positions: torch.Tensor | None = None):
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None):
         B, t, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (z.view(B, t, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))
         if self.rotary:
-            q, k = rotary(q, positions), rotary(k, positions)
+            q, k = rotary(q, rope), rotary(k, rope)
         if cache is not None:
             start = cache.length
             cache.k[layer, :B, :, start : start + t] = k
@@ -236,8 +242,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, cache=None, layer=0, positions=None):
-        x = x + self.attn(self.ln_1(x), mask, cache, layer, positions)
+    def forward(self, x, mask, cache=None, layer=0, rope=None):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -299,8 +305,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {t} tokens exceeds the model's block size {self.config.block_size}")
         x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(positions)
         x = dropout(x, self.config.dropout, self.training)
+        rope = self._rope(positions, x.dtype)
         for block in self.blocks:
-            x = block(x, bias, positions=positions)
+            x = block(x, bias, rope=rope)
         x = self.ln_f(x)
         T = self.config.transition_dim
         x = rearrange(F.pad(x, (0, 0, 0, -t % T)), "b (n slot) c -> b n slot c", slot=T)  # whole transitions
@@ -328,13 +335,20 @@ class GPT(nn.Module):
         cache.first_key = max(0, start - self.band + 1) if self.band else 0
         mask = attention_mask(query_pos, start + t, cache.pad - cache.offset, self.config.transition_dim, self.band,
                               cache.first_key)
+        rope = self._rope(rel, x.dtype)
         for layer, block in enumerate(self.blocks):
-            x = block(x, mask, cache, layer, rel)
+            x = block(x, mask, cache, layer, rope)
         cache.length = start + t
         slot = rel % self.config.transition_dim  # (B, t)
         if all_logits:
             return torch.einsum("btc,btcv->btv", self.ln_f(x), self.head[slot])
         return self.head_logits(self.ln_f(x[:, -1]), slot[:, -1])
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A window model's rotary tables for these positions (None for an absolute model)."""
+        if self.wpe is not None:
+            return None
+        return rotary_tables(positions, self.config.n_embd // self.config.n_head, dtype)
 
     def head_logits(self, h: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """Logits (B, N+1) of final hidden states h (B, C) through each row's slot head; one matmul when

@@ -244,6 +244,20 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
     return record
 
 
+def dataset_reference(run: Run, max_steps: int | None = None) -> float | None:
+    """The dataset's own mean return, to read a planned return against: over complete episodes (recorded at
+    training), or over the first `max_steps` steps of its episodes when episodes are cut (None if the dataset is
+    not on this machine)."""
+    from trajformer.data import load_episodes, prefix_return_mean
+
+    if max_steps is None:
+        return run.meta.get("dataset_stats", {}).get("complete_return_mean")
+    try:
+        return prefix_return_mean(load_episodes(run.meta["dataset_id"], run.config.data, download=False), max_steps)
+    except (FileNotFoundError, KeyError):
+        return None
+
+
 def report(record: dict) -> str:
     """Human-readable summary: per-episode return and length, mean ± standard error, normalised score."""
     lines = [f"episode {i}: return {r:.2f}, length {n}"
@@ -257,6 +271,10 @@ def report(record: dict) -> str:
                      + (f" ± {nse:.1f}" if nse else ""))
     else:
         lines.append("normalised score: no reference returns for this env or dataset")
+    if record.get("dataset_mean_return") is not None:
+        steps = record.get("config", {}).get("max_steps")
+        lines.append(f"the dataset's own episodes: mean return {record['dataset_mean_return']:.2f}"
+                     + (f" over their first {steps} steps" if steps else " (complete episodes)"))
     lines.append(f"{record['seconds_per_step']:.3g} s per env step"
                  + (f", plan log-likelihood {record['plan_log_likelihood']:.2f} per plan"
                     if "plan_log_likelihood" in record else ""))
@@ -273,6 +291,7 @@ def plan_command(run_dir: str, env_id: str | None = None, episodes: int = 1, num
     plan_cfg = plan_config(run, overrides or [])
     record = evaluate(run, plan_cfg, env_id=env_id, episodes=episodes, num_envs=num_envs, max_steps=max_steps,
                       seed=seed, video=video, video_speed=video_speed)
+    record["dataset_mean_return"] = dataset_reference(run, max_steps)
     print(report(record))
     if json_path is not None:
         save_json(Path(json_path), record)
