@@ -28,6 +28,7 @@ from trajformer.predict import (
     rollout_transformer,
     save_heldout,
     stops_possible,
+    transformer_compute,
 )
 from trajformer.run import load_run
 
@@ -221,6 +222,22 @@ def test_live_value_position_gets_the_models_argmax_value_token(run, held):
     after = run.model(window(torch.cat([seq, value_token])))[0, -1, :N]
     first_state = run.discretizer.midpoints[0][int(after.argmax())]
     assert out["obs"][0, 0, 0, 0] == pytest.approx(first_state)
+
+
+def test_transformer_compute_reads_the_logged_wall_clock(run, tmp_path):
+    """The run's logged `seconds` (summed over resumes); a log from before they were kept gets the throughput
+    estimate, labelled so."""
+    logged = transformer_compute(run)
+    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "tokens_per_s" in r][-1]
+    assert logged["train_seconds"] == pytest.approx(last["seconds"]) and logged["train_seconds_source"] == "logged"
+    assert logged["steps"] == last["step"] and logged["windows_seen"] == last["step"] * run.config.train.batch_size
+    old = tmp_path / "old"
+    shutil.copytree(run.path, old)
+    (old / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "seconds"}) + "\n"
+                                               for r in rows))
+    estimate = transformer_compute(load_run(old))
+    assert estimate["train_seconds_source"] == "estimated from throughput" and estimate["train_seconds"] > 0
 
 
 def test_decode_bins_hand_made():

@@ -366,10 +366,9 @@ def _add_model_based(sub) -> None:
 def _cmd_model_based(args) -> None:
     from pathlib import Path
 
-    from trajformer.baselines.model_based import check_ensemble, load_model_based, train_model_based
+    from trajformer.baselines.model_based import load_model_based, provide_ensemble, train_model_based
     from trajformer.config import load_config
     from trajformer.data import load_episodes
-    from trajformer.ensemble import load_ensemble, train_ensemble
     from trajformer.files import save_json
     from trajformer.rollout import evaluate_agent, report
 
@@ -379,15 +378,8 @@ def _cmd_model_based(args) -> None:
     if args.episodes < 1 or args.num_envs < 1:
         raise ValueError(f"--episodes ({args.episodes}) and --num-envs ({args.num_envs}) must be >= 1")
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{args.method}"
-    ensemble = args.ensemble or cfg.model_based.ensemble
     data = load_episodes(cfg.data.dataset, cfg.data)  # bad data is refused before the ensemble trains
-    if ensemble:
-        check_ensemble(load_ensemble(ensemble), data)
-    else:
-        ensemble = out / "ensemble"
-        if not (ensemble / "ensemble.json").is_file():
-            print(f"training the ensemble into {ensemble}")
-            train_ensemble(cfg, ensemble)
+    ensemble, _ = provide_ensemble(cfg, data, out / "ensemble", args.ensemble or cfg.model_based.ensemble)
     train_model_based(args.method, cfg, out, ensemble)
     agent, meta = load_model_based(out, args.method)
     meta["evaluation"] = evaluate_agent(agent, meta["env"], args.episodes, args.num_envs, meta=meta)

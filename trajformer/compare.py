@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import numpy as np
 from trajformer.baselines.bc import BCConfig, load_bc, train_bc
 from trajformer.baselines.iql import IQLConfig, load_iql, train_iql
 from trajformer.baselines.model_based import METHODS as MODEL_BASED
-from trajformer.baselines.model_based import check_ensemble, load_model_based, train_model_based
+from trajformer.baselines.model_based import check_ensemble, load_model_based, provide_ensemble, train_model_based
 from trajformer.config import Config
 from trajformer.data import load_episodes, return_stats
-from trajformer.ensemble import load_ensemble, train_ensemble
+from trajformer.ensemble import load_ensemble
 from trajformer.files import save_json, save_text
 from trajformer.rollout import evaluate, evaluate_agent
 from trajformer.run import load_run
@@ -92,14 +91,9 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         return path
 
     def ensemble_dir() -> Path:
-        if cfg.model_based.ensemble:
-            return Path(cfg.model_based.ensemble)
-        if (out_dir / "ensemble" / "ensemble.json").is_file():
-            seconds.setdefault("ensemble", load_ensemble(out_dir / "ensemble").meta["training"]["seconds"])
-        else:
-            shutil.rmtree(out_dir / "ensemble", ignore_errors=True)  # a half-trained one from a stopped comparison
-            timed("ensemble", lambda: train_ensemble(cfg, out_dir / "ensemble", progress=progress))
-        return out_dir / "ensemble"
+        path, trained = provide_ensemble(cfg, data, out_dir / "ensemble", cfg.model_based.ensemble, progress)
+        seconds["ensemble"] = trained  # its training time, as recorded by it (None: a given one)
+        return path
 
     def summary(rows: dict) -> dict:
         return {"dataset_id": data.dataset_id, "env": data.env_spec, "episodes": episodes, "max_steps": max_steps,

@@ -287,17 +287,22 @@ def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
 
 
 def transformer_compute(run: Run) -> dict:
-    """Training steps, windows and wall-clock of a run, rebuilt from its metrics.jsonl throughput log."""
+    """Training steps, windows and wall-clock of a run from its metrics.jsonl: the logged `seconds` (summed over
+    resumes), or for a run logged before they were, an estimate from the throughput rows."""
     rows = read_metrics(run.path / "metrics.jsonl")
     logged = [r for r in rows if "tokens_per_s" in r]
     batch, block = run.config.train.batch_size, run.model.config.block_size
-    seconds, last = 0.0, 0
-    for r in logged:
-        seconds += (r["step"] - last) * batch * block / r["tokens_per_s"]
-        last = r["step"]
+    last = logged[-1]["step"] if logged else 0
+    if logged and "seconds" in logged[-1]:
+        seconds, source = float(logged[-1]["seconds"]), "logged"
+    else:
+        steps = np.diff([0] + [r["step"] for r in logged])
+        seconds = float(sum(n * batch * block / r["tokens_per_s"] for n, r in zip(steps, logged, strict=True)))
+        source = "estimated from throughput"
     val = [r for r in rows if "val_loss" in r]
     best = min(val, key=lambda r: r["val_loss"]) if val else None
-    return {"steps": last, "windows_seen": last * batch, "train_seconds_estimate": round(seconds, 1),
+    return {"steps": last, "windows_seen": last * batch, "train_seconds": round(seconds, 1),
+            "train_seconds_source": source,
             "best_val_step": best["step"] if best else None, "best_val_loss": best["val_loss"] if best else None,
             "best_val_obs_ce": best.get("val_obs") if best else None,
             "parameters": sum(p.numel() for p in run.model.parameters())}

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from trajformer.baselines.policy import data_references
 from trajformer.baselines.sac import SAC, Batch, SACAgent
 from trajformer.config import Config
 from trajformer.data import OfflineData, load_episodes, split_episodes
-from trajformer.ensemble import Ensemble, load_ensemble
+from trajformer.ensemble import Ensemble, load_ensemble, train_ensemble
 from trajformer.files import load_torch, save_json, save_text, save_torch
 
 METHODS = ("mopo", "morel", "combo")
@@ -48,6 +49,21 @@ def check_ensemble(ensemble: Ensemble, data: OfflineData) -> None:
         raise ValueError(f"ensemble {ensemble.path} models {theirs[0]} observation and {theirs[1]} action dims, "
                          f"the data {data.dataset_id} has {data.obs_dim} and {data.act_dim} (or other selected "
                          "dims); train the ensemble on this dataset: trajformer train-ensemble CONFIG --dataset ID")
+
+
+def provide_ensemble(cfg: Config, data: OfflineData, out: Path, given: str = "",
+                     progress: bool = True) -> tuple[Path, float | None]:
+    """The ensemble MOPO, MOReL and COMBO work in: `given` (checked against the data), else the one an earlier
+    run left in `out`, else one trained with [ensemble] into `out` (a half-trained one is replaced). Returns its
+    directory and its training seconds (None for a given one: not this run's to count)."""
+    if given:
+        check_ensemble(load_ensemble(given), data)
+        return Path(given), None
+    if not (out / "ensemble.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        print(f"training the ensemble into {out}", flush=True)
+        train_ensemble(cfg, out, progress=progress)
+    return out, float(load_ensemble(out).meta["training"]["seconds"])
 
 
 def action_bounds(data: OfflineData) -> tuple[np.ndarray, np.ndarray]:
