@@ -272,6 +272,59 @@ def test_protocol_plans_once_where_the_official_setting_is_the_cheap_one(point_r
     assert record["settings"]["official"]["plan"]["horizon"] == 5
 
 
+def test_protocol_resumes_an_interrupted_evaluation(point_run, tmp_path, monkeypatch):
+    """Episodes finished before a stop are kept in eval.partial.json; the rerun plans only the others and ends
+    with what an uninterrupted evaluation gives; the partial file goes once eval.json is written."""
+    from trajformer import rollout
+
+    for name in ("whole", "stopped"):
+        shutil.copytree(point_run, tmp_path / name)
+    whole = rollout.evaluation_protocol(str(tmp_path / "whole"), episodes=4, settings=("32x5",), num_envs=2,
+                                        progress=False)
+    run_dir = tmp_path / "stopped"
+    real = rollout.evaluate
+    seen = []
+
+    def stop_after_two(*args, on_episode=None, **kwargs):
+        def counting(e, *rest):
+            on_episode(e, *rest)
+            seen.append(e)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+        return real(*args, on_episode=counting, **kwargs)
+
+    monkeypatch.setattr(rollout, "evaluate", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        rollout.evaluation_protocol(str(run_dir), episodes=4, settings=("32x5",), num_envs=2, progress=False)
+    partial = json.loads((run_dir / "eval.partial.json").read_text())
+    assert sorted(partial["runs"][0]["episodes"]) == sorted(str(e) for e in seen)
+    assert not (run_dir / "eval.json").exists()
+    planned = []
+    monkeypatch.setattr(rollout, "evaluate", lambda *a, skip=frozenset(), **k: planned.append(skip) or real(
+        *a, skip=skip, **k))
+    resumed = rollout.evaluation_protocol(str(run_dir), episodes=4, settings=("32x5",), num_envs=2, progress=False)
+    assert planned == [frozenset(seen)]  # only the two missing episodes were planned
+    assert resumed["settings"]["32x5"]["returns"] == whole["settings"]["32x5"]["returns"]
+    assert not (run_dir / "eval.partial.json").exists() and (run_dir / "eval.json").is_file()
+
+
+def test_protocol_keeps_settings_evaluated_separately(point_run, tmp_path, monkeypatch):
+    """`--settings 32x5` now and `--settings official` later, on as many episodes: eval.json holds both."""
+    from trajformer import rollout
+
+    monkeypatch.setattr(rollout, "official_plan", lambda env, data: {**rollout.OFFICIAL, "beam_width": 8,
+                                                                     "horizon": 3})
+    run = tmp_path / "run"
+    shutil.copytree(point_run, run)
+    cheap = rollout.evaluation_protocol(str(run), episodes=2, settings=("32x5",), progress=False)
+    rollout.evaluation_protocol(str(run), episodes=2, settings=("official",), progress=False)
+    record = json.loads((run / "eval.json").read_text())
+    assert record["settings"]["32x5"] == cheap["settings"]["32x5"]
+    assert record["settings"]["official"]["plan"]["beam_width"] == 8
+    rollout.evaluation_protocol(str(run), episodes=3, settings=("official",), progress=False)
+    assert set(json.loads((run / "eval.json").read_text())["settings"]) == {"official"}  # other episodes: anew
+
+
 def test_iql_runs_end_to_end_and_beats_random(point_run, tmp_path, monkeypatch):
     """`trajformer iql` on the point-line data (half its actions head for the goal): the AWR policy beats
     random by far (measured: about -2, random -10, BC about -5)."""

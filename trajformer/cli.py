@@ -267,7 +267,10 @@ def _add_eval(sub) -> None:
                 "cheap one, beside the dataset's mean return and BC; writes RUN_DIR/eval.json",
                 "trajformer eval runs/hopper-medium-local --episodes 10 --bc runs/hopper-medium-local-bc")
     p.add_argument("run_dir", help="run directory written by `trajformer train`")
-    p.add_argument("--episodes", type=int, default=10, help="episodes, seeds 0..N-1, all envs batched")
+    p.add_argument("--episodes", type=int, default=10, help="episodes, seeds 0..N-1")
+    p.add_argument("--num-envs", type=int, default=None, help="envs planned together (default: one per episode); "
+                   "each finished episode is kept in RUN_DIR/eval.partial.json, and running the command again "
+                   "after an interruption plans only the missing ones, so fewer envs lose less to a stop")
     p.add_argument("--settings", default="official,32x5",
                    help="comma-separated: official (the official code's setting for the run's task, DESIGN.md §5) "
                    "and/or 32x5 (beam 32, horizon 5)")
@@ -281,7 +284,7 @@ def _cmd_eval(args) -> None:
     from trajformer.rollout import evaluation_protocol
 
     out = evaluation_protocol(args.run_dir, args.episodes, tuple(args.settings.split(",")), args.bc,
-                              overrides=args.overrides)
+                              num_envs=args.num_envs, overrides=args.overrides)
     for name, record in out["settings"].items():
         score = record["normalized_score"]
         print(f"{name}: return {record['mean_return']:.1f} ± {record['stderr'] or 0:.1f}"

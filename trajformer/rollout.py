@@ -71,30 +71,37 @@ class Agent(Protocol):
 def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0, max_steps: int | None = None,
                  limit: int | None = None, desc: str = "episodes", progress: bool = True,
                  on_step: Callable[[int, np.ndarray, int, int], None] | None = None,
+                 skip: frozenset[int] = frozenset(),
+                 on_episode: Callable[[int, float, int, int, float], None] | None = None,
                  ) -> tuple[dict[int, tuple[float, int]], int, float]:
     """The evaluation protocol (DESIGN.md §6): episode e is reset with seed + e, and the agent's slot with the
     same seed, so results do not depend on len(envs); up to max_steps (or the env's limit) steps each. Returns
     ({episode: (return, length)}, env steps, seconds of acting and stepping). `on_step(slot, obs, episode, step)`
-    runs before each env step (the planner's video and likelihoods); its time is not counted."""
+    runs before each env step (the planner's video and likelihoods); its time is not counted. Episodes in `skip`
+    (finished by an earlier, interrupted evaluation) are not run; `on_episode(episode, return, length, env
+    steps, seconds)` runs as each one ends, with the totals so far."""
     n = len(envs)
     obs: list[np.ndarray | None] = [None] * n
     episode_of, ret, length = [-1] * n, [0.0] * n, [0] * n
     results: dict[int, tuple[float, int]] = {}
+    queue = [e for e in range(episodes) if e not in skip]
     started = 0
 
     def start(k: int) -> None:
         nonlocal started
-        episode_of[k], ret[k], length[k] = started, 0.0, 0
-        obs[k], _ = envs[k].reset(seed=seed + started)
-        agent.reset(k, seed=seed + started)
+        episode_of[k], ret[k], length[k] = queue[started], 0.0, 0
+        obs[k], _ = envs[k].reset(seed=seed + queue[started])
+        agent.reset(k, seed=seed + queue[started])
         started += 1
 
+    episodes = len(queue)
     for k in range(min(n, episodes)):
         start(k)
     total = episodes * (max_steps or limit) if (max_steps or limit) else None
     # disable=None: progress bars only on a terminal, never in redirected output.
     bar = tqdm(total=total, desc=desc, unit="step", disable=None if progress else True)
     steps, t0, hook_seconds = 0, time.perf_counter(), 0.0
+    ended: list[int] = []
     while True:
         active = [k for k in range(n) if episode_of[k] >= 0]
         if not active:
@@ -112,12 +119,16 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
             length[k] += 1
             if terminated or truncated or (max_steps is not None and length[k] >= max_steps):
                 results[episode_of[k]] = (ret[k], length[k])
+                ended.append(episode_of[k])
                 episode_of[k] = -1
         agent.observe_batch(active, np.array(rewards))
+        steps += len(active)
+        for e in ended if on_episode is not None else ():
+            on_episode(e, *results[e], steps, time.perf_counter() - t0 - hook_seconds)
+        ended.clear()
         for k in active:
             if episode_of[k] < 0 and started < episodes:
                 start(k)
-        steps += len(active)
         bar.update(len(active))
         running = [ret[k] for k in range(n) if episode_of[k] >= 0]
         bar.set_postfix(running_return=f"{np.mean(running):.1f}" if running else "-", done=len(results))
@@ -178,9 +189,12 @@ def evaluate_agent(agent: Agent, env: dict, episodes: int = 10, num_envs: int = 
 
 def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = None, episodes: int = 1,
              num_envs: int = 1, max_steps: int | None = None, seed: int = 0, video: str | Path | None = None,
-             progress: bool = True, dtype: torch.dtype | None = None, video_speed: float = 1.0) -> dict:
+             progress: bool = True, dtype: torch.dtype | None = None, video_speed: float = 1.0,
+             skip: frozenset[int] = frozenset(),
+             on_episode: Callable[[int, float, int, int, float], None] | None = None) -> dict:
     """Plan `episodes` episodes over `num_envs` envs stepped together; returns the JSON record. The video shows
-    episode 0 at the env's frame rate times `video_speed`; rendering is not counted in seconds_per_step."""
+    episode 0 at the env's frame rate times `video_speed`; rendering is not counted in seconds_per_step.
+    `skip` and `on_episode` as in run_episodes (the resumable protocol); the record holds the episodes run."""
     if episodes < 1 or num_envs < 1:
         raise ValueError(f"--episodes ({episodes}) and --num-envs ({num_envs}) must be >= 1")
     if max_steps is not None and max_steps < 1:
@@ -191,7 +205,7 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
     env_id, kwargs, limit = env_settings(run, env_id)
     if plan_cfg.num_threads > 0:
         torch.set_num_threads(plan_cfg.num_threads)
-    num_envs = min(num_envs, episodes)
+    num_envs = max(1, min(num_envs, episodes - len(skip)))
     first = make_env(env_id, kwargs, limit)
     try:
         check_env(first, run, env_id)
@@ -224,7 +238,7 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
             renderer.add(obs, future, length)
 
     results, steps, seconds = run_episodes(envs, planner, episodes, seed, max_steps, limit, f"plan {env_id}",
-                                           progress, on_step)
+                                           progress, on_step, skip, on_episode)
     record = episode_record(results, steps, seconds, env_id, run.meta)
     record.update({
         "plan_log_likelihood": float(np.mean(log_likelihoods)),
@@ -335,9 +349,13 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     at the official planner setting of the run's task ("official", whatever the run's own [plan] says) and at
     beam 32 / horizon 5 ("32x5"), beside the dataset's mean return over complete episodes and behaviour
     cloning's return on the same protocol; RUN_DIR/eval.json. `overrides` (plan.key=value) may set how the
-    search runs (device, dtype, threads), not what it searches."""
+    search runs (device, dtype, threads), not what it searches. Each finished episode is kept in
+    RUN_DIR/eval.partial.json, so running it again after an interruption plans only the missing episodes (fewer
+    `num_envs` than episodes let episodes finish, and be kept, sooner)."""
     from trajformer.data import load_episodes, return_stats
 
+    if episodes < 1 or (num_envs is not None and num_envs < 1):
+        raise ValueError(f"--episodes ({episodes}) and --num-envs ({num_envs}) must be >= 1")
     unknown = [s for s in settings if s not in ("official", "32x5")]
     if unknown or not settings:
         raise ValueError(f"--settings {','.join(settings)}: choose from official, 32x5")
@@ -362,6 +380,10 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         dataset_mean = return_stats(load_episodes(run.meta["dataset_id"], run.config.data))["complete_return_mean"]
     out = {"episodes": episodes, "dataset_mean_return": dataset_mean,
            "bc_mean_return": bc_return, "settings": {}}
+    # Finished episodes are kept in eval.partial.json as they end, so an interrupted evaluation (an hour per
+    # episode at 128/15 on a CPU) resumes where it stopped; the file goes once eval.json is written.
+    partial_path = Path(run.path) / "eval.partial.json"
+    partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {"runs": []}
     done: dict[tuple, dict] = {}  # a task whose official setting is 32/5 (halfcheetah-medium) plans once
     for name in settings:
         setting = official_plan(run.meta["env"]["id"], run.meta["dataset_id"])
@@ -372,11 +394,51 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         key = tuple(sorted(setting.items()))
         if key not in done:
             fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
-            record = evaluate(run, plan_config(run, [*fixed, "plan.objective=reward", *overrides]),
-                              episodes=episodes, num_envs=num_envs or episodes, progress=progress)
-            done[key] = {**{k: record[k] for k in ("returns", "mean_return", "stderr", "normalized_score",
-                                                   "normalized_stderr", "seconds_per_step")},
-                         "plan": record["config"]["plan"]}
+            plan_cfg = plan_config(run, [*fixed, "plan.objective=reward", *overrides])
+            done[key] = _resumable_setting(run, plan_cfg, setting, episodes, num_envs or episodes, partial,
+                                           partial_path, progress)
         out["settings"][name] = done[key]
-    save_json(Path(run.path) / "eval.json", out)
+    # Settings evaluated earlier on as many episodes (another `--settings`) stay in eval.json beside these.
+    earlier = Path(run.path) / "eval.json"
+    if earlier.is_file() and (old := json.loads(earlier.read_text())).get("episodes") == episodes:
+        out["settings"] = {**old.get("settings", {}), **out["settings"]}
+        out["bc_mean_return"] = out["bc_mean_return"] if bc_dir is not None else old.get("bc_mean_return")
+    save_json(earlier, out)
+    partial["runs"] = [r for r in partial["runs"] if r["episodes_total"] != episodes
+                       or tuple(sorted(r["setting"].items())) not in done]
+    if partial["runs"]:
+        save_json(partial_path, partial)
+    else:
+        partial_path.unlink(missing_ok=True)
     return out
+
+
+def _resumable_setting(run: Run, plan_cfg: PlanConfig, setting: dict, episodes: int, num_envs: int, partial: dict,
+                       partial_path: Path, progress: bool) -> dict:
+    """One setting of the protocol: the episodes eval.partial.json already holds for it are kept, the others are
+    planned, each written to eval.partial.json as it ends. Returns the setting's eval.json entry."""
+    # Episodes planned in another dtype are not mixed in: the same search, but not the same plans.
+    identity = {"setting": setting, "dtype": plan_cfg.dtype, "episodes_total": episodes}
+    entry = next((r for r in partial["runs"] if {k: r[k] for k in identity} == identity), None)
+    if entry is None:
+        entry = {**identity, "episodes": {}, "steps": 0, "seconds": 0.0}
+        partial["runs"].append(entry)
+    elif entry["episodes"]:
+        print(f"resuming beam {setting['beam_width']} / horizon {setting['horizon']}: {len(entry['episodes'])} of "
+              f"{episodes} episodes kept from {partial_path}", flush=True)
+    steps0, seconds0 = entry["steps"], entry["seconds"]
+
+    def finished(e: int, ret: float, length: int, steps: int, seconds: float) -> None:
+        entry["episodes"][str(e)] = [ret, length]
+        entry["steps"], entry["seconds"] = steps0 + steps, seconds0 + seconds
+        save_json(partial_path, partial)
+
+    kept = frozenset(int(e) for e in entry["episodes"])
+    plan = dataclasses.asdict(plan_cfg)
+    if len(kept) < episodes:
+        plan = evaluate(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress, skip=kept,
+                        on_episode=finished)["config"]["plan"]
+    results = {int(e): tuple(r) for e, r in entry["episodes"].items()}
+    record = episode_record(results, entry["steps"], entry["seconds"], run.meta["env"]["id"], run.meta)
+    return {**{k: record[k] for k in ("returns", "mean_return", "stderr", "normalized_score", "normalized_stderr",
+                                      "seconds_per_step")}, "plan": plan}
