@@ -11,7 +11,8 @@ import json
 import re
 from pathlib import Path
 
-from trajformer.run import read_metrics
+from trajformer.predict import transformer_compute
+from trajformer.run import load_run
 
 ROOT = Path(__file__).resolve().parent.parent
 # The TT paper's Table 1 (quantile discretization), D4RL-normalised, for orientation only.
@@ -31,9 +32,9 @@ def fmt(setting: dict | None, show_plan: bool = False) -> str:
 def compute(model_dir: Path) -> str:
     meta = json.loads((model_dir / "run.json").read_text())
     c = meta["compute"]
-    rows = read_metrics(model_dir / "metrics.jsonl")
-    seconds = max((r.get("seconds", 0.0) for r in rows), default=0.0)
-    when = f", {seconds / 60:.0f} min" if seconds else ""
+    spent = transformer_compute(load_run(model_dir))
+    approx = "" if spent["train_seconds_source"] == "logged" else "~"
+    when = f", {approx}{spent['train_seconds'] / 60:.0f} min" if spent["train_seconds"] else ""
     return f"{c['total_steps'] * c['batch_size']:,} windows, {c['device']} {c['dtype']}, {c['threads']} thread(s){when}"
 
 
