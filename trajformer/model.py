@@ -214,9 +214,11 @@ class SelfAttention(nn.Module):
             v = cache.v[layer, :B, :, keys]
         if cache is None:  # training and full-window forward: `mask` is the additive (t, t) bias
             y = attend(q, k, v, mask, self.dropout if self.training else 0.0)
-        elif t == 1:  # one query per row: plain matmuls beat the fused CPU kernel
-            scores = (q @ k.transpose(-1, -2)) * (C // self.n_head) ** -0.5
-            y = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+        elif t == 1:  # one query per row, `mask` the additive (B*H, 1, keys) bias: batched matmuls beat SDPA here
+            d = C // self.n_head
+            scores = torch.baddbmm(mask, q.reshape(B * self.n_head, 1, d),
+                                   k.reshape(B * self.n_head, -1, d).transpose(1, 2), alpha=d**-0.5)
+            y = torch.bmm(scores.softmax(-1), v.reshape(B * self.n_head, -1, d)).view(B, self.n_head, 1, d)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, t, C)
@@ -335,6 +337,10 @@ class GPT(nn.Module):
         cache.first_key = max(0, start - self.band + 1) if self.band else 0
         mask = attention_mask(query_pos, start + t, cache.pad - cache.offset, self.config.transition_dim, self.band,
                               cache.first_key)
+        if t == 1:  # the single-query path takes the additive bias, once for every layer and head
+            H = self.config.n_head
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+            mask = mask.expand(B, H, 1, mask.shape[-1]).reshape(B * H, 1, mask.shape[-1])
         rope = self._rope(rel, x.dtype)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer, rope)
