@@ -26,7 +26,9 @@ trajformer train "configs/$NAME-local.toml" --out "$RUN" "${RESUME[@]}" \
   --out "$RUN-bc" --set train.num_threads="$OMP_NUM_THREADS"
 DEVICE=${TRAIN_DEVICE:-cpu}
 SETTINGS=32x5; { [ "$ENV" = halfcheetah ] || [ "$DEVICE" = cuda ]; } && SETTINGS=official,32x5
-trajformer eval "$RUN" --episodes "$EPISODES" --settings "$SETTINGS" --bc "$RUN-bc" --set plan.device="$DEVICE"
+# EVAL_ENVS (default: one per episode) below EPISODES lets episodes finish, and be kept for a resumed run, sooner.
+trajformer eval "$RUN" --episodes "$EPISODES" --num-envs "${EVAL_ENVS:-$EPISODES}" --settings "$SETTINGS" \
+  --bc "$RUN-bc" --set plan.device="$DEVICE"
 mkdir -p "pretrained/models/$NAME"
 for f in model.pt config.toml run.json discretizer.npz metrics.jsonl loss.png eval.json; do
   cp "$RUN/$f" "pretrained/models/$NAME/"
