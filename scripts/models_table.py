@@ -22,7 +22,7 @@ MARK = "<!-- models-table -->"
 
 def fmt(setting: dict | None, show_plan: bool = False) -> str:
     if not setting:
-        return "not run (GPU session)"
+        return "not run yet"
     s = setting
     plan = f"{s['plan']['beam_width']}/{s['plan']['horizon']}: " if show_plan else ""
     return (f"{plan}{s['mean_return']:.0f} ± {s['stderr']:.0f} ({s['normalized_score']:.1f}; "
