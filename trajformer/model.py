@@ -62,9 +62,9 @@ def attention_mask(query_pos: torch.Tensor, n_keys: int, pad: torch.Tensor, tran
     return (visible[:, None, :] & causal[None]).unsqueeze(1)
 
 
-def additive(mask: torch.Tensor) -> torch.Tensor:
-    """The additive form (0 / -inf) of a boolean attention mask, for the training attention."""
-    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+def additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive form (0 / -inf) of a boolean attention mask, for the training and single-query attention."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,8 +339,7 @@ class GPT(nn.Module):
                               cache.first_key)
         if t == 1:  # the single-query path takes the additive bias, once for every layer and head
             H = self.config.n_head
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-            mask = mask.expand(B, H, 1, mask.shape[-1]).reshape(B * H, 1, mask.shape[-1])
+            mask = additive(mask, x.dtype).expand(B, H, 1, mask.shape[-1]).reshape(B * H, 1, -1)
         rope = self._rope(rel, x.dtype)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer, rope)

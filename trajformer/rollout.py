@@ -258,18 +258,17 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
     return record
 
 
-def dataset_reference(run: Run, max_steps: int | None = None) -> float | None:
+def dataset_reference(run: Run, max_steps: int | None = None, download: bool = True) -> float | None:
     """The dataset's own mean return, to read a planned return against: over complete episodes (recorded at
-    training), or over the first `max_steps` steps of its episodes when episodes are cut (None if the dataset is
-    not on this machine)."""
-    from trajformer.data import load_episodes, prefix_return_mean
+    training, else read from the dataset), or over the first `max_steps` steps of its episodes when episodes are
+    cut. Raises FileNotFoundError where the dataset must be read and is not on this machine."""
+    from trajformer.data import load_episodes, prefix_return_mean, return_stats
 
-    if max_steps is None:
-        return run.meta.get("dataset_stats", {}).get("complete_return_mean")
-    try:
-        return prefix_return_mean(load_episodes(run.meta["dataset_id"], run.config.data, download=False), max_steps)
-    except (FileNotFoundError, KeyError):
-        return None
+    recorded = run.meta.get("dataset_stats", {}).get("complete_return_mean")
+    if max_steps is None and recorded is not None:
+        return recorded
+    data = load_episodes(run.meta["dataset_id"], run.config.data, download=download)
+    return return_stats(data)["complete_return_mean"] if max_steps is None else prefix_return_mean(data, max_steps)
 
 
 def report(record: dict) -> str:
@@ -305,7 +304,10 @@ def plan_command(run_dir: str, env_id: str | None = None, episodes: int = 1, num
     plan_cfg = plan_config(run, overrides or [])
     record = evaluate(run, plan_cfg, env_id=env_id, episodes=episodes, num_envs=num_envs, max_steps=max_steps,
                       seed=seed, video=video, video_speed=video_speed)
-    record["dataset_mean_return"] = dataset_reference(run, max_steps)
+    try:  # an extra beside the record: none where the dataset is not on this machine
+        record["dataset_mean_return"] = dataset_reference(run, max_steps, download=False)
+    except (FileNotFoundError, KeyError):
+        record["dataset_mean_return"] = None
     print(report(record))
     if json_path is not None:
         save_json(Path(json_path), record)
@@ -352,8 +354,6 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     search runs (device, dtype, threads), not what it searches. Each finished episode is kept in
     RUN_DIR/eval.partial.json, so running it again after an interruption plans only the missing episodes (fewer
     `num_envs` than episodes let episodes finish, and be kept, sooner)."""
-    from trajformer.data import load_episodes, return_stats
-
     if episodes < 1 or (num_envs is not None and num_envs < 1):
         raise ValueError(f"--episodes ({episodes}) and --num-envs ({num_envs}) must be >= 1")
     unknown = [s for s in settings if s not in ("official", "32x5")]
@@ -375,10 +375,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
             raise ValueError(f"{bc_dir} was evaluated on {bc['evaluation']['config']['episodes']} episodes, not "
                              f"{episodes}; re-run `trajformer bc` with --episodes {episodes}")
         bc_return = bc["evaluation"]["mean_return"]
-    dataset_mean = run.meta.get("dataset_stats", {}).get("complete_return_mean")  # recorded at training
-    if dataset_mean is None:  # a run.json from before it was recorded
-        dataset_mean = return_stats(load_episodes(run.meta["dataset_id"], run.config.data))["complete_return_mean"]
-    out = {"episodes": episodes, "dataset_mean_return": dataset_mean,
+    out = {"episodes": episodes, "dataset_mean_return": dataset_reference(run),
            "bc_mean_return": bc_return, "settings": {}}
     # Finished episodes are kept in eval.partial.json as they end, so an interrupted evaluation (an hour per
     # episode at 128/15 on a CPU) resumes where it stopped; the file goes once eval.json is written.
@@ -434,11 +431,10 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, setting: dict, episodes: 
         save_json(partial_path, partial)
 
     kept = frozenset(int(e) for e in entry["episodes"])
-    plan = dataclasses.asdict(plan_cfg)
     if len(kept) < episodes:
-        plan = evaluate(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress, skip=kept,
-                        on_episode=finished)["config"]["plan"]
+        evaluate(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress, skip=kept,
+                 on_episode=finished)
     results = {int(e): tuple(r) for e, r in entry["episodes"].items()}
     record = episode_record(results, entry["steps"], entry["seconds"], run.meta["env"]["id"], run.meta)
     return {**{k: record[k] for k in ("returns", "mean_return", "stderr", "normalized_score", "normalized_stderr",
-                                      "seconds_per_step")}, "plan": plan}
+                                      "seconds_per_step")}, "plan": dataclasses.asdict(plan_cfg)}
