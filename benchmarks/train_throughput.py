@@ -11,7 +11,8 @@ official step.
 
 GEMM bound: every matmul of one training step (forward, and both gradient matmuls in backward, of the linear
 layers, the attention scores and weighted values, and the per-slot heads) timed bare, in the step's compute
-dtype, at exactly its shapes; vs_gemm_limit = measured step time / that sum.
+dtype, at exactly its shapes (the sequence padded to a multiple of 16 as the CPU forward runs it, attention one
+head per call); vs_gemm_limit = measured step time / that sum.
 
 --official DIR: a checkout of github.com/jannerm/trajectory-transformer (its `trajectory/models/`); times its
 GPT (forward with targets and mask, backward, clip, AdamW from its configure_optimizers, fp32) at the same
@@ -69,15 +70,15 @@ def gemm_shapes(obs: int, act: int, batch: int) -> list[tuple[int, int, int, int
     """(batch, m, k, n) of every matmul in one training step: forward y = x w and backward dx = dy w^T,
     dw = x^T dy for each layer; scores, weighted values and their four gradient matmuls; the slot heads."""
     T = obs + act + 2
-    t = SEQ * T - 1
-    M, C, d, bh = batch * t, WIDTH, WIDTH // HEADS, batch * HEADS
+    t = -(-(SEQ * T - 1) // 16) * 16  # the CPU forward runs the sequence padded to a multiple of 16
+    M, C, d = batch * t, WIDTH, WIDTH // HEADS
     shapes = []
     for k, n in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)):  # qkv, attention output, MLP in, MLP out
         shapes += [(1, M, k, n), (1, M, n, k), (1, k, M, n)]
-    attention = [(bh, t, d, t), (bh, t, t, d),  # q k^T, weights v
-                 (bh, t, d, t), (bh, t, t, d),  # d weights = dy v^T, d v = weights^T dy
-                 (bh, t, t, d), (bh, t, t, d)]  # d q = d scores k, d k = d scores^T q
-    shapes = shapes * LAYERS + attention * LAYERS
+    attention = [(batch, t, d, t), (batch, t, t, d),  # q k^T, weights v (one head per call)
+                 (batch, t, d, t), (batch, t, t, d),  # d weights = dy v^T, d v = weights^T dy
+                 (batch, t, t, d), (batch, t, t, d)]  # d q = d scores k, d k = d scores^T q
+    shapes = shapes * LAYERS + attention * HEADS * LAYERS
     rows = batch * SEQ  # per slot: one row per transition
     V = BINS + 1
     shapes += [(T, rows, C, V), (T, rows, V, C), (T, C, rows, V)]
