@@ -6,7 +6,9 @@ the KV-cached decoder of the absolute (official) model and of the window model, 
 at Hopper dims, with the uncached reference (one GPT.forward over the cropped window per generated token,
 batched over rows: the official algorithm). It records every cached forward pass the search makes
 (incremental steps at their row counts, window re-encodes), counts their matmul FLOPs, times bare fp32
-matmuls of exactly those shapes in the same run, and reports cached time / GEMM time. Humanoid dims (45/17)
+matmuls of exactly those shapes in the same run, and reports cached time / GEMM time. That cost model counts
+weight matmuls only; the attention matmuls over the cache (one query per row against every cached key: memory
+traffic, not FLOPs) are timed bare too, and reported beside it as cached / (GEMM + attention). Humanoid dims (45/17)
 run at beam 32, H 5. "absolute bf16" is the absolute model planning with plan.dtype = "bfloat16".
 
     python benchmarks/plan_speed.py [--threads N] [--steps 3] [--uncached-steps 1]
@@ -61,14 +63,15 @@ def seconds_per_step(search: BeamSearch, prefix: torch.Tensor, steps: int, warmu
     return statistics.median(times)
 
 
-def cached_calls(search: BeamSearch, prefix: torch.Tensor) -> list[tuple[int, int]]:
-    """(rows, new tokens) of every cached forward pass of one search."""
+def cached_calls(search: BeamSearch, prefix: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(rows, new tokens, keys each query's row attends over) of every cached forward pass of one search."""
     calls = []
     forward = search.model.forward_cached
 
     def recording(idx, cache, all_logits=False):
-        calls.append(tuple(idx.shape))
-        return forward(idx, cache, all_logits)
+        logits = forward(idx, cache, all_logits)
+        calls.append((*idx.shape, cache.length - cache.first_key))
+        return logits
 
     search.model.forward_cached = recording
     try:
@@ -94,21 +97,39 @@ def gemm_seconds(m: int, rows: int, cfg: GPTConfig, repeats: int = 5) -> float:
     return best
 
 
+def attention_seconds(rows: int, t: int, keys: int, cfg: GPTConfig, repeats: int = 5) -> float:
+    """Best time of the bare fp32 attention matmuls (q k^T, then weights v) of one cached forward pass: `rows`
+    rows of `t` queries over `keys` cached keys, every head and layer. Memory-bound for one query per row: the
+    cache's keys and values are read once per generated token."""
+    H, d = cfg.n_head, cfg.n_embd // cfg.n_head
+    q, k, v = torch.randn(rows * H, t, d), torch.randn(rows * H, keys, d), torch.randn(rows * H, keys, d)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(cfg.n_layer):
+            _ = torch.bmm(torch.bmm(q, k.transpose(1, 2)), v)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def matmul_flops(m: int, rows: int, cfg: GPTConfig) -> int:
     """Matmul FLOPs of one forward pass over m tokens: 12 C^2 weights per layer, one head slot per row."""
     return 2 * m * 12 * cfg.n_embd**2 * cfg.n_layer + 2 * rows * cfg.n_embd * (cfg.n_bins + 1)
 
 
 def measure(search: BeamSearch, prefix: torch.Tensor, steps: int) -> dict:
-    """Cached seconds per env step, and the GEMM-bound estimate of the same search."""
+    """Cached seconds per env step, the GEMM-bound estimate of the same search (weight matmuls, DESIGN.md §5),
+    and the bare time of its attention matmuls over the cache (which that cost model leaves out)."""
     cfg = search.model.config
     t_cached = seconds_per_step(search, prefix, steps)
     calls = cached_calls(search, prefix)
-    shapes = {(rows * t, rows) for rows, t in calls}
+    shapes = {(rows * t, rows) for rows, t, _ in calls}
     gemm = {s: gemm_seconds(*s, cfg) for s in shapes}
-    t_gemm = sum(gemm[(rows * t, rows)] for rows, t in calls)
-    flops = sum(matmul_flops(rows * t, rows, cfg) for rows, t in calls)
-    return {"s": t_cached, "gemm": t_gemm, "flops": flops, "encodes": sum(t > 1 for _, t in calls)}
+    t_gemm = sum(gemm[(rows * t, rows)] for rows, t, _ in calls)
+    attention = {c: attention_seconds(*c, cfg) for c in set(calls)}
+    flops = sum(matmul_flops(rows * t, rows, cfg) for rows, t, _ in calls)
+    return {"s": t_cached, "gemm": t_gemm, "attention": sum(attention[c] for c in calls), "flops": flops,
+            "encodes": sum(t > 1 for _, t, _ in calls)}
 
 
 def main() -> None:
@@ -123,7 +144,7 @@ def main() -> None:
     print(f"GPT 4x4x128, {BINS} bins, context {CONTEXT}, fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {load:.1f}")
     print(f"{'setting':<16}{'model':<14}{'cached s':>10}{'uncached s':>12}{'speedup':>9}{'GFLOP':>8}{'GEMM s':>9}"
-          f"{'GEMM GFLOP/s':>14}{'cached/GEMM':>13}{'encodes':>9}")
+          f"{'GEMM GFLOP/s':>14}{'cached/GEMM':>13}{'attn s':>8}{'cached/(GEMM+attn)':>20}{'encodes':>9}")
     results = {}
     with torch.inference_mode():
         for label, (obs, act), plan, reference in SETTINGS:
@@ -139,11 +160,15 @@ def main() -> None:
                 results[label, attention] = r
                 print(f"{label:<16}{attention:<14}{r['s']:>10.3f}{r['uncached']:>12.2f}"
                       f"{r['uncached'] / r['s']:>9.1f}{r['flops'] / 1e9:>8.1f}{r['gemm']:>9.3f}"
-                      f"{r['flops'] / r['gemm'] / 1e9:>14.1f}{r['s'] / r['gemm']:>13.2f}{r['encodes']:>9}", flush=True)
+                      f"{r['flops'] / r['gemm'] / 1e9:>14.1f}{r['s'] / r['gemm']:>13.2f}{r['attention']:>8.3f}"
+                      f"{r['s'] / (r['gemm'] + r['attention']):>20.2f}{r['encodes']:>9}", flush=True)
     a, w = results["hopper 128/15", "absolute"], results["hopper 128/15", "window"]
     h = results["hopper 128/15", "absolute bf16"]
     print(f"bf16 planning (plan.dtype = \"bfloat16\") at 128/15: {h['s']:.3f} s, {a['s'] / h['s']:.2f}x float32; "
           "its cached/GEMM column divides by the fp32 GEMM bound")
+    print(f"attention over the cache at 128/15, timed bare: {a['attention']:.3f} s absolute, {w['attention']:.3f} s "
+          f"window; cached / (GEMM + attention): {a['s'] / (a['gemm'] + a['attention']):.2f} absolute, "
+          f"{w['s'] / (w['gemm'] + w['attention']):.2f} window")
     print(f"plan_speed cached_vs_uncached={a['uncached'] / a['s']:.1f} vs_gemm_limit={a['s'] / a['gemm']:.2f} "
           f"seconds_per_step={a['s']:.3f} window_seconds_per_step={w['s']:.3f}")
 

@@ -115,8 +115,9 @@ class CachedDecoder(ReferenceDecoder):
         keep_freed_memory()
         self.cache: KVCache | None = None
         band = model.config.window
-        # Room for a prefix of `window` tokens plus one transition, and for the band's kept keys plus new ones.
-        self.cache_len = window if self.crop is not None else max(window + self.transition_dim, band) + band
+        # Room for a prefix of `window` tokens plus one transition; a window model compacts to its band's last
+        # keys about once a transition. Single-token steps read the whole buffer, so it is no longer than that.
+        self.cache_len = window if self.crop is not None else max(window, band) + self.transition_dim
 
     def start(self, prefixes: list[torch.Tensor], max_rows: int) -> None:
         super().start(prefixes, max_rows)

@@ -129,9 +129,10 @@ class KVCache:
         if not self.window or keep + incoming > self.max_len:
             raise ValueError(f"KV cache of length {self.max_len} cannot take {self.length + incoming} positions")
         drop = self.length - keep
+        rows = slice(0, self.rows)
         with torch.no_grad():
-            self.k[:, :, :, :keep] = self.k[:, :, :, drop : self.length].clone()
-            self.v[:, :, :, :keep] = self.v[:, :, :, drop : self.length].clone()
+            self.k[:, rows, :, :keep] = self.k[:, rows, :, drop : self.length].clone()
+            self.v[:, rows, :, :keep] = self.v[:, rows, :, drop : self.length].clone()
         self.offset += drop
         self.length = keep
 
@@ -349,9 +350,15 @@ class GPT(nn.Module):
         if self.wpe is not None and int(rel.max()) >= self.config.block_size:
             raise ValueError(f"position {int(rel.max())} exceeds the model's block size {self.config.block_size}")
         x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(rel.clamp(min=0))
-        # Queries attend over the written slots, and a window model's only over those its band can reach.
-        cache.first_key = max(0, start - self.band + 1) if self.band else 0
-        mask = attention_mask(query_pos, start + t, cache.pad - cache.offset, self.config.transition_dim, self.band,
+        if t == 1:
+            # One query per row reads every slot of the buffer: the mask hides the unwritten ones (k > q) and
+            # those out of the band. A partial slot range would make each (row, head) block a strided view, and
+            # the CPU's batched matmul over strided blocks runs 3-4x slower than over the whole contiguous
+            # buffer (benchmarks/plan_speed.py); the cache is sized to what the search can reach.
+            cache.first_key, n_keys = 0, cache.max_len
+        else:  # an encode attends over the written slots, a window model's only over those its band can reach
+            cache.first_key, n_keys = (max(0, start - self.band + 1) if self.band else 0), start + t
+        mask = attention_mask(query_pos, n_keys, cache.pad - cache.offset, self.config.transition_dim, self.band,
                               cache.first_key)
         if t == 1:  # the single-query path takes the additive bias, once for every layer and head
             H = self.config.n_head
