@@ -3,7 +3,7 @@
 #   pretrained/models/humanoid-ensemble/  the PETS-style ensemble baseline (5 x MLP 4 x 200)
 #   pretrained/data/humanoid-heldout.npz  4 validation episodes of trajformer/humanoid-medium-v0 (float32)
 #   runs/humanoid-ensemble-sweep/         the size sweep behind the README's fairness table
-# Needs the humanoid dataset and run of scripts/pretrain_humanoid_tt.sh (same episode split: configs/humanoid.toml,
+# Needs the humanoid dataset and main run of scripts/humanoid_models.sh (same episode split: configs/humanoid.toml,
 # train.seed 0). One torch thread, niced, time-capped so the ensemble gets no more CPU than the transformer.
 # ENSEMBLE_SECONDS caps the main ensemble (default 1500 s), SWEEP_SECONDS each sweep size (default 420 s).
 set -euo pipefail
@@ -23,7 +23,7 @@ done
 
 # The held-out slice: the first 4 of the transformer run's validation episodes.
 python -c "from trajformer.predict import save_heldout; \
-save_heldout('runs/humanoid', 'pretrained/data/humanoid-heldout.npz', episodes=4)"
+save_heldout('runs/humanoid-main', 'pretrained/data/humanoid-heldout.npz', episodes=4)"
 
 # Size sweep (each briefly, same time cap): validation NLL and one-step error per size.
 for size in "2 200" "4 400"; do
