@@ -300,6 +300,14 @@ def test_ablations_are_measured_on_the_same_starts_and_dims(run, tiny_config, ho
     by_hand = error_summary(normalized_error(tf["obs"][:, 0, :, :5], true, held.obs_std[:5]))["mean"]
     np.testing.assert_allclose(np.array(ab["partial"]["transformer_same_dims"]["mean"], dtype=float),
                                np.array(by_hand, dtype=float), rtol=1e-6)
+    # Every decode the main run reports, for the ablations too; the run's own same-dims error under each decode is
+    # its error under that decode.
+    for how in ("argmax", "expectation", "median"):
+        np.testing.assert_allclose(
+            np.array(ab["markovian"]["decodes"][how]["transformer_same_dims"]["mean"], dtype=float),
+            np.array(record["teacher_forced"]["decodes"][how]["mean"], dtype=float), rtol=1e-9)
+    assert ab["partial"]["decodes"]["argmax"]["error"] == ab["partial"]["error"]
+    assert "partial_error_median" in record["summary"]["1"]
     assert "partial_error" in record["summary"]["1"] and "ablation markovian" in capsys.readouterr().out
     npz = save_heldout(run.path, tmp_path / "heldout.npz", episodes=2)  # a slice of the full dims serves both
     assert load_heldout(str(npz), load_run(partial)).episodes[0].obs.shape[1] == 5

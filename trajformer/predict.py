@@ -376,16 +376,21 @@ def load_ablations(ablations: dict[str, str | os.PathLike], run: Run) -> dict[st
 
 
 def ablation_errors(run: Run, ablation: Run, dataset: str, chosen: list[tuple[int, int]], horizon: int,
-                    main_pred: np.ndarray, seed: int) -> dict:
-    """Teacher-forced error of an ablation run on the same starts and true actions (argmax decode), on its own
-    observation dims, beside the main run's error on those same dims."""
+                    main_preds: dict[str, np.ndarray], seed: int) -> dict:
+    """Teacher-forced error of an ablation run on the same starts and true actions, on its own observation dims,
+    beside the main run's error on those same dims: "error" and "transformer_same_dims" with the argmax decode,
+    and under "decodes" both for every decode the main run reports (`main_preds`: its predictions by decode)."""
     held = load_heldout(dataset, ablation)
     _, true, acts, prefixes = true_segments(ablation, held, chosen, horizon)
-    tf = rollout_transformer(ablation, prefixes, horizon, 1, actions=acts, greedy=True, seed=seed)
     dims = [run.obs_indices.tolist().index(i) for i in ablation.obs_indices.tolist()]  # its dims in the run's order
+    decodes = {}
+    for how, main_pred in main_preds.items():
+        tf = rollout_transformer(ablation, prefixes, horizon, 1, actions=acts, greedy=True, seed=seed, decode=how)
+        decodes[how] = {"error": error_summary(normalized_error(tf["obs"][:, 0], true, held.obs_std)),
+                        "transformer_same_dims": error_summary(normalized_error(main_pred[..., dims], true,
+                                                                                held.obs_std))}
     return {"obs_dims": ablation.obs_indices.tolist(), "context_transitions": ablation.config.data.sequence_length,
-            "error": error_summary(normalized_error(tf["obs"][:, 0], true, held.obs_std)),
-            "transformer_same_dims": error_summary(normalized_error(main_pred[..., dims], true, held.obs_std))}
+            **decodes["argmax"], "decodes": decodes}
 
 
 def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int = 100, starts: int = 8,
@@ -420,9 +425,11 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     record_tf = {"transformer": error_summary(normalized_error(tf["obs"][:, 0], true, held.obs_std)),
                  "transformer_stops": [{"start": k, "step": int(s)} for k, s in enumerate(tf["stop_step"][:, 0]) if s]}
     record_tf["decodes"] = {"argmax": record_tf["transformer"]}
+    preds = {"argmax": tf["obs"][:, 0]}
     for how in DECODES[1:]:  # the same teacher-forced rollouts with the other greedy decodes, side by side
         other = rollout_transformer(run, prefixes, horizon, 1, actions=true_act, greedy=True, seed=seed, decode=how)
-        record_tf["decodes"][how] = error_summary(normalized_error(other["obs"][:, 0], true, held.obs_std))
+        preds[how] = other["obs"][:, 0]
+        record_tf["decodes"][how] = error_summary(normalized_error(preds[how], true, held.obs_std))
     ens_tf = None
     if ens is not None:
         ens_tf = rollout_ensemble(ens, start, true_act[:, None])
@@ -430,7 +437,7 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     if others:
         say(f"ablations: {', '.join(others)}")
         record_tf["ablations"] = {name: ablation_errors(run, other, dataset or run.meta["dataset_id"], chosen,
-                                                        horizon, tf["obs"][:, 0], seed)
+                                                        horizon, preds, seed)
                                   for name, other in others.items()}
 
     say(f"open loop: {len(chosen)} starts x {samples} samples x {horizon} steps")
@@ -469,8 +476,9 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
                         "transformer_loglik": float(record_ol["transformer"][s - 1]),
                         "ensemble_loglik": float(record_ol["ensemble"][s - 1]) if ens else None,
                         "oracle_loglik": float(record_ol["oracle"][s - 1]),
-                        **{f"{name}_error": row["error"]["mean"][s - 1]
-                           for name, row in record_tf.get("ablations", {}).items()}} for s in at}
+                        **{f"{name}_error" + ("" if how == "argmax" else f"_{how}"): by["error"]["mean"][s - 1]
+                           for name, row in record_tf.get("ablations", {}).items()
+                           for how, by in row["decodes"].items()}} for s in at}
     record = {
         "config": {"run_dir": str(run.path), "baseline": str(baseline) if baseline else None,
                    "ablations": {name: str(other.path) for name, other in others.items()},
@@ -521,10 +529,11 @@ def report(record: dict) -> str:
                      f"{row['transitions']} held-out transitions), error "
                      + ("- (stopped)" if error is None else f"{error:.3f}"))
     for name, row in record["teacher_forced"].get("ablations", {}).items():
-        err, same = row["error"]["mean"], row["transformer_same_dims"]["mean"]
-        lines.append(f"ablation {name} ({row['context_transitions']}-transition context, {len(row['obs_dims'])} obs "
-                     f"dims): error at step {len(err)} {fmt(err[-1], 0).strip()}, the transformer on the same dims "
-                     f"{fmt(same[-1], 0).strip()}")
+        for how, by in row.get("decodes", {"argmax": row}).items():
+            err, same = by["error"]["mean"], by["transformer_same_dims"]["mean"]
+            lines.append(f"ablation {name} ({row['context_transitions']}-transition context, {len(row['obs_dims'])} "
+                         f"obs dims), {how} decode: error at step {len(err)} {fmt(err[-1], 0).strip()}, the "
+                         f"transformer on the same dims {fmt(same[-1], 0).strip()}")
     stops = record["teacher_forced"]["transformer_stops"]
     if stops:
         lines.append(f"teacher-forced transformer rollouts ended by a stop token: {stops}")
