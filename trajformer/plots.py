@@ -57,9 +57,16 @@ def error_vs_horizon(record: dict, path: str | os.PathLike) -> Path:
             continue
         plotted = True
         steps = np.arange(1, len(stats["mean"]) + 1)
-        ax.plot(steps, _nan(stats["mean"]), color=COLORS[name], label=f"{name} (mean)")
+        ax.plot(steps, _nan(stats["mean"]), color=COLORS[name],
+                label=f"{name} (mean{', argmax decode' if name == 'transformer' else ''})")
         ax.fill_between(steps, _nan(stats["q10"]), _nan(stats["q90"]), color=COLORS[name], alpha=0.2,
                         label=f"{name} (10-90%)")
+    for how, ls in (("expectation", "-."), ("median", ":")):  # the transformer's other greedy decodes
+        stats = record["teacher_forced"].get("decodes", {}).get(how)
+        if stats is not None and any(v is not None for v in stats["mean"]):
+            plotted = True
+            steps = np.arange(1, len(stats["mean"]) + 1)
+            ax.plot(steps, _nan(stats["mean"]), color=COLORS["transformer"], ls=ls, label=f"transformer, {how} decode")
     for (name, row), color in zip(record["teacher_forced"].get("ablations", {}).items(), ABLATION_COLORS,
                                   strict=False):
         mean = _nan(row["error"]["mean"])
