@@ -73,7 +73,7 @@ def error_vs_horizon(record: dict, path: str | os.PathLike) -> Path:
         if np.isfinite(mean).any():
             plotted = True
             ax.plot(np.arange(1, len(mean) + 1), mean, color=color, ls="--",
-                    label=f"{name} ({len(row['obs_dims'])} dims, context {row['context_transitions']})")
+                    label=f"{name} ({len(row['obs_dims'])} dims, context {row['context_transitions']}, argmax)")
     ax.set(xlabel="prediction step", ylabel="RMS error / dataset std", yscale="log" if plotted else "linear",
            title=f"true actions fed, {record['config']['starts']} held-out starts")
     ax.grid(alpha=0.3, which="both")
