@@ -7,9 +7,11 @@
 # runs/humanoid-markov   the same with data.sequence_length = 2: each next state sees the latest transition only
 # runs/humanoid-partial  the same with data.obs_dims = "0:22": joint positions only, the 23 velocities hidden
 # notebooks/figures/ablations   trajformer predict with the ensemble and both ablations (the README's table)
-# Each training is resumable: run the script again after an interruption. On one free CPU core the main run
-# trains ~95 windows/s (4 transitions, 255 tokens), the Markovian one ~230, the partial one ~150: 500k windows
-# is ~90 + 36 + 56 min; a GPU takes minutes. scripts/build_notebooks.sh then regenerates the notebooks.
+# Each training is resumable: run the script again after an interruption. Measured 2026-11-30, each run on one
+# core of the 2-core CPU beside another training: the main run ~70 windows/s (4 transitions, 255 tokens), the
+# Markovian one ~170, the partial one ~108, so 500k windows is ~121 + 49 + 78 min (the shipped runs; the main run
+# can go on one core while the two ablations follow each other on the other); a GPU takes minutes.
+# scripts/build_notebooks.sh then regenerates the notebooks; python scripts/humanoid_table.py the README table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WINDOWS=${1:-500000}
