@@ -1,6 +1,5 @@
 """The README's humanoid prediction table, from a `trajformer predict` record: teacher-forced error of the transformer
-(each greedy decode), of the ensemble and of the paper's ablations, open-loop log-likelihoods, and the compute each
-model got.
+(each greedy decode), of the ensemble and of the paper's ablations, and the open-loop log-likelihoods.
 
     python scripts/humanoid_table.py [PREDICT_JSON]   # default notebooks/figures/ablations/predict.json; prints
                                                       # the table and rewrites the README block between markers
@@ -9,9 +8,10 @@ model got.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
+
+from readme_block import replace_block
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "<!-- humanoid-table -->"
@@ -41,8 +41,8 @@ def table(record: dict) -> str:
             lines.append(row(f"ablation {name} ({what}), {how} decode", [error[int(s) - 1] for s in steps]))
             same = by["transformer_same_dims"]["mean"]
             full = record["teacher_forced"]["decodes"][how]["mean"]
+            # an ablation on a subset of dims: the main run's error on that subset beside it
             if any(abs(a - b) > 1e-9 for a, b in zip(same, full, strict=True) if a is not None and b is not None):
-                # a subset of dims: the main run on it
                 lines.append(row(f"transformer on those {dims} dims, {how} decode", [same[int(s) - 1] for s in steps]))
     lines.append(row("transformer, open-loop log-lik.", [s["transformer_loglik"] for s in summary]))
     lines.append(row("ensemble, open-loop log-lik.", [s["ensemble_loglik"] for s in summary]))
@@ -54,11 +54,7 @@ def main() -> None:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "notebooks" / "figures" / "ablations" / "predict.json"
     text = table(json.loads(path.read_text()))
     print(text)
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    if content.count(MARK) == 2:
-        content = re.sub(f"{MARK}.*?{MARK}", f"{MARK}\n{text}\n{MARK}", content, flags=re.S)
-        readme.write_text(content)
+    replace_block(MARK, text)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ figure for orientation (other data: D4RL v2, ~50M windows, 128/15), and the comp
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
+
+from readme_block import replace_block
 
 from trajformer.predict import transformer_compute
 from trajformer.run import load_run
@@ -56,11 +57,7 @@ def table() -> str:
 def main() -> None:
     text = table()
     print(text)
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    if content.count(MARK) == 2:
-        content = re.sub(f"{MARK}.*?{MARK}", f"{MARK}\n{text}\n{MARK}", content, flags=re.S)
-        readme.write_text(content)
+    replace_block(MARK, text)
 
 
 if __name__ == "__main__":
