@@ -272,6 +272,24 @@ def test_protocol_plans_once_where_the_official_setting_is_the_cheap_one(point_r
     assert record["settings"]["official"]["plan"]["horizon"] == 5
 
 
+def _stop_after(monkeypatch, rollout, reports: int, every: float = 60.0) -> list[dict]:
+    """Make the protocol's run_episodes report every `every` seconds and raise KeyboardInterrupt after its
+    `reports`-th report (a session ending); returns the reports seen."""
+    real = rollout.run_episodes
+    seen: list[dict] = []
+
+    def stopping(*args, on_progress=None, **kwargs):
+        def counting(state):
+            on_progress(state)
+            seen.append(json.loads(json.dumps(state)))
+            if len(seen) == reports:
+                raise KeyboardInterrupt
+        return real(*args, on_progress=counting, progress_every=every, **kwargs)
+
+    monkeypatch.setattr(rollout, "run_episodes", stopping)
+    return seen
+
+
 def test_protocol_resumes_an_interrupted_evaluation(point_run, tmp_path, monkeypatch):
     """Episodes finished before a stop are kept in eval.partial.json; the rerun plans only the others and ends
     with what an uninterrupted evaluation gives; the partial file goes once eval.json is written."""
@@ -282,30 +300,62 @@ def test_protocol_resumes_an_interrupted_evaluation(point_run, tmp_path, monkeyp
     whole = rollout.evaluation_protocol(str(tmp_path / "whole"), episodes=4, settings=("32x5",), num_envs=2,
                                         progress=False)
     run_dir = tmp_path / "stopped"
-    real = rollout.evaluate
-    seen = []
-
-    def stop_after_two(*args, on_episode=None, **kwargs):
-        def counting(e, *rest):
-            on_episode(e, *rest)
-            seen.append(e)
-            if len(seen) == 2:
-                raise KeyboardInterrupt
-        return real(*args, on_episode=counting, **kwargs)
-
-    monkeypatch.setattr(rollout, "evaluate", stop_after_two)
+    real = rollout.run_episodes
+    seen = _stop_after(monkeypatch, rollout, reports=1)  # reports come as episodes end (every minute otherwise)
     with pytest.raises(KeyboardInterrupt):
         rollout.evaluation_protocol(str(run_dir), episodes=4, settings=("32x5",), num_envs=2, progress=False)
     partial = json.loads((run_dir / "eval.partial.json").read_text())
-    assert sorted(partial["runs"][0]["episodes"]) == sorted(str(e) for e in seen)
+    finished = sorted(seen[-1]["finished"])
+    assert 1 <= len(finished) < 4 and sorted(partial["runs"][0]["episodes"]) == finished
     assert not (run_dir / "eval.json").exists()
     planned = []
-    monkeypatch.setattr(rollout, "evaluate", lambda *a, skip=frozenset(), **k: planned.append(skip) or real(
+    monkeypatch.setattr(rollout, "run_episodes", lambda *a, skip=frozenset(), **k: planned.append(skip) or real(
         *a, skip=skip, **k))
     resumed = rollout.evaluation_protocol(str(run_dir), episodes=4, settings=("32x5",), num_envs=2, progress=False)
-    assert planned == [frozenset(seen)]  # only the two missing episodes were planned
+    assert planned == [frozenset(int(e) for e in finished)]  # only the missing episodes were planned
     assert resumed["settings"]["32x5"]["returns"] == whole["settings"]["32x5"]["returns"]
     assert not (run_dir / "eval.partial.json").exists() and (run_dir / "eval.json").is_file()
+
+
+def test_protocol_resumes_mid_episode_exactly(point_run, tmp_path, monkeypatch):
+    """Stopped mid-episode (episodes under way are saved with their actions and the planner's slots), a rerun
+    replays the actions, restores the planner and ends with exactly the uninterrupted returns, counting each
+    env step once; fewer --num-envs than episodes under way still resumes them all."""
+    from trajformer import rollout
+
+    for name in ("whole", "stopped"):
+        shutil.copytree(point_run, tmp_path / name)
+    kw = dict(episodes=3, settings=("32x5",), progress=False)
+    real_run, counted = rollout.run_episodes, []
+    real_record = rollout.episode_record
+    monkeypatch.setattr(rollout, "episode_record", lambda results, steps, *a: counted.append(steps) or real_record(
+        results, steps, *a))
+    whole = rollout.evaluation_protocol(str(tmp_path / "whole"), num_envs=3, **kw)["settings"]["32x5"]
+    run_dir = tmp_path / "stopped"
+    seen = _stop_after(monkeypatch, rollout, reports=4, every=0.0)  # a report after every step
+    with pytest.raises(KeyboardInterrupt):
+        rollout.evaluation_protocol(str(run_dir), num_envs=3, **kw)
+    entry = json.loads((run_dir / "eval.partial.json").read_text())["runs"][0]
+    assert [len(r["actions"]) for r in entry["in_progress"]] == [4, 4, 4] and entry["steps"] == 12
+    assert entry["in_progress"] == seen[-1]["in_progress"] and not entry["episodes"]
+    monkeypatch.setattr(rollout, "run_episodes", real_run)
+    resumed = rollout.evaluation_protocol(str(run_dir), num_envs=1, **kw)["settings"]["32x5"]
+    assert resumed["returns"] == whole["returns"]
+    assert counted[-1] == counted[0]  # every env step counted once
+    assert not (run_dir / "eval.partial.json").exists()
+
+
+def test_resume_refuses_a_replay_that_does_not_reach_the_recorded_state(point_run):
+    """Replaying a saved episode's actions must land on its recorded observation bit for bit."""
+    env = gym.make(ENV_ID)
+    obs, _ = env.reset(seed=3)
+    action = env.action_space.sample().tolist()
+    after, *_ = env.step(np.asarray(action))
+    from trajformer.rollout import replay
+
+    assert np.array_equal(replay(env, 3, [action], after.tolist()), after)
+    with pytest.raises(RuntimeError, match="did not reach the recorded state"):
+        replay(env, 3, [action], np.nextafter(after, np.inf).tolist())  # one ulp off: not the same state
 
 
 def test_protocol_keeps_settings_evaluated_separately(point_run, tmp_path, monkeypatch):

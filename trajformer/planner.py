@@ -15,6 +15,7 @@ stop tokens, so the likelihood objective does not favour rows merely for ending 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections import deque
 from collections.abc import Callable
@@ -341,6 +342,32 @@ class Planner:
             value_placeholder = search.tokens([VALUE_PLACEHOLDER], search.T - 1)  # official; never attended
             self.contexts[e].append(torch.cat([obs_tokens, action_tokens, reward_token, value_placeholder]))
             self.pending[e] = None
+
+    def state(self, env: int) -> dict:
+        """Env slot `env` between steps as plain JSON data (context tokens, random stream, current plan), so an
+        interrupted evaluation can go on exactly where it stopped (`restore`)."""
+        if self.pending[env] is not None:
+            raise ValueError(f"env {env}: state() between act() and observe(); take it after observe(reward)")
+        plan = self.plans[env]
+        return {
+            "context": [tokens.tolist() for tokens in self.contexts[env]],
+            "generator": base64.b64encode(self.generators[env].get_state().numpy().tobytes()).decode(),
+            "offset": self.offsets[env],
+            "plan": None if plan is None else {f.name: (v.tolist() if isinstance(v := getattr(plan, f.name), np.ndarray)
+                                                        else v) for f in dataclasses.fields(plan)},
+        }
+
+    def restore(self, env: int, state: dict) -> None:
+        """Put slot `env` back in a state taken by `state`."""
+        self.contexts[env].clear()
+        self.contexts[env].extend(torch.tensor(tokens, dtype=torch.long) for tokens in state["context"])
+        raw = np.frombuffer(base64.b64decode(state["generator"]), dtype=np.uint8).copy()
+        self.generators[env].set_state(torch.from_numpy(raw))
+        plan = state["plan"]
+        if plan is not None:
+            plan = Plan(**{k: np.asarray(v, dtype=np.int64 if k == "action_tokens" else np.float64)
+                           if isinstance(v, list) else v for k, v in plan.items()})
+        self.plans[env], self.last_plans[env], self.offsets[env], self.pending[env] = plan, plan, state["offset"], None
 
     def act(self, obs: np.ndarray, env: int = 0) -> np.ndarray:
         """The action (dA,) for one env's observation; call observe(reward) after stepping the env."""

@@ -59,7 +59,8 @@ def check_env(env: gym.Env, run: Run, env_id: str) -> None:
 
 
 class Agent(Protocol):
-    """What run_episodes steps: per-env resets, batched actions, and the rewards that follow them."""
+    """What run_episodes steps: per-env resets, batched actions, and the rewards that follow them. A resumable
+    evaluation also needs `state(env) -> dict` and `restore(env, state)` (the planner has them)."""
 
     def reset(self, env: int = 0, seed: int = 0) -> None: ...
 
@@ -68,40 +69,71 @@ class Agent(Protocol):
     def observe_batch(self, envs: list[int], rewards: np.ndarray) -> None: ...
 
 
+def replay(env: gym.Env, seed: int, actions: list[list[float]], observation: list[float]) -> np.ndarray:
+    """Reset `env` with `seed` and step it through `actions`: an episode interrupted mid-way, back where it was.
+    The observation it reaches must be the recorded one, bit for bit."""
+    obs, _ = env.reset(seed=seed)
+    for i, action in enumerate(actions):
+        obs, _, terminated, truncated, _ = env.step(np.asarray(action))
+        if (terminated or truncated) and i < len(actions) - 1:
+            break
+    if not np.array_equal(obs, np.asarray(observation, dtype=obs.dtype)):
+        raise RuntimeError(f"replaying {len(actions)} recorded actions from seed {seed} did not reach the recorded "
+                           "state (another environment or MuJoCo version?); delete the \"in_progress\" entry of "
+                           "eval.partial.json to plan those episodes from their start")
+    return obs
+
+
 def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0, max_steps: int | None = None,
                  limit: int | None = None, desc: str = "episodes", progress: bool = True,
                  on_step: Callable[[int, np.ndarray, int, int], None] | None = None,
-                 skip: frozenset[int] = frozenset(),
-                 on_episode: Callable[[int, float, int, int, float], None] | None = None,
+                 skip: frozenset[int] = frozenset(), resume: list[dict] | tuple = (),
+                 on_progress: Callable[[dict], None] | None = None, progress_every: float = 60.0,
                  ) -> tuple[dict[int, tuple[float, int]], int, float]:
     """The evaluation protocol (DESIGN.md §6): episode e is reset with seed + e, and the agent's slot with the
     same seed, so results do not depend on len(envs); up to max_steps (or the env's limit) steps each. Returns
     ({episode: (return, length)}, env steps, seconds of acting and stepping). `on_step(slot, obs, episode, step)`
-    runs before each env step (the planner's video and likelihoods); its time is not counted. Episodes in `skip`
-    (finished by an earlier, interrupted evaluation) are not run; `on_episode(episode, return, length, env
-    steps, seconds)` runs as each one ends, with the totals so far."""
+    runs before each env step (the planner's video and likelihoods); its time is not counted.
+
+    Resuming (an hour per episode at 128/15 on a CPU): episodes in `skip` (finished earlier) are not run;
+    `on_progress(state)` gets {"finished": {episode: [return, length]}, "in_progress": [...], "steps", "seconds"}
+    whenever an episode ends and every `progress_every` seconds; passing an earlier state's "in_progress" as
+    `resume` replays those episodes' actions in fresh envs, restores the agent's slots, and goes on exactly as
+    an uninterrupted run would."""
+    resume = [r for r in resume if r["episode"] not in skip]
+    if len(resume) > len(envs):
+        raise ValueError(f"{len(resume)} episodes to resume but {len(envs)} envs; use at least {len(resume)}")
     n = len(envs)
     obs: list[np.ndarray | None] = [None] * n
     episode_of, ret, length = [-1] * n, [0.0] * n, [0] * n
+    taken: list[list[list[float]]] = [[] for _ in range(n)]  # each slot's actions so far, for on_progress
     results: dict[int, tuple[float, int]] = {}
-    queue = [e for e in range(episodes) if e not in skip]
+    resumed = {r["episode"] for r in resume}
+    queue = [e for e in range(episodes) if e not in skip and e not in resumed]
     started = 0
 
     def start(k: int) -> None:
         nonlocal started
-        episode_of[k], ret[k], length[k] = queue[started], 0.0, 0
+        episode_of[k], ret[k], length[k], taken[k] = queue[started], 0.0, 0, []
         obs[k], _ = envs[k].reset(seed=seed + queue[started])
         agent.reset(k, seed=seed + queue[started])
         started += 1
 
-    episodes = len(queue)
-    for k in range(min(n, episodes)):
+    for k, slot in enumerate(resume):
+        e = slot["episode"]
+        obs[k] = replay(envs[k], seed + e, slot["actions"], slot["observation"])
+        agent.reset(k, seed=seed + e)
+        agent.restore(k, slot["agent"])
+        episode_of[k], ret[k], length[k], taken[k] = e, slot["return"], len(slot["actions"]), list(slot["actions"])
+    for k in range(len(resume), min(n, len(resume) + len(queue))):
         start(k)
-    total = episodes * (max_steps or limit) if (max_steps or limit) else None
+    episodes = len(queue)
+    total = (episodes + len(resume)) * (max_steps or limit) if (max_steps or limit) else None
     # disable=None: progress bars only on a terminal, never in redirected output.
     bar = tqdm(total=total, desc=desc, unit="step", disable=None if progress else True)
     steps, t0, hook_seconds = 0, time.perf_counter(), 0.0
-    ended: list[int] = []
+    last_report = t0
+    ended = False
     while True:
         active = [k for k in range(n) if episode_of[k] >= 0]
         if not active:
@@ -114,21 +146,30 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
                 on_step(k, obs[k], episode_of[k], length[k])
                 hook_seconds += time.perf_counter() - tick
             obs[k], reward, terminated, truncated, _ = envs[k].step(action)
+            if on_progress is not None:
+                taken[k].append(np.asarray(action, dtype=np.float64).tolist())
             rewards.append(float(reward))
             ret[k] += float(reward)
             length[k] += 1
             if terminated or truncated or (max_steps is not None and length[k] >= max_steps):
                 results[episode_of[k]] = (ret[k], length[k])
-                ended.append(episode_of[k])
+                ended = True
                 episode_of[k] = -1
         agent.observe_batch(active, np.array(rewards))
         steps += len(active)
-        for e in ended if on_episode is not None else ():
-            on_episode(e, *results[e], steps, time.perf_counter() - t0 - hook_seconds)
-        ended.clear()
         for k in active:
             if episode_of[k] < 0 and started < episodes:
                 start(k)
+        now = time.perf_counter()
+        if on_progress is not None and (ended or now - last_report >= progress_every):
+            on_progress({
+                "finished": {str(e): list(r) for e, r in results.items()},
+                "in_progress": [{"episode": episode_of[k], "return": ret[k], "actions": taken[k],
+                                 "observation": np.asarray(obs[k]).tolist(), "agent": agent.state(k)}
+                                for k in range(n) if episode_of[k] >= 0],
+                "steps": steps, "seconds": now - t0 - hook_seconds,
+            })
+            last_report, ended = time.perf_counter(), False
         bar.update(len(active))
         running = [ret[k] for k in range(n) if episode_of[k] >= 0]
         bar.set_postfix(running_return=f"{np.mean(running):.1f}" if running else "-", done=len(results))
@@ -190,11 +231,12 @@ def evaluate_agent(agent: Agent, env: dict, episodes: int = 10, num_envs: int = 
 def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = None, episodes: int = 1,
              num_envs: int = 1, max_steps: int | None = None, seed: int = 0, video: str | Path | None = None,
              progress: bool = True, dtype: torch.dtype | None = None, video_speed: float = 1.0,
-             skip: frozenset[int] = frozenset(),
-             on_episode: Callable[[int, float, int, int, float], None] | None = None) -> dict:
+             skip: frozenset[int] = frozenset(), resume: list[dict] | tuple = (),
+             on_progress: Callable[[dict], None] | None = None) -> dict:
     """Plan `episodes` episodes over `num_envs` envs stepped together; returns the JSON record. The video shows
     episode 0 at the env's frame rate times `video_speed`; rendering is not counted in seconds_per_step.
-    `skip` and `on_episode` as in run_episodes (the resumable protocol); the record holds the episodes run."""
+    `skip`, `resume` and `on_progress` as in run_episodes (the resumable protocol); the record holds the episodes
+    run."""
     if episodes < 1 or num_envs < 1:
         raise ValueError(f"--episodes ({episodes}) and --num-envs ({num_envs}) must be >= 1")
     if max_steps is not None and max_steps < 1:
@@ -205,7 +247,7 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
     env_id, kwargs, limit = env_settings(run, env_id)
     if plan_cfg.num_threads > 0:
         torch.set_num_threads(plan_cfg.num_threads)
-    num_envs = max(1, min(num_envs, episodes - len(skip)))
+    num_envs = max(1, len(resume), min(num_envs, episodes - len(skip)))
     first = make_env(env_id, kwargs, limit)
     try:
         check_env(first, run, env_id)
@@ -238,7 +280,7 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
             renderer.add(obs, future, length)
 
     results, steps, seconds = run_episodes(envs, planner, episodes, seed, max_steps, limit, f"plan {env_id}",
-                                           progress, on_step, skip, on_episode)
+                                           progress, on_step, skip=skip, resume=resume, on_progress=on_progress)
     record = episode_record(results, steps, seconds, env_id, run.meta)
     record.update({
         "plan_log_likelihood": float(np.mean(log_likelihoods)),
@@ -413,7 +455,8 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
 def _resumable_setting(run: Run, plan_cfg: PlanConfig, setting: dict, episodes: int, num_envs: int, partial: dict,
                        partial_path: Path, progress: bool) -> dict:
     """One setting of the protocol: the episodes eval.partial.json already holds for it are kept, the others are
-    planned, each written to eval.partial.json as it ends. Returns the setting's eval.json entry."""
+    planned, each written to eval.partial.json as it ends, and the episodes under way every minute (their actions,
+    the planner's slots), so a rerun goes on mid-episode. Returns the setting's eval.json entry."""
     # Episodes planned in another dtype are not mixed in: the same search, but not the same plans.
     identity = {"setting": setting, "dtype": plan_cfg.dtype, "episodes_total": episodes}
     entry = next((r for r in partial["runs"] if {k: r[k] for k in identity} == identity), None)
@@ -423,17 +466,22 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, setting: dict, episodes: 
     elif entry["episodes"]:
         print(f"resuming beam {setting['beam_width']} / horizon {setting['horizon']}: {len(entry['episodes'])} of "
               f"{episodes} episodes kept from {partial_path}", flush=True)
-    steps0, seconds0 = entry["steps"], entry["seconds"]
+    steps0, seconds0, kept = entry["steps"], entry["seconds"], dict(entry["episodes"])
+    resume = [r for r in entry.get("in_progress", []) if str(r["episode"]) not in kept]
+    if resume:
+        print(f"resuming {len(resume)} episodes mid-way ({', '.join(str(len(r['actions'])) for r in resume)} steps "
+              "done)", flush=True)
 
-    def finished(e: int, ret: float, length: int, steps: int, seconds: float) -> None:
-        entry["episodes"][str(e)] = [ret, length]
-        entry["steps"], entry["seconds"] = steps0 + steps, seconds0 + seconds
+    def saved(state: dict) -> None:
+        entry["episodes"] = {**kept, **state["finished"]}
+        entry["in_progress"] = state["in_progress"]
+        entry["steps"], entry["seconds"] = steps0 + state["steps"], seconds0 + state["seconds"]
         save_json(partial_path, partial)
 
-    kept = frozenset(int(e) for e in entry["episodes"])
     if len(kept) < episodes:
-        evaluate(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress, skip=kept,
-                 on_episode=finished)
+        evaluate(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress,
+                 skip=frozenset(int(e) for e in kept), resume=resume, on_progress=saved)
+        entry.pop("in_progress", None)
     results = {int(e): tuple(r) for e, r in entry["episodes"].items()}
     record = episode_record(results, entry["steps"], entry["seconds"], run.meta["env"]["id"], run.meta)
     return {**{k: record[k] for k in ("returns", "mean_return", "stderr", "normalized_score", "normalized_stderr",
