@@ -34,4 +34,5 @@ done
 rm -rf notebooks/figures/ablations
 trajformer predict pretrained/models/humanoid-tt --dataset pretrained/data/humanoid-heldout.npz \
   --baseline pretrained/models/humanoid-ensemble --ablation markovian=runs/humanoid-markov \
-  --ablation partial=runs/humanoid-partial --horizon 100 --starts 8 --samples 16 --out notebooks/figures/ablations
+  --ablation partial=runs/humanoid-partial --horizon 100 --starts 8 --samples 16 --no-render \
+  --out notebooks/figures/ablations   # no filmstrip/video: the long-horizon notebook shows the main run's

@@ -480,7 +480,8 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
                            for name, row in record_tf.get("ablations", {}).items()
                            for how, by in row["decodes"].items()}} for s in at}
     record = {
-        "config": {"run_dir": str(run.path), "baseline": str(baseline) if baseline else None,
+        "config": {"run_dir": str(run.path), "obs_dims": run.obs_indices.tolist(),
+                   "baseline": str(baseline) if baseline else None,
                    "ablations": {name: str(other.path) for name, other in others.items()},
                    "dataset": held.dataset_id, "held_out": held.source, "horizon": horizon, "starts": len(chosen),
                    "samples": samples, "seed": seed,
