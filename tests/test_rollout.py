@@ -218,6 +218,13 @@ def test_behaviour_cloning_runs_end_to_end_and_beats_random(point_run, tmp_path,
     assert meta["dataset_mean_return"] == pytest.approx(
         np.mean([sum(ep.rewards) for ep in minari.load_dataset(DATASET_ID).iterate_episodes()]))
     assert "mean return" in capsys.readouterr().out
+    cli.main(["bc", str(point_run / "config.toml"), "--out", str(tmp_path / "bc5"), "--steps", "100", "--episodes",
+              "2", "--max-steps", "5"])  # cut episodes: read against the data's first-5-step mean
+    record = json.loads((tmp_path / "bc5" / "bc.json").read_text())["evaluation"]
+    assert record["lengths"] == [5, 5] and record["config"]["max_steps"] == 5
+    first5 = [sum(ep.rewards[:5]) for ep in minari.load_dataset(DATASET_ID).iterate_episodes()]
+    assert record["dataset_prefix_return_mean"] == pytest.approx(np.mean(first5))
+    assert f"over the first 5 steps {np.mean(first5):.1f}" in capsys.readouterr().out
 
 
 def test_evaluation_protocol_writes_eval_json_beside_references(point_run, tmp_path, monkeypatch, capsys):

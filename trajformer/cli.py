@@ -310,6 +310,8 @@ def _add_baselines(sub) -> None:
                        help=f"an {name} setting, e.g. --hp learning_rate=1e-3 (repeatable; see baselines/{name}.py)")
         p.add_argument("--episodes", type=int, default=10, help="evaluation episodes (seeds SEED..SEED+N-1)")
         p.add_argument("--num-envs", type=int, default=10, help="evaluation envs stepped together")
+        p.add_argument("--max-steps", type=int, default=None, help="cut evaluation episodes at this many steps "
+                       "(default: the env's limit); the dataset's reference is then its first-N-step mean")
         p.add_argument("--seed", type=int, default=0, help="training seed, and the first evaluation episode's seed")
         p.set_defaults(func=_cmd_baseline, baseline=name)
 
@@ -319,6 +321,7 @@ def _cmd_baseline(args) -> None:
     import importlib
     from pathlib import Path
 
+    from trajformer.baselines.policy import prefix_reference
     from trajformer.config import load_config
     from trajformer.files import save_json
     from trajformer.rollout import evaluate_agent, report
@@ -333,16 +336,23 @@ def _cmd_baseline(args) -> None:
             raise ValueError(f"--hp {item!r}: use KEY=VALUE with KEY one of {', '.join(fields)}")
         values[key] = float(value) if fields[key] == "float" else int(value)
     settings = getattr(module, settings_cls)(**values)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{args.baseline}"
     getattr(module, f"train_{args.baseline}")(cfg, out, settings, dataset_id=args.dataset)
     agent, meta = getattr(module, f"load_{args.baseline}")(out)
-    meta["evaluation"] = evaluate_agent(agent, meta["env"], args.episodes, args.num_envs, args.seed, meta=meta)
+    meta["evaluation"] = evaluate_agent(agent, meta["env"], args.episodes, args.num_envs, args.seed,
+                                        max_steps=args.max_steps, meta=meta)
+    if args.max_steps is not None:
+        reference = prefix_reference(args.dataset or cfg.data.dataset, cfg.data, args.max_steps)
+        meta["evaluation"]["dataset_prefix_return_mean"] = reference
+        what = f"over the first {args.max_steps} steps " + ("-" if reference is None else f"{reference:.1f}")
+    else:
+        what = f"over complete episodes {meta['dataset_mean_return']:.1f}"
     save_json(out / f"{args.baseline}.json", meta)
-    record = meta["evaluation"]
-    print(report(record))
-    print(f"dataset mean return over complete episodes {meta['dataset_mean_return']:.1f}; "
-          f"{args.baseline} directory {out}")
+    print(report(meta["evaluation"]))
+    print(f"dataset mean return {what}; {args.baseline} directory {out}")
 
 
 MODEL_BASED = {"mopo": "MOPO (reward minus lambda x ensemble uncertainty)",

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from trajformer.data import OfflineData, return_stats
+from trajformer.config import DataConfig
+from trajformer.data import OfflineData, load_episodes, prefix_return_mean, return_stats
 
 
 class DatasetPolicy(nn.Module):
@@ -51,3 +52,9 @@ def data_references(data: OfflineData) -> dict:
     the dataset's mean return over complete episodes and its reference scores."""
     return {"dataset_mean_return": return_stats(data)["complete_return_mean"],
             "ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score}
+
+
+def prefix_reference(dataset_id: str, data_cfg: DataConfig, steps: int) -> float | None:
+    """The dataset's mean return over its episodes' first `steps` steps: the reference for evaluations cut at
+    `steps` (--max-steps), as `trajformer plan` reports it."""
+    return prefix_return_mean(load_episodes(dataset_id, data_cfg), steps)
