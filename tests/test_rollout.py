@@ -138,6 +138,16 @@ def test_shipped_models_load_by_name(tmp_path, monkeypatch):
     assert describe("hopper-medium").startswith("run directory ")
 
 
+def test_shipped_models_evaluate_without_their_datasets(tmp_path, monkeypatch):
+    """Every shipped model records its dataset's reference return, so `trajformer eval` of it needs no dataset."""
+    from trajformer.rollout import dataset_reference
+    from trajformer.run import shipped_models
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # no datasets here
+    for name in shipped_models():
+        assert dataset_reference(load_run(name), download=False) > 0, name
+
+
 def test_score_reference_and_summary():
     assert score_reference("Hopper-v5", {}) == ((-20.272305, 3234.3), "d4rl-v2")
     assert score_reference("Walker2d-v5", {"ref_min_score": 0.0, "ref_max_score": 1.0})[1] == "d4rl-v2"
