@@ -39,7 +39,7 @@ def table(record: dict) -> str:
                 continue
             error = by["error"]["mean"]
             lines.append(row(f"ablation {name} ({what}), {how} decode", [error[int(s) - 1] for s in steps]))
-            if dims < len(record["config"]["obs_dims"]):  # a subset of dims: the main run's error on it beside it
+            if set(ab["obs_dims"]) < set(record["config"]["obs_dims"]):  # a subset: the main run's error on it too
                 same = by["transformer_same_dims"]["mean"]
                 lines.append(row(f"transformer on those {dims} dims, {how} decode", [same[int(s) - 1] for s in steps]))
     lines.append(row("transformer, open-loop log-lik.", [s["transformer_loglik"] for s in summary]))

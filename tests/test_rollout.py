@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -318,7 +319,7 @@ def test_protocol_resumes_an_interrupted_evaluation(point_run, tmp_path, monkeyp
                                         progress=False)
     run_dir = tmp_path / "stopped"
     real = rollout.run_episodes
-    seen = _stop_after(monkeypatch, rollout, reports=1)  # reports come as episodes end (every minute otherwise)
+    seen = _stop_after(monkeypatch, rollout, reports=1, every=math.inf)  # a report only as episodes end
     with pytest.raises(KeyboardInterrupt):
         rollout.evaluation_protocol(str(run_dir), episodes=4, settings=("32x5",), num_envs=2, progress=False)
     partial = json.loads((run_dir / "eval.partial.json").read_text())
@@ -360,6 +361,40 @@ def test_protocol_resumes_mid_episode_exactly(point_run, tmp_path, monkeypatch):
     assert resumed["returns"] == whole["returns"]
     assert counted[-1] == counted[0]  # every env step counted once
     assert not (run_dir / "eval.partial.json").exists()
+
+
+def test_run_episodes_resumes_mid_plan_with_uneven_slots(point_run):
+    """plan_freq 2, so a stop between a plan's two actions must keep the plan and its offset; two slots whose
+    envs cut episodes at 5 and 9 steps, so the third episode starts in slot 0 while slot 1 runs on and the slots
+    stop at different lengths: the resumed run gives the uninterrupted returns, each env step counted once."""
+    from trajformer.planner import Planner
+    from trajformer.rollout import run_episodes
+
+    run = load_run(point_run)
+    cfg = plan_config(run, ["plan.beam_width=4", "plan.horizon=2", "plan.plan_freq=2"])
+
+    def envs() -> list[gym.Env]:
+        return [gym.make(ENV_ID, max_episode_steps=limit) for limit in (5, 9)]
+
+    whole, steps, _ = run_episodes(envs(), Planner.from_run(run, cfg, n_envs=2), 3, seed=5, progress=False)
+    reports = []
+
+    def stop(state: dict) -> None:
+        reports.append(json.loads(json.dumps(state)))
+        if len(reports) == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_episodes(envs(), Planner.from_run(run, cfg, n_envs=2), 3, seed=5, progress=False, on_progress=stop,
+                     progress_every=0.0)
+    last = reports[-1]
+    slots = last["in_progress"]
+    assert [(r["episode"], len(r["actions"])) for r in slots] == [(2, 2), (1, 7)] and list(last["finished"]) == ["0"]
+    assert [r["agent"]["offset"] for r in slots] == [2, 1]  # slot 1 stopped between a plan's two actions
+    rest, more, _ = run_episodes(envs(), Planner.from_run(run, cfg, n_envs=2), 3, seed=5, progress=False,
+                                 skip=frozenset({0}), resume=slots)
+    assert {0: tuple(last["finished"]["0"]), **rest} == whole
+    assert last["steps"] + more == steps
 
 
 def test_resume_refuses_a_replay_that_does_not_reach_the_recorded_state(point_run):

@@ -367,6 +367,7 @@ class Planner:
         if plan is not None:
             plan = Plan(**{k: np.asarray(v, dtype=np.int64 if k == "action_tokens" else np.float64)
                            if isinstance(v, list) else v for k, v in plan.items()})
+            plan.next_observations = plan.next_observations.reshape(-1, self.search.dS)  # (0, dS) at horizon 1
         self.plans[env], self.last_plans[env], self.offsets[env], self.pending[env] = plan, plan, state["offset"], None
 
     def act(self, obs: np.ndarray, env: int = 0) -> np.ndarray:

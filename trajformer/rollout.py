@@ -99,7 +99,7 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
     `on_progress(state)` gets {"finished": {episode: [return, length]}, "in_progress": [...], "steps", "seconds"}
     whenever an episode ends and every `progress_every` seconds; passing an earlier state's "in_progress" as
     `resume` replays those episodes' actions in fresh envs, restores the agent's slots, and goes on exactly as
-    an uninterrupted run would."""
+    an uninterrupted run would. Slots freed by resumed episodes take new ones, so all len(envs) stay in use."""
     resume = [r for r in resume if r["episode"] not in skip]
     if len(resume) > len(envs):
         raise ValueError(f"{len(resume)} episodes to resume but {len(envs)} envs; use at least {len(resume)}")
@@ -127,10 +127,9 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
         episode_of[k], ret[k], length[k], taken[k] = e, slot["return"], len(slot["actions"]), list(slot["actions"])
     for k in range(len(resume), min(n, len(resume) + len(queue))):
         start(k)
-    episodes = len(queue)
-    total = (episodes + len(resume)) * (max_steps or limit) if (max_steps or limit) else None
+    total = (len(queue) + len(resume)) * (max_steps or limit) if (max_steps or limit) else None
     # disable=None: progress bars only on a terminal, never in redirected output.
-    bar = tqdm(total=total, desc=desc, unit="step", disable=None if progress else True)
+    bar = tqdm(total=total, initial=sum(length), desc=desc, unit="step", disable=None if progress else True)
     steps, t0, hook_seconds = 0, time.perf_counter(), 0.0
     last_report = t0
     ended = False
@@ -158,11 +157,11 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
         agent.observe_batch(active, np.array(rewards))
         steps += len(active)
         for k in active:
-            if episode_of[k] < 0 and started < episodes:
+            if episode_of[k] < 0 and started < len(queue):
                 start(k)
         now = time.perf_counter()
         if on_progress is not None and (ended or now - last_report >= progress_every):
-            on_progress({
+            on_progress({  # its time (the planner's state, the file) is not counted as acting
                 "finished": {str(e): list(r) for e, r in results.items()},
                 "in_progress": [{"episode": episode_of[k], "return": ret[k], "actions": taken[k],
                                  "observation": np.asarray(obs[k]).tolist(), "agent": agent.state(k)}
@@ -170,6 +169,7 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
                 "steps": steps, "seconds": now - t0 - hook_seconds,
             })
             last_report, ended = time.perf_counter(), False
+            hook_seconds += last_report - now
         bar.update(len(active))
         running = [ret[k] for k in range(n) if episode_of[k] >= 0]
         bar.set_postfix(running_return=f"{np.mean(running):.1f}" if running else "-", done=len(results))
@@ -243,6 +243,8 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
         raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
     if video_speed <= 0:
         raise ValueError(f"--video-speed must be > 0 (1 = real time, 0.25 = four times slower), got {video_speed}")
+    if video is not None and resume:
+        raise ValueError("a video starts with its episode; resume without --video")
     plan_cfg = plan_cfg or run.config.plan
     env_id, kwargs, limit = env_settings(run, env_id)
     if plan_cfg.num_threads > 0:
@@ -394,8 +396,8 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     beam 32 / horizon 5 ("32x5"), beside the dataset's mean return over complete episodes and behaviour
     cloning's return on the same protocol; RUN_DIR/eval.json. `overrides` (plan.key=value) may set how the
     search runs (device, dtype, threads), not what it searches. Each finished episode is kept in
-    RUN_DIR/eval.partial.json, so running it again after an interruption plans only the missing episodes (fewer
-    `num_envs` than episodes let episodes finish, and be kept, sooner)."""
+    RUN_DIR/eval.partial.json, and so are the episodes under way every minute: running it again after an
+    interruption goes on mid-episode where it stopped (run_episodes)."""
     if episodes < 1 or (num_envs is not None and num_envs < 1):
         raise ValueError(f"--episodes ({episodes}) and --num-envs ({num_envs}) must be >= 1")
     unknown = [s for s in settings if s not in ("official", "32x5")]
