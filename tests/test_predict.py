@@ -18,7 +18,7 @@ from trajformer.config import EnsembleConfig
 from trajformer.decoding import crop_start, decode_bins
 from trajformer.ensemble import train_ensemble
 from trajformer.files import save_torch
-from trajformer.metrics import error_summary, histogram_loglik, normalized_error
+from trajformer.metrics import dim_errors, error_summary, histogram_loglik, normalized_error
 from trajformer.predict import (
     attention_maps,
     choose_starts,
@@ -52,6 +52,10 @@ def test_normalized_error_and_summary_hand_made():
     summary = error_summary(np.array([[1.0, np.nan], [3.0, 2.0]]))
     assert summary["mean"] == [2.0, 2.0] and summary["rows"] == [2, 1]
     assert summary["q50"][0] == pytest.approx(2.0)
+    two = np.concatenate([pred, np.array([[[3.0, 2.0], [np.nan, np.nan]]])])  # a second start, stopped at step 2
+    by_dim = dim_errors(two, np.zeros((2, 2, 2)), std, [1, 2])
+    assert by_dim["1"] == pytest.approx([math.sqrt((1 + 9) / 2), math.sqrt((9 + 1) / 2)])  # RMS over starts
+    assert by_dim["2"][0] is None and by_dim["2"][1] == 0.0  # dim 0 stopped in both starts; dim 1 exact
 
 
 def test_histogram_loglik_hand_made():

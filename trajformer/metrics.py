@@ -4,6 +4,7 @@ histogram likelihood of predicted states (DESIGN.md §6, §7)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -49,6 +50,16 @@ def summarize(returns: list[float], lengths: list[int], reference: tuple[float, 
 def normalized_error(pred: np.ndarray, true: np.ndarray, std: np.ndarray) -> np.ndarray:
     """RMS over dimensions of (pred - true) / std: (..., H, dS) -> (..., H); NaN where pred is NaN."""
     return np.sqrt(np.mean(((pred - true) / std) ** 2, axis=-1))
+
+
+def dim_errors(pred: np.ndarray, true: np.ndarray, std: np.ndarray, steps: list[int]) -> dict[str, list]:
+    """Where an error comes from: per dimension, the RMS over starts of (pred - true) / std at each of `steps`
+    (1-based), stopped (NaN) rows left out; {step: [dS values]}."""
+    z = (pred - true) / std  # (K, H, dS)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step where every row stopped
+        rms = {s: np.sqrt(np.nanmean(z[:, s - 1] ** 2, axis=0)) for s in steps}
+    return {str(s): [float(v) if np.isfinite(v) else None for v in r] for s, r in rms.items()}
 
 
 def error_summary(errors: np.ndarray) -> dict:

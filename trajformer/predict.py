@@ -38,7 +38,7 @@ from trajformer.data import Episode, joined_transitions, load_episodes
 from trajformer.decoding import DECODES, CachedDecoder, crop_start, decode_bins, pick
 from trajformer.ensemble import Ensemble, load_ensemble, obs_std
 from trajformer.files import atomic_write, save_json
-from trajformer.metrics import error_summary, histogram_loglik, normalized_error
+from trajformer.metrics import dim_errors, error_summary, histogram_loglik, normalized_error
 from trajformer.model import GPT
 from trajformer.run import Run, load_run, read_metrics
 from trajformer.tokens import context_transition, encode_values
@@ -434,6 +434,11 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     if ens is not None:
         ens_tf = rollout_ensemble(ens, start, true_act[:, None])
         record_tf["ensemble"] = error_summary(normalized_error(ens_tf["obs"][:, 0], true, held.obs_std))
+    at = [s for s in SUMMARY_STEPS if s <= horizon]
+    record_tf["by_dim"] = {f"transformer_{how}": dim_errors(pred, true, held.obs_std, at)
+                           for how, pred in preds.items()}
+    if ens_tf is not None:
+        record_tf["by_dim"]["ensemble"] = dim_errors(ens_tf["obs"][:, 0], true, held.obs_std, at)
     if others:
         say(f"ablations: {', '.join(others)}")
         record_tf["ablations"] = {name: ablation_errors(run, other, dataset or run.meta["dataset_id"], chosen,
@@ -469,7 +474,6 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
         one_step["ensemble"] = {"obs_nll_std_units": ens.meta["validation"]["val_obs_nll_std_units"],
                                 "one_step_error": ens.meta["validation"]["val_one_step_error"],
                                 "transitions": ens.meta["training"]["validation_transitions"]}
-    at = [s for s in SUMMARY_STEPS if s <= horizon]
     summary = {str(s): {"transformer_error": record_tf["transformer"]["mean"][s - 1],
                         **{f"transformer_error_{how}": record_tf["decodes"][how]["mean"][s - 1] for how in DECODES[1:]},
                         "ensemble_error": record_tf["ensemble"]["mean"][s - 1] if ens else None,
