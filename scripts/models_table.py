@@ -21,13 +21,22 @@ PAPER = {"hopper-medium": "61.1 ± 3.6", "walker2d-medium": "79.0 ± 2.8", "half
 MARK = "<!-- models-table -->"
 
 
-def fmt(setting: dict | None, show_plan: bool = False) -> str:
+def fmt(setting: dict | None, show_plan: bool = False, missing: str = "not run yet") -> str:
     if not setting:
-        return "not run yet"
+        return missing
     s = setting
     plan = f"{s['plan']['beam_width']}/{s['plan']['horizon']}: " if show_plan else ""
     return (f"{plan}{s['mean_return']:.0f} ± {s['stderr']:.0f} ({s['normalized_score']:.1f}; "
             f"{s['seconds_per_step']:.2f} s/step)")
+
+
+def under_way(model_dir: Path) -> str:
+    """An evaluation still running (or stopped, to resume): how far its eval.partial.json has got."""
+    path = model_dir / "eval.partial.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    return "; ".join(f"{r['setting']['beam_width']}/{r['setting']['horizon']} under way: {len(r['episodes'])} of "
+                     f"{r['episodes_total']} episodes done, {len(r.get('in_progress', []))} mid-way "
+                     f"({r['steps']:,} env steps)" for r in runs) or "not run yet"
 
 
 def compute(model_dir: Path) -> str:
@@ -50,7 +59,8 @@ def table() -> str:
         bc = ev["bc_mean_return"]
         lines.append(f"| {name} ({ev['episodes']} episodes) | {ev['dataset_mean_return']:.0f} | "
                      f"{'–' if bc is None else f'{bc:.0f}'} | {fmt(ev['settings'].get('32x5'))} | "
-                     f"{fmt(ev['settings'].get('official'), show_plan=True)} | {PAPER[name]} | {compute(model_dir)} |")
+                     f"{fmt(ev['settings'].get('official'), True, under_way(model_dir))} | {PAPER[name]} | "
+                     f"{compute(model_dir)} |")
     return "\n".join(lines)
 
 
