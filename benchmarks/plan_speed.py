@@ -9,7 +9,7 @@ batched over rows: the official algorithm). It records every cached forward pass
 matmuls of exactly those shapes in the same run, and reports cached time / GEMM time. That cost model counts
 weight matmuls only; the attention matmuls over the cache (one query per row against every cached key: memory
 traffic, not FLOPs) are timed bare too, and reported beside it as cached / (GEMM + attention). Humanoid dims (45/17)
-run at beam 32, H 5. "absolute bf16" is the absolute model planning with plan.dtype = "bfloat16".
+run at beam 32, H 5. "absolute bf16" and "window bf16" plan with plan.dtype = "bfloat16".
 
     python benchmarks/plan_speed.py [--threads N] [--steps 3] [--uncached-steps 1]
 """
@@ -148,7 +148,7 @@ def main() -> None:
     results = {}
     with torch.inference_mode():
         for label, (obs, act), plan, reference in SETTINGS:
-            for attention in ("absolute", "window", "absolute bf16"):
+            for attention in ("absolute", "window", "absolute bf16", "window bf16"):
                 model, disc, prefix = build(obs, act, attention.split()[0])
                 if attention.endswith("bf16"):  # plan.dtype = "bfloat16": weights and KV cache in bf16
                     model = model.to(torch.bfloat16)
