@@ -1,7 +1,7 @@
 """Training throughput (target tokens/s) of the step `trajformer train` runs, against its GEMM bound and,
 optionally, the official code's step, all measured in the same run.
 
-    python benchmarks/train_throughput.py [--steps 10] [--batch 64] [--threads 0] [--official DIR]
+    python benchmarks/train_throughput.py [--steps 10] [--batch 64] [--threads 0] [--official DIR] [--device cuda]
 
 Shapes: 4 layers x 4 heads x 128, windows of 10 transitions, batch 64, 100 bins, random tokens, Hopper dims
 (obs 11, act 3: 159 target tokens a window) and HalfCheetah dims (17/6: 249). Our step is
@@ -13,6 +13,9 @@ GEMM bound: every matmul of one training step (forward, and both gradient matmul
 layers, the attention scores and weighted values, and the per-slot heads) timed bare, in the step's compute
 dtype, at exactly its shapes (the sequence padded to a multiple of 16 as the CPU forward runs it, attention one
 head per call); vs_gemm_limit = measured step time / that sum.
+
+--device cuda: the same step, matmuls and bound on the card (bf16 autocast where native; timings synchronise
+the device); --batch 1024 shows a batch that fills it.
 
 --official DIR: a checkout of github.com/jannerm/trajectory-transformer (its `trajectory/models/`); times its
 GPT (forward with targets and mask, backward, clip, AdamW from its configure_optimizers, fp32) at the same
@@ -38,13 +41,20 @@ DIMS = {"hopper": (11, 3), "halfcheetah": (17, 6)}
 LAYERS, HEADS, WIDTH, BINS, SEQ = 4, 4, 128, 100, 10
 
 
+DEVICE = torch.device("cpu")
+
+
 def timed(fn, steps: int, warmup: int = 3) -> float:
-    """Seconds per call of fn, after warm-up calls."""
+    """Seconds per call of fn, after warm-up calls (the device synchronised before each clock read)."""
     for _ in range(warmup):
         fn()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
     return (time.perf_counter() - start) / steps
 
 
@@ -54,12 +64,13 @@ def ours(obs: int, act: int, batch: int, steps: int, dropout: float = ModelConfi
     T = obs + act + 2
     cfg = GPTConfig(obs_dim=obs, act_dim=act, n_bins=BINS, block_size=SEQ * T - 1, n_layer=LAYERS, n_head=HEADS,
                     n_embd=WIDTH, dropout=dropout)
-    model = GPT(cfg).train()
+    model = GPT(cfg).train().to(DEVICE)
     optimizer = model.configure_optimizers(0.1, 6e-4)
     rng = np.random.default_rng(0)
     windows = TokenWindows([rng.integers(0, BINS, (4096, T))], [False], BINS, SEQ)
-    weights = loss_weights(obs, act, SEQ, 5.0, 1.0, 1.0)
-    dtype = resolve_dtype("auto", torch.device("cpu"))
+    windows.to(DEVICE)
+    weights = loss_weights(obs, act, SEQ, 5.0, 1.0, 1.0).to(DEVICE)
+    dtype = resolve_dtype("auto", DEVICE)
     ids = [torch.from_numpy(rng.integers(0, len(windows), batch)) for _ in range(steps + 3)]
     it = iter(ids)
     return timed(lambda: train_step(model, optimizer, windows, next(it), weights, dtype == "bfloat16", 1.0),
@@ -90,7 +101,7 @@ def gemm_bound(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, step
     seconds, flops = 0.0, 0.0
     for b, m, k, n in set(shapes):
         count = shapes.count((b, m, k, n))
-        x, w = torch.randn(b, m, k, dtype=dtype), torch.randn(b, k, n, dtype=dtype)
+        x, w = torch.randn(b, m, k, dtype=dtype, device=DEVICE), torch.randn(b, k, n, dtype=dtype, device=DEVICE)
         fn = (lambda x=x, w=w: x[0] @ w[0]) if b == 1 else (lambda x=x, w=w: torch.bmm(x, w))
         seconds += count * timed(fn, steps)
         flops += count * 2.0 * b * m * k * n
@@ -129,11 +140,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="windows per step")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--official", metavar="DIR", help="checkout of jannerm/trajectory-transformer to time too")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the step on a card")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if args.official and DEVICE.type != "cpu":
+        parser.error("--official times the official step on the CPU only; drop --device or --official")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"command: {' '.join([sys.executable.split('/')[-1], *sys.argv])}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.steps} steps, "
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, batch {args.batch}, {args.steps} steps, "
           f"{LAYERS}x{HEADS}x{WIDTH}, windows of {SEQ} transitions")
     speed, ratio = {}, None
     for env, (obs, act) in DIMS.items():

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One call of a lent GPU machine (the `device` tool: one H200, 15 minutes a session), prepared here:
+#   1. benchmarks/train_throughput.py on the card (batch 64, the CPU shapes, and 1024, a batch that fills it);
+#   2. the CUDA tests (tests skip them without a card);
+#   3. in parallel: the humanoid model at configs/humanoid.toml's own budget (1.28M windows, no dropout) and
+#      walker2d-medium's official 128/15 evaluation, resumed from its eval.partial.json.
+# Everything comes back as $OUT/results.tgz.part-* (<= 15 MB each) and $OUT/summary.log.
+# Here, before the call: python scripts/device_pack.py pack trajformer/humanoid-medium-v0 .devdata/humanoid.npz
+# and download the wheels of minari, gymnasium, farama-notifications, mujoco, mujoco-core, glfw into .whl/
+# (README of the device tool); carry .devdata and .whl. LOCAL=1 runs the same steps on this CPU, tiny.
+set -u
+OUT=${OUT:-/tmp/device_out}
+SECONDS_LEFT=${SECONDS_LEFT:-440}  # wall clock for step 3, inside the call's own limit
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MUJOCO_GL=egl
+mkdir -p "$OUT" /tmp/work
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/summary.log"; }
+if [ "${LOCAL:-0}" = 1 ]; then
+  PY=python; DEV=cpu; HUM=(--set train.max_windows=640 --set train.eval_every=5 --set train.checkpoint_every=5)
+  EVAL=(--episodes 2 --num-envs 2); BENCH=(--steps 1 --batch 8)
+  WALKER=/tmp/work/walker2d-copy; rm -rf $WALKER; cp -r pretrained/models/walker2d-medium $WALKER
+else
+  PY=python3; DEV=cuda; HUM=(--set train.max_windows=1280000); EVAL=(--episodes 10 --num-envs 10); BENCH=()
+  WALKER=pretrained/models/walker2d-medium
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.log"
+fi
+$PY scripts/device_pack.py unpack .devdata/humanoid.npz /tmp/minari && export MINARI_DATASETS_PATH=/tmp/minari
+log "torch $($PY -c 'import torch; print(torch.__version__)')"
+
+log "1. train_throughput"
+$PY benchmarks/train_throughput.py --device $DEV "${BENCH[@]}" 2>&1 | tee /tmp/work/bench64.log | tail -3 >>"$OUT/summary.log"
+[ "$DEV" = cuda ] && $PY benchmarks/train_throughput.py --device cuda --batch 1024 2>&1 | tee /tmp/work/bench1024.log \
+  | tail -3 >>"$OUT/summary.log"
+
+log "2. cuda tests"
+$PY -m pytest -q -p no:warnings -p no:cacheprovider tests/test_train_step.py tests/test_planner.py -k cuda \
+  >/tmp/work/tests.log 2>&1; tail -2 /tmp/work/tests.log >>"$OUT/summary.log"
+
+log "3. humanoid training and walker2d evaluation, ${SECONDS_LEFT}s"
+timeout -s INT "$SECONDS_LEFT" $PY -m trajformer train configs/humanoid.toml --out /tmp/work/humanoid-gpu \
+  --set model.dropout=0.0 --set train.max_steps=0 --set train.device=$DEV "${HUM[@]}" >/tmp/work/humanoid.log 2>&1 &
+HPID=$!
+timeout -s INT "$SECONDS_LEFT" $PY -m trajformer eval $WALKER "${EVAL[@]}" \
+  --settings official --set plan.device=$DEV --set plan.dtype=bfloat16 >/tmp/work/walker.log 2>&1 &
+WPID=$!
+wait $HPID; HRC=$?; wait $WPID; WRC=$?
+log "exit codes: humanoid $HRC, walker $WRC"
+[ $HRC = 0 ] && rm -f /tmp/work/humanoid-gpu/checkpoint.pt  # finished: the checkpoint is only for a resume
+log "humanoid: $(tail -c 300 /tmp/work/humanoid.log | tr '\r' '\n' | tail -2)"
+log "walker: $(tail -c 300 /tmp/work/walker.log | tr '\r' '\n' | tail -2)"
+cp $WALKER/eval*.json /tmp/work/ 2>/dev/null
+rm -f /tmp/work/humanoid-gpu/last.pt
+ls -la /tmp/work /tmp/work/humanoid-gpu >>"$OUT/summary.log"
+tar czf /tmp/results.tgz -C /tmp/work . && split -b 15M /tmp/results.tgz "$OUT/results.tgz.part-"
+log "done: $(du -sh /tmp/results.tgz)"
