@@ -30,6 +30,10 @@ def table(record: dict) -> str:
         key = "transformer_error" + ("" if how == "argmax" else f"_{how}")
         lines.append(row(f"transformer error, {how} decode", [s.get(key) for s in summary]))
     lines.append(row("ensemble error", [s["ensemble_error"] for s in summary]))
+    for name in ("transformer", "ensemble"):
+        if f"{name}_error_sample_mean" in summary[0]:
+            lines.append(row(f"{name} error, mean of {record['config']['samples']} sampled rollouts",
+                             [s[f"{name}_error_sample_mean"] for s in summary]))
     for name, ab in record["teacher_forced"].get("ablations", {}).items():
         dims = len(ab["obs_dims"])
         what = f"{ab['context_transitions']}-transition windows, {dims} obs dims"

@@ -26,6 +26,7 @@ from trajformer.predict import (
     load_heldout,
     predict,
     rollout_transformer,
+    sample_mean,
     save_heldout,
     stops_possible,
     transformer_compute,
@@ -154,6 +155,20 @@ def test_predict_end_to_end_and_npz_slice(run, ensemble_dir, tmp_path):
     assert record["compute"]["ensemble"]["epochs"] >= 1 and record["compute"]["transformer"]["steps"] == 300
     ol = record["open_loop"]
     assert all(t <= o for t, o in zip(ol["transformer"], ol["oracle"], strict=True))
+    means = record["teacher_forced"]["sample_mean"]
+    assert set(means) == {"transformer", "ensemble"} and all(np.isfinite(m["mean"]).all() for m in means.values())
+    assert record["summary"]["1"]["transformer_error_sample_mean"] == means["transformer"]["mean"][0]
+
+
+def test_sample_mean_leaves_stopped_rows_out():
+    """The point prediction of sampled rollouts averages each start's samples (axis 1), skipping stopped rows."""
+    obs = np.arange(2 * 3 * 2 * 1, dtype=float).reshape(2, 3, 2, 1)  # K=2 starts, M=3 samples, H=2, dS=1
+    obs[0, 2, 1] = np.nan  # start 0's third sample stopped at step 2
+    obs[1, :, 1] = np.nan  # every sample of start 1 stopped at step 2
+    mean = sample_mean(obs)
+    assert mean.shape == (2, 2, 1)
+    np.testing.assert_allclose(mean[0, :, 0], [2.0, 2.0])  # (0+2+4)/3, then (1+3)/2
+    assert mean[1, 0, 0] == 8.0 and np.isnan(mean[1, 1, 0])
 
 
 def _stopper(run, path, p_stop: float):

@@ -67,6 +67,11 @@ def error_vs_horizon(record: dict, path: str | os.PathLike) -> Path:
             plotted = True
             steps = np.arange(1, len(stats["mean"]) + 1)
             ax.plot(steps, _nan(stats["mean"]), color=COLORS["transformer"], ls=ls, label=f"transformer, {how} decode")
+    for name, stats in record["teacher_forced"].get("sample_mean", {}).items():  # each model's mean of samples
+        if any(v is not None for v in stats["mean"]):
+            plotted = True
+            ax.plot(np.arange(1, len(stats["mean"]) + 1), _nan(stats["mean"]), color=COLORS[name], ls=(0, (1, 3)),
+                    lw=2, label=f"{name}, mean of {record['config']['samples']} samples")
     for (name, row), color in zip(record["teacher_forced"].get("ablations", {}).items(), ABLATION_COLORS,
                                   strict=False):
         mean = _nan(row["error"]["mean"])

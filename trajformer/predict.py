@@ -439,6 +439,18 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
                            for how, pred in preds.items()}
     if ens_tf is not None:
         record_tf["by_dim"]["ensemble"] = dim_errors(ens_tf["obs"][:, 0], true, held.obs_std, at)
+    # The mean of sampled rollouts (true actions, states sampled at temperature 1) is the squared-error-optimal
+    # point prediction of each model's own distribution; both models' means, on the same starts and actions.
+    say(f"teacher-forced sample means: {len(chosen)} starts x {samples} samples x {horizon} steps")
+    t0 = time.perf_counter()
+    sampled = rollout_transformer(run, prefixes, horizon, samples, actions=true_act, greedy=False, seed=seed)
+    seconds["transformer_sample_mean"] = time.perf_counter() - t0
+    record_tf["sample_mean"] = {"transformer": error_summary(normalized_error(sample_mean(sampled["obs"]), true,
+                                                                             held.obs_std))}
+    if ens is not None:
+        ens_sm = rollout_ensemble(ens, start, np.repeat(true_act[:, None], samples, 1), sample=True, seed=seed)
+        record_tf["sample_mean"]["ensemble"] = error_summary(normalized_error(sample_mean(ens_sm["obs"]), true,
+                                                                              held.obs_std))
     if others:
         say(f"ablations: {', '.join(others)}")
         record_tf["ablations"] = {name: ablation_errors(run, other, dataset or run.meta["dataset_id"], chosen,
@@ -477,6 +489,8 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     summary = {str(s): {"transformer_error": record_tf["transformer"]["mean"][s - 1],
                         **{f"transformer_error_{how}": record_tf["decodes"][how]["mean"][s - 1] for how in DECODES[1:]},
                         "ensemble_error": record_tf["ensemble"]["mean"][s - 1] if ens else None,
+                        **{f"{name}_error_sample_mean": by["mean"][s - 1]
+                           for name, by in record_tf["sample_mean"].items()},
                         "transformer_loglik": float(record_ol["transformer"][s - 1]),
                         "ensemble_loglik": float(record_ol["ensemble"][s - 1]) if ens else None,
                         "oracle_loglik": float(record_ol["oracle"][s - 1]),
@@ -493,7 +507,9 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
                    "teacher_forced": "true actions fed to both; transformer argmax tokens decoded as bin midpoints "
                                      "(expectation and median decodes under decodes), its own argmax value token "
                                      "at each value position, stop only if the data has terminations and p(stop) > "
-                                     "1/2; ensemble mean of member means",
+                                     "1/2; ensemble mean of member means; sample_mean: each model's mean over "
+                                     "`samples` rollouts sampled at temperature 1 on the true actions (ensemble: "
+                                     "random member + Gaussian sample per step)",
                    "open_loop": "transformer samples actions and states (temperature 1); ensemble on the same "
                                 "sampled actions, random member + Gaussian sample per step (TS1); log-likelihood of "
                                 "true states under per-step histograms over the transformer's bins, nats per dim, "
@@ -516,6 +532,14 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     return record
 
 
+def sample_mean(obs: np.ndarray) -> np.ndarray:
+    """Point prediction from sampled rollouts (K, M, H, dS): their mean over the M samples, stopped (NaN) rows
+    left out; NaN where every row of a start has stopped."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(obs, axis=1)
+
+
 def report(record: dict) -> str:
     """The summary table: normalised error (teacher-forced) and open-loop log-likelihood at a few steps."""
     lines = ["step  TT error (argmax  expect.  median)  ensemble error  TT loglik  ensemble loglik  oracle"]
@@ -528,6 +552,11 @@ def report(record: dict) -> str:
                      f"{fmt(row.get('transformer_error_median'))} {fmt(row['ensemble_error'], 16)} "
                      f"{fmt(row['transformer_loglik'], 10)} {fmt(row['ensemble_loglik'], 16)} "
                      f"{fmt(row['oracle_loglik'], 7)}")
+    means = {k: v for k, v in record["summary"][str(max(int(s) for s in record["summary"]))].items()
+             if k.endswith("_sample_mean")}
+    if means:
+        lines.append(f"mean of {record['config']['samples']} sampled rollouts (true actions), error at the last "
+                     "summary step: " + ", ".join(f"{k.split('_')[0]} {fmt(v, 0).strip()}" for k, v in means.items()))
     for name, row in record["one_step"].items():
         error = row["one_step_error"]
         lines.append(f"one-step {name}: NLL {row['obs_nll_std_units']:.3f} nats/dim (states in dataset stds, "
