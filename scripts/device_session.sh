@@ -8,6 +8,9 @@
 # Here, before the call: python scripts/device_pack.py pack trajformer/humanoid-medium-v0 .devdata/humanoid.npz
 # and download the wheels of minari, gymnasium, farama-notifications, mujoco, mujoco-core, glfw into .whl/
 # (README of the device tool); carry .devdata and .whl. LOCAL=1 runs the same steps on this CPU, tiny.
+# `scripts/device_session.sh ablations` instead trains the humanoid ablations (runs/humanoid-markov and
+# runs/humanoid-partial of scripts/humanoid_models.sh) at the same 1.28M windows, both at once, for
+# SECONDS_LEFT seconds; an unfinished run comes back with its checkpoint, to resume here with --resume.
 set -u
 OUT=${OUT:-/tmp/device_out}
 SECONDS_LEFT=${SECONDS_LEFT:-440}  # wall clock for step 3, inside the call's own limit
@@ -28,6 +31,28 @@ else
 fi
 $PY scripts/device_pack.py unpack .devdata/humanoid.npz /tmp/minari && export MINARI_DATASETS_PATH=/tmp/minari
 log "torch $($PY -c 'import torch; print(torch.__version__)')"
+
+if [ "${1:-}" = ablations ]; then
+  pids=()
+  for arm in "markov --set data.sequence_length=2" "partial --set data.obs_dims=\"0:22\""; do
+    name=${arm%% *}; extra=${arm#* }
+    # shellcheck disable=SC2086
+    timeout -s INT "$SECONDS_LEFT" $PY -m trajformer train configs/humanoid.toml --out /tmp/work/humanoid-$name \
+      --set model.dropout=0.0 --set train.max_steps=0 --set train.device=$DEV --set train.checkpoint_every=1000 \
+      "${HUM[@]}" $extra >/tmp/work/$name.log 2>&1 &
+    pids+=($!)
+  done
+  for i in 0 1; do wait "${pids[$i]}"; log "arm $i exit code $?"; done
+  for name in markov partial; do
+    rm -f /tmp/work/humanoid-$name/last.pt
+    if grep -q "run directory" /tmp/work/$name.log; then rm -f /tmp/work/humanoid-$name/checkpoint.pt
+    else rm -f /tmp/work/humanoid-$name/model.pt; fi  # unfinished: the checkpoint resumes it
+    log "$name: $(tail -n 1 /tmp/work/humanoid-$name/metrics.jsonl)"
+  done
+  tar czf /tmp/results.tgz -C /tmp/work . && split -b 15M /tmp/results.tgz "$OUT/results.tgz.part-"
+  log "done: $(du -sh /tmp/results.tgz)"
+  exit 0
+fi
 
 log "1. train_throughput"
 $PY benchmarks/train_throughput.py --device $DEV "${BENCH[@]}" 2>&1 | tee /tmp/work/bench64.log | tail -3 >>"$OUT/summary.log"
