@@ -105,7 +105,8 @@ qpos[2:] + qvel). Both models are shipped in `pretrained/models/` and the held-o
 Protocols (DESIGN.md §7 and `trajformer/predict.py`):
 
 * **teacher-forced actions** (like for like): both models are fed the episode's true actions; error =
-  RMS over dimensions of (predicted − true) / dataset std;
+  RMS over dimensions of (predicted − true) / dataset std, for the transformer's greedy decodes, the
+  ensemble's mean of member means, and each model's mean of its sampled rollouts;
 * **open loop** (paper Fig. 3): the transformer samples its own actions and states; the ensemble rolls out
   on the same sampled actions (random member + Gaussian per step); per-step histograms of the samples
   score the log-likelihood of the true states, bounded by the discrete oracle.

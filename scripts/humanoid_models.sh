@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The humanoid transformer and the paper's two ablations at one budget, then 100-step predictions against the
 # shipped ensemble on the same held-out starts (issue: humanoid predictions that hold):
-#   scripts/humanoid_models.sh [MAX_WINDOWS]      (default 500k windows; TRAIN_DEVICE=cuda on a GPU)
+#   scripts/humanoid_models.sh [MAX_WINDOWS]      (default 1.28M windows, the config's budget; TRAIN_DEVICE=cuda on a GPU)
 # runs/humanoid-main     configs/humanoid.toml with the CPU recipe (no dropout, the window budget the cosine follows);
 #                        shipped as pretrained/models/humanoid-tt (the run directory without its resume checkpoint)
 # runs/humanoid-markov   the same with data.sequence_length = 2: each next state sees the latest transition only
@@ -9,12 +9,13 @@
 # notebooks/figures/ablations   trajformer predict with the ensemble and both ablations (the README's table)
 # Each training is resumable: run the script again after an interruption. Measured 2026-11-30, each run on one
 # core of the 2-core CPU beside another training: the main run ~70 windows/s (4 transitions, 255 tokens), the
-# Markovian one ~170, the partial one ~108, so 500k windows is ~121 + 49 + 78 min (the shipped runs; the main run
-# can go on one core while the two ablations follow each other on the other); a GPU takes minutes.
+# Markovian one ~170, the partial one ~108, so 1.28M windows is ~5 + 2 + 3.3 h of a core. The shipped runs
+# trained on one H200 (scripts/device_session.sh; the main run in 317 s, the ablations side by side for 16-17k of
+# their 20k steps in 250 s, then resumed here on one core).
 # scripts/build_notebooks.sh then regenerates the notebooks; python scripts/humanoid_table.py the README table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WINDOWS=${1:-500000}
+WINDOWS=${1:-1280000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 trajformer collect --preset humanoid-medium --steps 200000 --num-envs 8   # ~2 min once, then cached
 train() {  # NAME, then extra --set overrides
