@@ -1,6 +1,6 @@
 """Pack a local Minari dataset small enough to travel to the lent GPU machine, and unpack it there.
 
-    python scripts/device_pack.py pack DATASET_ID FILE.npz     # here: float32, byte-shuffled, xz
+    python scripts/device_pack.py pack DATASET_ID FILE.npz     # here (MINARI_DATASETS_PATH or ~/.minari/datasets)
     python scripts/device_pack.py unpack FILE.npz ROOT          # there: ROOT/DATASET_ID/data/main_data.hdf5
 
 The device tool carries at most 64 MiB with the working tree, and Minari's float64 hdf5 of the humanoid
@@ -19,6 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from trajformer.data import datasets_root
+
 FIELDS = ("observations", "actions", "rewards", "terminations", "truncations")
 
 
@@ -33,7 +35,10 @@ def _unshuffle(b: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def pack(dataset_id: str, out: str) -> None:
-    root = Path.home() / ".minari" / "datasets" / dataset_id / "data"
+    root = datasets_root() / dataset_id / "data"
+    if not (root / "main_data.hdf5").is_file():
+        raise FileNotFoundError(f"no local dataset {dataset_id!r} under {datasets_root()}; collect or download it "
+                                "first")
     with h5py.File(root / "main_data.hdf5", "r") as f:
         names = sorted(f.keys(), key=lambda s: int(s.split("_")[1]))
         arrays = {k: [f[e][k][()] for e in names] for k in FIELDS}
