@@ -38,7 +38,7 @@ if [ "${1:-}" = ablations ]; then
     name=${arm%% *}; extra=${arm#* }
     # shellcheck disable=SC2086
     timeout -s INT "$SECONDS_LEFT" $PY -m trajformer train configs/humanoid.toml --out /tmp/work/humanoid-$name \
-      --set model.dropout=0.0 --set train.max_steps=0 --set train.device=$DEV --set train.checkpoint_every=1000 \
+      --set train.device=$DEV --set train.checkpoint_every=1000 \
       "${HUM[@]}" $extra >/tmp/work/$name.log 2>&1 &
     pids+=($!)
   done
@@ -65,7 +65,7 @@ $PY -m pytest -q -p no:warnings -p no:cacheprovider tests/test_train_step.py tes
 
 log "3. humanoid training and walker2d evaluation, ${SECONDS_LEFT}s"
 timeout -s INT "$SECONDS_LEFT" $PY -m trajformer train configs/humanoid.toml --out /tmp/work/humanoid-gpu \
-  --set model.dropout=0.0 --set train.max_steps=0 --set train.device=$DEV "${HUM[@]}" >/tmp/work/humanoid.log 2>&1 &
+  --set train.device=$DEV "${HUM[@]}" >/tmp/work/humanoid.log 2>&1 &
 HPID=$!
 timeout -s INT "$SECONDS_LEFT" $PY -m trajformer eval $WALKER "${EVAL[@]}" \
   --settings official --set plan.device=$DEV --set plan.dtype=bfloat16 >/tmp/work/walker.log 2>&1 &

@@ -21,8 +21,8 @@ trajformer collect --preset humanoid-medium --steps 200000 --num-envs 8   # ~2 m
 train() {  # NAME, then extra --set overrides
   local out=runs/humanoid-$1; shift
   local resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)  # a finished run resumes to no steps
-  trajformer train configs/humanoid.toml --out "$out" "${resume[@]}" --set model.dropout=0.0 \
-    --set train.max_steps=0 --set train.max_windows="$WINDOWS" --set train.num_threads="$OMP_NUM_THREADS" \
+  trajformer train configs/humanoid.toml --out "$out" "${resume[@]}" \
+    --set train.max_windows="$WINDOWS" --set train.num_threads="$OMP_NUM_THREADS" \
     --set train.device="${TRAIN_DEVICE:-cpu}" "$@"
 }
 train main

@@ -16,8 +16,8 @@ for arm in "s4 4 120000 4" "s8 8 60000 4" "s4-l6 4 120000 6"; do
   set -- $arm
   out=runs/hsweep-$1; shift
   resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
-  trajformer train configs/humanoid.toml --out "$out" "${resume[@]}" --set model.dropout=0.0 \
-    --set train.max_steps=0 --set train.max_windows="$2" --set data.sequence_length="$1" \
+  trajformer train configs/humanoid.toml --out "$out" "${resume[@]}" \
+    --set train.max_windows="$2" --set data.sequence_length="$1" \
     --set model.n_layer="$3" --set train.num_threads="$OMP_NUM_THREADS"
   trajformer predict "$out" --dataset pretrained/data/humanoid-heldout.npz \
     --baseline pretrained/models/humanoid-ensemble --horizon 100 --starts 8 --samples 4 --no-render \
