@@ -39,42 +39,40 @@ from trajformer.train import resolve_dtype, train_step
 
 DIMS = {"hopper": (11, 3), "halfcheetah": (17, 6)}
 LAYERS, HEADS, WIDTH, BINS, SEQ = 4, 4, 128, 100, 10
+CPU = torch.device("cpu")
 
 
-DEVICE = torch.device("cpu")
-
-
-def timed(fn, steps: int, warmup: int = 3) -> float:
-    """Seconds per call of fn, after warm-up calls (the device synchronised before each clock read)."""
+def timed(fn, steps: int, warmup: int = 3, device: torch.device = CPU) -> float:
+    """Seconds per call of fn, after warm-up calls (a CUDA device synchronised before each clock read)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
+    sync()
     return (time.perf_counter() - start) / steps
 
 
-def ours(obs: int, act: int, batch: int, steps: int, dropout: float = ModelConfig.dropout) -> tuple[float, str]:
+def ours(obs: int, act: int, batch: int, steps: int, dropout: float = ModelConfig.dropout,
+         device: torch.device = CPU) -> tuple[float, str]:
     """Seconds per `train_step` of our model on random token windows, and the compute dtype it used."""
     torch.manual_seed(0)
     T = obs + act + 2
     cfg = GPTConfig(obs_dim=obs, act_dim=act, n_bins=BINS, block_size=SEQ * T - 1, n_layer=LAYERS, n_head=HEADS,
                     n_embd=WIDTH, dropout=dropout)
-    model = GPT(cfg).train().to(DEVICE)
+    model = GPT(cfg).train().to(device)
     optimizer = model.configure_optimizers(0.1, 6e-4)
     rng = np.random.default_rng(0)
     windows = TokenWindows([rng.integers(0, BINS, (4096, T))], [False], BINS, SEQ)
-    windows.to(DEVICE)
-    weights = loss_weights(obs, act, SEQ, 5.0, 1.0, 1.0).to(DEVICE)
-    dtype = resolve_dtype("auto", DEVICE)
+    windows.to(device)
+    weights = loss_weights(obs, act, SEQ, 5.0, 1.0, 1.0).to(device)
+    dtype = resolve_dtype("auto", device)
     ids = [torch.from_numpy(rng.integers(0, len(windows), batch)) for _ in range(steps + 3)]
     it = iter(ids)
     return timed(lambda: train_step(model, optimizer, windows, next(it), weights, dtype == "bfloat16", 1.0),
-                 steps), dtype
+                 steps, device=device), dtype
 
 
 def gemm_shapes(obs: int, act: int, batch: int) -> list[tuple[int, int, int, int]]:
@@ -96,14 +94,15 @@ def gemm_shapes(obs: int, act: int, batch: int) -> list[tuple[int, int, int, int
     return shapes
 
 
-def gemm_bound(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, steps: int) -> tuple[float, float]:
+def gemm_bound(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, steps: int,
+               device: torch.device = CPU) -> tuple[float, float]:
     """(seconds, FLOPs) of bare matmuls of `shapes` in `dtype`."""
     seconds, flops = 0.0, 0.0
     for b, m, k, n in set(shapes):
         count = shapes.count((b, m, k, n))
-        x, w = torch.randn(b, m, k, dtype=dtype, device=DEVICE), torch.randn(b, k, n, dtype=dtype, device=DEVICE)
+        x, w = torch.randn(b, m, k, dtype=dtype, device=device), torch.randn(b, k, n, dtype=dtype, device=device)
         fn = (lambda x=x, w=w: x[0] @ w[0]) if b == 1 else (lambda x=x, w=w: torch.bmm(x, w))
-        seconds += count * timed(fn, steps)
+        seconds += count * timed(fn, steps, device=device)
         flops += count * 2.0 * b * m * k * n
     return seconds, flops
 
@@ -142,21 +141,20 @@ def main() -> None:
     parser.add_argument("--official", metavar="DIR", help="checkout of jannerm/trajectory-transformer to time too")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the step on a card")
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = torch.device(args.device)
-    if args.official and DEVICE.type != "cpu":
+    device = torch.device(args.device)
+    if args.official and device.type != "cpu":
         parser.error("--official times the official step on the CPU only; drop --device or --official")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"command: {' '.join([sys.executable.split('/')[-1], *sys.argv])}")
-    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, batch {args.batch}, {args.steps} steps, "
           f"{LAYERS}x{HEADS}x{WIDTH}, windows of {SEQ} transitions")
     speed, ratio = {}, None
     for env, (obs, act) in DIMS.items():
         tokens = args.batch * (SEQ * (obs + act + 2) - 1)
-        step, dtype = ours(obs, act, args.batch, args.steps)
-        bound, flops = gemm_bound(gemm_shapes(obs, act, args.batch), getattr(torch, dtype), args.steps)
+        step, dtype = ours(obs, act, args.batch, args.steps, device=device)
+        bound, flops = gemm_bound(gemm_shapes(obs, act, args.batch), getattr(torch, dtype), args.steps, device)
         speed[env] = tokens / step
         line = (f"{env:12s} ours {step * 1e3:7.1f} ms/step {speed[env]:9,.0f} tokens/s ({dtype}, dropout "
                 f"{ModelConfig.dropout}); GEMM bound {bound * 1e3:6.1f} ms ({flops / 1e9:.1f} GFLOP at "

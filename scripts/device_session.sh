@@ -17,12 +17,21 @@ SECONDS_LEFT=${SECONDS_LEFT:-440}  # wall clock for step 3, inside the call's ow
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MUJOCO_GL=egl
 mkdir -p "$OUT" /tmp/work
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/summary.log"; }
+tidy() {  # RUN_DIR EXIT_CODE: a finished run (0) keeps its weights, an unfinished one its resume checkpoint
+  rm -f "$1/last.pt"
+  if [ "$2" = 0 ]; then rm -f "$1/checkpoint.pt"; else rm -f "$1/model.pt"; fi
+  log "$(basename "$1"): exit code $2, $(tail -n 1 "$1/metrics.jsonl" | cut -c1-160)"
+}
+ship() {  # everything under /tmp/work comes back in parts the device tool accepts
+  tar czf /tmp/results.tgz -C /tmp/work . && split -b 15M /tmp/results.tgz "$OUT/results.tgz.part-"
+  log "done: $(du -sh /tmp/results.tgz)"
+}
 if [ "${LOCAL:-0}" = 1 ]; then
   PY=python; DEV=cpu; HUM=(--set train.max_windows=640 --set train.eval_every=5 --set train.checkpoint_every=5)
   EVAL=(--episodes 2 --num-envs 2); BENCH=(--steps 1 --batch 8)
   WALKER=/tmp/work/walker2d-copy; rm -rf $WALKER; cp -r pretrained/models/walker2d-medium $WALKER
 else
-  PY=python3; DEV=cuda; HUM=(--set train.max_windows=1280000); EVAL=(--episodes 10 --num-envs 10); BENCH=()
+  PY=python3; DEV=cuda; HUM=(); EVAL=(--episodes 10 --num-envs 10); BENCH=()
   WALKER=pretrained/models/walker2d-medium
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -42,15 +51,9 @@ if [ "${1:-}" = ablations ]; then
       "${HUM[@]}" $extra >/tmp/work/$name.log 2>&1 &
     pids+=($!)
   done
-  for i in 0 1; do wait "${pids[$i]}"; log "arm $i exit code $?"; done
-  for name in markov partial; do
-    rm -f /tmp/work/humanoid-$name/last.pt
-    if grep -q "run directory" /tmp/work/$name.log; then rm -f /tmp/work/humanoid-$name/checkpoint.pt
-    else rm -f /tmp/work/humanoid-$name/model.pt; fi  # unfinished: the checkpoint resumes it
-    log "$name: $(tail -n 1 /tmp/work/humanoid-$name/metrics.jsonl)"
-  done
-  tar czf /tmp/results.tgz -C /tmp/work . && split -b 15M /tmp/results.tgz "$OUT/results.tgz.part-"
-  log "done: $(du -sh /tmp/results.tgz)"
+  wait "${pids[0]}"; tidy /tmp/work/humanoid-markov $?
+  wait "${pids[1]}"; tidy /tmp/work/humanoid-partial $?
+  ship
   exit 0
 fi
 
@@ -70,13 +73,8 @@ HPID=$!
 timeout -s INT "$SECONDS_LEFT" $PY -m trajformer eval $WALKER "${EVAL[@]}" \
   --settings official --set plan.device=$DEV --set plan.dtype=bfloat16 >/tmp/work/walker.log 2>&1 &
 WPID=$!
-wait $HPID; HRC=$?; wait $WPID; WRC=$?
-log "exit codes: humanoid $HRC, walker $WRC"
-[ $HRC = 0 ] && rm -f /tmp/work/humanoid-gpu/checkpoint.pt  # finished: the checkpoint is only for a resume
-log "humanoid: $(tail -c 300 /tmp/work/humanoid.log | tr '\r' '\n' | tail -2)"
-log "walker: $(tail -c 300 /tmp/work/walker.log | tr '\r' '\n' | tail -2)"
+wait $HPID; tidy /tmp/work/humanoid-gpu $?
+wait $WPID; log "walker: exit code $?, $(tail -c 300 /tmp/work/walker.log | tr '\r' '\n' | tail -2)"
 cp $WALKER/eval*.json /tmp/work/ 2>/dev/null
-rm -f /tmp/work/humanoid-gpu/last.pt
 ls -la /tmp/work /tmp/work/humanoid-gpu >>"$OUT/summary.log"
-tar czf /tmp/results.tgz -C /tmp/work . && split -b 15M /tmp/results.tgz "$OUT/results.tgz.part-"
-log "done: $(du -sh /tmp/results.tgz)"
+ship
