@@ -7,13 +7,15 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trajformer import decoding
 from trajformer.config import Config, PlanConfig
 from trajformer.decoding import CachedDecoder, ReferenceDecoder, crop_start
 from trajformer.discretizer import Discretizer
-from trajformer.model import GPT, GPTConfig
+from trajformer.model import GPT, GPTConfig, KVCache
 from trajformer.planner import BeamSearch, Planner, filter_cdf, filter_top_k, plan_config
 from trajformer.run import Run
 
@@ -238,6 +240,40 @@ def test_plan_device_is_checked_before_planning():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no CUDA device; plan on the cpu"):
             Planner.from_run(fake_run(PlanConfig(max_context_transitions=2, device="cuda")))
+
+
+@pytest.mark.parametrize("attention", ["absolute", "window"])
+def test_prefix_sharing_encode_equals_one_forward_over_every_row(attention, monkeypatch):
+    """Rows that descend from a few ancestors share the encode of their common first tokens: the logits and every
+    written cache slot equal one plain forward over all rows (ragged envs), and fewer tokens go through the model."""
+    model = make_model(attention=attention)
+    rng = np.random.default_rng(4)
+    prefixes = [random_prefix(n, rng) for n in (1, 3)]
+    rows = 12
+    dec = CachedDecoder(model, SEQ * T - 1)
+    dec.start(prefixes, 2 * rows)
+    dec.reorder(torch.arange(2).repeat_interleave(rows))
+    row = torch.arange(2 * rows) % rows
+    for i, groups in enumerate([2, 2, 2, 4, 4, 4, 12, 12]):  # a shared past, then ever more distinct rows
+        dec.append((row * groups // rows + 3 * i) % N + N * ((DS + i) % T))
+    monkeypatch.setattr(decoding, "ENCODE_CHUNK", 4)  # several chunks in these short windows
+    fed = []
+    forward = model.forward_cached
+    monkeypatch.setattr(model, "forward_cached", lambda idx, cache: fed.append(idx.numel()) or forward(idx, cache))
+    dec._encode()
+    windows = dec.windows()
+    length = max(w.shape[1] for w in windows)
+    idx = torch.cat([F.pad(w, (length - w.shape[1], 0)) for w in windows])
+    pad = torch.tensor([length - w.shape[1] for w in windows]).repeat_interleave(rows)
+    plain = KVCache(model.config, 2 * rows, dec.cache_len, dtype=torch.float64)
+    plain.reset(pad)
+    torch.testing.assert_close(dec.logits(), forward(idx, plain), atol=1e-12, rtol=0)
+    assert dec.cache.length == plain.length == length
+    for got, want in ((dec.cache.k, plain.k), (dec.cache.v, plain.v)):
+        for r in range(2 * rows):  # the slots a row's queries can see: from its padding on
+            seen = slice(int(pad[r]), length)
+            torch.testing.assert_close(got[:, r, :, seen], want[:, r, :, seen], atol=1e-12, rtol=0)
+    assert sum(fed) < 0.7 * idx.numel()
 
 
 # ---------------------------------------------------------------- batched envs

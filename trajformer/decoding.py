@@ -2,10 +2,11 @@
 
 Two decoders produce next-token logits for rows of token sequences: `CachedDecoder` (incremental over a KV
 cache: an absolute model re-encodes its window only when the official sliding window drops a transition from
-its front; a window model's cache drops its oldest keys and never re-encodes) and `ReferenceDecoder` (the
-official algorithm: one GPT.forward over each row's cropped window per generated token), which the tests and
-the benchmark compare. Rows are env-major, with the same number per env, and env k draws from its own
-torch.Generator, so a batch of envs decodes as the envs would alone.
+its front, sharing the encode of rows' common first tokens; a window model's cache drops its oldest keys and
+never re-encodes) and `ReferenceDecoder` (the official algorithm: one GPT.forward over each row's cropped
+window per generated token), which the tests and the benchmark compare. Rows are env-major, with the same
+number per env, and env k draws from its own torch.Generator, so a batch of envs decodes as the envs would
+alone.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class ReferenceDecoder:
 
 
 _MALLOC_TUNED = False
+ENCODE_CHUNK = 16  # tokens per step of a prefix-sharing encode (CachedDecoder._encode)
 
 
 def keep_freed_memory() -> None:
@@ -128,7 +130,10 @@ class CachedDecoder(ReferenceDecoder):
         self._encode()
 
     def _encode(self) -> None:
-        """Encode every row's window from scratch into the cache, left-padded to a common length."""
+        """Encode every row's window from scratch into the cache, left-padded to a common length. Rows that share
+        their first tokens share those tokens' keys and values (causal attention), and a beam's rows mostly
+        descend from a few ancestors: the window is encoded in chunks of `ENCODE_CHUNK` tokens, each chunk only
+        for the distinct (padding, tokens so far) rows, whose cache rows are then copied to their descendants."""
         windows = self.windows()
         length = max(w.shape[1] for w in windows)
         idx = torch.zeros(len(self.generated), length, dtype=torch.long)
@@ -137,8 +142,19 @@ class CachedDecoder(ReferenceDecoder):
         for k, w in enumerate(windows):
             idx[k * rows : (k + 1) * rows, length - w.shape[1] :] = w
             pad[k * rows : (k + 1) * rows] = length - w.shape[1]
-        self.cache.reset(pad)
-        self._logits = self.model.forward_cached(idx.to(self.device), self.cache).cpu()
+        parent, first = pad, 0  # parent[r]: row r's class of equal (padding, tokens so far) up to `first`
+        for end in [*range(ENCODE_CHUNK, length, ENCODE_CHUNK), length]:
+            classes, group = torch.unique(torch.cat([parent[:, None], idx[:, first:end]], dim=1), dim=0,
+                                          return_inverse=True)
+            rep = torch.full((len(classes),), len(idx)).scatter_reduce(0, group, torch.arange(len(idx)), "amin")
+            if first == 0:
+                self.cache.reset(pad[rep])
+            else:  # each class continues from its parent class's cache row
+                self.cache.reorder(parent[rep])
+            logits = self.model.forward_cached(idx[rep, first:end].to(self.device), self.cache)
+            parent, first = group, end
+        self.cache.reorder(parent)
+        self._logits = logits.cpu()[parent]
         self._starts = self.crop_starts()
         self._fed = self.generated.shape[1]
 

@@ -142,9 +142,12 @@ class KVCache:
         if n > self.max_rows:
             raise ValueError(f"KV cache holds {self.max_rows} rows, asked for {n}")
         index = index.to(self.k.device)
+        # Only the written slots when they are under half the buffer (a chunked encode's early steps); a strided
+        # gather of most of the buffer is slower than the contiguous whole. Unwritten slots are masked anyway.
+        slots = slice(0, self.length if 2 * self.length <= self.max_len else self.max_len)
         with torch.no_grad():  # the cache is an inference structure; out= gathers cannot carry autograd
-            torch.index_select(self.k, 1, index, out=self._k_spare[:, :n])
-            torch.index_select(self.v, 1, index, out=self._v_spare[:, :n])
+            torch.index_select(self.k[..., slots, :], 1, index, out=self._k_spare[:, :n, :, slots])
+            torch.index_select(self.v[..., slots, :], 1, index, out=self._v_spare[:, :n, :, slots])
         self.k, self._k_spare = self._k_spare, self.k
         self.v, self._v_spare = self._v_spare, self.v
         self.pad = self.pad[index]
