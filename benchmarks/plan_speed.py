@@ -6,10 +6,13 @@ the KV-cached decoder of the absolute (official) model and of the window model, 
 at Hopper dims, with the uncached reference (one GPT.forward over the cropped window per generated token,
 batched over rows: the official algorithm). It records every cached forward pass the search makes
 (incremental steps at their row counts, window re-encodes), counts their matmul FLOPs, times bare fp32
-matmuls of exactly those shapes in the same run, and reports cached time / GEMM time. That cost model counts
-weight matmuls only; the attention matmuls over the cache (one query per row against every cached key: memory
-traffic, not FLOPs) are timed bare too, and reported beside it as cached / (GEMM + attention). Humanoid dims (45/17)
-run at beam 32, H 5. "absolute bf16" and "window bf16" plan with plan.dtype = "bfloat16".
+matmuls of exactly those shapes in the same run, and reports cached time / GEMM time. That cost model (DESIGN.md
+§5) counts every re-encode as a pass over every row's whole window; the decoder shares the encode of rows'
+common first tokens, so it runs fewer FLOPs, and "run GFLOP" / "cached/run GEMM" count the passes it makes. The
+cost model counts weight matmuls only; the attention matmuls over the cache (one query per row against every
+cached key: memory traffic, not FLOPs) are timed bare too, and reported beside it as cached / (GEMM +
+attention). Humanoid dims (45/17) run at beam 32, H 5. "absolute bf16" and "window bf16" plan with
+plan.dtype = "bfloat16".
 
     python benchmarks/plan_speed.py [--threads N] [--steps 3] [--uncached-steps 1]
 """
@@ -63,22 +66,35 @@ def seconds_per_step(search: BeamSearch, prefix: torch.Tensor, steps: int, warmu
     return statistics.median(times)
 
 
-def cached_calls(search: BeamSearch, prefix: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(rows, new tokens, keys each query's row attends over) of every cached forward pass of one search."""
-    calls = []
-    forward = search.model.forward_cached
+def cached_calls(search: BeamSearch, prefix: torch.Tensor) -> tuple[list, list]:
+    """(rows, new tokens, keys each query's row attends over) of every cached forward pass of one search, and
+    the same list with each re-encode counted as DESIGN.md §5's cost model counts it: one pass over every row's
+    whole window (the decoder shares the encode of rows' common first tokens, so it runs less than that)."""
+    calls, model_calls, inside = [], [], []
+    forward, encode = search.model.forward_cached, search.decoder._encode
 
     def recording(idx, cache, all_logits=False):
         logits = forward(idx, cache, all_logits)
         calls.append((*idx.shape, cache.length - cache.first_key))
+        if not inside:
+            model_calls.append(calls[-1])
         return logits
 
-    search.model.forward_cached = recording
+    def recording_encode():
+        inside.append(True)
+        try:
+            encode()
+        finally:
+            inside.pop()
+        cache = search.decoder.cache
+        model_calls.append((cache.rows, cache.length, cache.length - cache.first_key))
+
+    search.model.forward_cached, search.decoder._encode = recording, recording_encode
     try:
         search.search([prefix], [torch.Generator().manual_seed(0)])
     finally:
-        del search.model.forward_cached
-    return calls
+        del search.model.forward_cached, search.decoder._encode
+    return calls, model_calls
 
 
 def gemm_seconds(m: int, rows: int, cfg: GPTConfig, repeats: int = 5) -> float:
@@ -118,18 +134,19 @@ def matmul_flops(m: int, rows: int, cfg: GPTConfig) -> int:
 
 
 def measure(search: BeamSearch, prefix: torch.Tensor, steps: int) -> dict:
-    """Cached seconds per env step, the GEMM-bound estimate of the same search (weight matmuls, DESIGN.md §5),
-    and the bare time of its attention matmuls over the cache (which that cost model leaves out)."""
+    """Cached seconds per env step; the GEMM-bound estimate of DESIGN.md §5's cost model (every re-encode a
+    pass over every row's window) and of the passes the search really makes (shared re-encodes); and the bare
+    time of its attention matmuls over the cache (which the cost model leaves out)."""
     cfg = search.model.config
     t_cached = seconds_per_step(search, prefix, steps)
-    calls = cached_calls(search, prefix)
-    shapes = {(rows * t, rows) for rows, t, _ in calls}
-    gemm = {s: gemm_seconds(*s, cfg) for s in shapes}
-    t_gemm = sum(gemm[(rows * t, rows)] for rows, t, _ in calls)
+    calls, model_calls = cached_calls(search, prefix)
+    gemm = {s: gemm_seconds(*s, cfg) for s in {(rows * t, rows) for rows, t, _ in calls + model_calls}}
     attention = {c: attention_seconds(*c, cfg) for c in set(calls)}
-    flops = sum(matmul_flops(rows * t, rows, cfg) for rows, t, _ in calls)
-    return {"s": t_cached, "gemm": t_gemm, "attention": sum(attention[c] for c in calls), "flops": flops,
-            "encodes": sum(t > 1 for _, t, _ in calls)}
+    return {"s": t_cached, "gemm": sum(gemm[(rows * t, rows)] for rows, t, _ in model_calls),
+            "flops": sum(matmul_flops(rows * t, rows, cfg) for rows, t, _ in model_calls),
+            "gemm_run": sum(gemm[(rows * t, rows)] for rows, t, _ in calls),
+            "flops_run": sum(matmul_flops(rows * t, rows, cfg) for rows, t, _ in calls),
+            "attention": sum(attention[c] for c in calls), "encodes": sum(t > 1 for _, t, _ in model_calls)}
 
 
 def main() -> None:
@@ -144,7 +161,8 @@ def main() -> None:
     print(f"GPT 4x4x128, {BINS} bins, context {CONTEXT}, fp32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {load:.1f}")
     print(f"{'setting':<16}{'model':<14}{'cached s':>10}{'uncached s':>12}{'speedup':>9}{'GFLOP':>8}{'GEMM s':>9}"
-          f"{'GEMM GFLOP/s':>14}{'cached/GEMM':>13}{'attn s':>8}{'cached/(GEMM+attn)':>20}{'encodes':>9}")
+          f"{'GEMM GFLOP/s':>14}{'cached/GEMM':>13}{'attn s':>8}{'cached/(GEMM+attn)':>20}{'encodes':>9}"
+          f"{'run GFLOP':>11}{'cached/run GEMM':>17}")
     results = {}
     with torch.inference_mode():
         for label, (obs, act), plan, reference in SETTINGS:
@@ -161,7 +179,8 @@ def main() -> None:
                 print(f"{label:<16}{attention:<14}{r['s']:>10.3f}{r['uncached']:>12.2f}"
                       f"{r['uncached'] / r['s']:>9.1f}{r['flops'] / 1e9:>8.1f}{r['gemm']:>9.3f}"
                       f"{r['flops'] / r['gemm'] / 1e9:>14.1f}{r['s'] / r['gemm']:>13.2f}{r['attention']:>8.3f}"
-                      f"{r['s'] / (r['gemm'] + r['attention']):>20.2f}{r['encodes']:>9}", flush=True)
+                      f"{r['s'] / (r['gemm'] + r['attention']):>20.2f}{r['encodes']:>9}{r['flops_run'] / 1e9:>11.1f}"
+                      f"{r['s'] / r['gemm_run']:>17.2f}", flush=True)
     a, w = results["hopper 128/15", "absolute"], results["hopper 128/15", "window"]
     h = results["hopper 128/15", "absolute bf16"]
     print(f"bf16 planning (plan.dtype = \"bfloat16\") at 128/15: {h['s']:.3f} s, {a['s'] / h['s']:.2f}x float32; "
@@ -169,6 +188,9 @@ def main() -> None:
     print(f"attention over the cache at 128/15, timed bare: {a['attention']:.3f} s absolute, {w['attention']:.3f} s "
           f"window; cached / (GEMM + attention): {a['s'] / (a['gemm'] + a['attention']):.2f} absolute, "
           f"{w['s'] / (w['gemm'] + w['attention']):.2f} window")
+    print(f"re-encodes shared between rows with equal first tokens at 128/15: {a['flops_run'] / 1e9:.1f} GFLOP run "
+          f"against the cost model's {a['flops'] / 1e9:.1f}; cached / GEMM of the passes run "
+          f"{a['s'] / a['gemm_run']:.2f}")
     print(f"plan_speed cached_vs_uncached={a['uncached'] / a['s']:.1f} vs_gemm_limit={a['s'] / a['gemm']:.2f} "
           f"seconds_per_step={a['s']:.3f} window_seconds_per_step={w['s']:.3f}")
 
