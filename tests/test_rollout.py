@@ -259,6 +259,7 @@ def test_evaluation_protocol_writes_eval_json_beside_references(point_run, tmp_p
     assert official["plan"]["max_context_transitions"] == 4 and official["plan"]["cdf_act"] == 0.6
     for r in (cheap, official):
         assert len(r["returns"]) == 4 and r["normalized_score"] is not None and r["seconds_per_step"] > 0
+        assert len(r["lengths"]) == 4 and all(1 <= n <= 1000 for n in r["lengths"])  # falls show as short episodes
 
 
 def test_official_settings_per_task_and_protocol_overrides(point_run, tmp_path, capsys):

@@ -486,5 +486,5 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, setting: dict, episodes: 
         entry.pop("in_progress", None)
     results = {int(e): tuple(r) for e, r in entry["episodes"].items()}
     record = episode_record(results, entry["steps"], entry["seconds"], run.meta["env"]["id"], run.meta)
-    return {**{k: record[k] for k in ("returns", "mean_return", "stderr", "normalized_score", "normalized_stderr",
-                                      "seconds_per_step")}, "plan": dataclasses.asdict(plan_cfg)}
+    return {**{k: record[k] for k in ("returns", "lengths", "mean_return", "stderr", "normalized_score",
+                                      "normalized_stderr", "seconds_per_step")}, "plan": dataclasses.asdict(plan_cfg)}
