@@ -248,6 +248,7 @@ def test_evaluation_protocol_writes_eval_json_beside_references(point_run, tmp_p
         cli.main(["eval", str(run), "--episodes", "3", "--settings", "32x5", "--bc", str(bc)])
     assert "re-run `trajformer bc` with --episodes 3" in capsys.readouterr().err
     cli.main(["eval", str(run), "--episodes", "4", "--settings", "32x5,official", "--bc", str(bc)])
+    assert capsys.readouterr().out.count("episode length") == 2
     record = json.loads((run / "eval.json").read_text())
     bc_record = json.loads((bc / "bc.json").read_text())
     assert record["episodes"] == 4 and record["bc_mean_return"] == bc_record["evaluation"]["mean_return"]

@@ -287,9 +287,11 @@ def _cmd_eval(args) -> None:
                               num_envs=args.num_envs, overrides=args.overrides)
     for name, record in out["settings"].items():
         score = record["normalized_score"]
+        lengths = record.get("lengths")  # eval.json written before lengths were recorded has none
         print(f"{name}: return {record['mean_return']:.1f} ± {record['stderr'] or 0:.1f}"
               + (f", normalised {score:.1f}" if score is not None else "")
-              + f", {record['seconds_per_step']:.3f} s per env step")
+              + f", {record['seconds_per_step']:.3f} s per env step"
+              + (f", episode length {min(lengths)}-{max(lengths)}" if lengths else ""))
     bc = out["bc_mean_return"]
     print(f"dataset mean return {out['dataset_mean_return']:.1f}" + (f", BC {bc:.1f}" if bc is not None else ""))
 
