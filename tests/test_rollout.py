@@ -292,6 +292,34 @@ def test_protocol_plans_once_where_the_official_setting_is_the_cheap_one(point_r
     assert record["settings"]["official"]["plan"]["horizon"] == 5
 
 
+def test_evaluations_of_two_settings_at_once_keep_each_others_progress(point_run, tmp_path, monkeypatch):
+    """Two `trajformer eval` processes on one run directory (say 32x5 and the official setting, one core each):
+    each saves only its own entry of eval.partial.json under a lock, so neither overwrites the other's progress;
+    a second process on the same setting is refused before it plans."""
+    from trajformer import rollout
+
+    run = tmp_path / "run"
+    shutil.copytree(point_run, run)
+
+    def fake_evaluate(_run, plan_cfg, episodes, num_envs, progress, skip, resume, on_progress):
+        if plan_cfg.beam_width == 32:  # this process: a save, the other process's saves and stop, another save
+            on_progress({"finished": {0: (1.0, 5)}, "in_progress": [], "steps": 5, "seconds": 1.0})
+            with pytest.raises(ValueError, match="another `trajformer eval` is evaluating beam 32 / horizon 5"):
+                rollout.evaluation_protocol(str(run), episodes=2, settings=("32x5",), progress=False)
+            with pytest.raises(KeyboardInterrupt):
+                rollout.evaluation_protocol(str(run), episodes=2, settings=("official",), progress=False)
+            on_progress({"finished": {0: (1.0, 5), 1: (3.0, 5)}, "in_progress": [], "steps": 10, "seconds": 2.0})
+        else:  # the other process: one episode saved, then stopped (its session ends)
+            on_progress({"finished": {0: (7.0, 5)}, "in_progress": [], "steps": 5, "seconds": 1.0})
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(rollout, "evaluate", fake_evaluate)
+    record = rollout.evaluation_protocol(str(run), episodes=2, settings=("32x5",), progress=False)
+    assert record["settings"]["32x5"]["returns"] == [1.0, 3.0]
+    runs = json.loads((run / "eval.partial.json").read_text())["runs"]
+    assert [(r["setting"]["beam_width"], r["episodes"]) for r in runs] == [(128, {"0": [7.0, 5]})]
+
+
 def _stop_after(monkeypatch, rollout, reports: int, every: float = 60.0) -> list[dict]:
     """Make the protocol's run_episodes report every `every` seconds and raise KeyboardInterrupt after its
     `reports`-th report (a session ending); returns the reports seen."""

@@ -3,10 +3,12 @@ and checkpoints load as plain tensors (`torch.load(..., weights_only=True)`), ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,6 +39,28 @@ def atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An advisory lock on `path` (created if missing) for the duration of the block, so processes sharing a file
+    (two evaluations of one run directory) read, merge and write it in turn. Yields False if `wait` is False and
+    another process holds it. No-op (always True) where fcntl is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def save_text(path: Path, text: str) -> None:

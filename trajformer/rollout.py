@@ -7,7 +7,9 @@ not depend on how many envs run at once (--num-envs changes only the speed).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from trajformer.config import PlanConfig
-from trajformer.files import save_json
+from trajformer.files import file_lock, save_json
 from trajformer.metrics import score_reference, summarize
 from trajformer.planner import Critic, Planner, plan_config
 from trajformer.render import EpisodeVideo, make_env
@@ -422,52 +424,79 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     out = {"episodes": episodes, "dataset_mean_return": dataset_reference(run),
            "bc_mean_return": bc_return, "settings": {}}
     # Finished episodes are kept in eval.partial.json as they end, so an interrupted evaluation (an hour per
-    # episode at 128/15 on a CPU) resumes where it stopped; the file goes once eval.json is written.
-    partial_path = Path(run.path) / "eval.partial.json"
-    partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {"runs": []}
-    done: dict[tuple, dict] = {}  # a task whose official setting is 32/5 (halfcheetah-medium) plans once
+    # episode at 128/15 on a CPU) resumes where it stopped; the file goes once eval.json is written. Evaluations
+    # of other settings may run at the same time on the same run directory: each updates only its own entries of
+    # the shared files, under a lock, and one setting is evaluated by one process at a time.
+    run_dir = Path(run.path)
+    plans: dict[tuple, tuple[dict, PlanConfig]] = {}  # a task whose official setting is 32/5 plans once
+    names = {}
     for name in settings:
         setting = official_plan(run.meta["env"]["id"], run.meta["dataset_id"])
         if name == "32x5":
             setting.update(CHEAP)
         # The official context of 5 transitions, or all a model trained on shorter windows can take.
         setting["max_context_transitions"] = min(setting["max_context_transitions"], run.config.data.sequence_length)
-        key = tuple(sorted(setting.items()))
-        if key not in done:
+        key = names[name] = tuple(sorted(setting.items()))
+        if key not in plans:
             fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
-            plan_cfg = plan_config(run, [*fixed, "plan.objective=reward", *overrides])
-            done[key] = _resumable_setting(run, plan_cfg, setting, episodes, num_envs or episodes, partial,
-                                           partial_path, progress)
-        out["settings"][name] = done[key]
-    # Settings evaluated earlier on as many episodes (another `--settings`) stay in eval.json beside these.
-    earlier = Path(run.path) / "eval.json"
-    if earlier.is_file() and (old := json.loads(earlier.read_text())).get("episodes") == episodes:
-        out["settings"] = {**old.get("settings", {}), **out["settings"]}
-        out["bc_mean_return"] = out["bc_mean_return"] if bc_dir is not None else old.get("bc_mean_return")
-    save_json(earlier, out)
-    partial["runs"] = [r for r in partial["runs"] if r["episodes_total"] != episodes
-                       or tuple(sorted(r["setting"].items())) not in done]
-    if partial["runs"]:
-        save_json(partial_path, partial)
-    else:
-        partial_path.unlink(missing_ok=True)
+            plans[key] = setting, plan_config(run, [*fixed, "plan.objective=reward", *overrides])
+    done: dict[tuple, dict] = {}
+    with contextlib.ExitStack() as held:
+        for setting, plan_cfg in plans.values():
+            identity = {"setting": setting, "dtype": plan_cfg.dtype, "episodes_total": episodes}
+            digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+            if not held.enter_context(file_lock(run_dir / f".eval-{digest}.lock", wait=False)):
+                raise ValueError(f"another `trajformer eval` is evaluating beam {setting['beam_width']} / horizon "
+                                   f"{setting['horizon']} ({episodes} episodes) on {run_dir}; wait for it, or stop it "
+                                   "and run again to go on where it stopped")
+        for key, (setting, plan_cfg) in plans.items():
+            done[key] = _resumable_setting(run, plan_cfg, setting, episodes, num_envs or episodes, progress)
+    out["settings"] = {name: done[names[name]] for name in settings}
+    with file_lock(run_dir / ".eval.lock"):
+        # Settings evaluated earlier on as many episodes (another `--settings`) stay in eval.json beside these.
+        earlier = run_dir / "eval.json"
+        if earlier.is_file() and (old := json.loads(earlier.read_text())).get("episodes") == episodes:
+            out["settings"] = {**old.get("settings", {}), **out["settings"]}
+            out["bc_mean_return"] = out["bc_mean_return"] if bc_dir is not None else old.get("bc_mean_return")
+        save_json(earlier, out)
+        _update_partial(run_dir, lambda r: r["episodes_total"] != episodes
+                        or tuple(sorted(r["setting"].items())) not in done)
     return out
 
 
-def _resumable_setting(run: Run, plan_cfg: PlanConfig, setting: dict, episodes: int, num_envs: int, partial: dict,
-                       partial_path: Path, progress: bool) -> dict:
+def _update_partial(run_dir: Path, keep: Callable[[dict], bool], add: dict | None = None) -> list[dict]:
+    """eval.partial.json's runs that `keep` accepts, plus `add`, written back (the file removed when none is
+    left); returns them. Callers hold the run directory's .eval.lock, so concurrent evaluations of other
+    settings never overwrite each other's entries."""
+    path = run_dir / "eval.partial.json"
+    runs = [r for r in (json.loads(path.read_text())["runs"] if path.is_file() else []) if keep(r)]
+    runs += [add] if add is not None else []
+    if runs:
+        save_json(path, {"runs": runs})
+    else:
+        path.unlink(missing_ok=True)
+    return runs
+
+
+def _resumable_setting(run: Run, plan_cfg: PlanConfig, setting: dict, episodes: int, num_envs: int,
+                       progress: bool) -> dict:
     """One setting of the protocol: the episodes eval.partial.json already holds for it are kept, the others are
     planned, each written to eval.partial.json as it ends, and the episodes under way every minute (their actions,
     the planner's slots), so a rerun goes on mid-episode. Returns the setting's eval.json entry."""
     # Episodes planned in another dtype are not mixed in: the same search, but not the same plans.
     identity = {"setting": setting, "dtype": plan_cfg.dtype, "episodes_total": episodes}
-    entry = next((r for r in partial["runs"] if {k: r[k] for k in identity} == identity), None)
+    run_dir = Path(run.path)
+
+    def mine(r: dict) -> bool:
+        return {k: r[k] for k in identity} == identity
+
+    with file_lock(run_dir / ".eval.lock"):
+        entry = next((r for r in _update_partial(run_dir, lambda r: True) if mine(r)), None)
     if entry is None:
         entry = {**identity, "episodes": {}, "steps": 0, "seconds": 0.0}
-        partial["runs"].append(entry)
     elif entry["episodes"]:
         print(f"resuming beam {setting['beam_width']} / horizon {setting['horizon']}: {len(entry['episodes'])} of "
-              f"{episodes} episodes kept from {partial_path}", flush=True)
+              f"{episodes} episodes kept from {run_dir / 'eval.partial.json'}", flush=True)
     steps0, seconds0, kept = entry["steps"], entry["seconds"], dict(entry["episodes"])
     resume = [r for r in entry.get("in_progress", []) if str(r["episode"]) not in kept]
     if resume:
@@ -478,7 +507,8 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, setting: dict, episodes: 
         entry["episodes"] = {**kept, **state["finished"]}
         entry["in_progress"] = state["in_progress"]
         entry["steps"], entry["seconds"] = steps0 + state["steps"], seconds0 + state["seconds"]
-        save_json(partial_path, partial)
+        with file_lock(run_dir / ".eval.lock"):
+            _update_partial(run_dir, lambda r: not mine(r), entry)
 
     if len(kept) < episodes:
         evaluate(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress,
