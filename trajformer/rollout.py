@@ -443,14 +443,14 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     done: dict[tuple, dict] = {}
     with contextlib.ExitStack() as held:
         for setting, plan_cfg in plans.values():
-            identity = {"setting": setting, "dtype": plan_cfg.dtype, "episodes_total": episodes}
-            digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-            if not held.enter_context(file_lock(run_dir / f".eval-{digest}.lock", wait=False)):
+            digest = hashlib.sha1(json.dumps(_identity(setting, plan_cfg, episodes), sort_keys=True).encode())
+            if not held.enter_context(file_lock(run_dir / f".eval-{digest.hexdigest()[:12]}.lock", wait=False)):
                 raise ValueError(f"another `trajformer eval` is evaluating beam {setting['beam_width']} / horizon "
-                                   f"{setting['horizon']} ({episodes} episodes) on {run_dir}; wait for it, or stop it "
-                                   "and run again to go on where it stopped")
+                                 f"{setting['horizon']} ({episodes} episodes) on {run_dir}; wait for it, or stop it "
+                                 "and run again to go on where it stopped")
         for key, (setting, plan_cfg) in plans.items():
-            done[key] = _resumable_setting(run, plan_cfg, setting, episodes, num_envs or episodes, progress)
+            done[key] = _resumable_setting(run, plan_cfg, _identity(setting, plan_cfg, episodes),
+                                           num_envs or episodes, progress)
     out["settings"] = {name: done[names[name]] for name in settings}
     with file_lock(run_dir / ".eval.lock"):
         # Settings evaluated earlier on as many episodes (another `--settings`) stay in eval.json beside these.
@@ -464,34 +464,41 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     return out
 
 
-def _update_partial(run_dir: Path, keep: Callable[[dict], bool], add: dict | None = None) -> list[dict]:
-    """eval.partial.json's runs that `keep` accepts, plus `add`, written back (the file removed when none is
-    left); returns them. Callers hold the run directory's .eval.lock, so concurrent evaluations of other
-    settings never overwrite each other's entries."""
+def _identity(setting: dict, plan_cfg: PlanConfig, episodes: int) -> dict:
+    """What names one setting's runs in eval.partial.json. Episodes planned in another dtype are not mixed in:
+    the same search, but not the same plans."""
+    return {"setting": setting, "dtype": plan_cfg.dtype, "episodes_total": episodes}
+
+
+def _partial_runs(run_dir: Path) -> list[dict]:
+    """The runs eval.partial.json holds (none if it is missing)."""
     path = run_dir / "eval.partial.json"
-    runs = [r for r in (json.loads(path.read_text())["runs"] if path.is_file() else []) if keep(r)]
-    runs += [add] if add is not None else []
+    return json.loads(path.read_text())["runs"] if path.is_file() else []
+
+
+def _update_partial(run_dir: Path, keep: Callable[[dict], bool], add: dict | None = None) -> None:
+    """Write back eval.partial.json's runs that `keep` accepts, plus `add` (the file removed when none is left).
+    Callers hold the run directory's .eval.lock, so concurrent evaluations of other settings never overwrite
+    each other's entries."""
+    runs = [r for r in _partial_runs(run_dir) if keep(r)] + ([add] if add is not None else [])
     if runs:
-        save_json(path, {"runs": runs})
+        save_json(run_dir / "eval.partial.json", {"runs": runs})
     else:
-        path.unlink(missing_ok=True)
-    return runs
+        (run_dir / "eval.partial.json").unlink(missing_ok=True)
 
 
-def _resumable_setting(run: Run, plan_cfg: PlanConfig, setting: dict, episodes: int, num_envs: int,
-                       progress: bool) -> dict:
+def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs: int, progress: bool) -> dict:
     """One setting of the protocol: the episodes eval.partial.json already holds for it are kept, the others are
     planned, each written to eval.partial.json as it ends, and the episodes under way every minute (their actions,
     the planner's slots), so a rerun goes on mid-episode. Returns the setting's eval.json entry."""
-    # Episodes planned in another dtype are not mixed in: the same search, but not the same plans.
-    identity = {"setting": setting, "dtype": plan_cfg.dtype, "episodes_total": episodes}
+    setting, episodes = identity["setting"], identity["episodes_total"]
     run_dir = Path(run.path)
 
     def mine(r: dict) -> bool:
         return {k: r[k] for k in identity} == identity
 
     with file_lock(run_dir / ".eval.lock"):
-        entry = next((r for r in _update_partial(run_dir, lambda r: True) if mine(r)), None)
+        entry = next((r for r in _partial_runs(run_dir) if mine(r)), None)
     if entry is None:
         entry = {**identity, "episodes": {}, "steps": 0, "seconds": 0.0}
     elif entry["episodes"]:
