@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from trajformer.config import load_config
-from trajformer.model import GPT, GPTConfig, drop_mask, dropout, token_losses
+from trajformer.model import GPT, GPTConfig, additive, attend, attention_mask, drop_mask, dropout, token_losses
 from trajformer.tokens import TokenWindows, loss_weights
 from trajformer.train import resolve_dtype, schedule, train_step
 
@@ -65,6 +65,23 @@ def test_optimised_step_equals_reference_step(dtype):
     for (name, p), (_, q) in zip(fast.named_parameters(), ref.named_parameters(), strict=True):
         torch.testing.assert_close(p.grad, grads[name], atol=atol, rtol=rtol)
         torch.testing.assert_close(p, q, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("t", [20, 130, 160, 249])
+def test_attend_equals_plain_masked_attention(t):
+    """`attend` (keys padded to 16, queries in two causal blocks from 128 keys on) equals softmax attention under
+    the full mask, values and gradients, in float64: a split that let a query miss a visible key fails it."""
+    gen = torch.Generator().manual_seed(t)
+    q, k, v = (torch.randn(3, t, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = additive(attention_mask(torch.arange(t), t, torch.zeros(1, dtype=torch.long), 7)[0, 0], torch.float64)
+    plain = ((q @ k.transpose(1, 2)) * 8**-0.5 + bias).softmax(-1) @ v
+    fast = attend(q, k, v, bias, 0.0)
+    torch.testing.assert_close(fast, plain, atol=1e-12, rtol=1e-12)
+    up = torch.randn(plain.shape, generator=gen, dtype=torch.float64)
+    g_plain = torch.autograd.grad((plain * up).sum(), (q, k, v))
+    g_fast = torch.autograd.grad((fast * up).sum(), (q, k, v))
+    for a, b in zip(g_fast, g_plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
 def test_dropout_rate_scale_and_reproducibility():
