@@ -179,8 +179,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     unless the caller already padded the sequence: the CPU softmax over rows of another length takes a scalar path
     3x slower. From 128 keys on, the queries run in two blocks split at a multiple of 16 near the middle, the first
     over only the keys before the split (causality hides the rest from it): a quarter of the scores, softmax and
-    weighted sums skipped (0.87-0.98x the step at 160-256 tokens; the extra calls cost more below). The dropout scale is applied to the (t, d) output, not the (t, t) weights
-    (benchmarks/train_throughput.py)."""
+    weighted sums skipped (0.86-0.95x the step at 160-256 tokens; the extra calls cost more below). The dropout
+    scale is applied to the (t, d) output, not the (t, t) weights (benchmarks/train_throughput.py)."""
     t, d = q.shape[-2:]
     n = -(-t // 16) * 16
     if n != t:
