@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from trajformer.config import PlanConfig, apply_overrides, config_from_dict
 from trajformer.decoding import CachedDecoder, ReferenceDecoder, draw_per_env
 from trajformer.discretizer import Discretizer
-from trajformer.model import GPT
+from trajformer.model import GPT, native_bf16
 from trajformer.run import Run, load_run
 from trajformer.tokens import VALUE_PLACEHOLDER, encode_values
 
@@ -287,7 +288,11 @@ class Planner:
         plan_cfg = plan_cfg or run.config.plan
         if plan_cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"plan.device = {plan_cfg.device!r} but torch sees no CUDA device; plan on the cpu")
-        model = run.model.to(plan_cfg.device, dtype or getattr(torch, plan_cfg.dtype)).eval()
+        dtype = dtype or getattr(torch, plan_cfg.dtype)
+        if dtype == torch.bfloat16 and not native_bf16(torch.device(plan_cfg.device)):
+            warnings.warn(f"plan.dtype = bfloat16 on {plan_cfg.device}, which has no native bf16 matmuls: planning "
+                          "runs several times slower than in float32; set plan.dtype=float32", stacklevel=2)
+        model = run.model.to(plan_cfg.device, dtype).eval()
         search = BeamSearch(model, run.discretizer, plan_cfg, run.config.data.discount, cached, critic)
         return cls(search, run.obs_indices, n_envs)
 

@@ -29,7 +29,7 @@ from trajformer.config import Config, load_config, to_toml
 from trajformer.data import OfflineData, joined_transitions, load_episodes, return_stats, split_episodes
 from trajformer.discretizer import Discretizer
 from trajformer.files import atomic_write, load_torch, save_text, save_torch
-from trajformer.model import GPT, GPTConfig, token_losses
+from trajformer.model import GPT, GPTConfig, native_bf16, token_losses
 from trajformer.run import load_discretizer, read_metrics, write_run_files
 from trajformer.tokens import TokenWindows, loss_weights
 
@@ -133,12 +133,7 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     """The compute dtype for `train.dtype`: "auto" is bfloat16 where the hardware has native bf16 matmuls."""
     if name != "auto":
         return name
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = (device.type == "cpu" and torch.backends.mkldnn.is_available()
-                  and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return "bfloat16" if native else "float32"
+    return "bfloat16" if native_bf16(device) else "float32"
 
 
 def learning_rate(step: int, cfg: Config, total: int, warmup: int) -> float:
