@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trajformer import decoding
+from trajformer import planner as planner_module
 from trajformer.config import Config, PlanConfig
 from trajformer.decoding import CachedDecoder, ReferenceDecoder, crop_start
 from trajformer.discretizer import Discretizer
@@ -195,7 +196,7 @@ def test_greedy_plans_equal_reference_in_float32():
 
 
 @pytest.mark.parametrize("attention", ["absolute", "window"])
-def test_bfloat16_planning_keeps_float32_scores_and_the_float32_plans(attention):
+def test_bfloat16_planning_keeps_float32_scores_and_the_float32_plans(attention, monkeypatch):
     """plan.dtype = bfloat16: weights and KV cache in bf16, logits cast up before any score; with greedy actions
     on well-separated logits the plans are the float32 ones, and rewards/values agree to bf16 precision."""
     model, disc = make_model(head_std=1.0, dtype=torch.float32, attention=attention), make_discretizer()
@@ -215,11 +216,13 @@ def test_bfloat16_planning_keeps_float32_scores_and_the_float32_plans(attention)
         np.testing.assert_allclose(x.rewards[:1], y.rewards[:1], rtol=0.05, atol=0.05)
     assert plan_config(fake_run(), ["plan.dtype=bfloat16"]).dtype == "bfloat16"
     bf16_run = fake_run(PlanConfig(max_context_transitions=2, dtype="bfloat16"))
-    with warnings.catch_warnings(record=True) as caught:  # emulated bf16 is several times slower: say so
-        warnings.simplefilter("always")
-        assert next(Planner.from_run(bf16_run).search.model.parameters()).dtype == torch.bfloat16
-    slow = [w for w in caught if "no native bf16" in str(w.message)]
-    assert len(slow) == (0 if native_bf16(torch.device("cpu")) else 1)
+    for native in (True, False):  # emulated bf16 is several times slower: say so, and only then
+        monkeypatch.setattr(planner_module, "native_bf16", lambda device, native=native: native)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert next(Planner.from_run(bf16_run).search.model.parameters()).dtype == torch.bfloat16
+        assert len([w for w in caught if "no native bf16" in str(w.message)]) == (0 if native else 1)
+    assert isinstance(native_bf16(torch.device("cpu")), bool)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

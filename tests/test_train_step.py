@@ -67,13 +67,16 @@ def test_optimised_step_equals_reference_step(dtype):
         torch.testing.assert_close(p, q, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("band", [0, 14])
 @pytest.mark.parametrize("t", [20, 130, 160, 249])
-def test_attend_equals_plain_masked_attention(t):
+def test_attend_equals_plain_masked_attention(t, band):
     """`attend` (keys padded to 16, queries in two causal blocks from 128 keys on) equals softmax attention under
-    the full mask, values and gradients, in float64: a split that let a query miss a visible key fails it."""
+    the full mask (causal, or a window model's band), values and gradients, in float64: a split that let a query
+    miss a visible key fails it."""
     gen = torch.Generator().manual_seed(t)
     q, k, v = (torch.randn(3, t, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    bias = additive(attention_mask(torch.arange(t), t, torch.zeros(1, dtype=torch.long), 7)[0, 0], torch.float64)
+    full = attention_mask(torch.arange(t), t, torch.zeros(1, dtype=torch.long), 7, band)
+    bias = additive(full[0, 0], torch.float64)
     plain = ((q @ k.transpose(1, 2)) * 8**-0.5 + bias).softmax(-1) @ v
     fast = attend(q, k, v, bias, 0.0)
     torch.testing.assert_close(fast, plain, atol=1e-12, rtol=1e-12)

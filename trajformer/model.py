@@ -412,7 +412,10 @@ def native_bf16(device: torch.device) -> bool:
     """Whether `device` runs bfloat16 matmuls natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs); elsewhere bf16 is
     emulated and several times slower than float32 (6.6x at the official Hopper search on an AVX2 EPYC)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        with torch.cuda.device(device):  # the card asked for, not the current one; emulation does not count
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     return (device.type == "cpu" and torch.backends.mkldnn.is_available()
             and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
