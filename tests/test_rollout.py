@@ -457,6 +457,27 @@ def test_protocol_keeps_settings_evaluated_separately(point_run, tmp_path, monke
     assert set(json.loads((run / "eval.json").read_text())["settings"]) == {"official"}  # other episodes: anew
 
 
+def test_a_setting_under_way_in_another_dtype_is_named_then_replaced(point_run, tmp_path, monkeypatch, capsys):
+    """A float32 evaluation of a setting that eval.partial.json holds under way in bfloat16 says how to resume
+    that one, plans its own episodes from the start, and replaces the bf16 entry when it finishes."""
+    from trajformer import rollout
+
+    monkeypatch.setattr(rollout, "official_plan", lambda env, data: {**rollout.OFFICIAL, "beam_width": 4,
+                                                                     "horizon": 2})
+    run = tmp_path / "run"
+    shutil.copytree(point_run, run)
+    context = min(rollout.OFFICIAL["max_context_transitions"], load_run(run).config.data.sequence_length)
+    setting = {**rollout.OFFICIAL, "beam_width": 4, "horizon": 2, "max_context_transitions": context}
+    bf16 = {"setting": setting, "dtype": "bfloat16", "episodes_total": 2, "episodes": {"0": [1.0, 5]},
+            "steps": 5, "seconds": 1.0}
+    (run / "eval.partial.json").write_text(json.dumps({"runs": [bf16]}))
+    out = rollout.evaluation_protocol(str(run), episodes=2, settings=("official",), progress=False)
+    said = capsys.readouterr().out
+    assert "under way in bfloat16 (5 env steps): --set plan.dtype=bfloat16 resumes it" in said
+    assert len(out["settings"]["official"]["returns"]) == 2 and out["settings"]["official"]["returns"][0] != 1.0
+    assert not (run / "eval.partial.json").exists()
+
+
 def test_iql_runs_end_to_end_and_beats_random(point_run, tmp_path, monkeypatch):
     """`trajformer iql` on the point-line data (half its actions head for the goal): the AWR policy beats
     random by far (measured: about -2, random -10, BC about -5)."""

@@ -498,9 +498,15 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs:
         return {k: r[k] for k in identity} == identity
 
     with file_lock(run_dir / ".eval.lock"):
-        entry = next((r for r in _partial_runs(run_dir) if mine(r)), None)
+        partial = _partial_runs(run_dir)
+    entry = next((r for r in partial if mine(r)), None)
     if entry is None:
         entry = {**identity, "episodes": {}, "steps": 0, "seconds": 0.0}
+        for other in partial:  # the same setting under way in another dtype: say how to go on with it instead
+            if other["setting"] == setting and other["episodes_total"] == episodes:
+                print(f"{run_dir / 'eval.partial.json'} holds this setting under way in {other['dtype']} "
+                      f"({other['steps']:,} env steps): --set plan.dtype={other['dtype']} resumes it; this run, in "
+                      f"{plan_cfg.dtype}, starts over and replaces it when it finishes", flush=True)
     elif entry["episodes"]:
         print(f"resuming beam {setting['beam_width']} / horizon {setting['horizon']}: {len(entry['episodes'])} of "
               f"{episodes} episodes kept from {run_dir / 'eval.partial.json'}", flush=True)
