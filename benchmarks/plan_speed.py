@@ -12,9 +12,10 @@ common first tokens, so it runs fewer FLOPs, and "run GFLOP" / "cached/run GEMM"
 cost model counts weight matmuls only; the attention matmuls over the cache (one query per row against every
 cached key: memory traffic, not FLOPs) are timed bare too, and reported beside it as cached / (GEMM +
 attention). Humanoid dims (45/17) run at beam 32, H 5. "absolute bf16" and "window bf16" plan with
-plan.dtype = "bfloat16".
+plan.dtype = "bfloat16". `--device cuda` runs the searches and the bare matmuls on a GPU (the whole search
+stays on the card; only the draws' noise comes from the CPU generators).
 
-    python benchmarks/plan_speed.py [--threads N] [--steps 3] [--uncached-steps 1]
+    python benchmarks/plan_speed.py [--threads N] [--steps 3] [--uncached-steps 1] [--device cuda]
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ SETTINGS = [  # (label, dims, plan, time the uncached reference)
 ]
 
 
-def build(obs: int, act: int, attention: str) -> tuple[GPT, Discretizer, torch.Tensor]:
-    """Random-init 4x4x128 GPT (fixed seed), a discretizer, and a steady-state prefix (5 transitions + obs)."""
+def build(obs: int, act: int, attention: str, device: str = "cpu") -> tuple[GPT, Discretizer, torch.Tensor]:
+    """Random-init 4x4x128 GPT (fixed seed) on `device`, a discretizer, and a steady-state prefix (5 transitions
+    + obs)."""
     torch.manual_seed(0)
     T = obs + act + 2
     cfg = GPTConfig(obs_dim=obs, act_dim=act, n_bins=BINS, block_size=10 * T - 1, n_layer=4, n_head=4,
                     n_embd=128, dropout=0.0, attention=attention, window=CONTEXT * T if attention == "window" else 0)
-    model = GPT(cfg).eval()
+    model = GPT(cfg).eval().to(device)
     disc = Discretizer.fit(np.random.default_rng(0).normal(size=(10_000, T)), BINS)
     bins = np.random.default_rng(1).integers(0, BINS, size=CONTEXT * T + obs)
     return model, disc, torch.as_tensor(bins + BINS * (np.arange(len(bins)) % T))
@@ -73,8 +75,8 @@ def cached_calls(search: BeamSearch, prefix: torch.Tensor) -> tuple[list, list]:
     calls, model_calls, inside = [], [], []
     forward, encode = search.model.forward_cached, search.decoder._encode
 
-    def recording(idx, cache, all_logits=False):
-        logits = forward(idx, cache, all_logits)
+    def recording(idx, cache, all_logits=False, slot=None):
+        logits = forward(idx, cache, all_logits, slot)
         calls.append((*idx.shape, cache.length - cache.first_key))
         if not inside:
             model_calls.append(calls[-1])
@@ -97,33 +99,44 @@ def cached_calls(search: BeamSearch, prefix: torch.Tensor) -> tuple[list, list]:
     return calls, model_calls
 
 
-def gemm_seconds(m: int, rows: int, cfg: GPTConfig, repeats: int = 5) -> float:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (GPU timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_seconds(m: int, rows: int, cfg: GPTConfig, device: torch.device, repeats: int = 5) -> float:
     """Best time of the bare fp32 matmuls of one forward pass over m tokens (the head for `rows` of them)."""
     C = cfg.n_embd
-    x, h = torch.randn(m, C), torch.randn(m, 4 * C)
-    w = [torch.randn(C, 3 * C), torch.randn(C, C), torch.randn(C, 4 * C), torch.randn(4 * C, C)]
-    head = torch.randn(C, cfg.n_bins + 1)
+    x, h = torch.randn(m, C, device=device), torch.randn(m, 4 * C, device=device)
+    w = [torch.randn(C, 3 * C, device=device), torch.randn(C, C, device=device), torch.randn(C, 4 * C, device=device),
+         torch.randn(4 * C, C, device=device)]
+    head = torch.randn(C, cfg.n_bins + 1, device=device)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(cfg.n_layer):
             _ = (x @ w[0], x @ w[1], x @ w[2], h @ w[3])
         _ = x[:rows] @ head
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def attention_seconds(rows: int, t: int, keys: int, cfg: GPTConfig, repeats: int = 5) -> float:
+def attention_seconds(rows: int, t: int, keys: int, cfg: GPTConfig, device: torch.device, repeats: int = 5) -> float:
     """Best time of the bare fp32 attention matmuls (q k^T, then weights v) of one cached forward pass: `rows`
     rows of `t` queries over `keys` cached keys, every head and layer. Memory-bound for one query per row: the
     cache's keys and values are read once per generated token."""
     H, d = cfg.n_head, cfg.n_embd // cfg.n_head
-    q, k, v = torch.randn(rows * H, t, d), torch.randn(rows * H, keys, d), torch.randn(rows * H, keys, d)
+    q, k, v = (torch.randn(rows * H, n, d, device=device) for n in (t, keys, keys))
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(cfg.n_layer):
             _ = torch.bmm(torch.bmm(q, k.transpose(1, 2)), v)
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -137,11 +150,11 @@ def measure(search: BeamSearch, prefix: torch.Tensor, steps: int) -> dict:
     """Cached seconds per env step; the GEMM-bound estimate of DESIGN.md §5's cost model (every re-encode a
     pass over every row's window) and of the passes the search really makes (shared re-encodes); and the bare
     time of its attention matmuls over the cache (which the cost model leaves out)."""
-    cfg = search.model.config
+    cfg, device = search.model.config, search.device
     t_cached = seconds_per_step(search, prefix, steps)
     calls, model_calls = cached_calls(search, prefix)
-    gemm = {s: gemm_seconds(*s, cfg) for s in {(rows * t, rows) for rows, t, _ in calls + model_calls}}
-    attention = {c: attention_seconds(*c, cfg) for c in set(calls)}
+    gemm = {s: gemm_seconds(*s, cfg, device) for s in {(rows * t, rows) for rows, t, _ in calls + model_calls}}
+    attention = {c: attention_seconds(*c, cfg, device) for c in set(calls)}
     return {"s": t_cached, "gemm": sum(gemm[(rows * t, rows)] for rows, t, _ in model_calls),
             "flops": sum(matmul_flops(rows * t, rows, cfg) for rows, t, _ in model_calls),
             "gemm_run": sum(gemm[(rows * t, rows)] for rows, t, _ in calls),
@@ -154,11 +167,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--steps", type=int, default=3, help="timed cached env steps per setting")
     parser.add_argument("--uncached-steps", type=int, default=1, help="timed uncached env steps per setting")
+    parser.add_argument("--device", default="cpu", help="where the searches run (cpu, cuda)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"GPT 4x4x128, {BINS} bins, context {CONTEXT}, fp32, torch {torch.__version__}, "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(f"GPT 4x4x128, {BINS} bins, context {CONTEXT}, fp32, torch {torch.__version__}, {where}, "
           f"{torch.get_num_threads()} threads, load average {load:.1f}")
     print(f"{'setting':<16}{'model':<14}{'cached s':>10}{'uncached s':>12}{'speedup':>9}{'GFLOP':>8}{'GEMM s':>9}"
           f"{'GEMM GFLOP/s':>14}{'cached/GEMM':>13}{'attn s':>8}{'cached/(GEMM+attn)':>20}{'encodes':>9}"
@@ -167,12 +182,12 @@ def main() -> None:
     with torch.inference_mode():
         for label, (obs, act), plan, reference in SETTINGS:
             for attention in ("absolute", "window", "absolute bf16", "window bf16"):
-                model, disc, prefix = build(obs, act, attention.split()[0])
+                model, disc, prefix = build(obs, act, attention.split()[0], args.device)
                 if attention.endswith("bf16"):  # plan.dtype = "bfloat16": weights and KV cache in bf16
                     model = model.to(torch.bfloat16)
                 r = measure(BeamSearch(model, disc, plan, 0.99, cached=True), prefix, args.steps)
                 r["uncached"] = float("nan")
-                if reference and attention == "absolute":
+                if reference and attention == "absolute" and args.uncached_steps > 0:
                     uncached = BeamSearch(model, disc, plan, 0.99, cached=False)
                     r["uncached"] = seconds_per_step(uncached, prefix, args.uncached_steps, warmup=False)
                 results[label, attention] = r

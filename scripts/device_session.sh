@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # One call of a lent GPU machine (the `device` tool: one H200, 15 minutes a session), prepared here:
-#   1. benchmarks/train_throughput.py on the card (batch 64, the CPU shapes, and 1024, a batch that fills it);
-#   2. the CUDA tests (tests skip them without a card);
-#   3. in parallel: the humanoid model at configs/humanoid.toml's own budget (1.28M windows, no dropout) and
-#      walker2d-medium's official 128/15 evaluation, resumed from its eval.partial.json.
+#   1. the CUDA tests (tests skip them without a card): the search on the card gives the CPU's plans;
+#   2. benchmarks/plan_speed.py --device cuda (the whole search on the card since 2026-12-01);
+#   3. walker2d-medium's official 128/15 evaluation on the card, resumed from its eval.partial.json, for
+#      SECONDS_LEFT seconds (it keeps every finished minute).
 # Everything comes back as $OUT/results.tgz.part-* (<= 15 MB each) and $OUT/summary.log.
 # Here, before the call: python scripts/device_pack.py pack trajformer/humanoid-medium-v0 .devdata/humanoid.npz
 # and download the wheels of minari, gymnasium, farama-notifications, mujoco, mujoco-core, glfw into .whl/
 # (README of the device tool); carry .devdata and .whl. LOCAL=1 runs the same steps on this CPU, tiny.
-# `scripts/device_session.sh ablations` instead trains the humanoid ablations (runs/humanoid-markov and
-# runs/humanoid-partial of scripts/humanoid_models.sh) at the same 1.28M windows, both at once, for
-# SECONDS_LEFT seconds; an unfinished run comes back with its checkpoint, to resume here with --resume.
+# `scripts/device_session.sh humanoid` trains the humanoid model at configs/humanoid.toml's budget instead, and
+# `scripts/device_session.sh ablations` the humanoid ablations (runs/humanoid-markov and runs/humanoid-partial
+# of scripts/humanoid_models.sh) at the same 1.28M windows, both at once, for SECONDS_LEFT seconds; an unfinished
+# run comes back with its checkpoint, to resume here with --resume.
 set -u
 OUT=${OUT:-/tmp/device_out}
-SECONDS_LEFT=${SECONDS_LEFT:-440}  # wall clock for step 3, inside the call's own limit
+SECONDS_LEFT=${SECONDS_LEFT:-330}  # wall clock for step 3: with the rest, inside one call's 600 s
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MUJOCO_GL=egl
 mkdir -p "$OUT" /tmp/work
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/summary.log"; }
@@ -28,10 +29,10 @@ ship() {  # everything under /tmp/work comes back in parts the device tool accep
 }
 if [ "${LOCAL:-0}" = 1 ]; then
   PY=python; DEV=cpu; HUM=(--set train.max_windows=640 --set train.eval_every=5 --set train.checkpoint_every=5)
-  EVAL=(--episodes 2 --num-envs 2); BENCH=(--steps 1 --batch 8)
+  EVAL=(--episodes 2 --num-envs 2); SPEED=(--steps 1 --uncached-steps 0)
   WALKER=/tmp/work/walker2d-copy; rm -rf $WALKER; cp -r pretrained/models/walker2d-medium $WALKER
 else
-  PY=python3; DEV=cuda; HUM=(); EVAL=(--episodes 10 --num-envs 10); BENCH=()
+  PY=python3; DEV=cuda; HUM=(); EVAL=(--episodes 10 --num-envs 10); SPEED=(--steps 2)
   WALKER=pretrained/models/walker2d-medium
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -57,24 +58,26 @@ if [ "${1:-}" = ablations ]; then
   exit 0
 fi
 
-log "1. train_throughput"
-$PY benchmarks/train_throughput.py --device $DEV "${BENCH[@]}" 2>&1 | tee /tmp/work/bench64.log | tail -3 >>"$OUT/summary.log"
-[ "$DEV" = cuda ] && $PY benchmarks/train_throughput.py --device cuda --batch 1024 2>&1 | tee /tmp/work/bench1024.log \
-  | tail -3 >>"$OUT/summary.log"
+if [ "${1:-}" = humanoid ]; then
+  timeout -s INT "$SECONDS_LEFT" $PY -m trajformer train configs/humanoid.toml --out /tmp/work/humanoid-gpu \
+    --set train.device=$DEV "${HUM[@]}" >/tmp/work/humanoid.log 2>&1
+  tidy /tmp/work/humanoid-gpu $?
+  ship
+  exit 0
+fi
 
-log "2. cuda tests"
-$PY -m pytest -q -p no:warnings -p no:cacheprovider tests/test_train_step.py tests/test_planner.py -k cuda \
+log "1. cuda tests"
+$PY -m pytest -q -p no:warnings -p no:cacheprovider tests/test_train_step.py tests/test_planner.py -k "cuda or reads" \
   >/tmp/work/tests.log 2>&1; tail -2 /tmp/work/tests.log >>"$OUT/summary.log"
 
-log "3. humanoid training and walker2d evaluation, ${SECONDS_LEFT}s"
-timeout -s INT "$SECONDS_LEFT" $PY -m trajformer train configs/humanoid.toml --out /tmp/work/humanoid-gpu \
-  --set train.device=$DEV "${HUM[@]}" >/tmp/work/humanoid.log 2>&1 &
-HPID=$!
+log "2. plan_speed on the card"
+timeout 150 $PY benchmarks/plan_speed.py --device $DEV "${SPEED[@]}" 2>&1 | tee /tmp/work/plan_speed.log \
+  | tail -4 >>"$OUT/summary.log"
+
+log "3. walker2d evaluation, ${SECONDS_LEFT}s"
 timeout -s INT "$SECONDS_LEFT" $PY -m trajformer eval $WALKER "${EVAL[@]}" \
-  --settings official --set plan.device=$DEV --set plan.dtype=bfloat16 >/tmp/work/walker.log 2>&1 &
-WPID=$!
-wait $HPID; tidy /tmp/work/humanoid-gpu $?
-wait $WPID; log "walker: exit code $?, $(tail -c 300 /tmp/work/walker.log | tr '\r' '\n' | tail -2)"
+  --settings official --set plan.device=$DEV --set plan.dtype=bfloat16 >/tmp/work/walker.log 2>&1
+log "walker: exit code $?, $(tail -c 300 /tmp/work/walker.log | tr '\r' '\n' | tail -2)"
 cp $WALKER/eval*.json /tmp/work/ 2>/dev/null
-ls -la /tmp/work /tmp/work/humanoid-gpu >>"$OUT/summary.log"
+ls -la /tmp/work >>"$OUT/summary.log"
 ship

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from trajformer import decoding
 from trajformer import planner as planner_module
@@ -224,11 +225,57 @@ def test_bfloat16_planning_keeps_float32_scores_and_the_float32_plans(attention,
         assert len([w for w in caught if "no native bf16" in str(w.message)]) == (0 if native else 1)
 
 
+@pytest.mark.parametrize("rows, classes", [(1, 7), (64, 101), (2560, 101)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_draws_are_torch_multinomial_bit_for_bit(rows, classes, dtype):
+    """The planner's draws (noise from the CPU generators, argmax on the search's device) are torch.multinomial's,
+    and leave every generator in the same state, so seeded plans and resumed evaluations do not change."""
+    torch.manual_seed(rows)
+    probs = torch.rand(3 * rows, classes, dtype=dtype) ** 4
+    probs[:, 0] = 0.0  # a filtered-out class is never drawn
+    probs /= probs.sum(-1, keepdim=True)
+    ours, theirs = generators([5, 6, 7]), generators([5, 6, 7])
+    want = torch.cat([torch.multinomial(probs[k * rows : (k + 1) * rows], 1, generator=g)[:, 0]
+                      for k, g in enumerate(theirs)])
+    assert torch.equal(decoding.draw_per_env(probs, ours), want)
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs, strict=True))
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts reads of tensor values into Python (.item(), int(), bool()): each a host-device sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attention", ["absolute", "window"])
+def test_a_search_reads_no_values_back_per_token(attention):
+    """A search on a GPU must not wait on the host every token: values are read back once per window encode (the
+    cache's padding) and for the plans at the end, so a longer horizon adds reads only with its encodes."""
+    rng = np.random.default_rng(3)
+    prefixes = [random_prefix(n, rng) for n in (0, 3)]
+    reads = []
+    for horizon in (2, 6):
+        search = BeamSearch(make_model(attention=attention), make_discretizer(),
+                            dataclasses.replace(CONFIGS[0], horizon=horizon), 0.99)
+        encodes, encode = [], search.decoder._encode
+        search.decoder._encode = lambda encode=encode, encodes=encodes: encodes.append(1) or encode()
+        with ScalarReads() as counter:
+            search.search(prefixes, generators([0, 1]))
+        reads.append(counter.n - len(encodes))
+    assert reads[0] == reads[1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("attention", ["absolute", "window"])
 def test_planning_on_cuda_gives_the_cpu_plans(attention):
-    """plan.device = cuda: model and KV cache on the card, bookkeeping and draws on the CPU; float64 plans
-    match the CPU's (sampled actions included: the draws use the same CPU generators on the same probabilities)."""
+    """plan.device = cuda: the whole search on the card, only the draws' noise from the CPU generators; float64
+    plans match the CPU's (sampled actions included: the same noise on the same probabilities)."""
     model, disc = make_model(attention=attention), make_discretizer()
     cfg = CONFIGS[1]
     rng = np.random.default_rng(7)
@@ -265,7 +312,8 @@ def test_prefix_sharing_encode_equals_one_forward_over_every_row(attention, monk
     monkeypatch.setattr(decoding, "ENCODE_CHUNK", 4)  # several chunks in these short windows
     fed = []
     forward = model.forward_cached
-    monkeypatch.setattr(model, "forward_cached", lambda idx, cache: fed.append(idx.numel()) or forward(idx, cache))
+    monkeypatch.setattr(model, "forward_cached",
+                        lambda idx, cache, **kw: fed.append(idx.numel()) or forward(idx, cache, **kw))
     dec._encode()
     windows = dec.windows()
     length = max(w.shape[1] for w in windows)

@@ -29,10 +29,18 @@ def crop_start(length: int, window: int | None, transition_dim: int) -> int:
 
 
 def draw_per_env(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One categorical draw per row; env k's equal block of rows uses only generators[k]."""
+    """One categorical draw per row; env k's equal block of rows uses only generators[k] (CPU generators).
+
+    torch.multinomial's own single-draw algorithm (argmax of probs / q with q ~ Exp(1), drawn with the env's
+    generator), bit for bit, including each generator's state after the draw. The noise is drawn on the CPU
+    and moved to wherever `probs` are, so a search on a GPU draws from the same streams as on the CPU without
+    bringing probabilities back to the host."""
     rows = len(probs) // len(generators)
-    draws = [torch.multinomial(probs[k * rows : (k + 1) * rows], 1, generator=g) for k, g in enumerate(generators)]
-    return torch.cat(draws)[:, 0]
+    noise = torch.cat([torch.empty(rows, probs.shape[-1], dtype=probs.dtype).exponential_(generator=g)
+                       for g in generators])
+    if probs.device.type == "cuda":
+        noise = noise.pin_memory()  # so the copy is asynchronous: the host does not wait for the card's queue
+    return (probs / noise.to(probs.device, non_blocking=True)).argmax(-1)
 
 
 class ReferenceDecoder:
@@ -40,6 +48,7 @@ class ReferenceDecoder:
     An absolute model's window is cropped to `window` tokens; a window model's sequence is never cropped.
 
     Rows are env-major with the same number per env; `generated` holds every row's tokens after its prefix.
+    Prefixes, tokens and logits live on the model's device, so a search on a GPU stays there.
     """
 
     def __init__(self, model: GPT, window: int):
@@ -50,16 +59,23 @@ class ReferenceDecoder:
 
     def start(self, prefixes: list[torch.Tensor], max_rows: int) -> None:
         """Begin a search with one row per env holding its prefix (ids, starting at a transition boundary)."""
-        self.prefixes = prefixes
-        self.generated = torch.zeros(len(prefixes), 0, dtype=torch.long)
+        self.prefixes = [p.to(self.device) for p in prefixes]
+        self.generated = torch.zeros(len(prefixes), 0, dtype=torch.long, device=self.device)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (expansion and re-ranking)."""
-        self.generated = self.generated[index]
+        self.generated = self.generated[index.to(self.device)]
 
     def append(self, tokens: torch.Tensor) -> None:
         """Append one token (rows,) to every row."""
-        self.generated = torch.cat([self.generated, tokens[:, None]], dim=1)
+        self.generated = torch.cat([self.generated, tokens[:, None].to(self.device)], dim=1)
+
+    def next_slot(self) -> int | None:
+        """The head slot every row's next token comes from (its last token's position mod T: prefixes start at
+        a transition boundary and rows generate in step), or None if the envs' prefixes disagree on it."""
+        n = self.generated.shape[1]
+        slots = {(len(p) + n - 1) % self.transition_dim for p in self.prefixes}
+        return slots.pop() if len(slots) == 1 else None
 
     def crop_starts(self) -> list[int]:
         """Per env, the first sequence position inside the current window."""
@@ -77,12 +93,12 @@ class ReferenceDecoder:
 
     @property
     def device(self) -> torch.device:
-        """Where the model computes; token bookkeeping stays on the CPU and logits come back to it."""
+        """Where the model computes, and where the decoder keeps its tokens and returns logits."""
         return next(self.model.parameters()).device
 
     def logits(self) -> torch.Tensor:
-        """Logits (rows, N+1) of the next token of every row, on the CPU."""
-        return torch.cat([self.model(w.to(self.device))[:, -1] for w in self.windows()]).cpu()
+        """Logits (rows, N+1) of the next token of every row, on the model's device."""
+        return torch.cat([self.model(w)[:, -1] for w in self.windows()])
 
 
 _MALLOC_TUNED = False
@@ -134,10 +150,10 @@ class CachedDecoder(ReferenceDecoder):
         their first tokens share those tokens' keys and values (causal attention), and a beam's rows mostly
         descend from a few ancestors: the window is encoded in chunks of `ENCODE_CHUNK` tokens, each chunk only
         for the distinct (padding, tokens so far) rows, whose cache rows are then copied to their descendants."""
-        windows = self.windows()
+        windows, device = self.windows(), self.device
         length = max(w.shape[1] for w in windows)
-        idx = torch.zeros(len(self.generated), length, dtype=torch.long)
-        pad = torch.empty(len(self.generated), dtype=torch.long)
+        idx = torch.zeros(len(self.generated), length, dtype=torch.long, device=device)
+        pad = torch.empty(len(self.generated), dtype=torch.long, device=device)
         rows = len(self.generated) // len(windows)
         for k, w in enumerate(windows):
             idx[k * rows : (k + 1) * rows, length - w.shape[1] :] = w
@@ -146,19 +162,21 @@ class CachedDecoder(ReferenceDecoder):
         for end in [*range(ENCODE_CHUNK, length, ENCODE_CHUNK), length]:
             classes, group = torch.unique(torch.cat([parent[:, None], idx[:, first:end]], dim=1), dim=0,
                                           return_inverse=True)
-            rep = torch.full((len(classes),), len(idx)).scatter_reduce(0, group, torch.arange(len(idx)), "amin")
+            rep = torch.full((len(classes),), len(idx), device=device).scatter_reduce(
+                0, group, torch.arange(len(idx), device=device), "amin")
             if first == 0:
                 self.cache.reset(pad[rep])
             else:  # each class continues from its parent class's cache row
                 self.cache.reorder(parent[rep])
-            logits = self.model.forward_cached(idx[rep, first:end].to(self.device), self.cache)
+            logits = self.model.forward_cached(idx[rep, first:end], self.cache, slot=self.next_slot())
             parent, first = group, end
         self.cache.reorder(parent)
-        self._logits = logits.cpu()[parent]
+        self._logits = logits[parent]
         self._starts = self.crop_starts()
         self._fed = self.generated.shape[1]
 
     def reorder(self, index: torch.Tensor) -> None:
+        index = index.to(self.device)
         super().reorder(index)
         self.cache.reorder(index)
         if self._logits is not None:
@@ -173,8 +191,8 @@ class CachedDecoder(ReferenceDecoder):
             if self.crop_starts() != self._starts:
                 self._encode()
             else:
-                self._logits = self.model.forward_cached(self.generated[:, self._fed :].to(self.device),
-                                                         self.cache).cpu()
+                self._logits = self.model.forward_cached(self.generated[:, self._fed :], self.cache,
+                                                         slot=self.next_slot())
                 self._fed = self.generated.shape[1]
         return self._logits
 

@@ -105,6 +105,7 @@ class KVCache:
         self.offset = 0  # slots dropped from the front by `compact` (window models); positions keep counting
         self.first_key = 0  # first slot the current forward pass attends to
         self.pad = torch.zeros(0, dtype=torch.long, device=device)
+        self.min_pad = 0  # a lower bound of pad.min() on the host (reorders only select rows), for position checks
 
     @property
     def max_rows(self) -> int:
@@ -119,6 +120,7 @@ class KVCache:
         if len(pad) > self.max_rows:
             raise ValueError(f"KV cache holds {self.max_rows} rows, asked for {len(pad)}")
         self.rows, self.length, self.offset, self.pad = len(pad), 0, 0, pad.to(self.k.device, torch.long)
+        self.min_pad = int(pad.min()) if len(pad) else 0
 
     def compact(self, incoming: int) -> None:
         """Make room for `incoming` tokens by dropping the oldest slots that no future query can see (window
@@ -344,10 +346,13 @@ class GPT(nn.Module):
         logits = torch.einsum("bntc,tcv->bntv", x, self.head)
         return rearrange(logits, "b n slot v -> b (n slot) v")[:, :t]
 
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, all_logits: bool = False,
+                       slot: int | None = None) -> torch.Tensor:
         """Append tokens (B, t) to the cache and return the logits of the last position (B, N+1), or of
         every new position (B, t, N+1) with `all_logits`. Row b's positions count from cache.pad[b]; a window
-        model's cache drops keys no query can see any more when it runs out of room."""
+        model's cache drops keys no query can see any more when it runs out of room. `slot`: the head slot of
+        every row's last position when the caller knows they all share it (the decoders do), which spares a
+        host-device sync per token on a GPU."""
         B, t = idx.shape
         if B != cache.rows:
             raise ValueError(f"cache has {cache.rows} rows, got {B}")
@@ -358,8 +363,11 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache of length {cache.max_len} cannot take {start + t} positions")
         query_pos = torch.arange(start, start + t, device=idx.device)
         rel = query_pos[None, :] + cache.offset - cache.pad[:, None]  # (B, t): position from the row's start
-        if self.wpe is not None and int(rel.max()) >= self.config.block_size:
-            raise ValueError(f"position {int(rel.max())} exceeds the model's block size {self.config.block_size}")
+        if self.wpe is not None and start + t - 1 + cache.offset - cache.min_pad >= self.config.block_size:
+            cache.min_pad = int(cache.pad.min())  # the bound may be stale after reorders: the exact check
+            if start + t - 1 + cache.offset - cache.min_pad >= self.config.block_size:
+                raise ValueError(f"position {start + t - 1 + cache.offset - cache.min_pad} exceeds the model's "
+                                 f"block size {self.config.block_size}")
         x = self.wte(idx) if self.wpe is None else self.wte(idx) + self.wpe(rel.clamp(min=0))
         if t == 1:
             # One query per row reads every slot of the buffer: the mask hides the unwritten ones (k > q) and
@@ -378,10 +386,11 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer, rope)
         cache.length = start + t
-        slot = rel % self.config.transition_dim  # (B, t)
         if all_logits:
-            return torch.einsum("btc,btcv->btv", self.ln_f(x), self.head[slot])
-        return self.head_logits(self.ln_f(x[:, -1]), slot[:, -1])
+            return torch.einsum("btc,btcv->btv", self.ln_f(x), self.head[rel % self.config.transition_dim])
+        if slot is not None:
+            return self.ln_f(x[:, -1]) @ self.head[slot]
+        return self.head_logits(self.ln_f(x[:, -1]), rel[:, -1] % self.config.transition_dim)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A window model's rotary tables for these positions (None for an absolute model)."""

@@ -64,7 +64,7 @@ def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def _env_rows(n_envs: int, rows: int, local: torch.Tensor) -> torch.Tensor:
     """Global row ids of per-env local ids `local` (n_envs, n) when each env owns `rows` consecutive rows."""
-    return (local + rows * torch.arange(n_envs)[:, None]).flatten()
+    return (local + rows * torch.arange(n_envs, device=local.device)[:, None]).flatten()
 
 
 @dataclass
@@ -126,7 +126,8 @@ class BeamSearch:
         # Scores in float32 (float64 for a float64 model, as the exactness tests use) whatever the model computes in:
         # a bfloat16 model's logits are cast up before any softmax, sum or ranking.
         dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-        self.midpoints = torch.as_tensor(discretizer.midpoints, dtype=dtype)  # (T, N): bin midpoints per dimension
+        self.device = next(model.parameters()).device  # the whole search runs there (DESIGN.md §5)
+        self.midpoints = torch.as_tensor(discretizer.midpoints, dtype=dtype, device=self.device)  # (T, N)
 
     def tokens(self, values: np.ndarray, first_dim: int) -> torch.Tensor:
         """Token ids of values for consecutive dimensions starting at `first_dim`."""
@@ -146,17 +147,17 @@ class BeamSearch:
         gen, dS, dA, N, T = self.decoder.generated, self.dS, self.dA, self.N, self.T
         if t == 0:
             rows = len(gen) // len(prefixes)
-            obs_ids = torch.cat([p[-dS:].expand(rows, -1) for p in prefixes])
+            obs_ids = torch.cat([p[-dS:].to(gen.device).expand(rows, -1) for p in prefixes])
         else:
             obs_ids = gen[:, t * T - dS : t * T]
         act_ids = gen[:, t * T : t * T + dA]
-        dims = torch.arange(T)
+        dims = torch.arange(T, device=gen.device)
 
         def values(ids: torch.Tensor, first: int) -> torch.Tensor:
             local = (ids - dims[first : first + ids.shape[1]] * N).clamp(0, N - 1)
-            return self.midpoints[dims[first : first + ids.shape[1]], local]
+            return self.midpoints[dims[first : first + ids.shape[1]], local].cpu()  # the critic runs on the CPU
 
-        return self.critic(values(obs_ids, 0), values(act_ids, dS)).to(self.midpoints.dtype)
+        return self.critic(values(obs_ids, 0), values(act_ids, dS)).to(self.device, self.midpoints.dtype)
 
     def _rank(self, rows: _Rows) -> torch.Tensor:
         if self.cfg.objective in ("reward", "critic"):
@@ -168,24 +169,27 @@ class BeamSearch:
 
     @torch.inference_mode()
     def search(self, prefixes: list[torch.Tensor], generators: list[torch.Generator]) -> list[Plan]:
-        """Plan for each env from its prefix (token ids: past transitions, then the current observation)."""
+        """Plan for each env from its prefix (token ids: past transitions, then the current observation).
+        Everything but the random noise of the draws (CPU generators, one per env) stays on the model's
+        device, and no step reads a value back to the host, so a GPU search runs without round trips."""
         cfg, N, dS, dA = self.cfg, self.N, self.dS, self.dA
         B, E, H = cfg.beam_width, cfg.n_expand, cfg.horizon
         K = len(prefixes)
-        dtype = self.midpoints.dtype
+        dtype, device = self.midpoints.dtype, self.device
         dec = self.decoder
 
         def next_logits() -> torch.Tensor:
             return dec.logits().to(dtype)
 
         dec.start(prefixes, K * B * E)
-        dec.reorder(torch.arange(K).repeat_interleave(B))  # tile each prefix B times
+        dec.reorder(torch.arange(K, device=device).repeat_interleave(B))  # tile each prefix B times
         n = B
-        zeros = torch.zeros(K * B, dtype=dtype)
-        rows = _Rows(zeros, zeros.clone(), zeros.clone(), torch.ones(K * B, dtype=torch.bool),
-                     torch.zeros(K * B, H, dtype=dtype), torch.zeros(K * B, H, dtype=dtype))
+        zeros = torch.zeros(K * B, dtype=dtype, device=device)
+        per_step = torch.zeros(K * B, H, dtype=dtype, device=device)
+        rows = _Rows(zeros, zeros.clone(), zeros.clone(), torch.ones(K * B, dtype=torch.bool, device=device),
+                     per_step, per_step.clone())
         for t in range(H):
-            expand = _env_rows(K, n, (torch.arange(n * E) % n).expand(K, -1))  # repeat order within each env
+            expand = _env_rows(K, n, (torch.arange(n * E, device=device) % n).expand(K, -1))  # repeat within each env
             dec.reorder(expand)
             rows.take(expand)
             n *= E
@@ -226,30 +230,32 @@ class BeamSearch:
                     else:
                         local = draw_per_env(filter_top_k(logits, cfg.k_obs).softmax(-1), generators)
                     self._append(rows, logits, local, j)
-        first = torch.arange(K) * B  # rows are sorted best-first within each env
-        return self._plans(dec.generated[first], rows, first)
+        first = torch.arange(K, device=device) * B  # rows are sorted best-first within each env
+        rows.take(first)
+        best = _Rows(*(getattr(rows, f.name).cpu() for f in dataclasses.fields(rows)))
+        return self._plans(dec.generated[first].cpu(), best)
 
-    def _plans(self, generated: torch.Tensor, rows: _Rows, first: torch.Tensor) -> list[Plan]:
-        """Decode the best rows' tokens (per step [a, r, V, s']) into Plans."""
+    def _plans(self, generated: torch.Tensor, rows: _Rows) -> list[Plan]:
+        """Decode the best rows' tokens (per step [a, r, V, s']) and search state, one row per env, into Plans."""
         H, dS, dA = self.cfg.horizon, self.dS, self.dA
-        steps = F.pad(generated, (0, dS), value=self.stop_id).view(len(first), H, self.T)
+        steps = F.pad(generated, (0, dS), value=self.stop_id).view(len(generated), H, self.T)
         standard = torch.roll(steps, dS, dims=-1).numpy()  # [s', a, r, V]
         stop = standard == self.stop_id
         decoded = self.discretizer.decode(np.where(stop, 0, standard % self.N))
         decoded[stop] = np.nan
         rank = self._rank(rows)
         plans = []
-        for k, row in enumerate(first.tolist()):
+        for k in range(len(generated)):
             alive = ~stop[k, :, :dS].any(-1)
             n_steps = H if alive[:-1].all() else int(np.argmin(alive[:-1])) + 1
             plans.append(Plan(
                 actions=decoded[k, :, dS : dS + dA],
                 action_tokens=standard[k, :, dS : dS + dA],
                 next_observations=decoded[k, :-1, :dS],
-                rewards=rows.rewards[row].double().numpy(),
-                values=rows.values[row].double().numpy(),
-                log_likelihood=float(rows.logp[row]),
-                score=float(rank[row]),
+                rewards=rows.rewards[k].double().numpy(),
+                values=rows.values[k].double().numpy(),
+                log_likelihood=float(rows.logp[k]),
+                score=float(rank[k]),
                 steps=n_steps,
             ))
         return plans
