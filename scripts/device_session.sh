@@ -5,9 +5,10 @@
 #   3. walker2d-medium's official 128/15 evaluation on the card, resumed from its eval.partial.json, for
 #      SECONDS_LEFT seconds (it keeps every finished minute).
 # Everything comes back as $OUT/results.tgz.part-* (<= 15 MB each) and $OUT/summary.log.
-# Here, before the call: python scripts/device_pack.py pack trajformer/humanoid-medium-v0 .devdata/humanoid.npz
-# and download the wheels of minari, gymnasium, farama-notifications, mujoco, mujoco-core, glfw into .whl/
-# (README of the device tool); carry .devdata and .whl. LOCAL=1 runs the same steps on this CPU, tiny.
+# Here, before the call: download the wheels of minari, gymnasium, farama-notifications, mujoco, mujoco-core,
+# glfw into .whl/ (README of the device tool) and carry .whl; the humanoid modes below also need
+# `python scripts/device_pack.py pack trajformer/humanoid-medium-v0 .devdata/humanoid.npz` and .devdata carried.
+# LOCAL=1 runs the same steps on this CPU, tiny.
 # `scripts/device_session.sh humanoid` trains the humanoid model at configs/humanoid.toml's budget instead, and
 # `scripts/device_session.sh ablations` the humanoid ablations (runs/humanoid-markov and runs/humanoid-partial
 # of scripts/humanoid_models.sh) at the same 1.28M windows, both at once, for SECONDS_LEFT seconds; an unfinished
@@ -39,7 +40,9 @@ else
   export PYTHONPATH=/tmp/site:$PWD
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$OUT/summary.log"
 fi
-$PY scripts/device_pack.py unpack .devdata/humanoid.npz /tmp/minari && export MINARI_DATASETS_PATH=/tmp/minari
+if [ -n "${1:-}" ]; then  # the humanoid trainings need the dataset
+  $PY scripts/device_pack.py unpack .devdata/humanoid.npz /tmp/minari && export MINARI_DATASETS_PATH=/tmp/minari
+fi
 log "torch $($PY -c 'import torch; print(torch.__version__)')"
 
 if [ "${1:-}" = ablations ]; then

@@ -350,7 +350,8 @@ def test_protocol_resumes_an_interrupted_evaluation(point_run, tmp_path, monkeyp
     run_dir = tmp_path / "stopped"
     real = rollout.run_episodes
     seen = _stop_after(monkeypatch, rollout, reports=1, every=math.inf)  # a report only as episodes end
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"interrupted; \d finished episodes .* are kept in .*eval\.partial\."
+                                                "json: the same command goes on"):
         rollout.evaluation_protocol(str(run_dir), episodes=4, settings=("32x5",), num_envs=2, progress=False)
     partial = json.loads((run_dir / "eval.partial.json").read_text())
     finished = sorted(seen[-1]["finished"])

@@ -524,8 +524,14 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs:
             _update_partial(run_dir, lambda r: not mine(r), entry)
 
     if len(kept) < episodes:
-        evaluate(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress,
-                 skip=frozenset(int(e) for e in kept), resume=resume, on_progress=saved)
+        try:
+            evaluate(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress,
+                     skip=frozenset(int(e) for e in kept), resume=resume, on_progress=saved)
+        except KeyboardInterrupt:  # Ctrl-C (or a time limit's SIGINT): say what was kept and how to go on
+            raise KeyboardInterrupt(
+                f"interrupted; {len(entry['episodes'])} finished episodes and the episodes under way as of "
+                f"{entry['steps']:,} env steps are kept in {run_dir / 'eval.partial.json'}: the same command goes "
+                "on where they stopped") from None
         entry.pop("in_progress", None)
     results = {int(e): tuple(r) for e, r in entry["episodes"].items()}
     record = episode_record(results, entry["steps"], entry["seconds"], run.meta["env"]["id"], run.meta)
