@@ -10,6 +10,9 @@ bootstrap over starts of the transformer-minus-ensemble difference at the larges
 for scale (the start state held still; the held-out episodes' mean state).
 
     python scripts/humanoid_sample_means.py [--samples 512] [--chunk 64] [--work runs/humanoid-sample-means]
+
+Chunk c samples with seed 100 c, so chunks can be made by several processes at once (`--start-chunk N
+--sample-only`, one core each) and the report run reads them all.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default="runs/humanoid-sample-means")
     parser.add_argument("--out", default="notebooks/figures/long_horizon/sample_means.json")
+    parser.add_argument("--start-chunk", type=int, default=0, help="the first chunk this process samples")
+    parser.add_argument("--sample-only", action="store_true", help="make chunks --start-chunk.. only, report nothing")
     args = parser.parse_args()
     if args.samples % args.chunk:
         raise SystemExit(f"--samples ({args.samples}) must be a multiple of --chunk ({args.chunk})")
@@ -63,8 +68,8 @@ def main() -> None:
     held = load_heldout(args.heldout, run)
     chosen = choose_starts(held, args.horizon, args.starts, 0)  # predict's starts (seed 0)
     start, true, act, prefixes = true_segments(run, held, chosen, args.horizon)
-    chunks = []
-    for c in range(args.samples // args.chunk):
+    n_chunks = args.samples // args.chunk
+    for c in [*range(args.start_chunk, n_chunks), *range(min(args.start_chunk, n_chunks))]:
         path = work / f"chunk-{args.chunk}-{c}.npy"
         if not path.is_file():
             t0 = time.perf_counter()
@@ -74,8 +79,10 @@ def main() -> None:
             path.with_suffix(".tmp.npy").rename(path)
             print(f"chunk {c}: {args.chunk} samples x {len(chosen)} starts in {time.perf_counter() - t0:.0f} s",
                   flush=True)
-        chunks.append(np.load(path).astype(np.float64))
-    tt = np.concatenate(chunks, axis=1)
+        if args.sample_only and c == n_chunks - 1:
+            return
+    tt = np.concatenate([np.load(work / f"chunk-{args.chunk}-{c}.npy").astype(np.float64) for c in range(n_chunks)],
+                        axis=1)
     ens = load_ensemble(args.ensemble)
     ens_samples = rollout_ensemble(ens, start, np.repeat(act[:, None], tt.shape[1], 1), sample=True, seed=0)["obs"]
     ens_mean = normalized_error(rollout_ensemble(ens, start, act[:, None])["obs"][:, 0], true, held.obs_std)
