@@ -126,7 +126,7 @@ class BeamSearch:
         # Scores in float32 (float64 for a float64 model, as the exactness tests use) whatever the model computes in:
         # a bfloat16 model's logits are cast up before any softmax, sum or ranking.
         dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-        self.device = next(model.parameters()).device  # the whole search runs there (DESIGN.md §5)
+        self.device = next(model.parameters()).device  # the whole search runs there
         self.midpoints = torch.as_tensor(discretizer.midpoints, dtype=dtype, device=self.device)  # (T, N)
 
     def tokens(self, values: np.ndarray, first_dim: int) -> torch.Tensor:
