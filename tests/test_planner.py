@@ -241,6 +241,23 @@ def test_draws_are_torch_multinomial_bit_for_bit(rows, classes, dtype):
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs, strict=True))
 
 
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_noise_drawn_ahead_gives_the_same_plans_and_generator_states(cfg, monkeypatch):
+    """On a GPU the draws' noise comes from a background thread, drawn ahead for the whole search: the plans
+    and every env's generator afterwards equal drawing at each step (forced here on the CPU, k_obs draws too)."""
+    model, disc = make_model(), make_discretizer()
+    rng = np.random.default_rng(11)
+    prefixes = [random_prefix(n, rng) for n in (0, 2)]
+    inline, ahead = generators([3, 4]), generators([3, 4])
+    want = BeamSearch(model, disc, cfg, 0.99).search(prefixes, inline)
+    monkeypatch.setattr(planner_module, "draw_ahead", lambda device: True)
+    got = BeamSearch(model, disc, cfg, 0.99).search(prefixes, ahead)
+    for x, y in zip(want, got, strict=True):
+        np.testing.assert_array_equal(x.action_tokens, y.action_tokens)
+        assert x.score == y.score
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(inline, ahead, strict=True))
+
+
 class ScalarReads(TorchDispatchMode):
     """Counts reads of tensor values into Python (.item(), int(), bool()): each a host-device sync on a GPU."""
 

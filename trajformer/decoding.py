@@ -12,7 +12,9 @@ alone.
 from __future__ import annotations
 
 import ctypes
+import queue
 import sys
+import threading
 
 import torch
 
@@ -28,18 +30,57 @@ def crop_start(length: int, window: int | None, transition_dim: int) -> int:
     return -(-excess // transition_dim) * transition_dim
 
 
-def draw_per_env(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def exp_noise(rows: int, classes: int, generators: list[torch.Generator], dtype: torch.dtype) -> torch.Tensor:
+    """Exp(1) noise (len(generators) * rows, classes) for one draw per row, env k's rows from generators[k]."""
+    return torch.cat([torch.empty(rows, classes, dtype=dtype).exponential_(generator=g) for g in generators])
+
+
+class NoiseAhead:
+    """The noise of a search's draws, drawn ahead by a background thread: for each draw in `shapes` (rows per
+    env, classes), in order, exactly the numbers `draw_per_env` would draw at that step (one long draw from a
+    generator equals the same draws made one by one), pinned for an asynchronous copy to the GPU. A GPU search
+    then never waits for the host's ~30 ns per exponential (0.7 s a walker2d 10-env search). The search must
+    make exactly these draws and `close` it, which leaves the generators where drawing step by step would."""
+
+    def __init__(self, shapes: list[tuple[int, int]], generators: list[torch.Generator], dtype: torch.dtype,
+                 pin: bool):
+        self._queue: queue.Queue = queue.Queue()
+
+        def draw() -> None:
+            for rows, classes in shapes:
+                noise = exp_noise(rows, classes, generators, dtype)
+                self._queue.put(noise.pin_memory() if pin else noise)
+
+        self._thread = threading.Thread(target=draw, daemon=True)
+        self._thread.start()
+
+    def next(self, rows: int, classes: int) -> torch.Tensor:
+        noise = self._queue.get()
+        if noise.shape != (rows, classes):
+            raise RuntimeError(f"noise drawn ahead for {tuple(noise.shape)}, asked for {(rows, classes)}")
+        return noise
+
+    def close(self) -> None:
+        """Check that the search took every draw (the generators are then where step-by-step drawing leaves them)."""
+        self._thread.join()
+        if not self._queue.empty():
+            raise RuntimeError(f"{self._queue.qsize()} draws were drawn ahead but not taken")
+
+
+def draw_per_env(probs: torch.Tensor, generators: list[torch.Generator], ahead: NoiseAhead | None = None
+                 ) -> torch.Tensor:
     """One categorical draw per row; env k's equal block of rows uses only generators[k] (CPU generators).
 
     torch.multinomial's own single-draw algorithm (argmax of probs / q with q ~ Exp(1), drawn with the env's
     generator), bit for bit, including each generator's state after the draw. The noise is drawn on the CPU
-    and moved to wherever `probs` are, so a search on a GPU draws from the same streams as on the CPU without
-    bringing probabilities back to the host."""
-    rows = len(probs) // len(generators)
-    noise = torch.cat([torch.empty(rows, probs.shape[-1], dtype=probs.dtype).exponential_(generator=g)
-                       for g in generators])
-    if probs.device.type == "cuda":
-        noise = noise.pin_memory()  # so the copy is asynchronous: the host does not wait for the card's queue
+    (here, or ahead by `ahead`) and moved to wherever `probs` are, so a search on a GPU draws from the same
+    streams as on the CPU without bringing probabilities back to the host."""
+    if ahead is not None:
+        noise = ahead.next(*probs.shape)
+    else:
+        noise = exp_noise(len(probs) // len(generators), probs.shape[-1], generators, probs.dtype)
+        if probs.device.type == "cuda":
+            noise = noise.pin_memory()  # so the copy is asynchronous: the host does not wait for the card's queue
     return (probs / noise.to(probs.device, non_blocking=True)).argmax(-1)
 
 

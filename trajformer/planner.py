@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from trajformer.config import PlanConfig, apply_overrides, config_from_dict
-from trajformer.decoding import CachedDecoder, ReferenceDecoder, draw_per_env
+from trajformer.decoding import CachedDecoder, NoiseAhead, ReferenceDecoder, draw_per_env
 from trajformer.discretizer import Discretizer
 from trajformer.model import GPT, native_bf16
 from trajformer.run import Run, load_run
@@ -60,6 +60,12 @@ def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
         return logits
     kth = logits.topk(k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def draw_ahead(device: torch.device) -> bool:
+    """Whether a search draws its noise ahead in a background thread: on a GPU, where the host would otherwise
+    be the bottleneck; on a CPU the draws stay inline (the search's threads use the cores)."""
+    return device.type != "cpu"
 
 
 def _env_rows(n_envs: int, rows: int, local: torch.Tensor) -> torch.Tensor:
@@ -181,6 +187,11 @@ class BeamSearch:
         def next_logits() -> torch.Tensor:
             return dec.logits().to(dtype)
 
+        ahead = None
+        if draw_ahead(device):  # every draw of the search, in order: dA actions a step, then dS observations
+            shapes = [shape for t in range(H) for shape in [(B * E, N + 1)] * dA
+                      + ([(B, N + 1)] * dS if t < H - 1 and cfg.k_obs != 1 else [])]
+            ahead = NoiseAhead(shapes, generators, dtype, pin=device.type == "cuda")
         dec.start(prefixes, K * B * E)
         dec.reorder(torch.arange(K, device=device).repeat_interleave(B))  # tile each prefix B times
         n = B
@@ -201,7 +212,7 @@ class BeamSearch:
                     filtered = filter_cdf(filtered, cfg.cdf_act)
                 if cfg.k_act is not None:
                     filtered = filter_top_k(filtered, cfg.k_act)
-                self._append(rows, logits, draw_per_env(filtered.softmax(-1), generators), dS + j)
+                self._append(rows, logits, draw_per_env(filtered.softmax(-1), generators, ahead), dS + j)
             expected = []
             for j in range(2):  # reward, then value: argmax token, expectation over the renormalised bins
                 logits = next_logits()
@@ -228,8 +239,10 @@ class BeamSearch:
                     if cfg.k_obs == 1:
                         local = logits.argmax(-1)
                     else:
-                        local = draw_per_env(filter_top_k(logits, cfg.k_obs).softmax(-1), generators)
+                        local = draw_per_env(filter_top_k(logits, cfg.k_obs).softmax(-1), generators, ahead)
                     self._append(rows, logits, local, j)
+        if ahead is not None:
+            ahead.close()
         first = torch.arange(K, device=device) * B  # rows are sorted best-first within each env
         rows.take(first)
         best = _Rows(*(getattr(rows, f.name).cpu() for f in dataclasses.fields(rows)))
