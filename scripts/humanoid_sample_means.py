@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default="runs/humanoid-sample-means")
     parser.add_argument("--out", default="notebooks/figures/long_horizon/sample_means.json")
-    parser.add_argument("--start-chunk", type=int, default=0, help="the first chunk this process samples")
+    parser.add_argument("--start-chunk", type=int, default=0, help="with --sample-only: the first chunk to make")
     parser.add_argument("--sample-only", action="store_true", help="make chunks --start-chunk.. only, report nothing")
     args = parser.parse_args()
     if args.samples % args.chunk:
@@ -69,7 +69,7 @@ def main() -> None:
     chosen = choose_starts(held, args.horizon, args.starts, 0)  # predict's starts (seed 0)
     start, true, act, prefixes = true_segments(run, held, chosen, args.horizon)
     n_chunks = args.samples // args.chunk
-    for c in [*range(args.start_chunk, n_chunks), *range(min(args.start_chunk, n_chunks))]:
+    for c in range(args.start_chunk if args.sample_only else 0, n_chunks):
         path = work / f"chunk-{args.chunk}-{c}.npy"
         if not path.is_file():
             t0 = time.perf_counter()
@@ -79,14 +79,15 @@ def main() -> None:
             path.with_suffix(".tmp.npy").rename(path)
             print(f"chunk {c}: {args.chunk} samples x {len(chosen)} starts in {time.perf_counter() - t0:.0f} s",
                   flush=True)
-        if args.sample_only and c == n_chunks - 1:
-            return
+    if args.sample_only:
+        return
     tt = np.concatenate([np.load(work / f"chunk-{args.chunk}-{c}.npy").astype(np.float64) for c in range(n_chunks)],
                         axis=1)
     ens = load_ensemble(args.ensemble)
     ens_samples = rollout_ensemble(ens, start, np.repeat(act[:, None], tt.shape[1], 1), sample=True, seed=0)["obs"]
     ens_mean = normalized_error(rollout_ensemble(ens, start, act[:, None])["obs"][:, 0], true, held.obs_std)
-    at = [s - 1 for s in SUMMARY_STEPS if s <= args.horizon]
+    steps = [s for s in SUMMARY_STEPS if s <= args.horizon]
+    at = [s - 1 for s in steps]
     sizes = [m for m in (1, 4, 16, 64, 256, 1024, 4096) if m <= tt.shape[1]]
     table = {}
     for m in sizes:
@@ -102,7 +103,7 @@ def main() -> None:
     episode_mean = np.concatenate([e.obs for e in held.episodes]).mean(0)
     record = {
         "config": {**vars(args), "starts_chosen": [{"episode": i, "t": t} for i, t in chosen],
-                   "steps": [s for s in SUMMARY_STEPS if s <= args.horizon],
+                   "steps": steps,
                    "error": "RMS over observation dims of (predicted - true) / dataset std, mean over starts"},
         "sample_means": table,
         "ensemble_mean_of_means": ens_mean.mean(0)[at].tolist(),
@@ -114,7 +115,6 @@ def main() -> None:
                                                            held.obs_std).mean(0)[at].tolist()},
     }
     save_json(Path(args.out), record)
-    steps = record["config"]["steps"]
     print("error at steps " + " / ".join(map(str, steps)))
     for m in sizes:
         row = table[m]

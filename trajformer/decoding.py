@@ -200,6 +200,7 @@ class CachedDecoder(ReferenceDecoder):
             idx[k * rows : (k + 1) * rows, length - w.shape[1] :] = w
             pad[k * rows : (k + 1) * rows] = length - w.shape[1]
         parent, first = pad, 0  # parent[r]: row r's class of equal (padding, tokens so far) up to `first`
+        slot = self.next_slot()  # of every row's last token: only the last chunk's logits are kept
         for end in [*range(ENCODE_CHUNK, length, ENCODE_CHUNK), length]:
             classes, group = torch.unique(torch.cat([parent[:, None], idx[:, first:end]], dim=1), dim=0,
                                           return_inverse=True)
@@ -209,7 +210,7 @@ class CachedDecoder(ReferenceDecoder):
                 self.cache.reset(pad[rep])
             else:  # each class continues from its parent class's cache row
                 self.cache.reorder(parent[rep])
-            logits = self.model.forward_cached(idx[rep, first:end], self.cache, slot=self.next_slot())
+            logits = self.model.forward_cached(idx[rep, first:end], self.cache, slot=slot)
             parent, first = group, end
         self.cache.reorder(parent)
         self._logits = logits[parent]

@@ -388,9 +388,7 @@ class GPT(nn.Module):
         cache.length = start + t
         if all_logits:
             return torch.einsum("btc,btcv->btv", self.ln_f(x), self.head[rel % self.config.transition_dim])
-        if slot is not None:
-            return self.ln_f(x[:, -1]) @ self.head[slot]
-        return self.head_logits(self.ln_f(x[:, -1]), rel[:, -1] % self.config.transition_dim)
+        return self.head_logits(self.ln_f(x[:, -1]), rel[:, -1] % self.config.transition_dim if slot is None else slot)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A window model's rotary tables for these positions (None for an absolute model)."""
@@ -398,12 +396,13 @@ class GPT(nn.Module):
             return None
         return rotary_tables(positions, self.config.n_embd // self.config.n_head, dtype)
 
-    def head_logits(self, h: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Logits (B, N+1) of final hidden states h (B, C) through each row's slot head; one matmul when
-        all rows share the slot (the planner's case)."""
-        first = int(slot[0])
-        if bool((slot == first).all()):
-            return h @ self.head[first]
+    def head_logits(self, h: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
+        """Logits (B, N+1) of final hidden states h (B, C) through each row's slot head (`slot` an int when all
+        rows share it, the planner's case); one matmul when they do."""
+        if isinstance(slot, torch.Tensor) and bool((slot == slot[0]).all()):
+            slot = int(slot[0])
+        if isinstance(slot, int):
+            return h @ self.head[slot]
         return torch.bmm(h[:, None], self.head[slot])[:, 0]
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)):
