@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Learning curves of the CPU recipe on trajformer/hopper-medium-v0 (1M transitions), README "Training budget".
+# Learning curves of the CPU recipe on trajformer/ENV-medium-v0 (1M transitions), README "Training budget".
 # Each run is resumable: run the script again after an interruption. Runs: NAME WINDOWS [--set ...].
+# ENV=hopper (default; runs under runs/curves) or walker2d / halfcheetah (runs under runs/curves-ENV).
 #   dtype:   bf16 vs fp32 at 50k windows (official dropout 0.1)
 #   dropout: 0.1 vs 0.0 at 250k windows
 #   budget:  the chosen recipe at 250k, 1M (and 4M where the compute exists) windows
 #   model:   the window model (rotary positions, a band of 5 transitions) on windows of 10 transitions, at the
 #            target tokens of drop0-250k (125k windows of 159 targets ~ 250k windows of 79)
-# After training, each run plans 5 episodes (seeds 0-4, beam 32, horizon 5) into NAME/plan-32x5.json.
-# Usage: scripts/learning_curves.sh [RUN_NAME ...]   (default: all, in this order; ~1 h per 1M windows on one core)
+# After training, a hopper run plans 5 episodes (seeds 0-4, beam 32, horizon 5) into NAME/plan-32x5.json; other
+# envs' runs take the evaluation protocol at 32/5 over EPISODES (default 10, seeds 0..N-1, batched, resumable)
+# into NAME/eval.json, as their shipped models' eval.json.
+# Usage: [ENV=walker2d] scripts/learning_curves.sh [RUN_NAME ...]   (default: all, in this order; ~1 h per 1M
+# Hopper windows on one core)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
-trajformer collect --preset hopper-medium >/dev/null   # cached after the first run
+ENV=${ENV:-hopper}
+ROOT=runs/curves; [ "$ENV" = hopper ] || ROOT=runs/curves-$ENV
+trajformer collect --preset "$ENV-medium" >/dev/null   # cached after the first run
 declare -A RUNS=(
   [bf16-50k]="50000 train.dtype=bfloat16 model.dropout=0.1"
   [fp32-50k]="50000 train.dtype=float32 model.dropout=0.1"
@@ -25,13 +31,18 @@ ORDER=(bf16-50k fp32-50k drop01-250k drop0-250k drop0-1m)
 for name in "${@:-${ORDER[@]}}"; do
   read -r windows rest <<<"${RUNS[$name]}"
   sets=(); for kv in $rest; do sets+=(--set "$kv"); done
-  out=runs/curves/$name
+  out=$ROOT/$name
   resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
   eval_every=$(( windows / 64 / 10 ))
-  trajformer train configs/hopper-medium-local.toml --out "$out" "${resume[@]}" \
+  trajformer train "configs/$ENV-medium-local.toml" --out "$out" "${resume[@]}" \
     --set data.sequence_length=5 --set train.batch_size=64 --set train.max_steps=0 \
     --set train.max_windows="$windows" --set train.eval_every="$eval_every" --set train.eval_windows=4096 \
     --set train.checkpoint_every=500 --set train.num_threads=1 "${sets[@]}"  # run-specific sets come last
-  [ -f "$out/plan-32x5.json" ] || trajformer plan "$out" --episodes 5 --num-envs 5 --set plan.beam_width=32 \
-    --set plan.horizon=5 --set plan.num_threads=1 --json "$out/plan-32x5.json"
+  if [ "$ENV" = hopper ]; then
+    [ -f "$out/plan-32x5.json" ] || trajformer plan "$out" --episodes 5 --num-envs 5 --set plan.beam_width=32 \
+      --set plan.horizon=5 --set plan.num_threads=1 --json "$out/plan-32x5.json"
+  else
+    [ -f "$out/eval.json" ] || trajformer eval "$out" --episodes "${EPISODES:-10}" --settings 32x5 \
+      --set plan.num_threads=1
+  fi
 done

@@ -106,6 +106,16 @@ class KVCache:
         self.first_key = 0  # first slot the current forward pass attends to
         self.pad = torch.zeros(0, dtype=torch.long, device=device)
         self.min_pad = 0  # a lower bound of pad.min() on the host (reorders only select rows), for position checks
+        # The single-query mask, kept up to date instead of rebuilt every token (`decode_bias`): each row's visible
+        # slots (written, not padding, not a value column) as an additive (row, head, slot) bias, re-indexed with
+        # the rows, and per query slot the causal limit (and a window model's band).
+        self.n_head = config.n_head
+        self.row_bias = torch.zeros(0, config.n_head, max_len, device=device, dtype=dtype)
+        slots = torch.arange(max_len, device=device)
+        near = slots[None, :] <= slots[:, None]
+        if self.window:
+            near &= slots[:, None] - slots[None, :] < self.window
+        self.slot_bias = additive(near, dtype)
 
     @property
     def max_rows(self) -> int:
@@ -121,6 +131,18 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_rows} rows, asked for {len(pad)}")
         self.rows, self.length, self.offset, self.pad = len(pad), 0, 0, pad.to(self.k.device, torch.long)
         self.min_pad = int(pad.min()) if len(pad) else 0
+        self._update_row_bias()
+
+    def _update_row_bias(self) -> None:
+        """Each row's visible slots from its padding and the offset (after a reset or a compaction)."""
+        last = torch.full((1,), self.max_len - 1, device=self.k.device)  # a query that every slot precedes
+        visible = attention_mask(last, self.max_len, self.pad - self.offset, self.transition_dim)[:, 0, 0]
+        self.row_bias = additive(visible, self.k.dtype)[:, None].expand(-1, self.n_head, -1).contiguous()
+
+    def decode_bias(self) -> torch.Tensor:
+        """The additive mask (rows * heads, 1, max_len) of one query per row in slot `length` over every slot of
+        the buffer (unwritten ones hidden by the causal limit)."""
+        return (self.row_bias[: self.rows] + self.slot_bias[self.length]).view(-1, 1, self.max_len)
 
     def compact(self, incoming: int) -> None:
         """Make room for `incoming` tokens by dropping the oldest slots that no future query can see (window
@@ -137,6 +159,7 @@ class KVCache:
             self.v[:, rows, :, :keep] = self.v[:, rows, :, drop : self.length].clone()
         self.offset += drop
         self.length = keep
+        self._update_row_bias()
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (any length up to max_rows, repeats allowed): beam re-ranking and expansion."""
@@ -153,6 +176,7 @@ class KVCache:
         self.k, self._k_spare = self._k_spare, self.k
         self.v, self._v_spare = self._v_spare, self.v
         self.pad = self.pad[index]
+        self.row_bias = self.row_bias[index]
         self.rows = n
 
 
@@ -222,6 +246,8 @@ class SelfAttention(nn.Module):
             p = self.dropout if self.training else 0.0
             y = torch.stack([attend(q[h], k[h], v[h], mask, p) for h in range(H)], dim=2).view(B, t, C)
             return dropout(self.c_proj(y), self.dropout, self.training)
+        if cache is not None and t == 1:
+            return self._decode_one(x, mask, cache, layer, rope)
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (z.view(B, t, self.n_head, C // self.n_head).transpose(1, 2) for z in (q, k, v))
         if self.rotary:
@@ -236,15 +262,27 @@ class SelfAttention(nn.Module):
         if cache is None:  # training on a GPU: the fused SDPA kernel under the additive (t, t) bias
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype),
                                                dropout_p=self.dropout if self.training else 0.0)
-        elif t == 1:  # one query per row, `mask` the additive (B*H, 1, keys) bias: batched matmuls beat SDPA here
-            d = C // self.n_head
-            scores = torch.baddbmm(mask, q.reshape(B * self.n_head, 1, d),
-                                   k.reshape(B * self.n_head, -1, d).transpose(1, 2), alpha=d**-0.5)
-            y = torch.bmm(scores.softmax(-1), v.reshape(B * self.n_head, -1, d)).view(B, self.n_head, 1, d)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, t, C)
         return dropout(self.c_proj(y), self.dropout, self.training)
+
+    def _decode_one(self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache, layer: int,
+                    rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The cached pass of one new token per row (the planner's step) in as few ops as the math allows (each
+        costs ~10 us of dispatch here, ~30% of a 32/5 search): the query against every slot of the cache buffer,
+        `bias` the additive (B*H, 1, max_len) mask that hides the unwritten ones. Batched matmuls beat SDPA here."""
+        B, _, C = x.shape
+        H, d, L = self.n_head, C // self.n_head, cache.max_len
+        qkv = self.c_attn(x).view(B, 3, H, d)
+        q, k = qkv[:, 0], qkv[:, 1]
+        if self.rotary:
+            q, k = (rotary(z[:, :, None], rope)[:, :, 0] for z in (q, k))
+        keys, values = cache.k[layer, :B], cache.v[layer, :B]
+        keys[:, :, cache.length] = k
+        values[:, :, cache.length] = qkv[:, 2]
+        scores = torch.baddbmm(bias, q.reshape(B * H, 1, d), keys.view(B * H, L, d).transpose(1, 2), alpha=d**-0.5)
+        return self.c_proj(torch.bmm(scores.softmax(-1), values.view(B * H, L, d)).view(B, 1, C))
 
 
 class MLP(nn.Module):
@@ -361,8 +399,11 @@ class GPT(nn.Module):
         start = cache.length
         if start + t > cache.max_len:
             raise ValueError(f"KV cache of length {cache.max_len} cannot take {start + t} positions")
-        query_pos = torch.arange(start, start + t, device=idx.device)
-        rel = query_pos[None, :] + cache.offset - cache.pad[:, None]  # (B, t): position from the row's start
+        if t == 1:
+            rel = (start + cache.offset) - cache.pad[:, None]  # (B, 1): position from the row's start
+        else:
+            query_pos = torch.arange(start, start + t, device=idx.device)
+            rel = query_pos[None, :] + cache.offset - cache.pad[:, None]  # (B, t)
         if self.wpe is not None and start + t - 1 + cache.offset - cache.min_pad >= self.config.block_size:
             cache.min_pad = int(cache.pad.min())  # the bound may be stale after reorders: the exact check
             if start + t - 1 + cache.offset - cache.min_pad >= self.config.block_size:
@@ -374,14 +415,11 @@ class GPT(nn.Module):
             # those out of the band. A partial slot range would make each (row, head) block a strided view, and
             # the CPU's batched matmul over strided blocks runs 3-4x slower than over the whole contiguous
             # buffer (benchmarks/plan_speed.py); the cache is sized to what the search can reach.
-            cache.first_key, n_keys = 0, cache.max_len
+            cache.first_key, mask = 0, cache.decode_bias()
         else:  # an encode attends over the written slots, a window model's only over those its band can reach
-            cache.first_key, n_keys = (max(0, start - self.band + 1) if self.band else 0), start + t
-        mask = attention_mask(query_pos, n_keys, cache.pad - cache.offset, self.config.transition_dim, self.band,
-                              cache.first_key)
-        if t == 1:  # the single-query path takes the additive bias, once for every layer and head
-            H = self.config.n_head
-            mask = additive(mask, x.dtype).expand(B, H, 1, mask.shape[-1]).reshape(B * H, 1, -1)
+            cache.first_key = max(0, start - self.band + 1) if self.band else 0
+            mask = attention_mask(query_pos, start + t, cache.pad - cache.offset, self.config.transition_dim,
+                                  self.band, cache.first_key)
         rope = self._rope(rel, x.dtype)
         for layer, block in enumerate(self.blocks):
             x = block(x, mask, cache, layer, rope)
