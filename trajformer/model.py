@@ -68,23 +68,25 @@ def additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) of the rotary angles position * 10000^(-2i/d), (t, d/2) for positions (t,) or (B, 1, t, d/2)
-    for (B, t); once per forward, shared by every layer. Angles are computed in float64, so positions in the tens
-    of thousands (a long episode's cache) rotate as exactly as small ones."""
+    """(cos, signed sin) of the rotary angles position * 10000^(-2i/d), each angle for both channels it rotates:
+    (t, d) for positions (t,) or (B, 1, t, d) for (B, t); once per forward, shared by every layer. Angles are
+    computed in float64, so positions in the tens of thousands (a long episode's cache) rotate as exactly as small
+    ones."""
     inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
     angles = positions.to(torch.float64)[..., None] * inv_freq
     if angles.dim() == 3:
         angles = angles[:, None]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def rotary(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotary position embedding of (B, H, t, d) queries or keys: channel pairs (i, i + d/2) rotated by the
-    angles of `rotary_tables`."""
-    cos, sin = (table.to(x.dtype) for table in tables)  # no-op but under autocast
-    d = x.shape[-1]
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    """Rotary position embedding of (..., t, d) queries or keys: channel pairs (i, i + d/2) rotated by the angles
+    of `rotary_tables`, as x cos + (x2, x1) (-sin, sin) in four ops (a decoding step runs it every layer)."""
+    cos, sin = tables
+    if cos.dtype != x.dtype:  # under autocast
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class KVCache:
@@ -275,9 +277,7 @@ class SelfAttention(nn.Module):
         B, _, C = x.shape
         H, d, L = self.n_head, C // self.n_head, cache.max_len
         qkv = self.c_attn(x).view(B, 3, H, d)
-        q, k = qkv[:, 0], qkv[:, 1]
-        if self.rotary:
-            q, k = (rotary(z[:, :, None], rope)[:, :, 0] for z in (q, k))
+        q, k = (rotary(qkv[:, :2], rope) if self.rotary else qkv[:, :2]).unbind(1)  # rotated together
         keys, values = cache.k[layer, :B], cache.v[layer, :B]
         keys[:, :, cache.length] = k
         values[:, :, cache.length] = qkv[:, 2]
