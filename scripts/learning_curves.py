@@ -2,10 +2,14 @@
 
     python scripts/learning_curves.py [--runs runs/curves] [--out benchmarks/learning_curves.png]
 
+    python scripts/learning_curves.py --runs runs/curves-walker2d pretrained/models/walker2d-medium \
+        --out benchmarks/learning_curves_walker2d.png
+
 Per run: validation cross-entropy per token type against training target tokens (compute), the final values,
-the training wall-clock (from the logged throughput, on a shared machine) and, where `plan-32x5.json` exists
-beside the run, the planned return (mean ± standard error over its episodes). Each run is validated on windows
-of its own length; scripts/compare_models.py scores runs on the same windows.
+the training wall-clock (from the logged throughput, on a shared machine) and the planned return at beam 32,
+horizon 5 (mean ± standard error over its episodes, seeds 0..N-1), from `plan-32x5.json` or the evaluation
+protocol's `eval.json` beside the run. Each run is validated on windows of its own length;
+scripts/compare_models.py scores runs on the same windows.
 """
 
 from __future__ import annotations
@@ -35,21 +39,27 @@ def read(run: Path) -> dict:
             seconds += (r["step"] - last) * batch * block / r["tokens_per_s"]
             last = r["step"]
     val = [r for r in rows if "val_loss" in r]
-    plan = run / "plan-32x5.json"
+    plan = None
+    if (run / "plan-32x5.json").is_file():
+        plan = json.loads((run / "plan-32x5.json").read_text())
+    elif (run / "eval.json").is_file():
+        plan = json.loads((run / "eval.json").read_text())["settings"].get("32x5")
     seq = meta["model"]["block_size"] + 1
     name = run.name + (f" (val: windows of {seq // (meta['transition_dim'])})" if seq // meta["transition_dim"] != 5
                        else "")
     return {"name": name, "val": val, "batch": batch, "block": block, "seconds": seconds, "steps": last,
             "dtype": meta.get("compute", {}).get("dtype", "?"),
-            "plan": json.loads(plan.read_text()) if plan.is_file() else None}
+            "plan": plan}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", default="runs/curves")
+    parser.add_argument("--runs", nargs="+", default=["runs/curves"],
+                        help="run directories, or folders of them")
     parser.add_argument("--out", default="benchmarks/learning_curves.png")
     args = parser.parse_args()
-    runs = [read(p) for p in sorted(Path(args.runs).iterdir()) if (p / "metrics.jsonl").is_file()]
+    dirs = [p for d in map(Path, args.runs) for p in ([d] if (d / "metrics.jsonl").is_file() else sorted(d.iterdir()))]
+    runs = [read(p) for p in dirs if (p / "metrics.jsonl").is_file()]
     runs = [r for r in runs if r["val"]]
     fig, axes = plt.subplots(1, 5, figsize=(20, 4))
     for r in runs:
@@ -71,7 +81,7 @@ def main() -> None:
     for r in runs:
         last = r["val"][-1]
         plan = r["plan"]
-        ret = f"{plan['mean_return']:.0f} ± {plan['stderr']:.0f}" if plan else ""
+        ret = f"{plan['mean_return']:.0f} ± {plan['stderr']:.0f} ({len(plan['returns'])} ep)" if plan else ""
         print(f"| {r['name']} | {r['steps'] * r['batch']:,} | {r['dtype']} | {r['seconds'] / 60:.1f} | "
               f"{last['val_loss']:.3f} | " + " | ".join(f"{last[f'val_{t}']:.3f}" for t in TYPES) + f" | {ret} |")
 
