@@ -41,12 +41,13 @@ def load_revision(rev: str):
     source = subprocess.run(["git", "show", f"{rev}:trajformer/model.py"], cwd=root, capture_output=True, text=True)
     if source.returncode:
         raise SystemExit(f"plan_ab: git cannot show trajformer/model.py at {rev!r}: {source.stderr.strip()}")
-    path = Path(tempfile.mkdtemp()) / "model_at_revision.py"
-    path.write_text(source.stdout)
-    spec = importlib.util.spec_from_file_location("model_at_revision", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory() as tmp:  # the module keeps its code once executed
+        path = Path(tmp) / "model_at_revision.py"
+        path.write_text(source.stdout)
+        spec = importlib.util.spec_from_file_location("model_at_revision", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
     return module
 
 

@@ -48,6 +48,14 @@ class GPTConfig:
         return self.n_bins * self.transition_dim
 
 
+def near(query_pos: torch.Tensor, keys: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Boolean (q, k): key slot k is at or before query slot q and, with a band (`window` > 0), q - k < window."""
+    causal = keys[None, :] <= query_pos[:, None]
+    if window > 0:
+        causal &= query_pos[:, None] - keys[None, :] < window
+    return causal
+
+
 def attention_mask(query_pos: torch.Tensor, n_keys: int, pad: torch.Tensor, transition_dim: int,
                    window: int = 0, first_key: int = 0) -> torch.Tensor:
     """Boolean (B, 1, q, k) mask over buffer slots first_key..n_keys-1: key k is visible from the query in slot
@@ -56,10 +64,7 @@ def attention_mask(query_pos: torch.Tensor, n_keys: int, pad: torch.Tensor, tran
     keys = torch.arange(first_key, n_keys, device=pad.device)
     rel = keys[None, :] - pad[:, None]  # (B, k)
     visible = (rel >= 0) & (rel % transition_dim != transition_dim - 1)
-    causal = keys[None, :] <= query_pos[:, None]  # (q, k)
-    if window > 0:
-        causal &= query_pos[:, None] - keys[None, :] < window
-    return (visible[:, None, :] & causal[None]).unsqueeze(1)
+    return (visible[:, None, :] & near(query_pos, keys, window)[None]).unsqueeze(1)
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -114,10 +119,7 @@ class KVCache:
         self.n_head = config.n_head
         self.row_bias = torch.zeros(0, config.n_head, max_len, device=device, dtype=dtype)
         slots = torch.arange(max_len, device=device)
-        near = slots[None, :] <= slots[:, None]
-        if self.window:
-            near &= slots[:, None] - slots[None, :] < self.window
-        self.slot_bias = additive(near, dtype)
+        self.slot_bias = additive(near(slots, slots, self.window), dtype)
 
     @property
     def max_rows(self) -> int:
@@ -144,7 +146,7 @@ class KVCache:
     def decode_bias(self) -> torch.Tensor:
         """The additive mask (rows * heads, 1, max_len) of one query per row in slot `length` over every slot of
         the buffer (unwritten ones hidden by the causal limit)."""
-        return (self.row_bias[: self.rows] + self.slot_bias[self.length]).view(-1, 1, self.max_len)
+        return (self.row_bias + self.slot_bias[self.length]).view(-1, 1, self.max_len)
 
     def compact(self, incoming: int) -> None:
         """Make room for `incoming` tokens by dropping the oldest slots that no future query can see (window
