@@ -295,3 +295,63 @@ def test_resume_refuses_changed_settings_and_records_allowed_ones(tiny_config, h
     cli_main(["train", "--resume", "--out", str(out), "--set", "train.log_every=2"])
     rows = read_metrics(out / "metrics.jsonl")
     assert {"step": 4, "resumed_with": {"train.log_every": 2}} in rows
+
+
+@pytest.fixture(scope="module")
+def other_hopper_dataset(hopper_dataset):
+    """Hopper data from other seeds: the same columns, values the tiny run's discretizer was not fit on."""
+    from trajformer.collect import collect
+
+    collect("Hopper-v5", "random", steps=600, dataset_id="test/hopper-other-v0", seed=7, max_episode_steps=40,
+            num_envs=2)
+    return "test/hopper-other-v0"
+
+
+def test_init_from_starts_at_the_runs_weights_and_keeps_its_discretizer(tiny_run, other_hopper_dataset, tmp_path):
+    out = tmp_path / "fine"
+    cfg = load_run(tiny_run).config
+    cfg.data.dataset = other_hopper_dataset
+    cfg.train.init_from, cfg.train.max_steps, cfg.train.learning_rate = str(tiny_run), 3, 1e-30
+    train(cfg, out, progress=False)
+    parent, child = load_run(tiny_run), load_run(out, weights="last.pt")
+    for (name, a), b in zip(parent.model.state_dict().items(), child.model.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-25), name  # lr 1e-30: the weights it started from
+    assert np.array_equal(parent.discretizer.edges, child.discretizer.edges)
+    fitted = prepare(cfg).discretizer  # what a run from scratch would fit on the new data
+    assert not np.array_equal(fitted.edges, child.discretizer.edges)
+    record = json.loads((out / "run.json").read_text())["compute"]["init_from"]
+    assert record["model_sha256"] == __import__("hashlib").sha256((tiny_run / "model.pt").read_bytes()).hexdigest()
+    assert record["dataset_id"] == parent.meta["dataset_id"]
+    assert f"fine-tuned    from {tiny_run}" in describe(str(out))
+
+
+def test_init_from_with_learning_continues_from_the_parents_loss(tiny_run, other_hopper_dataset, tmp_path):
+    """A fine-tune's first validation loss is the parent's level, far below a fresh model's."""
+    cfg = load_run(tiny_run).config
+    cfg.data.dataset = other_hopper_dataset
+    cfg.train.max_steps, cfg.train.eval_every, cfg.train.learning_rate = 1, 1, 1e-5
+    fresh = read_metrics(train(cfg, tmp_path / "fresh", progress=False) / "metrics.jsonl")
+    cfg.train.init_from = str(tiny_run)
+    fine = read_metrics(train(cfg, tmp_path / "fine", progress=False) / "metrics.jsonl")
+    val = [next(r["val_obs"] for r in rows if "val_obs" in r) for rows in (fresh, fine)]
+    assert val[1] < val[0] - 0.5, val
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.n_embd=64", r"train.init_from: .* is a different network \(n_embd 32 -> 64\); set model\.\*"),
+    ("data.obs_dims=\"0:5\"", r"discretizer is for 16-dim .* train.init_from: set data.obs_dims and discretizer"),
+    ("data.obs_dims=[1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10]",
+     r"train.init_from: .* trained on observation columns \[0, 1, .*, this data gives \[1, 0, .*set data.obs_dims"),
+    ("train.init_from=\"nowhere\"", r"train.init_from: nowhere is not a run directory"),
+])
+def test_init_from_refuses_a_run_that_does_not_fit(tiny_run, other_hopper_dataset, tmp_path, capsys, override,
+                                                    message):
+    out = tmp_path / "fine"
+    args = ["train", str(tiny_run / "config.toml"), "--dataset", other_hopper_dataset, "--out", str(out),
+            "--set", f'train.init_from="{tiny_run}"', "--set", override]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()

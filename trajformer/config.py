@@ -91,6 +91,9 @@ class TrainConfig:
     compile: bool = False
     # torch.set_num_threads for the training process (0 = leave torch's default).
     num_threads: int = 0
+    # Fine-tuning: a run directory (or shipped model name) whose weights start this run and whose discretizer
+    # it reuses, so its tokens keep their meaning on new data; the model and data shapes must match it.
+    init_from: str = ""
 
 
 @dataclass

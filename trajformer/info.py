@@ -59,6 +59,10 @@ def describe_run(run_dir: Path) -> str:
             best = min(val, key=lambda r: r["val_loss"])
             parts = ", ".join(f"{k[4:]} {best[k]:.3f}" for k in ("val_obs", "val_action", "val_reward", "val_value"))
             lines.append(f"  best val loss {best['val_loss']:.4f} at step {best['step']} ({parts})")
+    parent = meta.get("compute", {}).get("init_from")
+    if parent:
+        lines.append(f"  fine-tuned    from {parent['run']} (model.pt sha256 {parent['model_sha256'][:12]}, "
+                     f"{parent.get('dataset_id')}, {parent.get('total_steps')} steps x {parent.get('batch_size')})")
     recon = meta.get("discretizer_error")
     if recon:
         lines += _reconstruction_table(column_names(mc.obs_dim, mc.act_dim), np.array(recon["mean_abs_error"]),

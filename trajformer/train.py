@@ -8,6 +8,7 @@ builds the same data, takes its share of each global batch, and normalises by th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from trajformer.data import OfflineData, joined_transitions, load_episodes, retu
 from trajformer.discretizer import Discretizer
 from trajformer.files import atomic_write, load_torch, save_text, save_torch
 from trajformer.model import GPT, GPTConfig, native_bf16, token_losses
-from trajformer.run import load_discretizer, read_metrics, write_run_files
+from trajformer.run import Run, load_discretizer, load_run, read_metrics, write_run_files
 from trajformer.tokens import TokenWindows, loss_weights
 
 TOKEN_TYPES = ("obs", "action", "reward", "value")
@@ -77,8 +78,10 @@ def fit_discretizer(transitions: list[np.ndarray], cfg: Config, obs_dim: int, ac
     )
 
 
-def prepare(cfg: Config, dataset_id: str | None = None, discretizer: Discretizer | None = None) -> Prepared:
-    """Load and check the dataset, split episodes, fit (or reuse) the discretizer, build windows."""
+def prepare(cfg: Config, dataset_id: str | None = None, discretizer: Discretizer | None = None,
+            mismatch_hint: str = "use a new --out directory") -> Prepared:
+    """Load and check the dataset, split episodes, fit (or reuse) the discretizer, build windows; a reused
+    discretizer that does not fit the data fails with `mismatch_hint` as the fix."""
     data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
     transitions = [joined_transitions(ep, cfg.data) for ep in data.episodes]
     if discretizer is None:
@@ -87,7 +90,7 @@ def prepare(cfg: Config, dataset_id: str | None = None, discretizer: Discretizer
         raise ValueError(
             f"the run's discretizer is for {discretizer.dim}-dim transitions with {discretizer.n_bins} bins, "
             f"this data and config give {data.transition_dim} dims and {cfg.discretizer.n_bins} bins; "
-            f"use a new --out directory"
+            f"{mismatch_hint}"
         )
     train_idx, val_idx = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
 
@@ -277,6 +280,36 @@ def _check_resume(out_dir: Path, prep: Prepared) -> dict:
     return state
 
 
+def _load_init(cfg: Config) -> Run:
+    """The run named by train.init_from (weights and discretizer), or a one-line error naming it."""
+    try:
+        return load_run(cfg.train.init_from)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"train.init_from: {err}") from None
+
+
+def _check_init(init: Run, prep: Prepared, model_cfg: GPTConfig) -> None:
+    """Refuse to start from a run whose observation columns or network shape differ from this run's."""
+    columns = init.meta.get("obs_indices")
+    if columns != prep.data.obs_indices.tolist():
+        raise ValueError(f"train.init_from: {init.path} was trained on observation columns {columns}, this data "
+                         f"gives {prep.data.obs_indices.tolist()}; set data.obs_dims as in its config.toml")
+    have, want = asdict(init.model.config), asdict(model_cfg)
+    diff = [k for k in want if k != "dropout" and have.get(k) != want[k]]
+    if diff:
+        detail = ", ".join(f"{k} {have.get(k)} -> {want[k]}" for k in diff)
+        raise ValueError(f"train.init_from: {init.path} is a different network ({detail}); set model.*, "
+                         f"data.sequence_length and discretizer.n_bins as in its config.toml")
+
+
+def _init_record(init: Run) -> dict:
+    """What run.json keeps of the run a fine-tune started from."""
+    digest = hashlib.sha256((init.path / "model.pt").read_bytes()).hexdigest()
+    return {"run": str(init.path), "model_sha256": digest, "dataset_id": init.meta.get("dataset_id"),
+            "total_steps": init.meta.get("compute", {}).get("total_steps"),
+            "batch_size": init.meta.get("compute", {}).get("batch_size")}
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -340,14 +373,26 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
             raise ValueError(f"--resume would change the run ({detail}); resume with the run's own config "
                              f"(omit CONFIG and those --set), or train a new run into another --out")
     saved = out_dir / "discretizer.npz"
-    prep = prepare(cfg, discretizer=load_discretizer(saved) if resume and saved.exists() else None)
+    # A fine-tune starts from init_from's weights and discretizer; a resumed one from its own checkpoint.
+    init = _load_init(cfg) if cfg.train.init_from and not resume else None
+    if resume and saved.exists():
+        discretizer = load_discretizer(saved)
+    else:
+        discretizer = init.discretizer if init is not None else None
+    hint = (f"train.init_from: set data.obs_dims and discretizer.n_bins as in {init.path}/config.toml"
+            if init is not None else "use a new --out directory")
+    prep = prepare(cfg, discretizer=discretizer, mismatch_hint=hint)
     state = _check_resume(out_dir, prep) if resume else None
     windows = prep.train_windows
     batch, steps_per_epoch, total, warmup = schedule(cfg, len(windows), world)
+    model_cfg = gpt_config(cfg, prep.data.obs_dim, prep.data.act_dim)
+    if init is not None:
+        _check_init(init, prep, model_cfg)
 
     torch.manual_seed(cfg.train.seed)
-    model_cfg = gpt_config(cfg, prep.data.obs_dim, prep.data.act_dim)
     model = GPT(model_cfg)
+    if init is not None:
+        model.load_state_dict(init.model.state_dict())
     optimizer = model.configure_optimizers(cfg.train.weight_decay, cfg.train.learning_rate)
     step, best = 0, math.inf
     if state is not None:
@@ -382,6 +427,12 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     if rank == 0:
         compute = {"device": str(device), "dtype": dtype, "world_size": world, "threads": torch.get_num_threads(),
                    "compile": cfg.train.compile, "total_steps": total, "batch_size": batch}
+        if init is not None:
+            compute["init_from"] = _init_record(init)
+        elif resume and (out_dir / "run.json").is_file():  # a resumed fine-tune keeps the record of its start
+            kept = json.loads((out_dir / "run.json").read_text()).get("compute", {}).get("init_from")
+            if kept:
+                compute["init_from"] = kept
         write_run_files(out_dir, to_toml(cfg), prep.discretizer, run_metadata(prep, cfg, model_cfg, compute))
         if state is not None and metrics_path.exists():  # drop lines logged after the checkpoint
             kept = [row for row in read_metrics(metrics_path) if row["step"] <= step]
