@@ -133,6 +133,16 @@ def _buffer(obs_dim=3, steps=4, nan=False, obs=None, actions=None):
                          truncations=np.zeros(steps, bool))
 
 
+def _fails_before_writing(args, out, message, capsys):
+    """The CLI exits 2 with one line matching `message`, and `out` was never created."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()
+
+
 BOX3, BOX1 = gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (1,))
 
 
@@ -161,12 +171,7 @@ def test_bad_dataset_fails_before_writing(bad_datasets, hopper_dataset, tmp_path
     args = ["train", QUICKSTART, "--dataset", dataset_id, "--out", str(out)]
     for o in overrides:
         args += ["--set", o]
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.search(message, err), err
-    assert not out.exists()
+    _fails_before_writing(args, out, message, capsys)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -349,9 +354,4 @@ def test_init_from_refuses_a_run_that_does_not_fit(tiny_run, other_hopper_datase
     out = tmp_path / "fine"
     args = ["train", str(tiny_run / "config.toml"), "--dataset", other_hopper_dataset, "--out", str(out),
             "--set", f'train.init_from="{tiny_run}"', "--set", override]
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and re.search(message, err), err
-    assert not out.exists()
+    _fails_before_writing(args, out, message, capsys)
