@@ -458,14 +458,14 @@ class GPT(nn.Module):
 
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` runs bfloat16 matmuls natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs); elsewhere bf16 is
-    emulated and several times slower than float32 (6.6x at the official Hopper search on an AVX2 EPYC)."""
+    emulated and several times slower than float32 (6.6x at the official Hopper search on an AVX2 EPYC). oneDNN
+    reports bf16 support on any AVX512 CPU (emulated there), so the CPU's own instruction sets decide."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False
         with torch.cuda.device(device):  # the card asked for, not the current one; emulation does not count
             return torch.cuda.is_bf16_supported(including_emulation=False)
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
