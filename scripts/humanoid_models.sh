@@ -2,8 +2,9 @@
 # The humanoid transformer and the paper's two ablations at one budget, then 100-step predictions against the
 # shipped ensemble on the same held-out starts (issue: humanoid predictions that hold):
 #   scripts/humanoid_models.sh [MAX_WINDOWS]      (default 1.28M windows, the config's budget; TRAIN_DEVICE=cuda on a GPU)
-# runs/humanoid-main     configs/humanoid.toml with the CPU recipe (no dropout, the window budget the cosine follows);
-#                        shipped as pretrained/models/humanoid-tt (the run directory without its resume checkpoint)
+# runs/humanoid-main     configs/humanoid.toml with the CPU recipe (no dropout, the window budget the cosine follows):
+#                        the parent of the shipped pretrained/models/humanoid-tt (scripts/humanoid_finetune.sh fine-tunes
+#                        it 64k windows more and ships that)
 # runs/humanoid-markov   the same with data.sequence_length = 2: each next state sees the latest transition only
 # runs/humanoid-partial  the same with data.obs_dims = "0:22": joint positions only, the 23 velocities hidden
 # notebooks/figures/ablations   trajformer predict with the ensemble and both ablations (the README's table)
@@ -12,7 +13,8 @@
 # Markovian one ~170, the partial one ~108, so 1.28M windows is ~5 + 2 + 3.3 h of a core. The shipped runs
 # trained on one H200 (scripts/device_session.sh; the main run in 317 s, the ablations side by side for 16-17k of
 # their 20k steps in 250 s, then resumed here on one core).
-# scripts/build_notebooks.sh then regenerates the notebooks; python scripts/humanoid_table.py the README table.
+# Then scripts/humanoid_finetune.sh (the shipped model), scripts/build_notebooks.sh (the notebooks) and
+# python scripts/humanoid_table.py (the README tables).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WINDOWS=${1:-1280000}
@@ -28,12 +30,8 @@ train() {  # NAME, then extra --set overrides
 train main
 train markov --set data.sequence_length=2
 train partial --set 'data.obs_dims="0:22"'
-mkdir -p pretrained/models/humanoid-tt
-for f in model.pt config.toml run.json discretizer.npz metrics.jsonl loss.png; do
-  cp runs/humanoid-main/$f pretrained/models/humanoid-tt/
-done
-rm -rf notebooks/figures/ablations
-trajformer predict pretrained/models/humanoid-tt --dataset pretrained/data/humanoid-heldout.npz \
+rm -rf notebooks/figures/ablations  # the three at one budget: the main run here, not the shipped fine-tune
+trajformer predict runs/humanoid-main --dataset pretrained/data/humanoid-heldout.npz \
   --baseline pretrained/models/humanoid-ensemble --ablation markovian=runs/humanoid-markov \
   --ablation partial=runs/humanoid-partial --horizon 100 --starts 8 --samples 16 --no-render \
   --out notebooks/figures/ablations   # no filmstrip/video: the long-horizon notebook shows the main run's
