@@ -30,7 +30,9 @@ train() {  # NAME, then extra --set overrides
 train main
 train markov --set data.sequence_length=2
 train partial --set 'data.obs_dims="0:22"'
-rm -rf notebooks/figures/ablations  # the three at one budget: the main run here, not the shipped fine-tune
+# the three at one budget: the main run here, not the shipped fine-tune (predict overwrites its own files there;
+# sample_means.json beside them is the main run's, from scripts/humanoid_sample_means.py --run runs/humanoid-main
+# --samples 832 --out notebooks/figures/ablations/sample_means.json)
 trajformer predict runs/humanoid-main --dataset pretrained/data/humanoid-heldout.npz \
   --baseline pretrained/models/humanoid-ensemble --ablation markovian=runs/humanoid-markov \
   --ablation partial=runs/humanoid-partial --horizon 100 --starts 8 --samples 16 --no-render \
