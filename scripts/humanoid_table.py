@@ -30,14 +30,19 @@ def header(steps: list[str]) -> list[str]:
     return ["| step | " + " | ".join(steps) + " |", "|---" * (len(steps) + 1) + "|"]
 
 
+def decode_errors(summary: list[dict], how: str) -> list[float | None]:
+    """The full run's teacher-forced error per reported step under one greedy decode."""
+    key = "transformer_error" + ("" if how == "argmax" else f"_{how}")
+    return [s.get(key) for s in summary]
+
+
 def main_table(record: dict) -> str:
     """The transformer's decodes and sample mean against the ensemble's, then the open-loop likelihoods."""
     steps = list(record["summary"])
     summary = [record["summary"][s] for s in steps]
     lines = header(steps)
     for how in DECODES:
-        key = "transformer_error" + ("" if how == "argmax" else f"_{how}")
-        lines.append(row(f"transformer error, {how} decode", [s.get(key) for s in summary]))
+        lines.append(row(f"transformer error, {how} decode", decode_errors(summary, how)))
     lines.append(row("ensemble error", [s["ensemble_error"] for s in summary]))
     for name in ("transformer", "ensemble"):
         if f"{name}_error_sample_mean" in summary[0]:
@@ -55,8 +60,7 @@ def ablation_table(record: dict) -> str:
     summary = [record["summary"][s] for s in steps]
     lines = header(steps)
     for how in ("argmax", "median"):
-        key = "transformer_error" + ("" if how == "argmax" else f"_{how}")
-        lines.append(row(f"full run, {how} decode", [s.get(key) for s in summary]))
+        lines.append(row(f"full run, {how} decode", decode_errors(summary, how)))
     for name, ab in record["teacher_forced"].get("ablations", {}).items():
         dims = len(ab["obs_dims"])
         what = f"{ab['context_transitions']}-transition windows, {dims} obs dims"
