@@ -1,7 +1,9 @@
 """The GPT's masks: causal, and no position sees a value column; the cached path equals the full pass."""
 
 import torch
+import torch.nn.functional as F
 
+import trajformer.model as model_module
 from trajformer.model import GPT, GPTConfig, KVCache
 
 CFG = GPTConfig(obs_dim=3, act_dim=2, n_bins=10, block_size=4 * 7 - 1, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -135,3 +137,20 @@ def test_window_cache_compacts_and_stays_exact_with_ragged_rows_and_reordering()
         for r in range(3):
             torch.testing.assert_close(last[r], full[source[r]][i - int(pad[r])], atol=1e-10, rtol=0)
     assert cache.offset > 0
+
+
+def test_bf16_linear_without_native_bf16_rounds_once_from_float32(monkeypatch):
+    """On a CPU without native bf16 matmuls a planning (no-grad) bf16 Linear multiplies float32 copies of its bf16
+    operands: its output is the exact result rounded once to bf16 (within a step of it, from float32 accumulation);
+    under autograd it is nn.Linear's own, and the gradient reaches the weights."""
+    torch.manual_seed(0)
+    layer = model_module.Linear(128, 384).to(torch.bfloat16)
+    x = torch.randn(300, 128).to(torch.bfloat16)
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    monkeypatch.setattr(model_module, "cpu_bf16", lambda: False)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert bool(((y.double() - exact).abs() <= exact.abs() * 2.0**-8 + 1e-6).all())
+    layer(x).float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

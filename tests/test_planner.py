@@ -217,7 +217,7 @@ def test_bfloat16_planning_keeps_float32_scores_and_the_float32_plans(attention,
         np.testing.assert_allclose(x.rewards[:1], y.rewards[:1], rtol=0.05, atol=0.05)
     assert plan_config(fake_run(), ["plan.dtype=bfloat16"]).dtype == "bfloat16"
     bf16_run = fake_run(PlanConfig(max_context_transitions=2, dtype="bfloat16"))
-    for native in (True, False):  # emulated bf16 is several times slower: say so, and only then
+    for native in (True, False):  # emulated bf16 is no faster than float32: say so, and only then
         monkeypatch.setattr(planner_module, "native_bf16", lambda device, native=native: native)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

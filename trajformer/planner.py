@@ -309,8 +309,9 @@ class Planner:
             raise ValueError(f"plan.device = {plan_cfg.device!r} but torch sees no CUDA device; plan on the cpu")
         dtype = dtype or getattr(torch, plan_cfg.dtype)
         if dtype == torch.bfloat16 and not native_bf16(torch.device(plan_cfg.device)):
-            warnings.warn(f"plan.dtype = bfloat16 on {plan_cfg.device}, which has no native bf16 matmuls: planning "
-                          "runs several times slower than in float32; set plan.dtype=float32", stacklevel=2)
+            warnings.warn(f"plan.dtype = bfloat16 on {plan_cfg.device}, which has no native bf16 matmuls: the weight "
+                          "matmuls run in float32 on bf16 values and the rest is emulated, no faster than "
+                          "plan.dtype=float32", stacklevel=2)
         model = run.model.to(plan_cfg.device, dtype).eval()
         search = BeamSearch(model, run.discretizer, plan_cfg, run.config.data.discount, cached, critic)
         return cls(search, run.obs_indices, n_envs)
