@@ -151,6 +151,7 @@ def test_bf16_linear_without_native_bf16_rounds_once_from_float32(monkeypatch):
     with torch.no_grad():
         y = layer(x)
     assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16))
     assert bool(((y.double() - exact).abs() <= exact.abs() * 2.0**-8 + 1e-6).all())
     layer(x).float().sum().backward()
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0

@@ -238,7 +238,8 @@ class Linear(nn.Linear):
     without AVX512-BF16, benchmarks/plan_speed.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled() and not cpu_bf16():
+        if (x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not cpu_bf16()):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), self.weight.float(), bias).to(torch.bfloat16)
         return super().forward(x)
@@ -472,9 +473,10 @@ class GPT(nn.Module):
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` runs bfloat16 matmuls natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs); elsewhere bf16 is
-    emulated and several times slower than float32 (6.6x at the official Hopper search on an AVX2 EPYC). oneDNN
-    reports bf16 support on any AVX512 CPU (emulated there), so the CPU's own instruction sets decide."""
+    """Whether `device` runs bfloat16 matmuls natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs). Elsewhere torch
+    emulates bf16, several times slower than float32 (6.6x at the official Hopper search on an AVX2 EPYC), except
+    in our `Linear` on a CPU. oneDNN reports bf16 support on any AVX512 CPU (emulated there), so the CPU's own
+    instruction sets decide."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False

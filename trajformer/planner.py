@@ -308,10 +308,12 @@ class Planner:
         if plan_cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"plan.device = {plan_cfg.device!r} but torch sees no CUDA device; plan on the cpu")
         dtype = dtype or getattr(torch, plan_cfg.dtype)
-        if dtype == torch.bfloat16 and not native_bf16(torch.device(plan_cfg.device)):
-            warnings.warn(f"plan.dtype = bfloat16 on {plan_cfg.device}, which has no native bf16 matmuls: the weight "
-                          "matmuls run in float32 on bf16 values and the rest is emulated, no faster than "
-                          "plan.dtype=float32", stacklevel=2)
+        device = torch.device(plan_cfg.device)
+        if dtype == torch.bfloat16 and not native_bf16(device):
+            how = ("the weight matmuls run in float32 on bf16 values and the rest is emulated, at about float32's speed"
+                   if device.type == "cpu" else "planning runs several times slower than in float32")
+            warnings.warn(f"plan.dtype = bfloat16 on {plan_cfg.device}, which has no native bf16 matmuls: {how}; "
+                          "set plan.dtype=float32", stacklevel=2)
         model = run.model.to(plan_cfg.device, dtype).eval()
         search = BeamSearch(model, run.discretizer, plan_cfg, run.config.data.discount, cached, critic)
         return cls(search, run.obs_indices, n_envs)
