@@ -6,7 +6,8 @@
 #   dropout: 0.1 vs 0.0 at 250k windows
 #   budget:  the chosen recipe at 250k, 1M (and 4M where the compute exists) windows
 #   model:   the window model (rotary positions, a band of 5 transitions) on windows of 10 transitions, at the
-#            target tokens of drop0-250k (125k windows of 159 targets ~ 250k windows of 79)
+#            target tokens of drop0-250k (125k windows of 159 targets ~ 250k windows of 79); window-125k-b32
+#            also at its optimizer steps (32 windows a step: equal tokens and steps, the fair comparison)
 # After training, a hopper run plans 5 episodes (seeds 0-4, beam 32, horizon 5) into NAME/plan-32x5.json; other
 # envs' runs take the evaluation protocol at 32/5 over EPISODES (default 10, seeds 0..N-1, batched, resumable)
 # into NAME/eval.json, as their shipped models' eval.json.
@@ -26,6 +27,7 @@ declare -A RUNS=(
   [drop0-1m]="1000000 model.dropout=0.0"
   [drop0-4m]="4000000 model.dropout=0.0"
   [window-125k]="125000 model.dropout=0.0 model.attention=window data.sequence_length=10"
+  [window-125k-b32]="125000 model.dropout=0.0 model.attention=window data.sequence_length=10 train.batch_size=32"
 )
 ORDER=(bf16-50k fp32-50k drop01-250k drop0-250k drop0-1m)
 for name in "${@:-${ORDER[@]}}"; do
