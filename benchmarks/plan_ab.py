@@ -2,9 +2,9 @@
 the same beam searches, alternating (README, Speed).
 
 On a shared machine two processes a minute apart can differ by 10-50%, more than most changes to the decoding step;
-alternating searches in one process, and reporting the median ratio of adjacent pairs, compares like with like. The
-revision's classes lend their methods to the working tree's (the planner and decoder stay the working tree's), each
-variant with its own search and KV cache.
+alternating searches in one process, and reporting the median ratio of adjacent pairs, compares like with like. Each
+variant is its own model: the revision's module builds its GPT (and the decoder its KV cache) with the working tree's
+weights, so a change that adds or removes classes compares too; the planner and decoder stay the working tree's.
 
     python benchmarks/plan_ab.py --against HEAD~1 [--setting hopper-32x5] [--pairs 20] [--threads 1]
 """
@@ -12,6 +12,7 @@ variant with its own search and KV cache.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import statistics
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from plan_speed import OFFICIAL, SMALL, build
 
+import trajformer.decoding as decoding
 import trajformer.model as current
 from trajformer.planner import BeamSearch
 
@@ -51,18 +53,16 @@ def load_revision(rev: str):
     return module
 
 
-def methods(module) -> dict:
-    """{(class name, method name): function} of the classes that the working tree's model.py also defines."""
-    out = {}
-    for name, cls in vars(module).items():
-        if isinstance(cls, type) and cls.__module__ == module.__name__ and hasattr(current, name):
-            out.update({(name, k): v for k, v in vars(cls).items() if callable(v) and not isinstance(v, type)})
-    return out
-
-
-def use(table: dict) -> None:
-    for (cls, name), fn in table.items():
-        setattr(getattr(current, cls), name, fn)
+def model_of(module, model: torch.nn.Module) -> torch.nn.Module:
+    """`module`'s GPT with `model`'s config and weights (fields the revision's config lacks are dropped)."""
+    names = {f.name for f in dataclasses.fields(module.GPTConfig)}
+    cfg = module.GPTConfig(**{k: v for k, v in dataclasses.asdict(model.config).items() if k in names})
+    other = module.GPT(cfg).eval()
+    try:
+        other.load_state_dict(model.state_dict())
+    except RuntimeError as err:
+        raise SystemExit(f"plan_ab: the revision's GPT has other parameters than the working tree's: {err}") from None
+    return other
 
 
 def main() -> None:
@@ -74,19 +74,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     (obs, act), plan, attention = SETTINGS[args.setting]
-    variants = {"working tree": methods(current), args.against: methods(load_revision(args.against))}
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {"working tree": [], args.against: []}
     with torch.inference_mode():
         model, disc, prefix = build(obs, act, attention)
+        revision = load_revision(args.against)
+        variants = {"working tree": (current, model), args.against: (revision, model_of(revision, model))}
         searches = {}
-        for name, table in variants.items():  # each variant builds its own cache in its first (untimed) search
-            use(table)
-            searches[name] = BeamSearch(model, disc, plan, 0.99)
+        for name, (module, net) in variants.items():  # each builds its own cache in its first (untimed) search
+            decoding.KVCache = module.KVCache
+            searches[name] = BeamSearch(net, disc, plan, 0.99)
             searches[name].search([prefix], [torch.Generator().manual_seed(0)])
         order = list(variants)
         for i in range(args.pairs):
             for name in order if i % 2 == 0 else order[::-1]:
-                use(variants[name])
+                decoding.KVCache = variants[name][0].KVCache
                 t0 = time.perf_counter()
                 searches[name].search([prefix], [torch.Generator().manual_seed(i + 1)])
                 times[name].append(time.perf_counter() - t0)
