@@ -103,7 +103,7 @@ def test_cli_plan_writes_json(point_run, tmp_path, monkeypatch, capsys):
     (["--set", "plan.max_context_transitions=1"], "plan.max_context_transitions must be >= 2"),
     (["--set", "plan.max_context_transitions=9"], "set plan.max_context_transitions <= 4"),
     (["--video", "x.mp4"], "cannot render"),
-    (["--episodes", "0"], "--episodes (0) and --num-envs (1) must be >= 1"),
+    (["--episodes", "0"], "--episodes must be >= 1, got 0"),
 ])
 def test_cli_plan_bad_input_is_a_one_line_error(point_run, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -505,6 +505,11 @@ def test_baseline_settings_errors_are_one_line(point_run, tmp_path, capsys):
         cli.main(["iql", str(point_run / "config.toml"), "--out", str(tmp_path / "x"), "--hp", "temperature=3"])
     err = capsys.readouterr().err.strip()
     assert "--hp 'temperature=3': use KEY=VALUE with KEY one of tau, beta" in err and "\n" not in err
+    for method in ("bc", "iql"):  # refused before training, not after it
+        with pytest.raises(SystemExit):
+            cli.main([method, str(point_run / "config.toml"), "--out", str(tmp_path / method), "--episodes", "0"])
+        assert "--episodes must be >= 1, got 0" in capsys.readouterr().err
+        assert not (tmp_path / method).exists()
 
 
 def test_planning_with_the_iql_critic_objective(point_run, tmp_path, monkeypatch, capsys):

@@ -326,7 +326,7 @@ def _cmd_baseline(args) -> None:
     from trajformer.baselines.policy import prefix_reference
     from trajformer.config import load_config
     from trajformer.files import save_json
-    from trajformer.rollout import evaluate_agent, report
+    from trajformer.rollout import check_counts, evaluate_agent, report
 
     module = importlib.import_module(f"trajformer.baselines.{args.baseline}")
     settings_cls = {"bc": "BCConfig", "iql": "IQLConfig"}[args.baseline]
@@ -338,6 +338,7 @@ def _cmd_baseline(args) -> None:
             raise ValueError(f"--hp {item!r}: use KEY=VALUE with KEY one of {', '.join(fields)}")
         values[key] = float(value) if fields[key] == "float" else int(value)
     settings = getattr(module, settings_cls)(**values)
+    check_counts(args.episodes, args.num_envs)
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
     cfg = load_config(args.config, args.overrides)
@@ -385,13 +386,12 @@ def _cmd_model_based(args) -> None:
     from trajformer.config import load_config
     from trajformer.data import load_episodes
     from trajformer.files import save_json
-    from trajformer.rollout import evaluate_agent, report
+    from trajformer.rollout import check_counts, evaluate_agent, report
 
     cfg = load_config(args.config, args.overrides)
     if args.dataset:
         cfg.data.dataset = args.dataset
-    if args.episodes < 1 or args.num_envs < 1:
-        raise ValueError(f"--episodes ({args.episodes}) and --num-envs ({args.num_envs}) must be >= 1")
+    check_counts(args.episodes, args.num_envs)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{args.method}"
     data = load_episodes(cfg.data.dataset, cfg.data)  # bad data is refused before the ensemble trains
     ensemble, _ = provide_ensemble(cfg, data, out / "ensemble", args.ensemble or cfg.model_based.ensemble)

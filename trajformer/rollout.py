@@ -209,12 +209,18 @@ def load_critic(path: str, run: Run) -> Critic:
     return critic
 
 
+def check_counts(episodes: int, num_envs: int | None) -> None:
+    """One-line error, before any work, for an episode or env count below 1 (None: not given)."""
+    for name, n in (("--episodes", episodes), ("--num-envs", num_envs)):
+        if n is not None and n < 1:
+            raise ValueError(f"{name} must be >= 1, got {n}")
+
+
 def evaluate_agent(agent: Agent, env: dict, episodes: int = 10, num_envs: int = 10, seed: int = 0,
                    max_steps: int | None = None, meta: dict | None = None, progress: bool = True) -> dict:
     """The evaluation protocol for any agent in a recorded env spec ({id, kwargs, max_episode_steps}): returns,
     mean ± standard error, normalised score (metrics.score_reference), seconds per env step."""
-    if episodes < 1 or num_envs < 1:
-        raise ValueError(f"--episodes ({episodes}) and --num-envs ({num_envs}) must be >= 1")
+    check_counts(episodes, num_envs)
     if not env.get("id"):
         raise ValueError("the data records no environment; evaluate in a named env")
     kwargs = {k: v for k, v in (env.get("kwargs") or {}).items() if k != "render_mode"}
@@ -239,8 +245,7 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
     episode 0 at the env's frame rate times `video_speed`; rendering is not counted in seconds_per_step.
     `skip`, `resume` and `on_progress` as in run_episodes (the resumable protocol); the record holds the episodes
     run."""
-    if episodes < 1 or num_envs < 1:
-        raise ValueError(f"--episodes ({episodes}) and --num-envs ({num_envs}) must be >= 1")
+    check_counts(episodes, num_envs)
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
     if video_speed <= 0:
@@ -400,8 +405,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     search runs (device, dtype, threads), not what it searches. Each finished episode is kept in
     RUN_DIR/eval.partial.json, and so are the episodes under way every minute: running it again after an
     interruption goes on mid-episode where it stopped (run_episodes)."""
-    if episodes < 1 or (num_envs is not None and num_envs < 1):
-        raise ValueError(f"--episodes ({episodes}) and --num-envs ({num_envs}) must be >= 1")
+    check_counts(episodes, num_envs)
     unknown = [s for s in settings if s not in ("official", "32x5")]
     if unknown or not settings:
         raise ValueError(f"--settings {','.join(settings)}: choose from official, 32x5")
