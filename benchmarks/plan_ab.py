@@ -1,5 +1,5 @@
 """Same-process A/B of the network's code: `trajformer/model.py` at a git revision against the working tree, timed on
-the same beam searches, alternating (README, Speed).
+the same beam searches, alternating (benchmarks/README.md).
 
 On a shared machine two processes a minute apart can differ by 10-50%, more than most changes to the decoding step;
 alternating searches in one process, and reporting the median ratio of adjacent pairs, compares like with like. Each

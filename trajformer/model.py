@@ -234,7 +234,7 @@ class Linear(nn.Linear):
     """nn.Linear that, in bfloat16 on a CPU without native bf16 matmuls and outside autograd (planning), multiplies
     float32 copies of its bf16 operands: the same exact products, accumulated in float32 and rounded to bf16 once,
     as a native bf16 GEMM does, at float32 speed instead of the emulated bf16 kernel's (4x slower in a profiled
-    walker2d search on an AVX512 Xeon without AVX512-BF16; README, Speed)."""
+    walker2d search on an AVX512 Xeon without AVX512-BF16; benchmarks/README.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
