@@ -7,7 +7,8 @@
 #   budget:  the chosen recipe at 250k, 1M (and 4M where the compute exists) windows
 #   model:   the window model (rotary positions, a band of 5 transitions) on windows of 10 transitions, at the
 #            target tokens of drop0-250k (125k windows of 159 targets ~ 250k windows of 79); window-125k-b32
-#            also at its optimizer steps (32 windows a step: equal tokens and steps, the fair comparison)
+#            also at its optimizer steps (32 windows a step: equal tokens and steps, the fair comparison);
+#            drop0-62k and window-31k-b32 (and their -seed1 twins) make the same pair at a quarter of the budget
 # After training, a hopper run plans 5 episodes (seeds 0-4, beam 32, horizon 5) into NAME/plan-32x5.json; other
 # envs' runs take the evaluation protocol at 32/5 over EPISODES (default 10, seeds 0..N-1, batched, resumable)
 # into NAME/eval.json, as their shipped models' eval.json.
@@ -28,6 +29,10 @@ declare -A RUNS=(
   [drop0-4m]="4000000 model.dropout=0.0"
   [window-125k]="125000 model.dropout=0.0 model.attention=window data.sequence_length=10"
   [window-125k-b32]="125000 model.dropout=0.0 model.attention=window data.sequence_length=10 train.batch_size=32"
+  [drop0-62k]="62500 model.dropout=0.0"
+  [window-31k-b32]="31250 model.dropout=0.0 model.attention=window data.sequence_length=10 train.batch_size=32"
+  [drop0-62k-seed1]="62500 model.dropout=0.0 train.seed=1"
+  [window-31k-b32-seed1]="31250 model.dropout=0.0 model.attention=window data.sequence_length=10 train.batch_size=32 train.seed=1"
 )
 ORDER=(bf16-50k fp32-50k drop01-250k drop0-250k drop0-1m)
 for name in "${@:-${ORDER[@]}}"; do
@@ -35,7 +40,8 @@ for name in "${@:-${ORDER[@]}}"; do
   sets=(); for kv in $rest; do sets+=(--set "$kv"); done
   out=$ROOT/$name
   resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
-  eval_every=$(( windows / 64 / 10 ))
+  batch=64; [[ $rest =~ train.batch_size=([0-9]+) ]] && batch=${BASH_REMATCH[1]}
+  eval_every=$(( windows / batch / 10 ))  # ten validations a run
   trajformer train "configs/$ENV-medium-local.toml" --out "$out" "${resume[@]}" \
     --set data.sequence_length=5 --set train.batch_size=64 --set train.max_steps=0 \
     --set train.max_windows="$windows" --set train.eval_every="$eval_every" --set train.eval_windows=4096 \
