@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The shipped humanoid transformer, and more data against more steps (README, Long-horizon predictions): two
+# The shipped humanoid transformer, and more data against more steps (pretrained/README.md, "The humanoid models"): two
 # fine-tunes of PARENT (default runs/humanoid-main, the 1.28M-window run of scripts/humanoid_models.sh) at one budget,
 # each from its weights and discretizer (train.init_from), learning rate 2e-4 with the config's warmup and cosine,
 # then 100-step predictions on the shipped held-out starts.

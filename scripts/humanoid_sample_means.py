@@ -1,5 +1,6 @@
 """How the transformer's teacher-forced sample mean converges with the number of sampled rollouts, beside the
-ensemble, on the same held-out starts as `trajformer predict` (README, Long-horizon predictions).
+ensemble, on the same held-out starts as `trajformer predict` (README, Long-horizon predictions; the measurements:
+pretrained/README.md, "The humanoid models").
 
 The mean of M rollouts sampled on the true actions estimates each model's conditional mean, the squared-error-
 optimal point prediction; with few samples its error carries Monte Carlo noise on top of the model's own. This

@@ -3,7 +3,7 @@
 # humanoid predictions that hold). Three runs of configs/humanoid.toml with the CPU recipe and the same number of
 # target tokens (~30.6M): windows of 4 transitions x 120k, of 8 transitions x 60k, and 4 transitions x 120k with
 # 6 layers instead of 4. Each then predicts 100 steps on the shipped held-out starts (teacher-forced with the true
-# actions, the ensemble beside them); the README's sweep table compares validation loss per token type and the
+# actions, the ensemble beside them); the sweep table (pretrained/README.md, "The humanoid models") compares validation loss per token type and the
 # step-100 error. Arms: name, transitions per window, windows, layers.
 #   scripts/humanoid_sweep.sh          (resumable: run it again after an interruption)
 # Measured 2026-11-30, each run on one niced core of the 2-core CPU beside other jobs: 36.6 min (4 transitions)

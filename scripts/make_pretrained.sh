@@ -2,7 +2,7 @@
 # Reproduces the long-horizon prediction artifacts (issue #5):
 #   pretrained/models/humanoid-ensemble/  the PETS-style ensemble baseline (5 x MLP 4 x 400, the sweep's best size)
 #   pretrained/data/humanoid-heldout.npz  4 validation episodes of trajformer/humanoid-medium-v0 (float32)
-#   runs/humanoid-ensemble-sweep/         the size sweep behind the README's fairness table
+#   runs/humanoid-ensemble-sweep/         the size sweep behind the ensemble-size table (pretrained/README.md)
 # Needs the humanoid dataset and main run of scripts/humanoid_models.sh (same episode split: configs/humanoid.toml,
 # train.seed 0). One torch thread, niced, time-capped so the ensemble gets no more CPU than the transformer.
 # ENSEMBLE_SECONDS caps the main ensemble (default 2400 s; patience stopped it after 15 epochs),
