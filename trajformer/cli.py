@@ -338,9 +338,7 @@ def _cmd_baseline(args) -> None:
             raise ValueError(f"--hp {item!r}: use KEY=VALUE with KEY one of {', '.join(fields)}")
         values[key] = float(value) if fields[key] == "float" else int(value)
     settings = getattr(module, settings_cls)(**values)
-    check_counts(args.episodes, args.num_envs)
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    check_counts(args.episodes, args.num_envs, args.max_steps)
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.config).stem}-{args.baseline}"
     getattr(module, f"train_{args.baseline}")(cfg, out, settings, dataset_id=args.dataset)

@@ -209,9 +209,9 @@ def load_critic(path: str, run: Run) -> Critic:
     return critic
 
 
-def check_counts(episodes: int, num_envs: int | None) -> None:
-    """One-line error, before any work, for an episode or env count below 1 (None: not given)."""
-    for name, n in (("--episodes", episodes), ("--num-envs", num_envs)):
+def check_counts(episodes: int, num_envs: int | None, max_steps: int | None = None) -> None:
+    """One-line error, before any work, for an episode, env or step count below 1 (None: not given)."""
+    for name, n in (("--episodes", episodes), ("--num-envs", num_envs), ("--max-steps", max_steps)):
         if n is not None and n < 1:
             raise ValueError(f"{name} must be >= 1, got {n}")
 
@@ -245,9 +245,7 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
     episode 0 at the env's frame rate times `video_speed`; rendering is not counted in seconds_per_step.
     `skip`, `resume` and `on_progress` as in run_episodes (the resumable protocol); the record holds the episodes
     run."""
-    check_counts(episodes, num_envs)
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {max_steps}")
+    check_counts(episodes, num_envs, max_steps)
     if video_speed <= 0:
         raise ValueError(f"--video-speed must be > 0 (1 = real time, 0.25 = four times slower), got {video_speed}")
     if video is not None and resume:
