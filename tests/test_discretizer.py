@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -30,6 +30,8 @@ def _check_round_trip(disc: Discretizer) -> None:
 @settings(max_examples=60, deadline=None)
 @given(data=arrays(np.float64, st.tuples(st.integers(1, 300), st.integers(1, 4)), elements=finite),
        n_bins=st.integers(2, 40), kind=st.sampled_from(["quantile", "uniform"]))
+@example(data=np.array([[-5e-324], [1.0], [0.0], [0.0]]), n_bins=2, kind="quantile")  # midpoint rounds onto 0
+@example(data=np.array([[1 + 2**-52], [1 + 2**-51], [1 + 2**-51], [5.0]]), n_bins=2, kind="quantile")  # one ulp wide
 def test_values_fall_in_their_bins_and_bins_round_trip(data, n_bins, kind):
     disc = Discretizer.fit(data, n_bins, kind)
     _check_contains(disc, data)

@@ -60,7 +60,10 @@ class Discretizer:
         ids = np.minimum(np.arange(self.n_bins)[None, :], self.n_real[:, None] - 1)
         lo = np.take_along_axis(self.edges, ids, axis=1)
         hi = np.take_along_axis(self.edges, ids + 1, axis=1)
-        self.midpoints = (lo + hi) / 2.0
+        mid = (lo + hi) / 2.0
+        # A bin one float wide (subnormal or adjacent edges) can round its midpoint onto its upper edge, which
+        # encodes into the next bin; its lower edge belongs to it, so it decodes there instead.
+        self.midpoints = np.where(mid < hi, mid, lo)
 
     @property
     def dim(self) -> int:
