@@ -103,7 +103,7 @@ class KVCache:
         shape = (config.n_layer, max_rows, config.n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        # Re-ordering gathers into these and swaps (one pass instead of gather + copy back).
+        # Re-ordering and compaction copy into these and swap (one pass instead of a copy + copy back).
         self._k_spare = torch.zeros(shape, device=device, dtype=dtype)
         self._v_spare = torch.zeros(shape, device=device, dtype=dtype)
         self.transition_dim = config.transition_dim
@@ -151,7 +151,7 @@ class KVCache:
 
     def compact(self, incoming: int) -> None:
         """Make room for `incoming` tokens by dropping the oldest slots that no future query can see (window
-        models only: a query sees the previous `window` keys). One copy of the kept slots to the front."""
+        models only: a query sees the previous `window` keys). One copy of the kept slots (to the spare's front)."""
         if self.length + incoming <= self.max_len:
             return
         keep = self.window - 1
@@ -159,9 +159,11 @@ class KVCache:
             raise ValueError(f"KV cache of length {self.max_len} cannot take {self.length + incoming} positions")
         drop = self.length - keep
         rows = slice(0, self.rows)
-        with torch.no_grad():
-            self.k[:, rows, :, :keep] = self.k[:, rows, :, drop : self.length].clone()
-            self.v[:, rows, :, :keep] = self.v[:, rows, :, drop : self.length].clone()
+        with torch.no_grad():  # into the spare buffers, then swap: one pass (in place it needs a clone first)
+            self._k_spare[:, rows, :, :keep] = self.k[:, rows, :, drop : self.length]
+            self._v_spare[:, rows, :, :keep] = self.v[:, rows, :, drop : self.length]
+        self.k, self._k_spare = self._k_spare, self.k
+        self.v, self._v_spare = self._v_spare, self.v
         self.offset += drop
         self.length = keep
         self._update_row_bias()
