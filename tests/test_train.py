@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -211,6 +212,15 @@ def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys):
     fails(base + ["--out", str(tiny_run), "--resume", "--set", "data.obs_dims=\"0:5\""],
           r"would change the run \(data.obs_dims \[\] -> '0:5'\); resume with the run's own config")
     fails(base + ["--out", str(tiny_run)], r"already holds a run; pass --resume")
+    recollected = tmp_path / "recollected"  # the dataset id now holds other data than the run was trained on
+    shutil.copytree(tiny_run, recollected)
+    meta = json.loads((recollected / "run.json").read_text())
+    meta["provenance"]["dataset_sha256"] = "0" * 64
+    (recollected / "run.json").write_text(json.dumps(meta))
+    before = {p.name: p.read_bytes() for p in recollected.iterdir() if p.is_file()}
+    fails(base + ["--out", str(recollected), "--resume"],
+          r"trained on other data than test/hopper-random-v0 holds now .*recollect it as it was, or use a new --out")
+    assert {p.name: p.read_bytes() for p in recollected.iterdir() if p.is_file()} == before
 
 
 def test_plus_joins_datasets_like_medium_expert(tiny_config, hopper_dataset):

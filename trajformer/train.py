@@ -277,6 +277,13 @@ def _check_resume(out_dir: Path, prep: Prepared) -> dict:
         )
     if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
         raise ValueError(f"--resume: {out_dir}/checkpoint.pt is not a training checkpoint; retrain without --resume")
+    recorded = meta.get("provenance", {}).get("dataset_sha256")
+    if recorded is not None and recorded != prep.data.sha256:
+        raise ValueError(
+            f"--resume: {out_dir} was trained on other data than {meta.get('dataset_id')} holds now (sha256 "
+            f"{recorded[:12]} -> {prep.data.sha256[:12]}: collected again with other settings?); recollect it as "
+            "it was, or use a new --out directory"
+        )
     return state
 
 
