@@ -140,7 +140,8 @@ def _add_collect(sub) -> None:
     p.add_argument("--deterministic", action="store_true", help="the policy's mean action instead of a sample")
     p.add_argument("--env-kwargs", type=json.loads, help='JSON kwargs for gym.make, e.g. \'{"ctrl_cost_weight": 0.1}\'')
     p.add_argument("--max-episode-steps", type=int, help="time limit (default: the env's own)")
-    p.add_argument("--num-envs", type=int, default=16, help="vectorised envs stepping together")
+    p.add_argument("--num-envs", type=int, default=16, help="vectorised envs stepping together (part of the data: "
+                   "a preset with another count is another dataset; runs record its sha256)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     p.set_defaults(func=_cmd_collect)
 
