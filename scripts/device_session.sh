@@ -2,8 +2,10 @@
 # One call of a lent GPU machine (the `device` tool: one H200, 15 minutes a session), prepared here:
 #   1. the CUDA tests (tests skip them without a card): the search on the card gives the CPU's plans;
 #   2. benchmarks/plan_speed.py --device cuda (the whole search on the card since 2026-12-01);
-#   3. walker2d-medium's official 128/15 evaluation on the card, resumed from its eval.partial.json, for
-#      SECONDS_LEFT seconds (it keeps every finished minute).
+#   3. the walker2d-medium learning curve's next point (`ENV=walker2d scripts/learning_curves.sh drop0-4m`: the
+#      shipped model's recipe at 4M windows, README "Training budget") trained on the card, then its 32/5
+#      evaluation there, for SECONDS_LEFT seconds (collecting the preset first, ~3 min of one core; an unfinished run
+#      comes back with its checkpoint: run the script again while the machine is warm, and it resumes there).
 # Everything comes back as $OUT/results.tgz.part-* (<= 15 MB each) and $OUT/summary.log.
 # Here, before the call: download the wheels of minari, gymnasium, farama-notifications, mujoco, mujoco-core,
 # glfw into .whl/ (README of the device tool) and carry .whl; the humanoid modes below also need
@@ -15,7 +17,7 @@
 # run comes back with its checkpoint, to resume here with --resume.
 set -u
 OUT=${OUT:-/tmp/device_out}
-SECONDS_LEFT=${SECONDS_LEFT:-330}  # wall clock for step 3: with the rest, inside one call's 600 s
+SECONDS_LEFT=${SECONDS_LEFT:-400}  # wall clock for step 3: with the rest, inside one call's 600 s
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MUJOCO_GL=egl
 mkdir -p "$OUT" /tmp/work
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/summary.log"; }
@@ -30,11 +32,9 @@ ship() {  # everything under /tmp/work comes back in parts the device tool accep
 }
 if [ "${LOCAL:-0}" = 1 ]; then
   PY=python; DEV=cpu; HUM=(--set train.max_windows=640 --set train.eval_every=5 --set train.checkpoint_every=5)
-  EVAL=(--episodes 2 --num-envs 2); SPEED=(--steps 1 --uncached-steps 0)
-  WALKER=/tmp/work/walker2d-copy; rm -rf $WALKER; cp -r pretrained/models/walker2d-medium $WALKER
+  SPEED=(--steps 1 --uncached-steps 0); CURVE=(EPISODES=1 WINDOWS=640)
 else
-  PY=python3; DEV=cuda; HUM=(); EVAL=(--episodes 10 --num-envs 10); SPEED=(--steps 2)
-  WALKER=pretrained/models/walker2d-medium
+  PY=python3; DEV=cuda; HUM=(); SPEED=(--steps 2); CURVE=()
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -77,10 +77,15 @@ log "2. plan_speed on the card"
 timeout 150 $PY benchmarks/plan_speed.py --device $DEV "${SPEED[@]}" 2>&1 | tee /tmp/work/plan_speed.log \
   | tail -4 >>"$OUT/summary.log"
 
-log "3. walker2d evaluation, ${SECONDS_LEFT}s"
-timeout -s INT "$SECONDS_LEFT" $PY -m trajformer eval $WALKER "${EVAL[@]}" \
-  --settings official --set plan.device=$DEV --set plan.dtype=bfloat16 >/tmp/work/walker.log 2>&1
-log "walker: exit code $?, $(tail -c 300 /tmp/work/walker.log | tr '\r' '\n' | tail -2)"
-cp $WALKER/eval*.json /tmp/work/ 2>/dev/null
-ls -la /tmp/work >>"$OUT/summary.log"
+log "3. walker2d drop0-4m on the card, ${SECONDS_LEFT}s"
+trajformer() { $PY -m trajformer "$@"; }  # the learning-curve script calls the CLI by name
+export -f trajformer
+export PY
+timeout -s INT "$SECONDS_LEFT" env "${CURVE[@]}" ENV=walker2d TRAIN_DEVICE=$DEV CURVES_ROOT=/tmp/work \
+  scripts/learning_curves.sh drop0-4m >/tmp/work/walker.log 2>&1
+code=$?
+run=/tmp/work/drop0-4m
+rm -f $run/last.pt  # weights and checkpoint both come back: an interrupted evaluation needs the first, training the other
+log "drop0-4m: exit code $code, $(tail -n 1 $run/metrics.jsonl | cut -c1-160)"
+log "walker: $(tail -c 300 /tmp/work/walker.log | tr '\r' '\n' | tail -2)"
 ship

@@ -13,12 +13,15 @@
 # envs' runs take the evaluation protocol at 32/5 over EPISODES (default 10, seeds 0..N-1, batched, resumable)
 # into NAME/eval.json, as their shipped models' eval.json.
 # Usage: [ENV=walker2d] scripts/learning_curves.sh [RUN_NAME ...]   (default: all, in this order; ~1 h per 1M
-# Hopper windows on one core)
+# Hopper windows on one core). TRAIN_DEVICE=cuda trains and plans on a GPU (scripts/device_session.sh);
+# CURVES_ROOT puts the runs elsewhere; WINDOWS replaces every run's budget (a quick trial).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 ENV=${ENV:-hopper}
 ROOT=runs/curves; [ "$ENV" = hopper ] || ROOT=runs/curves-$ENV
+ROOT=${CURVES_ROOT:-$ROOT}
+DEVICE=${TRAIN_DEVICE:-cpu}
 trajformer collect --preset "$ENV-medium" >/dev/null   # cached after the first run
 declare -A RUNS=(
   [bf16-50k]="50000 train.dtype=bfloat16 model.dropout=0.1"
@@ -37,6 +40,7 @@ declare -A RUNS=(
 ORDER=(bf16-50k fp32-50k drop01-250k drop0-250k drop0-1m)
 for name in "${@:-${ORDER[@]}}"; do
   read -r windows rest <<<"${RUNS[$name]}"
+  windows=${WINDOWS:-$windows}  # a tiny trial of the script (scripts/device_session.sh with LOCAL=1)
   sets=(); for kv in $rest; do sets+=(--set "$kv"); done
   out=$ROOT/$name
   resume=(); [ -f "$out/checkpoint.pt" ] && resume=(--resume)
@@ -45,12 +49,13 @@ for name in "${@:-${ORDER[@]}}"; do
   trajformer train "configs/$ENV-medium-local.toml" --out "$out" "${resume[@]}" \
     --set data.sequence_length=5 --set train.batch_size=64 --set train.max_steps=0 \
     --set train.max_windows="$windows" --set train.eval_every="$eval_every" --set train.eval_windows=4096 \
-    --set train.checkpoint_every=500 --set train.num_threads=1 "${sets[@]}"  # run-specific sets come last
+    --set train.checkpoint_every=500 --set train.num_threads=1 --set train.device="$DEVICE" \
+    "${sets[@]}"  # run-specific sets come last
   if [ "$ENV" = hopper ]; then
     [ -f "$out/plan-32x5.json" ] || trajformer plan "$out" --episodes 5 --num-envs 5 --set plan.beam_width=32 \
-      --set plan.horizon=5 --set plan.num_threads=1 --json "$out/plan-32x5.json"
+      --set plan.horizon=5 --set plan.num_threads=1 --set plan.device="$DEVICE" --json "$out/plan-32x5.json"
   else
     [ -f "$out/eval.json" ] || trajformer eval "$out" --episodes "${EPISODES:-10}" --settings 32x5 \
-      --set plan.num_threads=1
+      --set plan.num_threads=1 --set plan.device="$DEVICE"
   fi
 done
