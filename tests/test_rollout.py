@@ -103,6 +103,8 @@ def test_cli_plan_writes_json(point_run, tmp_path, monkeypatch, capsys):
     (["--set", "plan.max_context_transitions=1"], "plan.max_context_transitions must be >= 2"),
     (["--set", "plan.max_context_transitions=9"], "set plan.max_context_transitions <= 4"),
     (["--video", "x.mp4"], "cannot render"),
+    (["--video", "x"], "--video x: name an .mp4 or .gif file, e.g. --video x.mp4"),
+    (["--json", "."], "--json . is a directory"),
     (["--episodes", "0"], "--episodes must be >= 1, got 0"),
 ])
 def test_cli_plan_bad_input_is_a_one_line_error(point_run, capsys, args, message):
@@ -236,6 +238,23 @@ def test_behaviour_cloning_runs_end_to_end_and_beats_random(point_run, tmp_path,
     first5 = [sum(ep.rewards[:5]) for ep in minari.load_dataset(DATASET_ID).iterate_episodes()]
     assert record["dataset_prefix_return_mean"] == pytest.approx(np.mean(first5))
     assert f"over the first 5 steps {np.mean(first5):.1f}" in capsys.readouterr().out
+
+
+def test_data_without_complete_episodes_has_no_mean_and_says_so(point_run, tmp_path, monkeypatch, capsys):
+    """Every episode cut by the end of collection: no dataset mean; bc and eval print '-' for it, not a traceback."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
+    monkeypatch.setattr("trajformer.data.complete_episodes", lambda data: [])
+    cli.main(["bc", str(point_run / "config.toml"), "--out", str(tmp_path / "bc"), "--steps", "50", "--episodes", "2"])
+    assert json.loads((tmp_path / "bc" / "bc.json").read_text())["dataset_mean_return"] is None
+    assert "dataset mean return over complete episodes -;" in capsys.readouterr().out
+    run = tmp_path / "run"
+    shutil.copytree(point_run, run)
+    meta = json.loads((run / "run.json").read_text())
+    meta["dataset_stats"]["complete_return_mean"] = None  # as training records it for such data
+    (run / "run.json").write_text(json.dumps(meta))
+    cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5"])
+    assert json.loads((run / "eval.json").read_text())["dataset_mean_return"] is None
+    assert "dataset mean return -" in capsys.readouterr().out
 
 
 def test_evaluation_protocol_writes_eval_json_beside_references(point_run, tmp_path, monkeypatch, capsys):

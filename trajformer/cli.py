@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
+def _number(x: float | None) -> str:
+    """A return for the terminal: one decimal, or '-' where there is none (a dataset without complete episodes)."""
+    return "-" if x is None else f"{x:.1f}"
+
+
 def _add_overrides(p, example: str = "train.max_steps=200", metavar: str = "SECTION.KEY=VALUE") -> None:
     """The repeatable --set option every config-reading command takes."""
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar,
@@ -294,7 +299,7 @@ def _cmd_eval(args) -> None:
               + f", {record['seconds_per_step']:.3f} s per env step"
               + (f", episode length {min(lengths)}-{max(lengths)}" if lengths else ""))
     bc = out["bc_mean_return"]
-    print(f"dataset mean return {out['dataset_mean_return']:.1f}" + (f", BC {bc:.1f}" if bc is not None else ""))
+    print(f"dataset mean return {_number(out['dataset_mean_return'])}" + (f", BC {bc:.1f}" if bc is not None else ""))
 
 
 BASELINES = {"bc": "behaviour cloning", "iql": "implicit Q-learning (expectile V, TD Q, AWR policy)"}
@@ -349,9 +354,9 @@ def _cmd_baseline(args) -> None:
     if args.max_steps is not None:
         reference = prefix_reference(args.dataset or cfg.data.dataset, cfg.data, args.max_steps)
         meta["evaluation"]["dataset_prefix_return_mean"] = reference
-        what = f"over the first {args.max_steps} steps " + ("-" if reference is None else f"{reference:.1f}")
+        what = f"over the first {args.max_steps} steps {_number(reference)}"
     else:
-        what = f"over complete episodes {meta['dataset_mean_return']:.1f}"
+        what = f"over complete episodes {_number(meta['dataset_mean_return'])}"
     save_json(out / f"{args.baseline}.json", meta)
     print(report(meta["evaluation"]))
     print(f"dataset mean return {what}; {args.baseline} directory {out}")

@@ -158,8 +158,8 @@ def _pm(mean: float | None, stderr: float | None, digits: int = 1) -> str:
 
 def markdown_table(out: dict) -> str:
     """The comparison as a markdown table: return and normalised score (± standard error), training cost."""
-    mean = out["dataset_mean_return"]
-    lines = [f"Dataset `{out['dataset_id']}` (mean return over its complete episodes {mean:.1f}); "
+    mean = _pm(out["dataset_mean_return"], None)
+    lines = [f"Dataset `{out['dataset_id']}` (mean return over its complete episodes {mean}); "
              f"{out['episodes']} episodes each, seeds 0..{out['episodes'] - 1}.", "",
              "| method | return | normalised | training (s) | steps |", "|---|---|---|---|---|"]
     for r in out["methods"].values():
@@ -177,7 +177,8 @@ def bar_plot(out: dict, path: Path) -> Path:
     means = [m["mean"] for m in methods]
     errors = [m["stderr"] or 0.0 for m in methods]
     ax.bar(np.arange(len(methods)), means, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
-    ax.axhline(out["dataset_mean_return"], color="black", ls="--", lw=1, label="dataset mean")
+    if out["dataset_mean_return"] is not None:  # None: the data has no complete episode
+        ax.axhline(out["dataset_mean_return"], color="black", ls="--", lw=1, label="dataset mean")
     ax.set_xticks(np.arange(len(methods)), [m["label"] for m in methods], rotation=20, ha="right", fontsize=8)
     ax.set(ylabel="return", title=out["dataset_id"])
     ax.legend(fontsize=8)

@@ -24,10 +24,11 @@ def shipped(name: str) -> Path:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename the temp file onto `path`."""
+    """Call write(tmp_path), then rename the temp file onto `path`. The temp file ends in `path`'s suffix, for
+    writers that pick the format from it (imageio's video writers)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         write(tmp)

@@ -20,6 +20,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
+from trajformer.files import atomic_write
+
 
 def make_env(env_id: str, kwargs: dict, max_episode_steps: int | None, render: bool = False) -> gym.Env:
     """gym.make with a one-line error for unknown ids; `render` asks for rgb_array frames."""
@@ -163,19 +165,32 @@ class EpisodeVideo:
         return save_video(self.frames, path, fps)
 
 
-def save_video(frames: list[np.ndarray], path: str | os.PathLike, fps: float = 20) -> Path:
-    """Write an mp4 through imageio-ffmpeg, or a gif when it is missing (or asked for); returns the path."""
-    import imageio.v2 as imageio
+VIDEO_SUFFIXES = (".mp4", ".gif")
 
+
+def video_path(path: str | os.PathLike) -> Path:
+    """Where a video asked for at `path` is written: an .mp4 through imageio-ffmpeg, or a .gif when that is missing
+    (or asked for). Checked before any episode runs: another suffix, or a directory, is a one-line error."""
     path = Path(path)
-    if path.suffix != ".gif":
+    if path.suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"--video {path}: name an .mp4 or .gif file, e.g. --video {path.with_suffix('.mp4')}")
+    if path.is_dir():
+        raise ValueError(f"--video {path} is a directory; name a file in it, e.g. {path / 'episode.mp4'}")
+    if path.suffix == ".mp4":
         try:
             import imageio_ffmpeg  # noqa: F401
         except ImportError:
-            path = path.with_suffix(".gif")
-    path.parent.mkdir(parents=True, exist_ok=True)
+            return path.with_suffix(".gif")
+    return path
+
+
+def save_video(frames: list[np.ndarray], path: str | os.PathLike, fps: float = 20) -> Path:
+    """Write the frames to `video_path(path)` (temp file, then rename); returns that path."""
+    import imageio.v2 as imageio
+
+    path = video_path(path)
     if path.suffix == ".gif":
-        imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+        atomic_write(path, lambda tmp: imageio.mimsave(tmp, frames, duration=1000 / fps, loop=0))
     else:
-        imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
+        atomic_write(path, lambda tmp: imageio.mimsave(tmp, frames, fps=fps, macro_block_size=1))
     return path

@@ -25,7 +25,7 @@ from trajformer.config import PlanConfig
 from trajformer.files import file_lock, save_json
 from trajformer.metrics import score_reference, summarize
 from trajformer.planner import Critic, Planner, plan_config
-from trajformer.render import EpisodeVideo, make_env
+from trajformer.render import EpisodeVideo, make_env, video_path
 from trajformer.run import Run, load_run
 
 
@@ -250,6 +250,8 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
         raise ValueError(f"--video-speed must be > 0 (1 = real time, 0.25 = four times slower), got {video_speed}")
     if video is not None and resume:
         raise ValueError("a video starts with its episode; resume without --video")
+    if video is not None:
+        video_path(video)  # a name we cannot write fails now, not after the episodes
     plan_cfg = plan_cfg or run.config.plan
     env_id, kwargs, limit = env_settings(run, env_id)
     if plan_cfg.num_threads > 0:
@@ -313,9 +315,9 @@ def dataset_reference(run: Run, max_steps: int | None = None, download: bool = T
     cut. Raises FileNotFoundError where the dataset must be read and is not on this machine."""
     from trajformer.data import load_episodes, prefix_return_mean, return_stats
 
-    recorded = run.meta.get("dataset_stats", {}).get("complete_return_mean")
-    if max_steps is None and recorded is not None:
-        return recorded
+    stats = run.meta.get("dataset_stats", {})
+    if max_steps is None and "complete_return_mean" in stats:  # None when the data has no complete episode
+        return stats["complete_return_mean"]
     data = load_episodes(run.meta["dataset_id"], run.config.data, download=download)
     return return_stats(data)["complete_return_mean"] if max_steps is None else prefix_return_mean(data, max_steps)
 
@@ -349,6 +351,8 @@ def plan_command(run_dir: str, env_id: str | None = None, episodes: int = 1, num
                  max_steps: int | None = None, seed: int = 0, overrides: list[str] | None = None,
                  json_path: str | None = None, video: str | None = None, video_speed: float = 1.0) -> dict:
     """`trajformer plan`: load the run, validate the settings, evaluate, print the report, write JSON."""
+    if json_path is not None and Path(json_path).is_dir():
+        raise ValueError(f"--json {json_path} is a directory; name a file in it, e.g. {Path(json_path) / 'plan.json'}")
     run = load_run(run_dir)
     plan_cfg = plan_config(run, overrides or [])
     record = evaluate(run, plan_cfg, env_id=env_id, episodes=episodes, num_envs=num_envs, max_steps=max_steps,
