@@ -423,9 +423,18 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         if not bc_json.is_file() or "evaluation" not in (bc := json.loads(bc_json.read_text())):
             raise FileNotFoundError(f"{bc_dir} holds no evaluated BC (bc.json with an evaluation); make one with "
                                     f"`trajformer bc CONFIG --episodes {episodes} --out {bc_dir}`")
-        if bc["evaluation"]["config"]["episodes"] != episodes:
-            raise ValueError(f"{bc_dir} was evaluated on {bc['evaluation']['config']['episodes']} episodes, not "
+        used = bc["evaluation"]["config"]
+        if used["episodes"] != episodes:
+            raise ValueError(f"{bc_dir} was evaluated on {used['episodes']} episodes, not "
                              f"{episodes}; re-run `trajformer bc` with --episodes {episodes}")
+        other = [what for what, differs in (
+            (f"trained on {bc.get('dataset_id')}, the run on {run.meta.get('dataset_id')}",
+             bc.get("dataset_id") != run.meta.get("dataset_id")),
+            (f"episodes cut at {used.get('max_steps')} steps", used.get("max_steps") is not None),
+            (f"seeds from {used.get('seed')}, not 0", used.get("seed", 0) != 0)) if differs]
+        if other:
+            raise ValueError(f"{bc_dir} is not BC on this protocol ({'; '.join(other)}); re-run `trajformer bc` on "
+                             f"the run's dataset with --episodes {episodes}, full episodes and seed 0")
         bc_return = bc["evaluation"]["mean_return"]
     out = {"episodes": episodes, "dataset_mean_return": dataset_reference(run),
            "bc_mean_return": bc_return, "settings": {}}
