@@ -257,6 +257,19 @@ def test_data_without_complete_episodes_has_no_mean_and_says_so(point_run, tmp_p
     assert "dataset mean return -" in capsys.readouterr().out
 
 
+def test_evaluation_protocol_of_a_run_without_env_is_a_one_line_error(point_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(point_run, run)
+    meta = json.loads((run / "run.json").read_text())
+    meta["env"] = None  # a dataset with no env spec
+    (run / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert "records no environment" in err and "trajformer plan --env ENV_ID" in err
+
+
 def test_evaluation_protocol_writes_eval_json_beside_references(point_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
     bc = tmp_path / "bc"

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         # Library errors are one-line messages that name the problem and the fix.
         print(f"trajformer {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)

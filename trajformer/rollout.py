@@ -417,6 +417,10 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
             raise ValueError(f"--set {item!r}: the protocol fixes plan.{key}; set how it runs (plan.device, "
                              "plan.dtype, plan.num_threads) or plan with `trajformer plan` instead")
     run = load_run(run_dir)
+    env_id = (run.meta.get("env") or {}).get("id")
+    if not env_id:
+        raise ValueError(f"{run.path} records no environment (its dataset has no env spec): the protocol runs in the "
+                         "run's own env; plan in another with `trajformer plan --env ENV_ID`")
     bc_return = None
     if bc_dir is not None:
         bc_json = Path(bc_dir) / "bc.json"
@@ -446,7 +450,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     plans: dict[tuple, tuple[dict, PlanConfig]] = {}  # a task whose official setting is 32/5 plans once
     names = {}
     for name in settings:
-        setting = official_plan(run.meta["env"]["id"], run.meta["dataset_id"])
+        setting = official_plan(env_id, run.meta["dataset_id"])
         if name == "32x5":
             setting.update(CHEAP)
         # The official context of 5 transitions, or all a model trained on shorter windows can take.
