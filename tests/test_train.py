@@ -69,6 +69,15 @@ def test_run_directory_is_self_contained_and_pickle_free(tiny_run):
     assert "transition_dim 16" in text and "best val loss" in text
 
 
+def test_info_on_a_directory_that_is_not_a_run_names_the_run(tiny_run, tmp_path):
+    """`trajformer info runs/quickstart` (the run is in run/): the run it may mean, not a dataset lookup."""
+    shutil.copytree(tiny_run, tmp_path / "quick" / "run")
+    with pytest.raises(FileNotFoundError, match=r"is not a run directory \(no run.json\); did you mean .*quick/run\?"):
+        describe(str(tmp_path / "quick"))
+    with pytest.raises(ValueError, match="--config and --set apply to datasets"):
+        describe(str(tmp_path / "quick" / "run"), None, ["discretizer.n_bins=20"])
+
+
 def test_resume_after_interrupt_mid_epoch_is_bit_identical(tiny_config, hopper_dataset, tmp_path, monkeypatch):
     cfg = lambda: tiny_config(hopper_dataset, "train.max_steps=24", "train.checkpoint_every=100",  # noqa: E731
                               "train.eval_every=10", "model.dropout=0.1")
@@ -307,9 +316,17 @@ def test_resume_refuses_changed_settings_and_records_allowed_ones(tiny_config, h
     err = capsys.readouterr().err.strip()
     assert "would change the run (train.max_steps 4 -> 8)" in err and "\n" not in err
     assert (out / "config.toml").read_text() == before  # nothing rewritten
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "train_lo')  # a row cut by a kill: left out, and gone once the run resumes
+    full = read_metrics(out / "metrics.jsonl")
     cli_main(["train", "--resume", "--out", str(out), "--set", "train.log_every=2"])
     rows = read_metrics(out / "metrics.jsonl")
-    assert {"step": 4, "resumed_with": {"train.log_every": 2}} in rows
+    assert rows[: len(full)] == full and {"step": 4, "resumed_with": {"train.log_every": 2}} in rows
+    text = (out / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == len(rows)  # every line a whole row
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON .*; delete that line"):
+        read_metrics(out / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")

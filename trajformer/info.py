@@ -109,9 +109,12 @@ def describe_dataset(dataset_id: str, cfg: Config) -> str:
 
 
 def describe(target: str, config: str | None = None, overrides: list[str] | None = None) -> str:
-    """Describe `target`: a run directory (or a shipped model's name) if it is one, else a dataset id."""
+    """Describe `target`: a run directory (or a shipped model's name) if it is one, else a dataset id. A directory
+    that holds no run is an error naming the run it may mean, not a dataset lookup."""
     from trajformer.run import find_run, is_run
 
-    if is_run(target):
+    if is_run(target) or Path(target).is_dir():
+        if config is not None or overrides:
+            raise ValueError(f"--config and --set apply to datasets; {target} is described with its own config.toml")
         return describe_run(find_run(target))
     return describe_dataset(target, load_config(config, overrides))

@@ -126,11 +126,28 @@ def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The rows of a metrics.jsonl log (training or ensemble), oldest first; [] when there is none."""
+    """The rows of a metrics.jsonl log (training or ensemble), oldest first; [] when there is none. Rows are
+    appended as training goes, so a last row cut by a kill (no newline after it) is left out; a resumed run
+    rewrites the log without it."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines.pop()  # the row being written when the process stopped
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {i} is not JSON ({err}); delete that line") from None
+    return rows
 
 
 def write_run_files(out_dir: Path, config_toml: str, discretizer: Discretizer, meta: dict) -> None:
