@@ -545,6 +545,10 @@ def test_baseline_settings_errors_are_one_line(point_run, tmp_path, capsys):
         cli.main(["iql", str(point_run / "config.toml"), "--out", str(tmp_path / "x"), "--hp", "temperature=3"])
     err = capsys.readouterr().err.strip()
     assert "--hp 'temperature=3': use KEY=VALUE with KEY one of tau, beta" in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        cli.main(["iql", str(point_run / "config.toml"), "--out", str(tmp_path / "x"), "--hp", "hidden=1e3"])
+    err = capsys.readouterr().err.strip()
+    assert "--hp 'hidden=1e3': hidden takes an integer, e.g. --hp hidden=1" in err and "\n" not in err
     for method in ("bc", "iql"):  # refused before training, not after it
         with pytest.raises(SystemExit):
             cli.main([method, str(point_run / "config.toml"), "--out", str(tmp_path / method), "--episodes", "0"])

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"trajformer {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:  # Ctrl-C: one line saying where it stopped and how to go on, no traceback
-        print(f"\ntrajformer {args.command}: {err or 'interrupted; nothing was written'}", file=sys.stderr)
+        # Commands that can go on say how (train, eval); the others may have written some of their files.
+        print(f"\ntrajformer {args.command}: {err or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -342,7 +343,12 @@ def _cmd_baseline(args) -> None:
         key, _, value = item.partition("=")
         if key not in fields or not value:
             raise ValueError(f"--hp {item!r}: use KEY=VALUE with KEY one of {', '.join(fields)}")
-        values[key] = float(value) if fields[key] == "float" else int(value)
+        kind = float if fields[key] == "float" else int
+        try:
+            values[key] = kind(value)
+        except ValueError:
+            raise ValueError(f"--hp {item!r}: {key} takes {'a number' if kind is float else 'an integer'}, "
+                             f"e.g. --hp {key}={kind(1)}") from None
     settings = getattr(module, settings_cls)(**values)
     check_counts(args.episodes, args.num_envs, args.max_steps)
     cfg = load_config(args.config, args.overrides)
