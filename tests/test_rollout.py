@@ -308,8 +308,9 @@ def test_official_settings_per_task_and_protocol_overrides(point_run, tmp_path, 
 
     assert official_plan("Hopper-v5", "trajformer/hopper-medium-v0")["beam_width"] == 128
     assert official_plan("HalfCheetah-v5", "trajformer/halfcheetah-medium-v0")["horizon"] == 5
-    assert official_plan("HalfCheetah-v5", "mujoco/halfcheetah/expert-v0") == {**official_plan("Hopper-v5", ""),
-                                                                               "beam_width": 32}
+    assert official_plan("HalfCheetah-v5", "trajformer/halfcheetah-medium-expert-v0") == {
+        **official_plan("Hopper-v5", ""), "beam_width": 32}
+    assert official_plan("HalfCheetah-v5", "mujoco/halfcheetah/expert-v0") == official_plan("Hopper-v5", "")
     replay = official_plan("Walker2d-v5", "trajformer/walker2d-replay-v0")
     assert (replay["horizon"], replay["k_act"], replay["cdf_act"]) == (20, 40, None)
     with pytest.raises(SystemExit):  # the protocol fixes what is searched; only how it runs may change

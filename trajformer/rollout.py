@@ -376,8 +376,8 @@ OFFICIAL = {"beam_width": 128, "horizon": 15, "n_expand": 2, "cdf_act": 0.6, "k_
 OFFICIAL_OVERRIDES = {  # (env family, dataset kind) -> the official code's per-task overrides (DESIGN.md §5)
     ("halfcheetah", "medium"): {"beam_width": 32, "horizon": 5},
     ("halfcheetah", "replay"): {"beam_width": 32, "horizon": 5},
-    ("halfcheetah", "expert"): {"beam_width": 32},
-    ("walker2d", "expert"): {"horizon": 5},
+    ("halfcheetah", "medium-expert"): {"beam_width": 32},
+    ("walker2d", "medium-expert"): {"horizon": 5},
     ("walker2d", "replay"): {"beam_width": 32, "horizon": 20, "k_act": 40, "cdf_act": None},
     ("ant", ""): {"horizon": 5},
 }
@@ -387,10 +387,12 @@ SETTING_KEYS = frozenset(OFFICIAL) | {"objective", "k_obs", "plan_freq"}
 
 def official_plan(env_id: str, dataset_id: str) -> dict:
     """The official planner setting for a task: the defaults plus the official per-task overrides, the task read
-    from the env id and the dataset name (medium-expert before medium-replay before medium)."""
+    from the env id and the dataset name (medium-expert before medium-replay before medium). The official config
+    names no expert-only, random or simple task: those take the defaults (the family's own override for ant)."""
     family = env_id.split("-")[0].split("/")[-1].lower()
-    name = dataset_id.lower()
-    kind = "expert" if "expert" in name else "replay" if "replay" in name else "medium" if "medium" in name else ""
+    name = dataset_id.lower().replace("_", "-")
+    kind = ("medium-expert" if "medium-expert" in name else "replay" if "replay" in name
+            else "medium" if "medium" in name else "")
     for key in ((family, kind), (family, "")):
         if key in OFFICIAL_OVERRIDES:
             return {**OFFICIAL, **OFFICIAL_OVERRIDES[key]}
