@@ -75,3 +75,6 @@ def test_obs_selection():
         select_obs([0, 7], 5)
     with pytest.raises(ValueError, match=r"out of range for 5-dim"):
         select_obs("0:45", 5)
+    assert select_obs("-2:", 5).tolist() == [3, 4]
+    with pytest.raises(ValueError, match=r"out of range for 5-dim"):
+        select_obs("-50:", 5)  # Python would clamp it to every dim

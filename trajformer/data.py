@@ -123,7 +123,8 @@ def select_obs(obs_dims: list[int] | str, raw_obs_dim: int) -> np.ndarray:
     if isinstance(obs_dims, str):
         sl = parse_slice(obs_dims)
         indices = np.arange(raw_obs_dim)[sl]
-        if (sl.stop is not None and sl.stop > raw_obs_dim) or (sl.start is not None and sl.start >= raw_obs_dim):
+        if any(end is not None and not -raw_obs_dim <= end <= raw_obs_dim for end in (sl.start, sl.stop)) or (
+                sl.start is not None and sl.start == raw_obs_dim):
             raise ValueError(
                 f"data.obs_dims = {obs_dims!r} is out of range for {raw_obs_dim}-dim observations; "
                 f"use indices below {raw_obs_dim}"
