@@ -54,7 +54,7 @@ def describe_run(run_dir: Path) -> str:
     if rows:
         steps = [r["step"] for r in rows]
         val = [r for r in rows if "val_loss" in r]
-        lines.append(f"  trained       {max(steps) if steps else 0} steps")
+        lines.append(f"  trained       {max(steps)} steps")
         if val:
             best = min(val, key=lambda r: r["val_loss"])
             parts = ", ".join(f"{k[4:]} {best[k]:.3f}" for k in ("val_obs", "val_action", "val_reward", "val_value"))
