@@ -189,6 +189,11 @@ def test_bad_dataset_fails_before_writing(bad_datasets, hopper_dataset, tmp_path
     ("trian.max_steps=5", r"unknown config section \[trian\]; valid sections"),
     ("train.max_steps=fast", r"train.max_steps must be an integer, got 'fast'"),
     ("discretizer.kind=log", r"discretizer.kind = 'log' is not valid; choose one of quantile, uniform"),
+    ("train.log_every=0", r"train.log_every must be >= 1"),
+    ("train.eval_windows=0", r"train.eval_windows must be >= 1"),
+    ("train.grad_clip=0", r"train.grad_clip must be > 0"),
+    ("train.final_lr_fraction=2", r"train.final_lr_fraction must be in \[0, 1\]"),
+    ("train.device=\"gpu\"", r"train.device = 'gpu' is not valid; use \"cpu\" or \"cuda\""),
 ])
 def test_config_errors_name_the_key(tmp_path, capsys, override, message):
     out = tmp_path / "run"
