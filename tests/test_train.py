@@ -311,6 +311,18 @@ def test_ctrl_c_exits_130_with_one_line_and_the_printed_command_resumes_bit_iden
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_a_run_stopped_before_its_first_weights_trains_again(tiny_config, hopper_dataset, tmp_path):
+    """run.json is written first: a run killed before any checkpoint does not lock its directory."""
+    out = tmp_path / "run"
+    train(tiny_config(hopper_dataset, "train.max_steps=2"), out, progress=False)
+    for name in ("checkpoint.pt", "model.pt", "last.pt"):
+        (out / name).unlink()
+    train(tiny_config(hopper_dataset, "train.max_steps=3"), out, progress=False)
+    assert max(row["step"] for row in read_metrics(out / "metrics.jsonl")) == 3
+    with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
+        train(tiny_config(hopper_dataset, "train.max_steps=3"), out, progress=False)
+
+
 def test_resume_refuses_changed_settings_and_records_allowed_ones(tiny_config, hopper_dataset, tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(hopper_dataset, "train.max_steps=4"), out, progress=False)

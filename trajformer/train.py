@@ -362,7 +362,9 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     out_dir = Path(out_dir)
     if dataset_id:
         cfg.data.dataset = dataset_id
-    if not resume and (out_dir / "run.json").exists():
+    # A directory whose run stopped before writing any weights (run.json comes first) holds nothing to lose or
+    # resume: it is trained again from the start.
+    if not resume and any((out_dir / name).exists() for name in ("checkpoint.pt", "model.pt", "last.pt")):
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device = {cfg.train.device!r} but CUDA is not available; use device = \"cpu\"")
