@@ -91,6 +91,15 @@ def test_medium_expert_combines_two_datasets():
         "trajformer/halfcheetah-medium-v0", "trajformer/halfcheetah-expert-v0"]
     assert meta["behavior_policy"] == ["halfcheetah-sac-0050k", "halfcheetah-sac-0250k"]
     assert "minari.combine_datasets" in meta["description"] and meta["ref_max_score"] == 12135.0
+    collect_preset("halfcheetah-expert", steps=100, overwrite=True)  # a part now made with other settings
+    minari.delete_dataset("trajformer/halfcheetah-medium-expert-v0")
+    with pytest.raises(FileExistsError, match=r"trajformer/halfcheetah-expert-v0 \(part of halfcheetah-medium-expert"):
+        collect_preset("halfcheetah-medium-expert", steps=160)  # refused before collecting anything
+    assert not get_dataset_path("trajformer/halfcheetah-medium-expert-v0").exists()
+    again = collect_preset("halfcheetah-medium-expert", steps=160, overwrite=True)  # the stale part recollected
+    assert again.total_steps == 320 and minari.load_dataset("trajformer/halfcheetah-expert-v0").total_steps == 160
+    with pytest.raises(ValueError, match="--steps 0 / --num-envs 16: both must be positive"):
+        collect_preset("hopper-replay", steps=0)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

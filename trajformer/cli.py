@@ -168,7 +168,8 @@ def _cmd_collect(args) -> None:
     else:
         if args.env_id is None or args.dataset_id is None:
             raise ValueError("give ENV_ID and --dataset-id NAMESPACE/NAME-v0, or --preset NAME")
-        dataset = collect(args.env_id, args.policy or "random", args.steps or 1_000_000, args.dataset_id,
+        dataset = collect(args.env_id, args.policy or "random", 1_000_000 if args.steps is None else args.steps,
+                          args.dataset_id,
                           args.seed, args.action_noise or 0.0, args.env_kwargs, args.overwrite,
                           args.deterministic, args.max_episode_steps, args.num_envs)
     meta = dataset.storage.metadata

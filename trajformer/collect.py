@@ -253,26 +253,42 @@ PRESETS = {
 """The named datasets `trajformer collect --preset NAME` makes as trajformer/NAME-v0."""
 
 
+def _made_as(name: str, settings: dict) -> bool:
+    """Whether preset NAME's dataset exists and was made with `settings` (its metadata records them)."""
+    dataset_id = f"trajformer/{name}-v0"
+    if not get_dataset_path(dataset_id).exists():
+        return False
+    return all(minari.load_dataset(dataset_id).storage.metadata.get(k) == v for k, v in settings.items())
+
+
 def collect_preset(name: str, steps: int | None = None, seed: int = 0, overwrite: bool = False,
                    num_envs: int = 16) -> minari.MinariDataset:
     """Make (or reuse from MINARI_DATASETS_PATH) the preset dataset trajformer/NAME-v0: same seed, same data."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    preset, steps = PRESETS[name], steps or 1_000_000
+    preset, steps = PRESETS[name], 1_000_000 if steps is None else steps
+    if steps <= 0 or num_envs <= 0:
+        raise ValueError(f"--steps {steps} / --num-envs {num_envs}: both must be positive integers")
     dataset_id = f"trajformer/{name}-v0"
     settings = {"preset": name, "steps": steps, "seed": seed, "num_envs": num_envs}  # the data depends on all
     if get_dataset_path(dataset_id).exists() and not overwrite:
-        cached = minari.load_dataset(dataset_id)
-        if all(cached.storage.metadata.get(k) == v for k, v in settings.items()):
+        if _made_as(name, settings):
             print(f"{dataset_id}: cached in {get_dataset_path(dataset_id)}")
-            return cached
+            return minari.load_dataset(dataset_id)
         raise FileExistsError(f"dataset {dataset_id} exists with other settings than {settings}: "
                               "pass --overwrite to recollect it")
     if not preset.combine:
         return collect(preset.env_id, list(preset.policies), steps, dataset_id, seed,
                        env_kwargs=dict(preset.env_kwargs), overwrite=overwrite, num_envs=num_envs,
                        description=preset.description, metadata=settings)
-    parts = [collect_preset(part, steps, seed, num_envs=num_envs) for part in preset.combine]
+    # Parts made with these settings are reused; others are recollected with --overwrite, refused (before any
+    # collecting) without it.
+    stale = [part for part in preset.combine if get_dataset_path(f"trajformer/{part}-v0").exists()
+             and not _made_as(part, {**settings, "preset": part})]
+    if stale and not overwrite:
+        raise FileExistsError(f"dataset trajformer/{stale[0]}-v0 (part of {name}) exists with other settings than "
+                              f"{settings}: pass --overwrite to recollect it")
+    parts = [collect_preset(part, steps, seed, part in stale, num_envs) for part in preset.combine]
     if get_dataset_path(dataset_id).exists():
         minari.delete_dataset(dataset_id)
     dataset = minari.combine_datasets(parts, dataset_id)
