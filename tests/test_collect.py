@@ -125,6 +125,13 @@ def test_existing_dataset_refused_unless_overwrite():
     assert collect("Hopper-v5", steps=40, dataset_id="test/exists-v0", overwrite=True).total_steps == 40
 
 
+def test_every_episode_cut_has_no_mean_return(capsys):
+    """16 envs x 2 steps of HalfCheetah (no terminations): no complete episode, so no mean return."""
+    main(["collect", "HalfCheetah-v5", "--dataset-id", "test/cut-v0", "--steps", "32"])
+    assert "32 steps, no complete episode in" in capsys.readouterr().out
+    assert minari.load_dataset("test/cut-v0").storage.metadata["return_mean"] is None
+
+
 def test_unknown_preset(minari_tmp):
     with pytest.raises(ValueError, match="unknown preset 'hopper-expert': choose one of hopper-medium"):
         collect_preset("hopper-expert")

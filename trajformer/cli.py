@@ -173,7 +173,8 @@ def _cmd_collect(args) -> None:
                           args.seed, args.action_noise or 0.0, args.env_kwargs, args.overwrite,
                           args.deterministic, args.max_episode_steps, args.num_envs)
     meta = dataset.storage.metadata
-    returns = f", return {meta['return_mean']:.1f} ± {meta['return_std']:.1f}" if "return_mean" in meta else ""
+    returns = (f", return {meta['return_mean']:.1f} ± {meta['return_std']:.1f} over complete episodes"
+               if meta.get("return_mean") is not None else ", no complete episode")
     print(f"{meta['dataset_id']}: {dataset.total_episodes} episodes, {dataset.total_steps} steps{returns} "
           f"in {get_dataset_path(meta['dataset_id'])}")
 

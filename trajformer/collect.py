@@ -153,8 +153,7 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
     elapsed = time.perf_counter() - start
     print(f"{steps} steps in {elapsed:.1f} s: {steps / elapsed:.0f} steps/s ({num_envs} envs)")
 
-    returns = [sum(ep["rewards"]) for ep, c in zip(episodes, cut, strict=True) if not c]
-    returns = returns or [sum(ep["rewards"]) for ep in episodes]
+    returns = [sum(ep["rewards"]) for ep, c in zip(episodes, cut, strict=True) if not c]  # complete episodes
     ref_min = float(np.mean(episode_returns(env, random_policy(env.action_space, rng), 10)))
     # D4RL v2's expert return as ref_max_score (D4RL measured it on the v2 envs); scores use metrics.score_reference.
     ref_max = D4RL_REFERENCE[env_family(env_id)][1] if env_family(env_id) in D4RL_REFERENCE and not env_kwargs else None
@@ -186,8 +185,9 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
             "seed": seed,
             "num_envs": num_envs,
             "steps": steps,
-            "return_mean": float(np.mean(returns)),
-            "return_std": float(np.std(returns)),
+            # Over complete episodes; None when the step budget cut every episode.
+            "return_mean": float(np.mean(returns)) if returns else None,
+            "return_std": float(np.std(returns)) if returns else None,
             "ref_min_score": ref_min,
             "num_episodes_average_score": 10,
             "ref_min_score_protocol": "uniform random policy, 10 episodes, env.reset(seed=10_000 + i)",
