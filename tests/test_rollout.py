@@ -532,6 +532,14 @@ def test_iql_runs_end_to_end_and_beats_random(point_run, tmp_path, monkeypatch):
     assert meta["evaluation"]["mean_return"] > random_returns(12, 0).mean() + 4.0
 
 
+def test_policy_normalisation_of_one_transition_is_finite():
+    from trajformer.baselines.bc import BCPolicy
+
+    policy = BCPolicy(3, 2, 8)
+    policy.fit_data(torch.ones(1, 3), torch.zeros(1, 2), np.arange(3))  # a single training transition
+    assert torch.isfinite(policy.obs_std).all() and torch.isfinite(policy.norm(torch.ones(1, 3))).all()
+
+
 def test_expectile_loss_weights_the_upper_side():
     from trajformer.baselines.iql import expectile_loss
 

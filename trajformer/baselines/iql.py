@@ -1,12 +1,13 @@
 """Implicit Q-learning (Kostrikov, Nair & Levine 2021) on a run's training episodes, CleanRL-style in one file.
 
 Read top to bottom: transitions of the training split (terminal flags from true terminations only, never time
-limits), rewards scaled as the paper does for locomotion (1000 / (max - min episode return)), then one loop of
-three updates per batch: V by expectile regression (tau) towards the target twin-Q's minimum, Q by TD towards
-r + gamma * V(s'), and the policy by advantage-weighted regression, weights exp(beta * (Q - V)) clipped at 100.
+limits), rewards scaled as the paper does for locomotion (1000 / (max - min episode return); 1 when the returns
+are all equal), then one loop of three updates per batch: V by expectile regression (tau) towards the target
+twin-Q's minimum, Q by TD towards r + gamma * V(s'), and the policy by advantage-weighted regression, weights
+exp(beta * (Q - V)) clipped at 100.
 The policy is a state-conditioned Gaussian mean with a learned state-independent log std; it acts with its
-mean, clipped to the data's action bounds. Files: iql.pt (plain tensors) and iql.json. The critic V also scores
-plans for the planner's `critic` objective (the baselines issue), not wired yet.
+mean, clipped to the data's action bounds. Files: iql.pt (plain tensors) and iql.json. The twin Qs (their minimum,
+unscaled) also score plans for the planner's `critic` objective (`rollout.load_critic`).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
     train_idx, _ = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
     eps = [data.episodes[i] for i in train_idx]
     returns = np.array([e.rew.sum() for e in eps])
-    scale = 1000.0 / max(float(returns.max() - returns.min()), 1e-6)  # the paper's locomotion reward scaling
+    spread = float(returns.max() - returns.min())
+    scale = 1000.0 / spread if spread > 1e-6 else 1.0  # the paper's locomotion scaling; none for equal returns
     t = lambda a: torch.as_tensor(np.concatenate(a), dtype=torch.float32)  # noqa: E731
     obs, nxt = t([e.obs[:-1] for e in eps]), t([e.obs[1:] for e in eps])
     act, rew = t([e.act for e in eps]), t([e.rew for e in eps]) * scale

@@ -23,7 +23,7 @@ class DatasetPolicy(nn.Module):
     def fit_data(self, obs: torch.Tensor, act: torch.Tensor, obs_indices: np.ndarray) -> None:
         """Observation mean/std, action bounds and the selected observation dims of the training data."""
         self.obs_mean.copy_(obs.mean(0))
-        self.obs_std.copy_(obs.std(0).clamp(min=1e-6))
+        self.obs_std.copy_(obs.std(0, unbiased=False).clamp(min=1e-6))  # one transition: 0, clamped (not NaN)
         self.act_low.copy_(act.min(0).values)
         self.act_high.copy_(act.max(0).values)
         self.obs_indices.copy_(torch.as_tensor(obs_indices))
