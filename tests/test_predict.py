@@ -140,6 +140,30 @@ def test_attention_maps_reproduce_the_model(run, held):
     assert F.softmax(torch.zeros(1), 0).item() == 1.0
 
 
+def test_attention_maps_of_a_window_model_keep_its_band():
+    """A window model's maps rotate queries and keys and stay in the band; weights @ values reproduce each block."""
+    from trajformer.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    T = 6
+    model = GPT(GPTConfig(obs_dim=3, act_dim=1, n_bins=8, block_size=4 * T - 1, n_layer=2, n_head=2, n_embd=16,
+                          dropout=0.0, attention="window", window=2 * T)).eval()
+    t = 4 * T - 1
+    idx = (torch.randint(0, 8, (1, t)) + 8 * (torch.arange(t) % T))
+    maps = attention_maps(model, idx)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 1, 2, t))
+    assert float(maps.tril(-2 * T).abs().max()) == 0.0  # nothing from 2T tokens back or more
+    rope = model._rope(torch.arange(t), torch.float32)
+    x = model.wte(idx)
+    for layer, block in enumerate(model.blocks):
+        h = block.ln_1(x)
+        v = block.attn.c_attn(h).split(16, dim=2)[2].view(1, t, 2, -1).transpose(1, 2)
+        y = (maps[layer] @ v).transpose(1, 2).reshape(1, t, -1)
+        torch.testing.assert_close(block.attn.c_proj(y), block.attn(h, model.bias[:t, :t], rope=rope),
+                                   atol=1e-5, rtol=1e-4)
+        x = block(x, model.bias[:t, :t], rope=rope)
+
+
 def test_predict_end_to_end_and_npz_slice(run, ensemble_dir, tmp_path):
     npz = save_heldout(run.path, tmp_path / "heldout.npz", episodes=2)
     held = load_heldout(str(npz), run)

@@ -39,7 +39,7 @@ from trajformer.decoding import DECODES, CachedDecoder, crop_start, decode_bins,
 from trajformer.ensemble import Ensemble, load_ensemble, obs_std
 from trajformer.files import atomic_write, save_json
 from trajformer.metrics import dim_errors, error_summary, histogram_loglik, normalized_error
-from trajformer.model import GPT
+from trajformer.model import GPT, rotary
 from trajformer.run import Run, load_run, read_metrics
 from trajformer.tokens import context_transition, encode_values
 
@@ -271,18 +271,25 @@ def rollout_ensemble(ens: Ensemble, start: np.ndarray, actions: np.ndarray, samp
 @torch.no_grad()
 def attention_maps(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     """Attention weights (n_layer, B, n_head, t, t) of a window (B, t), computed from the model's own modules:
-    softmax of the scaled q·k over the keys its mask leaves visible (causal, no value columns)."""
+    softmax of the scaled q·k over the keys its mask leaves visible (causal, no value columns, and a window
+    model's band, its queries and keys rotated)."""
     B, t = idx.shape
-    x = model.wte(idx) + model.wpe(torch.arange(t))
+    if t > len(model.mask):
+        raise ValueError(f"a window of {t} tokens is longer than the model's {len(model.mask)}; pass fewer tokens")
+    positions = torch.arange(t)
+    x = model.wte(idx) if model.wpe is None else model.wte(idx) + model.wpe(positions)
+    rope = model._rope(positions, x.dtype)
     mask = model.mask[:t, :t]
     maps = []
     for block in model.blocks:
         attn = block.attn
         q, k, _ = attn.c_attn(block.ln_1(x)).split(x.shape[-1], dim=2)
         q, k = (z.view(B, t, attn.n_head, -1).transpose(1, 2) for z in (q, k))
+        if rope is not None:
+            q, k = rotary(q, rope), rotary(k, rope)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
         maps.append(F.softmax(scores.masked_fill(~mask, -math.inf), dim=-1))
-        x = block(x, model.bias[:t, :t])
+        x = block(x, model.bias[:t, :t], rope=rope)
     return torch.stack(maps)
 
 
