@@ -88,6 +88,10 @@ def test_a_stopped_comparison_resumes_keeping_its_rows_and_trained_parts(point_d
     assert (out / "ensemble" / "model.pt").stat().st_mtime_ns == ensemble_written  # reused, not retrained
     assert second["methods"]["morel"]["train_seconds"] > second["seconds"]["ensemble"] > 0  # its share counted
     assert "kept from" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # kept rows from another protocol: refused
+        cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc",
+                  "--resume", *small, "--set", "compare.max_steps=7"])
+    assert "was compared with other compare.max_steps or [plan] settings" in capsys.readouterr().err
 
 
 def test_model_based_command_trains_its_own_ensemble_and_evaluates(point_datasets, tmp_path, monkeypatch, capsys):
@@ -184,7 +188,8 @@ def discrete_dataset(root) -> str:
     return "test/cartpole-v0"
 
 
-@pytest.mark.parametrize("case", ["other-dims", "discrete", "negative-lambda", "unknown-method"])
+@pytest.mark.parametrize("case", ["other-dims", "discrete", "negative-lambda", "unknown-method", "no-length",
+                                  "no-validation"])
 def test_bad_compare_input_is_refused_in_one_line_before_training(case, point_datasets, ensemble_dir, tmp_path,
                                                                   monkeypatch, capsys):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
@@ -194,6 +199,10 @@ def test_bad_compare_input_is_refused_in_one_line_before_training(case, point_da
         "discrete": ([], "Box action"),
         "negative-lambda": (["--set", "model_based.mopo_lambda=-1"], "model_based.mopo_lambda must be >= 0"),
         "unknown-method": (["--methods", "tt,dreamer"], "unknown method 'dreamer'"),
+        "no-length": (["--methods", "bc,tt", "--set", "train.max_steps=0", "--set", "train.max_windows=0",
+                       "--set", "train.epochs=0"], "training length is not set"),
+        "no-validation": (["--methods", "bc,mopo", "--set", "data.validation_fraction=0"],
+                          "the ensemble needs validation episodes"),
     }[case]
     if case == "discrete":
         monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))

@@ -2,12 +2,13 @@
 (same episode split, same seed) and evaluated with one protocol (DESIGN.md §6, §9).
 
 Everything that can be refused is checked before the first method trains: the methods (config validation),
-the dataset (continuous Box actions, no NaN: data.load_episodes), a reused ensemble's dims and a reused TT run's
-dataset. Then each method trains into OUT/<method>/ (the ensemble once, into OUT/ensemble/, shared by MOPO,
-MOReL and COMBO; tt-critic plans with the TT run and the IQL critic) and is evaluated on episodes seeded
-0..N-1. OUT/compare.json holds per method returns, mean, stderr, normalized, train_seconds and steps;
-OUT/compare.md the table; OUT/compare.png a bar plot with standard-error bars. compare.json is written after
-every method, with the training time of each trained part, so `--resume` continues a stopped comparison.
+the dataset (continuous Box actions, no NaN: data.load_episodes), TT's training length, the ensemble's validation
+episodes, a reused ensemble's dims, a reused TT run's dataset, and on --resume the protocol of the kept rows.
+Then each method trains into OUT/<method>/ (the ensemble once, into OUT/ensemble/, shared by MOPO, MOReL and COMBO;
+tt-critic plans with the TT run and the IQL critic) and is evaluated on episodes seeded 0..N-1. OUT/compare.json
+holds per method returns, mean, stderr, normalized, train_seconds and steps; OUT/compare.md the table;
+OUT/compare.png a bar plot with standard-error bars. compare.json is written after every method, with the training
+time of each trained part, so `--resume` continues a stopped comparison.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from trajformer.baselines.iql import IQLConfig, load_iql, train_iql
 from trajformer.baselines.model_based import METHODS as MODEL_BASED
 from trajformer.baselines.model_based import check_ensemble, load_model_based, provide_ensemble, train_model_based
 from trajformer.config import Config
-from trajformer.data import load_episodes, return_stats
+from trajformer.data import load_episodes, return_stats, split_episodes
 from trajformer.ensemble import load_ensemble
 from trajformer.files import save_json, save_text
 from trajformer.rollout import evaluate, evaluate_agent
-from trajformer.run import load_run
+from trajformer.run import load_run, read_metrics
 from trajformer.train import train
 
 LABELS = {"tt": "TT (transformer's value)", "bc": "BC", "iql": "IQL", "mopo": "MOPO", "morel": "MOReL",
@@ -52,6 +53,16 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
     if prior and (prior["dataset_id"], prior["episodes"]) != (data.dataset_id, cmp.episodes):
         raise ValueError(f"--resume: {out_dir} compared on {prior['dataset_id']} over {prior['episodes']} episodes, "
                          f"not {data.dataset_id} over {cmp.episodes}; resume with the same dataset and episodes")
+    if prior and (prior.get("max_steps"), prior.get("plan")) != (cmp.max_steps or None, dataclasses.asdict(cfg.plan)):
+        raise ValueError(f"--resume: {out_dir} was compared with other compare.max_steps or [plan] settings; resume "
+                         "with its own config, or compare into a new --out directory")
+    tt_trains = any(m in ("tt", "tt-critic") for m in cmp.methods) and not cmp.tt_run
+    if tt_trains and not (cfg.train.max_steps or cfg.train.max_windows or cfg.train.epochs):
+        raise ValueError("training length is not set; set train.max_windows, train.max_steps or train.epochs "
+                         "(e.g. --set train.max_windows=250000)")
+    if any(m in MODEL_BASED for m in cmp.methods) and not cfg.model_based.ensemble and \
+            len(split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)[1]) == 0:
+        raise ValueError("the ensemble needs validation episodes for early stopping; set data.validation_fraction > 0")
     if cfg.model_based.ensemble and any(m in MODEL_BASED for m in cmp.methods):
         check_ensemble(load_ensemble(cfg.model_based.ensemble), data)
     if cmp.tt_run:
@@ -78,7 +89,10 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         path = out_dir / "tt"
         done = (path / "model.pt").is_file() and (path / "run.json").is_file() and "tt" in seconds
         if not done:  # a run interrupted by a stopped comparison continues from its checkpoint
-            timed("tt", lambda: train(cfg, path, resume=(path / "checkpoint.pt").is_file(), progress=progress))
+            train(cfg, path, resume=(path / "checkpoint.pt").is_file(), progress=progress)
+            # Its own log's training time, summed over resumes (timing the call would count ~0 s for a run that
+            # had finished when the comparison stopped).
+            seconds["tt"] = max((row.get("seconds", 0.0) for row in read_metrics(path / "metrics.jsonl")), default=0)
         return load_run(path)
 
     def iql_dir() -> Path:
