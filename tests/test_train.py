@@ -311,6 +311,19 @@ def test_ctrl_c_exits_130_with_one_line_and_the_printed_command_resumes_bit_iden
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_quickstart_refuses_bad_settings_before_any_work(tmp_path):
+    from trajformer.config import load_config, to_toml
+    from trajformer.quickstart import quickstart
+
+    with pytest.raises(ValueError, match="--plan-steps must be >= 1, got 0"):
+        quickstart(tmp_path / "q", plan_steps=0)
+    (tmp_path / "q" / "run").mkdir(parents=True)  # a run made earlier with other settings is not silently reused
+    (tmp_path / "q" / "run" / "config.toml").write_text(to_toml(load_config(QUICKSTART, ["model.n_layer=3"])))
+    with pytest.raises(ValueError, match=r"was trained with other settings \(model.n_layer\); drop those --set"):
+        quickstart(tmp_path / "q")
+    assert sorted(p.name for p in (tmp_path / "q").rglob("*")) == ["config.toml", "run"]
+
+
 def test_a_run_stopped_before_its_first_weights_trains_again(tiny_config, hopper_dataset, tmp_path):
     """run.json is written first: a run killed before any checkpoint does not lock its directory."""
     out = tmp_path / "run"

@@ -16,7 +16,7 @@ from trajformer.data import is_local_dataset
 from trajformer.files import save_json, shipped
 from trajformer.rollout import evaluate, report
 from trajformer.run import load_run, read_metrics
-from trajformer.train import train, trained_steps
+from trajformer.train import RESUMABLE_KEYS, config_changes, train, trained_steps
 
 CONFIG = shipped("configs") / "quickstart.toml"
 PRETRAINED = shipped("pretrained") / "models" / "hopper-medium"
@@ -28,6 +28,15 @@ def quickstart(out_dir: str | Path = "runs/quickstart", steps: int = 20_000, pla
     """Run the whole pipeline on the embedded defaults; returns a summary dict (also quickstart.json)."""
     out_dir = Path(out_dir)
     cfg = load_config(CONFIG, overrides or [])
+    for flag, value in (("--steps", steps), ("--plan-steps", plan_steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    run_dir = out_dir / "run"
+    if (run_dir / "config.toml").is_file():  # a run made earlier is reused: it must be the run these settings make
+        changed = [k for k in config_changes(load_config(run_dir / "config.toml"), cfg) if k not in RESUMABLE_KEYS]
+        if changed:
+            raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}); drop those --set "
+                             "or choose another --out")
     dataset_id = cfg.data.dataset
     if is_local_dataset(dataset_id):
         print(f"[1/4] dataset {dataset_id}: already made")
@@ -37,7 +46,6 @@ def quickstart(out_dir: str | Path = "runs/quickstart", steps: int = 20_000, pla
                 description=f"trajformer quickstart: {steps} Hopper-v5 steps from the shipped "
                             f"{POLICY} SAC policy (stochastic actions), seed 0.")
 
-    run_dir = out_dir / "run"
     progress = trained_steps(run_dir)
     if progress is not None and progress[0] >= progress[1]:
         print(f"[2/4] training {run_dir}: already trained ({progress[1]} steps)")
@@ -55,10 +63,10 @@ def quickstart(out_dir: str | Path = "runs/quickstart", steps: int = 20_000, pla
         plans[str(directory)] = evaluate(run, episodes=1, max_steps=plan_steps, seed=0)
         print(report(plans[str(directory)]))
     rows = read_metrics(run_dir / "metrics.jsonl")
-    best = min((r for r in rows if "val_loss" in r), key=lambda r: r["val_loss"])
+    best = min((r for r in rows if "val_loss" in r), key=lambda r: r["val_loss"], default={})  # none: no validation
     summary = {
         "dataset": dataset_id, "run_dir": str(run_dir), "loss_plot": str(run_dir / "loss.png"),
-        "best_val_loss": best["val_loss"], "best_step": best["step"], "plans": plans,
+        "best_val_loss": best.get("val_loss"), "best_step": best.get("step"), "plans": plans,
         "behavior_policy": str(BEHAVIOR_DIR / f"{POLICY}.pt"),
     }
     save_json(out_dir / "quickstart.json", summary)
