@@ -238,8 +238,8 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> None:
     from trajformer.plots import line_plot
 
     rows = read_metrics(metrics_path)
-    curves = {"train loss (sum over members)": [(r["epoch"], r["train_loss"] / len(r["val_nll_members"]))
-                                                for r in rows if "train_loss" in r],
+    curves = {"train loss (mean member)": [(r["epoch"], r["train_loss"] / len(r["val_nll_members"]))
+                                           for r in rows if "train_loss" in r],
               "validation NLL (mean member)": [(r["epoch"], r["val_nll"]) for r in rows]}
     line_plot(curves, out_path, xlabel="epoch", ylabel="Gaussian NLL per dim (normalised targets)")
 
