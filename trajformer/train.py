@@ -29,7 +29,7 @@ from trajformer import __version__
 from trajformer.config import Config, load_config, to_toml
 from trajformer.data import OfflineData, joined_transitions, load_episodes, return_stats, split_episodes
 from trajformer.discretizer import Discretizer
-from trajformer.files import atomic_write, load_torch, save_text, save_torch
+from trajformer.files import load_torch, save_text, save_torch
 from trajformer.model import GPT, GPTConfig, native_bf16, token_losses
 from trajformer.run import Run, load_discretizer, load_run, read_metrics, write_run_files
 from trajformer.tokens import TokenWindows, loss_weights
@@ -327,33 +327,14 @@ def _distributed() -> tuple[int, int]:
 
 def plot_losses(metrics_path: Path, out_path: Path) -> None:
     """loss.png: training loss and validation losses per token type against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from trajformer.plots import line_plot
 
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
     val = [r for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train (weighted)", alpha=0.6)
-    for key in ("val_loss", *(f"val_{t}" for t in TOKEN_TYPES)):
-        if val:
-            ax.plot([r["step"] for r in val], [r[key] for r in val], marker=".", label=key.replace("_", " "))
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_yscale("log")
-    if ax.get_legend_handles_labels()[0]:  # a run shorter than log_every has nothing to label yet
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=110)
-
-    atomic_write(out_path, write)
-    plt.close(fig)
+    curves = {"train (weighted)": [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]}
+    curves |= {key.replace("_", " "): [(r["step"], r[key]) for r in val]
+               for key in ("val_loss", *(f"val_{t}" for t in TOKEN_TYPES))}
+    line_plot(curves, out_path, xlabel="step", ylabel="cross-entropy (nats)", logy=True)
 
 
 def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None, resume: bool = False,
