@@ -12,8 +12,8 @@
 # After training, a hopper run plans 5 episodes (seeds 0-4, beam 32, horizon 5) into NAME/plan-32x5.json; other
 # envs' runs take the evaluation protocol at 32/5 over EPISODES (default 10, seeds 0..N-1, batched, resumable)
 # into NAME/eval.json, as their shipped models' eval.json.
-# Usage: [ENV=walker2d] scripts/learning_curves.sh [RUN_NAME ...]   (default: all, in this order; ~1 h per 1M
-# Hopper windows on one core). TRAIN_DEVICE=cuda trains and plans on a GPU (scripts/device_session.sh);
+# Usage: [ENV=walker2d] scripts/learning_curves.sh [RUN_NAME ...]   (default: the dtype, dropout and budget runs
+# up to drop0-1m, in ORDER below; name the others; ~1 h per 1M Hopper windows on one core). TRAIN_DEVICE=cuda trains and plans on a GPU (scripts/device_session.sh);
 # CURVES_ROOT puts the runs elsewhere; WINDOWS replaces every run's budget (a quick trial).
 set -euo pipefail
 cd "$(dirname "$0")/.."

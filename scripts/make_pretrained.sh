@@ -27,7 +27,7 @@ python -c "from trajformer.predict import save_heldout; \
 save_heldout('runs/humanoid-main', 'pretrained/data/humanoid-heldout.npz', episodes=4)"
 
 # Size sweep (each briefly, same time cap): validation NLL and one-step error per size.
-for size in "2 200" "4 200"; do
+for size in "2 200" "4 200" "4 400"; do
   set -- $size
   out=runs/humanoid-ensemble-sweep/${1}x${2}
   [ -f $out/ensemble.json ] || nice -n 10 trajformer train-ensemble configs/humanoid.toml --out $out \

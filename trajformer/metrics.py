@@ -19,7 +19,7 @@ D4RL_REFERENCE = {
 
 
 def env_family(env_id: str) -> str:
-    """'hopper' for Hopper-v5 (or mujoco/hopper/...): the key of D4RL_REFERENCE."""
+    """'hopper' for the env id Hopper-v5: the key of D4RL_REFERENCE."""
     return env_id.split("/")[-1].split("-")[0].lower()
 
 

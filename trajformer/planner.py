@@ -149,7 +149,8 @@ class BeamSearch:
 
     def _critic_value(self, prefixes: list[torch.Tensor], t: int) -> torch.Tensor:
         """The critic's Q(s_t, a_t) for every row, from decoded midpoints: s_0 is the env's observation (the end
-        of each env's prefix), later states are the rows' decoded observations; stop tokens decode as bin 0."""
+        of each env's prefix), later states are the rows' decoded observations; a stop token decodes as the last
+        bin (its row is dead and keeps its score)."""
         gen, dS, dA, N, T = self.decoder.generated, self.dS, self.dA, self.N, self.T
         if t == 0:
             rows = len(gen) // len(prefixes)
