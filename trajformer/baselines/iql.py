@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from trajformer.baselines.policy import DatasetPolicy, data_references
+from trajformer.baselines.policy import Batch, DatasetPolicy, data_references
 from trajformer.config import Config
 from trajformer.data import load_episodes, split_episodes
 from trajformer.files import load_torch, save_json, save_torch
@@ -91,10 +91,8 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
     returns = np.array([e.rew.sum() for e in eps])
     spread = float(returns.max() - returns.min())
     scale = 1000.0 / spread if spread > 1e-6 else 1.0  # the paper's locomotion scaling; none for equal returns
-    t = lambda a: torch.as_tensor(np.concatenate(a), dtype=torch.float32)  # noqa: E731
-    obs, nxt = t([e.obs[:-1] for e in eps]), t([e.obs[1:] for e in eps])
-    act, rew = t([e.act for e in eps]), t([e.rew for e in eps]) * scale
-    done = t([e.terminated.astype(np.float32) for e in eps])  # time limits bootstrap; terminations do not
+    real = Batch.of_episodes(eps)
+    obs, act, rew, nxt, done = real.obs, real.act, real.rew * scale, real.nxt, real.done
 
     torch.manual_seed(iql.seed)
     agent = IQLAgent(data.obs_dim, data.act_dim, iql.hidden)

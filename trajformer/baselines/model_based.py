@@ -32,8 +32,8 @@ import torch
 from tqdm import tqdm
 
 from trajformer.baselines.model_env import ModelEnv, elite_members, morel_threshold, termination_rule
-from trajformer.baselines.policy import data_references
-from trajformer.baselines.sac import SAC, Batch, SACAgent
+from trajformer.baselines.policy import Batch, data_references
+from trajformer.baselines.sac import SAC, SACAgent
 from trajformer.config import Config
 from trajformer.data import OfflineData, load_episodes, split_episodes
 from trajformer.ensemble import Ensemble, load_ensemble, train_ensemble
@@ -138,9 +138,7 @@ def train_model_based(method: str, cfg: Config, out_dir: str | os.PathLike, ense
     check_ensemble(ensemble, data)
     train_idx, _ = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
     eps = [data.episodes[i] for i in train_idx]
-    t = lambda arrays: torch.as_tensor(np.concatenate(arrays), dtype=torch.float32)  # noqa: E731
-    real = Batch(t([e.obs[:-1] for e in eps]), t([e.act for e in eps]), t([e.rew for e in eps]),
-                 t([e.obs[1:] for e in eps]), t([e.terminated.astype(np.float32) for e in eps]))
+    real = Batch.of_episodes(eps)
     horizon = getattr(mb, f"{method}_rollout_length")
     real_ratio = getattr(mb, f"{method}_real_ratio")
     terminated_fn, rule = termination_rule(data.env_spec, data.obs_indices, data.raw_obs_dim)

@@ -1,14 +1,38 @@
 """What every baseline's policy shares: the data's observation statistics, action bounds and observation
-selection as buffers (saved with the weights), and the rollout.Agent interface around its mean action."""
+selection as buffers (saved with the weights), and the rollout.Agent interface around its mean action; and the
+transitions they learn from as tensors (`Batch`)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from trajformer.config import DataConfig
-from trajformer.data import OfflineData, load_episodes, prefix_return_mean, return_stats
+from trajformer.data import Episode, OfflineData, load_episodes, prefix_return_mean, return_stats
+
+
+@dataclass
+class Batch:
+    """Transitions as tensors: obs (n, dS), act (n, dA) in the env's units, rew (n,), nxt (n, dS), done (n,)."""
+
+    obs: torch.Tensor
+    act: torch.Tensor
+    rew: torch.Tensor
+    nxt: torch.Tensor
+    done: torch.Tensor
+
+    @classmethod
+    def of_episodes(cls, episodes: list[Episode]) -> Batch:
+        """Every transition of `episodes` as float32 tensors; done marks true terminations only (a time limit
+        bootstraps)."""
+        def cat(arrays: list[np.ndarray]) -> torch.Tensor:
+            return torch.as_tensor(np.concatenate(arrays), dtype=torch.float32)
+
+        return cls(cat([e.obs[:-1] for e in episodes]), cat([e.act for e in episodes]), cat([e.rew for e in episodes]),
+                   cat([e.obs[1:] for e in episodes]), cat([e.terminated.astype(np.float32) for e in episodes]))
 
 
 class DatasetPolicy(nn.Module):

@@ -14,27 +14,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from trajformer.baselines.iql import mlp
-from trajformer.baselines.policy import DatasetPolicy
+from trajformer.baselines.policy import Batch, DatasetPolicy
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-
-
-@dataclass
-class Batch:
-    """Transitions as tensors: obs (n, dS), act (n, dA) in the env's units, rew (n,), nxt (n, dS), done (n,)."""
-
-    obs: torch.Tensor
-    act: torch.Tensor
-    rew: torch.Tensor
-    nxt: torch.Tensor
-    done: torch.Tensor
 
 
 class SACAgent(DatasetPolicy):
