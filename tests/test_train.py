@@ -190,6 +190,7 @@ def test_bad_dataset_fails_before_writing(bad_datasets, hopper_dataset, tmp_path
     ("train.max_steps=fast", r"train.max_steps must be an integer, got 'fast'"),
     ("discretizer.kind=log", r"discretizer.kind = 'log' is not valid; choose one of quantile, uniform"),
     ("train.log_every=0", r"train.log_every must be >= 1"),
+    ("train.max_steps=0", r"training length is not set; set train.max_windows"),
     ("train.eval_windows=0", r"train.eval_windows must be >= 1"),
     ("train.grad_clip=0", r"train.grad_clip must be > 0"),
     ("train.final_lr_fraction=2", r"train.final_lr_fraction must be in \[0, 1\]"),

@@ -168,10 +168,10 @@ def _cmd_collect(args) -> None:
     else:
         if args.env_id is None or args.dataset_id is None:
             raise ValueError("give ENV_ID and --dataset-id NAMESPACE/NAME-v0, or --preset NAME")
-        dataset = collect(args.env_id, args.policy or "random", 1_000_000 if args.steps is None else args.steps,
-                          args.dataset_id,
-                          args.seed, args.action_noise or 0.0, args.env_kwargs, args.overwrite,
-                          args.deterministic, args.max_episode_steps, args.num_envs)
+        steps = 1_000_000 if args.steps is None else args.steps
+        dataset = collect(args.env_id, args.policy or "random", steps, args.dataset_id, args.seed,
+                          args.action_noise or 0.0, args.env_kwargs, args.overwrite, args.deterministic,
+                          args.max_episode_steps, args.num_envs)
     meta = dataset.storage.metadata
     returns = (f", return {meta['return_mean']:.1f} ± {meta['return_std']:.1f} over complete episodes"
                if meta.get("return_mean") is not None else ", no complete episode")

@@ -25,12 +25,12 @@ from trajformer.baselines.iql import IQLConfig, load_iql, train_iql
 from trajformer.baselines.model_based import METHODS as MODEL_BASED
 from trajformer.baselines.model_based import check_ensemble, load_model_based, provide_ensemble, train_model_based
 from trajformer.config import Config
-from trajformer.data import load_episodes, return_stats, split_episodes
-from trajformer.ensemble import load_ensemble
+from trajformer.data import load_episodes, return_stats
+from trajformer.ensemble import load_ensemble, validation_split
 from trajformer.files import save_json, save_text
 from trajformer.rollout import evaluate, evaluate_agent
 from trajformer.run import load_run, read_metrics
-from trajformer.train import train
+from trajformer.train import check_training_length, train
 
 LABELS = {"tt": "TT (transformer's value)", "bc": "BC", "iql": "IQL", "mopo": "MOPO", "morel": "MOReL",
           "combo": "COMBO", "tt-critic": "TT + IQL critic"}
@@ -56,13 +56,10 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
     if prior and (prior.get("max_steps"), prior.get("plan")) != (cmp.max_steps or None, dataclasses.asdict(cfg.plan)):
         raise ValueError(f"--resume: {out_dir} was compared with other compare.max_steps or [plan] settings; resume "
                          "with its own config, or compare into a new --out directory")
-    tt_trains = any(m in ("tt", "tt-critic") for m in cmp.methods) and not cmp.tt_run
-    if tt_trains and not (cfg.train.max_steps or cfg.train.max_windows or cfg.train.epochs):
-        raise ValueError("training length is not set; set train.max_windows, train.max_steps or train.epochs "
-                         "(e.g. --set train.max_windows=250000)")
-    if any(m in MODEL_BASED for m in cmp.methods) and not cfg.model_based.ensemble and \
-            len(split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)[1]) == 0:
-        raise ValueError("the ensemble needs validation episodes for early stopping; set data.validation_fraction > 0")
+    if any(m in ("tt", "tt-critic") for m in cmp.methods) and not cmp.tt_run:
+        check_training_length(cfg)
+    if any(m in MODEL_BASED for m in cmp.methods) and not cfg.model_based.ensemble:
+        validation_split(cfg, len(data.episodes))
     if cfg.model_based.ensemble and any(m in MODEL_BASED for m in cmp.methods):
         check_ensemble(load_ensemble(cfg.model_based.ensemble), data)
     if cmp.tt_run:

@@ -107,6 +107,15 @@ def transitions(episodes: list[Episode]) -> tuple[np.ndarray, np.ndarray, np.nda
     return np.concatenate([obs, act], 1), np.concatenate([nxt - obs, rew[:, None]], 1), nxt
 
 
+def validation_split(cfg: Config, n_episodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The run's episode split (train, validation), refused when it leaves no validation episode: the ensemble
+    stops early on them (compare checks it before training anything)."""
+    train_idx, val_idx = split_episodes(n_episodes, cfg.data.validation_fraction, cfg.train.seed)
+    if len(val_idx) == 0:
+        raise ValueError("the ensemble needs validation episodes for early stopping; set data.validation_fraction > 0")
+    return train_idx, val_idx
+
+
 def obs_std(data: OfflineData) -> np.ndarray:
     """Per-dimension std of the dataset's observations (the error normaliser of DESIGN.md §7)."""
     std = np.concatenate([e.obs for e in data.episodes]).std(0)
@@ -146,9 +155,7 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
     if (out_dir / "ensemble.json").exists():
         raise FileExistsError(f"{out_dir} already holds an ensemble; choose another --out or delete it")
     data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
-    train_idx, val_idx = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
-    if len(val_idx) == 0:
-        raise ValueError("the ensemble needs validation episodes for early stopping; set data.validation_fraction > 0")
+    train_idx, val_idx = validation_split(cfg, len(data.episodes))
     x_tr, y_tr, _ = transitions([data.episodes[i] for i in train_idx])
     x_va, y_va, _ = transitions([data.episodes[i] for i in val_idx])
     std = obs_std(data)

@@ -113,6 +113,13 @@ def gpt_config(cfg: Config, obs_dim: int, act_dim: int) -> GPTConfig:
     )
 
 
+def check_training_length(cfg: Config) -> None:
+    """Refuse a config that sets no training length, before any data is read (compare checks it too)."""
+    if not (cfg.train.max_steps or cfg.train.max_windows or cfg.train.epochs):
+        raise ValueError("training length is not set; set train.max_windows, train.max_steps or train.epochs "
+                         "(e.g. --set train.max_windows=250000)")
+
+
 def schedule(cfg: Config, n_windows: int, world_size: int = 1) -> tuple[int, int, int, int]:
     """(batch size, steps per epoch, total steps, warmup steps) for this dataset size."""
     batch = min(cfg.train.batch_size, n_windows)
@@ -123,11 +130,9 @@ def schedule(cfg: Config, n_windows: int, world_size: int = 1) -> tuple[int, int
         total = cfg.train.max_steps
     elif cfg.train.max_windows > 0:
         total = max(1, math.ceil(cfg.train.max_windows / batch))
-    elif cfg.train.epochs > 0:
-        total = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     else:
-        raise ValueError("training length is not set; set train.max_windows, train.max_steps or train.epochs "
-                         "(e.g. --set train.max_windows=250000)")
+        check_training_length(cfg)
+        total = max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
     warmup = min(steps_per_epoch, int(cfg.train.warmup_fraction * total))
     return batch, steps_per_epoch, total, warmup
 
@@ -354,6 +359,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     rank, world = _distributed()
 
     # Everything that can fail on bad input happens before anything is written.
+    check_training_length(cfg)
     changed = {}
     if resume and (out_dir / "config.toml").is_file():
         changed = config_changes(load_config(out_dir / "config.toml"), cfg)
