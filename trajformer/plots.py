@@ -103,8 +103,7 @@ def likelihood_vs_horizon(record: dict, path: str | os.PathLike) -> Path:
     ax.set(xlabel="prediction step", ylabel="log-likelihood (nats / dim)",
            title=f"open loop, {cfg['samples']} samples x {cfg['starts']} starts")
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # e.g. a run shorter than its log_every has no points yet
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 
