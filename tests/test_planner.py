@@ -411,6 +411,8 @@ def test_stop_is_never_an_action_and_terminates_rows():
     # Score frozen after step 0: r_0 + gamma V_0 (uniform bins: the mean midpoints).
     r, v = disc.midpoints[T - 2].mean(), disc.midpoints[T - 1].mean()
     assert plan.score == pytest.approx(r + 0.9 * v, abs=1e-9)
+    assert np.isfinite([plan.rewards[0], plan.values[0]]).all()
+    assert np.isnan(plan.rewards[1:]).all() and np.isnan(plan.values[1:]).all()  # after the termination
 
 
 @pytest.mark.parametrize("objective", ["reward", "likelihood", "penalized"])
@@ -479,8 +481,33 @@ def test_context_longer_than_training_window_is_an_error():
 def test_act_twice_without_observe_is_an_error():
     planner = Planner.from_run(fake_run(PlanConfig(beam_width=2, horizon=2, max_context_transitions=2)))
     planner.act(np.zeros(DS))
+    state = planner.generators[0].get_state()
     with pytest.raises(ValueError, match="without observe"):
         planner.act(np.zeros(DS))
+    assert torch.equal(planner.generators[0].get_state(), state)  # refused before replanning
+
+
+def test_plan_config_fits_the_context_to_the_model_unless_set():
+    """A model trained on windows of 4 transitions plans with 4 under a [plan] of 5, as the protocol does; an
+    explicit plan.max_context_transitions stays what it says (and the planner refuses it)."""
+    run = fake_run(PlanConfig(max_context_transitions=5))
+    assert plan_config(run).max_context_transitions == SEQ
+    explicit = plan_config(run, ["plan.max_context_transitions=5"])
+    with pytest.raises(ValueError, match="set plan.max_context_transitions <= 4"):
+        Planner.from_run(run, explicit)
+
+
+def test_planner_leaves_the_runs_model_as_it_is_and_checks_observations():
+    run = fake_run(PlanConfig(beam_width=2, horizon=2, max_context_transitions=2))
+    run.meta["raw_obs_dim"] = DS
+    before = {name: p.clone() for name, p in run.model.named_parameters()}
+    planner = Planner.from_run(run, dtype=torch.bfloat16)
+    assert next(planner.search.model.parameters()).dtype == torch.bfloat16
+    for name, p in run.model.named_parameters():  # a planner in another dtype next gets the run's own weights
+        assert p.dtype == before[name].dtype and torch.equal(p, before[name]), name
+    for obs in (np.zeros(DS + 2), np.zeros((1, DS))):
+        with pytest.raises(ValueError, match=rf"observation of shape .*trained on {DS}-dim observations"):
+            planner.act(obs)
 
 
 def test_critic_objective_scores_rows_with_the_critic_and_changes_plans():

@@ -48,6 +48,12 @@ class GPTConfig:
     def stop_id(self) -> int:
         return self.n_bins * self.transition_dim
 
+    @property
+    def context_transitions(self) -> int | None:
+        """Transitions an absolute model's training windows hold, the most context it can plan with; None for a
+        window model (its band bounds what each query sees, whatever the context)."""
+        return (self.block_size + 1) // self.transition_dim if self.attention == "absolute" else None
+
 
 def near(query_pos: torch.Tensor, keys: torch.Tensor, window: int = 0) -> torch.Tensor:
     """Boolean (q, k): key slot k is at or before query slot q and, with a band (`window` > 0), q - k < window."""

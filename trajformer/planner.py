@@ -16,6 +16,7 @@ stop tokens, so the likelihood objective does not favour rows merely for ending 
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import warnings
 from collections import deque
@@ -228,7 +229,8 @@ class BeamSearch:
             else:
                 rows.score = torch.where(rows.alive, ret + self.discount ** (t + 1) * v, rows.score)
             rows.ret = torch.where(rows.alive, ret, rows.ret)
-            rows.rewards[:, t], rows.values[:, t] = r, v
+            nan = torch.full_like(r, float("nan"))  # after a predicted termination (Plan: NaN marks those steps)
+            rows.rewards[:, t], rows.values[:, t] = torch.where(rows.alive, r, nan), torch.where(rows.alive, v, nan)
             best = self._rank(rows).view(K, n).sort(dim=-1, descending=True, stable=True).indices[:, :B]
             keep = _env_rows(K, n, best)
             dec.reorder(keep)
@@ -276,21 +278,29 @@ class BeamSearch:
 
 
 def plan_config(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> PlanConfig:
-    """The run's [plan] section with `plan.key=value` overrides applied and validated."""
+    """The run's [plan] section with `plan.key=value` overrides applied and validated. An absolute model trained on
+    windows shorter than the [plan]'s context (the official 5 transitions) plans with the context its windows hold,
+    as the evaluation protocol does, unless plan.max_context_transitions is set explicitly."""
     for item in overrides:
         if not item.strip().startswith("plan."):
             raise ValueError(f"--set {item!r}: only plan.* keys can be changed when planning (e.g. plan.horizon=5)")
     raw = {"plan": dataclasses.asdict(run.config.plan)}
-    return config_from_dict(apply_overrides(raw, list(overrides))).plan
+    cfg = config_from_dict(apply_overrides(raw, list(overrides))).plan
+    explicit = any(item.split("=", 1)[0].strip() == "plan.max_context_transitions" for item in overrides)
+    fits = run.model.config.context_transitions
+    if fits is not None and not explicit:
+        cfg.max_context_transitions = min(cfg.max_context_transitions, fits)
+    return cfg
 
 
 class Planner:
     """Model-predictive control of n_envs environments: per-env context, random stream and current plan;
     all envs that need a new plan are searched together in one batch."""
 
-    def __init__(self, search: BeamSearch, obs_indices: np.ndarray, n_envs: int = 1):
+    def __init__(self, search: BeamSearch, obs_indices: np.ndarray, n_envs: int = 1, raw_obs_dim: int | None = None):
         self.search = search
         self.obs_indices = np.asarray(obs_indices, dtype=np.int64)
+        self.raw_obs_dim = raw_obs_dim  # the env observation's size, where the run records it
         self.n_envs = n_envs
         mct = search.cfg.max_context_transitions
         self.contexts = [deque(maxlen=mct) for _ in range(n_envs)]
@@ -315,9 +325,11 @@ class Planner:
                    if device.type == "cpu" else "planning runs several times slower than in float32")
             warnings.warn(f"plan.dtype = bfloat16 on {plan_cfg.device}, which has no native bf16 matmuls: {how}; "
                           "set plan.dtype=float32", stacklevel=2)
-        model = run.model.to(plan_cfg.device, dtype).eval()
-        search = BeamSearch(model, run.discretizer, plan_cfg, run.config.data.discount, cached, critic)
-        return cls(search, run.obs_indices, n_envs)
+        model = run.model
+        if any(p.dtype != dtype or p.device != device for p in model.parameters()):  # the run's own stays as it is
+            model = copy.deepcopy(model).to(device, dtype)
+        search = BeamSearch(model.eval(), run.discretizer, plan_cfg, run.config.data.discount, cached, critic)
+        return cls(search, run.obs_indices, n_envs, run.meta.get("raw_obs_dim"))
 
     def reset(self, env: int = 0, seed: int = 0) -> None:
         """Start a new episode in slot `env`: empty context, the random stream seeded with `seed`."""
@@ -327,11 +339,10 @@ class Planner:
 
     def _obs_tokens(self, obs: np.ndarray) -> torch.Tensor:
         obs = np.asarray(obs, dtype=np.float64)
-        if obs.shape[-1] <= self.obs_indices.max():
-            raise ValueError(
-                f"observation has {obs.shape[-1]} dims but the model reads dims up to {self.obs_indices.max()}; "
-                f"use the environment the run was trained on"
-            )
+        if obs.ndim != 1 or obs.shape[0] <= self.obs_indices.max() or obs.shape[0] != (self.raw_obs_dim or len(obs)):
+            want = self.raw_obs_dim or f"more than {self.obs_indices.max()}"
+            raise ValueError(f"observation of shape {obs.shape}, the run was trained on {want}-dim observations; "
+                             "pass one env's observation from the environment the run was trained on")
         return self.search.tokens(obs[self.obs_indices], 0)
 
     def plan_batch(self, envs: list[int], observations: np.ndarray) -> list[Plan]:
@@ -343,6 +354,9 @@ class Planner:
     def act_batch(self, envs: list[int], observations: np.ndarray) -> np.ndarray:
         """Actions (len(envs), dA) for envs `envs`, replanning those whose plan is used up (plan_freq)."""
         freq = self.search.cfg.plan_freq
+        twice = [e for e in envs if self.pending[e] is not None]
+        if twice:  # before any replanning, which would move the env's plan and random stream
+            raise ValueError(f"env {twice[0]}: act() called twice without observe(reward); record each step's reward")
         replan = [i for i, e in enumerate(envs) if self.plans[e] is None
                   or self.offsets[e] >= min(freq, self.plans[e].steps)]
         if replan:
@@ -351,8 +365,6 @@ class Planner:
                 self.plans[envs[i]], self.last_plans[envs[i]], self.offsets[envs[i]] = plan, plan, 0
         actions = []
         for e, obs in zip(envs, observations, strict=True):
-            if self.pending[e] is not None:
-                raise ValueError(f"env {e}: act() called twice without observe(reward); record each step's reward")
             plan, i = self.plans[e], self.offsets[e]
             self.pending[e] = (self._obs_tokens(obs), torch.as_tensor(plan.action_tokens[i]))
             self.offsets[e] += 1

@@ -455,8 +455,9 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         setting = official_plan(env_id, run.meta["dataset_id"])
         if name == "32x5":
             setting.update(CHEAP)
-        # The official context of 5 transitions, or all a model trained on shorter windows can take.
-        setting["max_context_transitions"] = min(setting["max_context_transitions"], run.config.data.sequence_length)
+        # The official context of 5 transitions, or all an absolute model trained on shorter windows can take.
+        if (fits := run.model.config.context_transitions) is not None:
+            setting["max_context_transitions"] = min(setting["max_context_transitions"], fits)
         key = names[name] = tuple(sorted(setting.items()))
         if key not in plans:
             fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
