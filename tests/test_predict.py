@@ -285,15 +285,25 @@ def test_transformer_compute_reads_the_logged_wall_clock(run, tmp_path):
 
 def test_decode_bins_hand_made():
     midpoints = torch.tensor([0.0, 1.0, 2.0, 10.0], dtype=torch.float64)
+    inner = torch.tensor([0.5, 1.5, 6.0], dtype=torch.float64)
     logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=torch.float64).log()
-    ids, vals = decode_bins(logits, midpoints, "argmax")
+    ids, vals = decode_bins(logits, midpoints, inner, "argmax")
     assert ids.tolist() == [0] and vals.tolist() == [0.0]
-    ids, vals = decode_bins(logits, midpoints, "median")  # cumulative 0.4, 0.7: crosses 1/2 in bin 1
+    ids, vals = decode_bins(logits, midpoints, inner, "median")  # cumulative 0.4, 0.7: crosses 1/2 in bin 1
     assert ids.tolist() == [1] and vals.tolist() == [1.0]
-    ids, vals = decode_bins(logits, midpoints, "expectation")  # 0.3 + 0.4 + 1.0 = 1.7, nearest midpoint 2
+    ids, vals = decode_bins(logits, midpoints, inner, "expectation")  # 0.3 + 0.4 + 1.0 = 1.7, in [1.5, 6)
     assert vals.tolist() == [pytest.approx(1.7)] and ids.tolist() == [2]
     with pytest.raises(ValueError, match="choose one of argmax, expectation, median"):
-        decode_bins(logits, midpoints, "mode")
+        decode_bins(logits, midpoints, inner, "mode")
+    # Uneven bins: the expectation's bin is the one holding it, as the discretizer encodes, not the nearest midpoint.
+    from trajformer.discretizer import Discretizer
+
+    disc = Discretizer(np.array([[0.0, 1.0, 10.0]]), np.array([2]), 2)  # midpoints 0.5, 5.5
+    probs = torch.tensor([[0.65, 0.35]], dtype=torch.float64)
+    ids, vals = decode_bins(probs.log(), torch.as_tensor(disc.midpoints[0]), torch.tensor([1.0], dtype=torch.float64),
+                            "expectation")
+    assert vals.item() == pytest.approx(2.25)
+    assert ids.tolist() == disc.encode(vals.numpy()[:, None])[:, 0].tolist() == [1]
 
 
 def test_bad_input(tiny_config, run, hopper_dataset, tmp_path, capsys):

@@ -255,11 +255,12 @@ def pick(logits: torch.Tensor, greedy: bool, generators: list[torch.Generator]) 
 DECODES = ("argmax", "expectation", "median")
 
 
-def decode_bins(logits: torch.Tensor, midpoints: torch.Tensor, how: str) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_bins(logits: torch.Tensor, midpoints: torch.Tensor, inner_edges: torch.Tensor, how: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """A greedy decode of one dimension from logits (rows, N) over its N bins (stop excluded): (bin ids, values).
     argmax: the most probable bin and its midpoint; expectation: the mean of the midpoints under the
-    renormalised distribution, in the bin that contains it; median: the bin where the cumulative probability
-    reaches 1/2, and its midpoint."""
+    renormalised distribution, in the bin that contains it (the column's interior edges, as the discretizer
+    encodes); median: the bin where the cumulative probability reaches 1/2, and its midpoint."""
     probs = logits.softmax(-1)
     if how == "argmax":
         ids = probs.argmax(-1)
@@ -269,6 +270,5 @@ def decode_bins(logits: torch.Tensor, midpoints: torch.Tensor, how: str) -> tupl
         return ids, midpoints[ids]
     if how == "expectation":
         values = probs @ midpoints
-        edges = (midpoints[1:] + midpoints[:-1]) / 2  # a value's nearest midpoint is its bin
-        return torch.bucketize(values, edges), values
+        return torch.bucketize(values, inner_edges, right=True), values
     raise ValueError(f"decode {how!r} is not valid; choose one of {', '.join(DECODES)}")

@@ -190,6 +190,7 @@ def rollout_transformer(run: Run, prefixes: list[torch.Tensor], horizon: int, sa
     generators = [torch.Generator().manual_seed(seed + k) for k in range(K)]
     true_act = None if actions is None else torch.as_tensor(encode_values(disc, actions, dS)).repeat_interleave(M, 0)
     midpoints = torch.as_tensor(disc.midpoints, dtype=torch.float64)
+    inner = [torch.as_tensor(disc.edges[d, 1 : disc.n_real[d]]) for d in range(T)]  # what each bin holds
     values = torch.full((K * M, horizon, T), float("nan"), dtype=torch.float64)
     stop_step = torch.zeros(K * M, dtype=torch.long)
     can_stop = stops_possible(run)
@@ -197,7 +198,7 @@ def rollout_transformer(run: Run, prefixes: list[torch.Tensor], horizon: int, sa
     def state_or_reward(logits: torch.Tensor, dim: int) -> torch.Tensor:
         """Local ids of dimension `dim` (N = stop), writing their values; greedy or sampled."""
         if greedy:
-            ids, vals = decode_bins(logits[:, :N].double(), midpoints[dim], decode)
+            ids, vals = decode_bins(logits[:, :N].double(), midpoints[dim], inner[dim], decode)
             p_stop = logits.double().softmax(-1)[:, N]
             stopped = (p_stop > 0.5) & can_stop if dim < dS else torch.zeros_like(ids, dtype=torch.bool)
         else:
