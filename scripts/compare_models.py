@@ -3,15 +3,18 @@ windows of one sequence length, so models trained on different window lengths (o
 
     python scripts/compare_models.py RUN_DIR [RUN_DIR ...] [--sequence-length 5] [--windows 4096]
 
-All runs must share the dataset and discretizer settings; each is scored with its own discretizer (they are fit
-on the same data, so they are identical for runs of the same dataset and bin count).
+All runs must share the dataset and the discretizer (runs of one dataset and bin count fit the same one): every
+run is scored on the first run's tokens, and a run whose discretizer or data differ, or whose absolute positions
+cannot take windows of that length, is refused before any scoring.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
+import numpy as np
 import torch
 
 from trajformer.run import load_run
@@ -27,17 +30,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    first = load_run(args.runs[0])
+    runs = [load_run(path) for path in args.runs]
+    first = runs[0]
+    for path, run in zip(args.runs, runs, strict=True):
+        if not np.array_equal(run.discretizer.edges, first.discretizer.edges) or \
+                run.meta.get("dataset_id") != first.meta.get("dataset_id"):
+            sys.exit(f"{path}: another dataset or discretizer than {args.runs[0]}; compare runs of one dataset")
+        if (fits := run.model.config.context_transitions) is not None and fits < args.sequence_length:
+            sys.exit(f"{path} takes windows of {fits} transitions; pass --sequence-length {fits} or less")
     cfg = dataclasses.replace(first.config)
     cfg.data = dataclasses.replace(cfg.data, sequence_length=args.sequence_length)
     cfg.train = dataclasses.replace(cfg.train, eval_windows=args.windows, batch_size=256)
     prep = prepare(cfg, discretizer=first.discretizer)
+    if prep.val_windows is None:
+        sys.exit(f"{args.runs[0]} has no validation episodes (data.validation_fraction = 0); nothing to score")
     scored = min(args.windows, len(prep.val_windows))
     print(f"{len(prep.val_windows)} validation windows of {args.sequence_length} transitions "
           f"({len(prep.val_episodes)} episodes of {cfg.data.dataset}); scored {scored}")
     print(f"{'run':<40}{'attention':>10}{'val loss':>10}{'obs':>8}{'action':>8}{'reward':>8}{'value':>8}")
-    for path in args.runs:
-        run = load_run(path)
+    for path, run in zip(args.runs, runs, strict=True):
         m = run.config.model
         weights = loss_weights(run.obs_dim, run.act_dim, args.sequence_length, m.action_weight, m.reward_weight,
                                m.value_weight)

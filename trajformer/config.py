@@ -118,8 +118,8 @@ class PlanConfig:
     # float32): ~1.6x faster at beam 128 / horizon 15 on a CPU with native bf16 (none at 32 / 5), half the
     # cache's memory; its plans differ from float32's about as much as another seed's do (README, Speed).
     dtype: str = "float32"
-    # Where the model computes while planning ("cpu", "cuda", "cuda:1"): the search's bookkeeping and random
-    # draws stay on the CPU (the same plans on either device up to float rounding), logits come back per token.
+    # Where the search runs ("cpu", "cuda", "cuda:1"): model, KV cache, scores and tokens stay on the device, the
+    # random draws come from the CPU's streams (the same plans on either device up to float rounding).
     device: str = "cpu"
 
 

@@ -109,10 +109,10 @@ def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
         raise ValueError(f"{path}/run.json is corrupt ({err}); retrain the run") from None
     config = load_config(path / "config.toml")
     discretizer = load_discretizer(path / "discretizer.npz")
-    if discretizer.dim != gpt_config.transition_dim:
+    if (discretizer.dim, discretizer.n_bins) != (gpt_config.transition_dim, gpt_config.n_bins):
         raise ValueError(
-            f"{path}: discretizer has {discretizer.dim} dims but the model expects {gpt_config.transition_dim}; "
-            f"the run directory mixes files from different runs"
+            f"{path}: discretizer has {discretizer.dim} dims and {discretizer.n_bins} bins but the model expects "
+            f"{gpt_config.transition_dim} and {gpt_config.n_bins}; the run directory mixes files from different runs"
         )
     model = GPT(gpt_config)
     state = load_torch(path / weights)
