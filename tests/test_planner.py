@@ -307,9 +307,11 @@ def test_planning_on_cuda_gives_the_cpu_plans(attention):
 def test_plan_device_is_checked_before_planning():
     with pytest.raises(ValueError, match="plan.device = 'tpu' is not valid"):
         plan_config(fake_run(), ["plan.device=tpu"])
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="torch sees no CUDA device; plan on the cpu"):
-            Planner.from_run(fake_run(PlanConfig(max_context_transitions=2, device="cuda")))
+    with pytest.raises(ValueError, match="plan.device = 'cuda:x' is not valid"):
+        plan_config(fake_run(), ["plan.device=\"cuda:x\""])
+    cards = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=rf"plan.device = 'cuda:{cards}' but torch sees {cards} CUDA device"):
+        Planner.from_run(fake_run(PlanConfig(max_context_transitions=2, device=f"cuda:{cards}")))
 
 
 @pytest.mark.parametrize("attention", ["absolute", "window"])

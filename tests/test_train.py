@@ -195,6 +195,7 @@ def test_bad_dataset_fails_before_writing(bad_datasets, hopper_dataset, tmp_path
     ("train.grad_clip=0", r"train.grad_clip must be > 0"),
     ("train.final_lr_fraction=2", r"train.final_lr_fraction must be in \[0, 1\]"),
     ("train.device=\"gpu\"", r"train.device = 'gpu' is not valid; use \"cpu\" or \"cuda\""),
+    ("train.device=\"cuda:x\"", r"train.device = 'cuda:x' is not valid"),
 ])
 def test_config_errors_name_the_key(tmp_path, capsys, override, message):
     out = tmp_path / "run"

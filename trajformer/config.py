@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -308,7 +309,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.eval_windows >= 1, "train.eval_windows must be >= 1 (the validation windows scored each time)"),
         (cfg.train.grad_clip > 0, "train.grad_clip must be > 0 (the largest gradient norm)"),
         (0.0 <= cfg.train.final_lr_fraction <= 1.0, "train.final_lr_fraction must be in [0, 1]"),
-        (cfg.train.device == "cpu" or cfg.train.device.split(":")[0] == "cuda",
+        (re.fullmatch(r"cpu|cuda(:\d+)?", cfg.train.device) is not None,
          f"train.device = {cfg.train.device!r} is not valid; use \"cpu\" or \"cuda\" (\"cuda:N\" for card N)"),
         (0.0 <= cfg.train.warmup_fraction <= 1.0, "train.warmup_fraction must be in [0, 1]"),
         (cfg.plan.beam_width >= 1, "plan.beam_width must be >= 1"),
@@ -320,7 +321,7 @@ def validate(cfg: Config) -> None:
         (cfg.plan.k_obs >= 1, "plan.k_obs must be >= 1"),
         (cfg.plan.plan_freq >= 1, "plan.plan_freq must be >= 1"),
         (cfg.plan.num_threads >= 0, "plan.num_threads must be >= 0 (0 = torch's default)"),
-        (cfg.plan.device == "cpu" or cfg.plan.device.split(":")[0] == "cuda",
+        (re.fullmatch(r"cpu|cuda(:\d+)?", cfg.plan.device) is not None,
          f"plan.device = {cfg.plan.device!r} is not valid; use \"cpu\" or \"cuda\" (\"cuda:N\" for card N)"),
         (cfg.plan.objective != "critic" or bool(cfg.plan.critic),
          "plan.objective = \"critic\" needs plan.critic = an IQL directory (trajformer iql CONFIG --out DIR)"),

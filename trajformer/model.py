@@ -479,6 +479,18 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
 
 
+def usable_device(key: str, name: str) -> torch.device:
+    """The torch device `name` ("cpu", "cuda", "cuda:N") of config key `key`, refused in one line when this machine
+    has no such CUDA card."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        cards = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if cards == 0 or (device.index or 0) >= cards:
+            raise ValueError(f"{key} = {name!r} but torch sees {cards} CUDA device(s) here; use \"cpu\""
+                             + (f" or \"cuda:0\" .. \"cuda:{cards - 1}\"" if cards else ""))
+    return device
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` runs bfloat16 matmuls natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs). Elsewhere torch
     emulates bf16, several times slower than float32 (6.6x at the official Hopper search on an AVX2 EPYC), except

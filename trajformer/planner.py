@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from trajformer.config import PlanConfig, apply_overrides, config_from_dict
 from trajformer.decoding import CachedDecoder, NoiseAhead, ReferenceDecoder, draw_per_env
 from trajformer.discretizer import Discretizer
-from trajformer.model import GPT, native_bf16
+from trajformer.model import GPT, native_bf16, usable_device
 from trajformer.run import Run, load_run
 from trajformer.tokens import VALUE_PLACEHOLDER, encode_values
 
@@ -316,10 +316,8 @@ class Planner:
         """A planner for a loaded run (its [plan] settings unless `plan_cfg` is given); the model computes in
         `dtype`, by default plan.dtype."""
         plan_cfg = plan_cfg or run.config.plan
-        if plan_cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"plan.device = {plan_cfg.device!r} but torch sees no CUDA device; plan on the cpu")
+        device = usable_device("plan.device", plan_cfg.device)
         dtype = dtype or getattr(torch, plan_cfg.dtype)
-        device = torch.device(plan_cfg.device)
         if dtype == torch.bfloat16 and not native_bf16(device):
             how = ("the weight matmuls run in float32 on bf16 values and the rest is emulated, at about float32's speed"
                    if device.type == "cpu" else "planning runs several times slower than in float32")

@@ -30,7 +30,7 @@ from trajformer.config import Config, load_config, to_toml
 from trajformer.data import OfflineData, joined_transitions, load_episodes, return_stats, split_episodes
 from trajformer.discretizer import Discretizer
 from trajformer.files import load_torch, save_text, save_torch
-from trajformer.model import GPT, GPTConfig, native_bf16, token_losses
+from trajformer.model import GPT, GPTConfig, native_bf16, token_losses, usable_device
 from trajformer.run import Run, load_discretizer, load_run, read_metrics, write_run_files
 from trajformer.tokens import TokenWindows, loss_weights
 
@@ -352,8 +352,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     # resume: it is trained again from the start.
     if not resume and any((out_dir / name).exists() for name in ("checkpoint.pt", "model.pt", "last.pt")):
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device = {cfg.train.device!r} but CUDA is not available; use device = \"cpu\"")
+    usable_device("train.device", cfg.train.device)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     rank, world = _distributed()
