@@ -13,13 +13,16 @@ from __future__ import annotations
 import io
 import json
 import lzma
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from trajformer.data import datasets_root
+from trajformer.files import atomic_write
 
 FIELDS = ("observations", "actions", "rewards", "terminations", "truncations")
 
@@ -53,30 +56,42 @@ def pack(dataset_id: str, out: str) -> None:
         blobs[k] = np.frombuffer(lzma.compress(_shuffle(a), preset=6), np.uint8)
     buf = io.BytesIO()
     np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **blobs)
-    Path(out).write_bytes(buf.getvalue())
+    atomic_write(Path(out), lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
     print(f"{out}: {len(buf.getvalue()) / 1e6:.1f} MB")
 
 
 def unpack(path: str, root: str) -> None:
+    """Write the dataset into a temp folder beside its place, then rename it there: a stopped unpack leaves no
+    half-written dataset that would look local."""
     z = np.load(path)
     header = json.loads(bytes(z["header"]))
-    data = Path(root) / header["dataset_id"] / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    (data / "metadata.json").write_text(header["metadata"])
+    final = Path(root) / header["dataset_id"]
+    if final.exists():
+        raise FileExistsError(f"{final} exists; delete it to unpack {path} again")
+    fields = {k: _unshuffle(lzma.decompress(bytes(z[k])), np.dtype(h["dtype"]), tuple(h["shape"]))
+              for k, h in header["fields"].items()}
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        data = staging / "data"
+        data.mkdir()
+        (data / "metadata.json").write_text(header["metadata"])
+        with h5py.File(data / "main_data.hdf5", "w") as f:
+            offsets = {k: np.concatenate([[0], np.cumsum(h["lengths"])]) for k, h in header["fields"].items()}
+            for i, name in enumerate(header["episodes"]):
+                g = f.create_group(name)
+                for k, v in header["attrs"][name].items():
+                    g.attrs[k] = np.int64(v)
+                for k, a in fields.items():
+                    g.create_dataset(k, data=a[offsets[k][i]:offsets[k][i + 1]])
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     namespace = Path(root) / header["dataset_id"].split("/")[0] / "namespace_metadata.json"
     if not namespace.exists():
         namespace.write_text("{}")
-    fields = {k: _unshuffle(lzma.decompress(bytes(z[k])), np.dtype(h["dtype"]), tuple(h["shape"]))
-              for k, h in header["fields"].items()}
-    with h5py.File(data / "main_data.hdf5", "w") as f:
-        offsets = {k: np.concatenate([[0], np.cumsum(h["lengths"])]) for k, h in header["fields"].items()}
-        for i, name in enumerate(header["episodes"]):
-            g = f.create_group(name)
-            for k, v in header["attrs"][name].items():
-                g.attrs[k] = np.int64(v)
-            for k, a in fields.items():
-                g.create_dataset(k, data=a[offsets[k][i]:offsets[k][i + 1]])
-    print(f"{data}: {len(header['episodes'])} episodes")
+    print(f"{final / 'data'}: {len(header['episodes'])} episodes")
 
 
 if __name__ == "__main__":
