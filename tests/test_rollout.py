@@ -147,8 +147,10 @@ def test_shipped_models_evaluate_without_their_datasets(tmp_path, monkeypatch):
     from trajformer.run import shipped_models
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))  # no datasets here
-    for name in shipped_models():
-        assert dataset_reference(load_run(name), download=False) > 0, name
+    for name in shipped_models():  # reading a dataset here would raise FileNotFoundError
+        run = load_run(name)
+        recorded = run.meta["dataset_stats"]["complete_return_mean"]
+        assert recorded > 0 and dataset_reference(run, download=False) == recorded, name
 
 
 def test_score_reference_and_summary():
@@ -313,8 +315,10 @@ def test_official_settings_per_task_and_protocol_overrides(point_run, tmp_path, 
     assert official_plan("HalfCheetah-v5", "mujoco/halfcheetah/expert-v0") == official_plan("Hopper-v5", "")
     replay = official_plan("Walker2d-v5", "trajformer/walker2d-replay-v0")
     assert (replay["horizon"], replay["k_act"], replay["cdf_act"]) == (20, 40, None)
+    run = tmp_path / "run"  # a copy: a refusal that regressed would write into the module's shared run
+    shutil.copytree(point_run, run)
     with pytest.raises(SystemExit):  # the protocol fixes what is searched; only how it runs may change
-        cli.main(["eval", str(point_run), "--episodes", "2", "--set", "plan.horizon=3"])
+        cli.main(["eval", str(run), "--episodes", "2", "--set", "plan.horizon=3"])
     assert "the protocol fixes plan.horizon" in capsys.readouterr().err
 
 

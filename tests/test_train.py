@@ -21,7 +21,7 @@ from minari.data_collector import EpisodeBuffer
 
 from trajformer import train as train_module
 from trajformer.cli import main as cli_main
-from trajformer.config import to_toml
+from trajformer.config import load_config, to_toml
 from trajformer.info import describe
 from trajformer.metrics import score_reference
 from trajformer.model import token_losses
@@ -114,7 +114,7 @@ def test_data_parallel_two_processes_match_single_process(tiny_config, hopper_da
 
     config.write_text(to_toml(tiny_config(hopper_dataset, *overrides)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "trajformer", "train", str(config), "--out", str(tmp_path / "ddp")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -225,9 +225,11 @@ def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys):
     before = sorted(p.name for p in corrupt.iterdir())
     fails(base + ["--out", str(corrupt), "--resume"], r"checkpoint.pt is corrupt .* delete it and retrain")
     assert sorted(p.name for p in corrupt.iterdir()) == before
-    fails(base + ["--out", str(tiny_run), "--resume", "--set", "data.obs_dims=\"0:5\""],
+    own = tmp_path / "own"  # a copy: a refusal that regressed would rewrite the session's shared run
+    shutil.copytree(tiny_run, own)
+    fails(base + ["--out", str(own), "--resume", "--set", "data.obs_dims=\"0:5\""],
           r"would change the run \(data.obs_dims \[\] -> '0:5'\); resume with the run's own config")
-    fails(base + ["--out", str(tiny_run)], r"already holds a run; pass --resume")
+    fails(base + ["--out", str(own)], r"already holds a run; pass --resume")
     recollected = tmp_path / "recollected"  # the dataset id now holds other data than the run was trained on
     shutil.copytree(tiny_run, recollected)
     meta = json.loads((recollected / "run.json").read_text())
@@ -249,6 +251,36 @@ def test_plus_joins_datasets_like_medium_expert(tiny_config, hopper_dataset):
     assert np.array_equal(two.episodes[len(one.episodes)].obs, one.episodes[0].obs)
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (a fixed one collides when two test runs share a machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    cfg = load_config(QUICKSTART, ["train.learning_rate=0.001", "train.final_lr_fraction=0.1"])
+    total, warmup = 100, 10
+    rates = [train_module.learning_rate(step, cfg, total, warmup) for step in range(total + 5)]
+    assert rates[0] == pytest.approx(0.001 / warmup) and rates[warmup - 1] == pytest.approx(0.001)
+    assert rates[warmup] == pytest.approx(0.001) and rates[total] == pytest.approx(0.0001) == rates[-1]
+    assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1 :], strict=False))  # never rises after warmup
+    assert rates[(warmup + total) // 2] == pytest.approx(0.00055)  # cosine: halfway between lr and its floor
+
+
+def test_batches_cover_each_epoch_once_and_follow_the_seed():
+    n, batch, per_epoch = 103, 10, 10  # 3 windows left out of each epoch (drop last)
+    epoch = [train_module.batch_indices(step, 7, n, batch, per_epoch) for step in range(per_epoch)]
+    ids = torch.cat(epoch)
+    assert len(ids) == batch * per_epoch and len(set(ids.tolist())) == len(ids) and int(ids.max()) < n
+    next_epoch = torch.cat([train_module.batch_indices(step, 7, n, batch, per_epoch) for step in range(10, 20)])
+    assert not torch.equal(ids, next_epoch)
+    assert torch.equal(train_module.batch_indices(3, 7, n, batch, per_epoch), epoch[3])  # the same seed, the same batch
+    assert not torch.equal(train_module.batch_indices(3, 8, n, batch, per_epoch), epoch[3])
+
+
 def test_missing_remote_dataset_fails_fast_without_network(monkeypatch):
     """With HF_HUB_OFFLINE unset, a dataset that is neither local nor reachable fails in seconds."""
     import time
@@ -256,6 +288,11 @@ def test_missing_remote_dataset_fails_fast_without_network(monkeypatch):
     from trajformer.data import load_minari
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr("trajformer.data.socket.create_connection", no_network)  # offline, on any machine
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"mujoco/hopper/medium-v0.*MINARI_DATASETS_PATH.*trajformer collect"):
         load_minari("mujoco/hopper/medium-v0")
@@ -314,7 +351,6 @@ def test_ctrl_c_exits_130_with_one_line_and_the_printed_command_resumes_bit_iden
 
 
 def test_quickstart_refuses_bad_settings_before_any_work(tmp_path):
-    from trajformer.config import load_config, to_toml
     from trajformer.quickstart import quickstart
 
     with pytest.raises(ValueError, match="--plan-steps must be >= 1, got 0"):
