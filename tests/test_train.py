@@ -350,6 +350,22 @@ def test_ctrl_c_exits_130_with_one_line_and_the_printed_command_resumes_bit_iden
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_quickstart_runs_the_whole_job_and_reuses_what_it_made(tmp_path, capsys):
+    """The README's main job, made tiny: collect, train, plan with the run and the shipped Hopper model, summary;
+    run again, it reuses the dataset and the trained run."""
+    from trajformer.quickstart import quickstart
+
+    tiny = ["train.max_steps=20", "train.eval_every=10", "model.n_layer=1", "model.n_embd=32"]
+    summary = quickstart(tmp_path / "q", steps=400, plan_steps=3, overrides=tiny)
+    assert json.loads((tmp_path / "q" / "quickstart.json").read_text()) == summary
+    assert len(summary["plans"]) == 2 and all(len(p["returns"]) == 1 for p in summary["plans"].values())
+    assert summary["best_val_loss"] is not None and (tmp_path / "q" / "run" / "loss.png").stat().st_size > 0
+    capsys.readouterr()
+    quickstart(tmp_path / "q", steps=400, plan_steps=3, overrides=tiny)
+    out = capsys.readouterr().out
+    assert "[1/4] dataset trajformer/quickstart-hopper-v0: already made" in out and "already trained (20 steps)" in out
+
+
 def test_quickstart_refuses_bad_settings_before_any_work(tmp_path):
     from trajformer.quickstart import quickstart
 
