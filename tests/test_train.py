@@ -24,7 +24,7 @@ from trajformer.cli import main as cli_main
 from trajformer.config import load_config, to_toml
 from trajformer.info import describe
 from trajformer.metrics import score_reference
-from trajformer.model import token_losses
+from trajformer.model import GPT, token_losses
 from trajformer.run import load_run, read_metrics
 from trajformer.train import prepare, train
 
@@ -304,9 +304,18 @@ def test_missing_remote_dataset_fails_fast_without_network(monkeypatch):
 
 
 def test_bfloat16_training_and_dataset_info(tiny_config, hopper_dataset, tmp_path):
-    run_dir = train(tiny_config(hopper_dataset, "train.max_steps=3", "train.dtype=\"bfloat16\""), tmp_path / "bf16",
-                    progress=False)
-    assert all(torch.isfinite(v).all() for v in torch.load(run_dir / "last.pt", weights_only=True).values())
+    common = ["train.max_steps=3", "train.log_every=1"]
+    runs = {dtype: train(tiny_config(hopper_dataset, *common, f"train.dtype=\"{dtype}\""), tmp_path / dtype,
+                         progress=False) for dtype in ("bfloat16", "float32")}
+    bf16, fp32 = (torch.load(runs[d] / "last.pt", weights_only=True) for d in ("bfloat16", "float32"))
+    torch.manual_seed(0)  # the seed train() starts from: the initial weights
+    init = GPT(load_run(runs["float32"]).model.config).state_dict()
+    assert all(torch.isfinite(v).all() for v in bf16.values())
+    moved = [k for k in bf16 if not torch.equal(bf16[k], init[k])]
+    assert len(moved) > len(bf16) // 2  # bf16 training updates the weights
+    assert any(not torch.equal(bf16[k], fp32[k]) for k in bf16)  # ... and computes in bf16, not silently in float32
+    first = [read_metrics(runs[d] / "metrics.jsonl")[0]["train_loss"] for d in ("bfloat16", "float32")]
+    assert first[0] == pytest.approx(first[1], rel=0.02)  # the same step, rounded differently
     text = describe(hopper_dataset, None, ["discretizer.n_bins=20"])
     assert "transition_dim 16" in text and "3000 steps" in text
     assert len([line for line in text.splitlines() if "obs[" in line or "act[" in line]) == 14
