@@ -84,3 +84,25 @@ def test_cli_and_bad_input(hopper_dataset, tmp_path, capsys, ensemble_dir):
     (tmp_path / "broken" / "model.pt").write_bytes((out / "model.pt").read_bytes())  # other sizes
     with pytest.raises(ValueError, match="does not fit ensemble.json"):
         load_ensemble(tmp_path / "broken")
+
+
+def test_ensemble_rollout_feeds_each_step_its_own_prediction(ensemble_dir, split_data):
+    """rollout_ensemble without sampling: step 1 is the members' mean prediction from the start, step 2 the mean
+    prediction from step 1's state; sampled rollouts follow their seed."""
+    from trajformer.predict import rollout_ensemble
+
+    ens = load_ensemble(ensemble_dir)
+    data, _, val_idx = split_data
+    ep = data.episodes[val_idx[0]]
+    start, actions = ep.obs[:1], ep.act[None, None, :2]  # K=1 start, M=1, H=2
+    out = rollout_ensemble(ens, start, actions)
+    with torch.no_grad():
+        first = ens.model.predict(torch.as_tensor(start).float(), torch.as_tensor(actions[0, :, 0]).float())[0].mean(0)
+        s1 = first[:, : data.obs_dim]
+        second = ens.model.predict(s1, torch.as_tensor(actions[0, :, 1]).float())[0].mean(0)
+    np.testing.assert_allclose(out["obs"][0, 0, 0], s1[0].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out["rew"][0, 0], [first[0, -1].item(), second[0, -1].item()], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["obs"][0, 0, 1], second[0, : data.obs_dim].numpy(), rtol=1e-5, atol=1e-6)
+    a, b = (rollout_ensemble(ens, start, np.repeat(actions, 4, 1), sample=True, seed=s)["obs"] for s in (1, 1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a[0, 0], a[0, 1])  # samples differ between rows
