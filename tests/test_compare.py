@@ -92,6 +92,10 @@ def test_a_stopped_comparison_resumes_keeping_its_rows_and_trained_parts(point_d
         cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc",
                   "--resume", *small, "--set", "compare.max_steps=7"])
     assert "was compared with other compare.max_steps or [plan] settings" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a kept row trained for another budget: refused
+        cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc",
+                  "--resume", *small, "--set", "compare.bc_steps=300"])
+    assert "holds bc trained for other step budgets" in capsys.readouterr().err
 
 
 def test_model_based_command_trains_its_own_ensemble_and_evaluates(point_datasets, tmp_path, monkeypatch, capsys):

@@ -3,7 +3,7 @@
 
 Everything that can be refused is checked before the first method trains: the methods (config validation),
 the dataset (continuous Box actions, no NaN: data.load_episodes), TT's training length, the ensemble's validation
-episodes, a reused ensemble's dims, a reused TT run's dataset, and on --resume the protocol of the kept rows.
+episodes, a reused ensemble's dims, a reused TT run's dataset, and on --resume the protocol and budgets of kept rows.
 Then each method trains into OUT/<method>/ (the ensemble once, into OUT/ensemble/, shared by MOPO, MOReL and COMBO;
 tt-critic plans with the TT run and the IQL critic) and is evaluated on episodes seeded 0..N-1. OUT/compare.json
 holds per method returns, mean, stderr, normalized, train_seconds and steps; OUT/compare.md the table;
@@ -70,6 +70,11 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
     episodes, num_envs = cmp.episodes, min(cmp.num_envs, cmp.episodes)
     max_steps = cmp.max_steps or None
     results: dict[str, dict] = {m: prior["methods"][m] for m in cmp.methods if m in prior.get("methods", {})}
+    budgets = {"bc": cmp.bc_steps, "iql": cmp.iql_steps, **{m: cfg.model_based.steps for m in MODEL_BASED}}
+    other = [m for m, row in results.items() if m in budgets and row["steps"] != budgets[m]]
+    if other:
+        raise ValueError(f"--resume: {out_dir} holds {', '.join(other)} trained for other step budgets; resume with "
+                         "its own config, or compare into a new --out directory")
     dataset_mean = return_stats(data)["complete_return_mean"]
     seconds: dict[str, float | None] = dict(prior.get("seconds", {}))  # training time of each trained part
 
