@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import time
 
 import gymnasium as gym
 import imageio.v2 as imageio
@@ -197,18 +196,20 @@ def test_video_shows_real_episode_beside_planned_states(tmp_path):
 
 
 def test_rendering_time_is_not_planning_time(tmp_path, monkeypatch):
-    """seconds_per_step counts planning and env steps, not video frames (here made to take 0.3 s each)."""
+    """seconds_per_step counts planning and env steps, not video frames: on a clock that only the frames move
+    (100 s each), the evaluation took no time at all."""
     run_dir = hopper_run(tmp_path / "hopper", list(range(11)))
-    add = EpisodeVideo.add
+    add, clock = EpisodeVideo.add, [0.0]
 
     def slow_add(self, *args):
-        time.sleep(0.3)
+        clock[0] += 100.0
         add(self, *args)
 
     monkeypatch.setattr(EpisodeVideo, "add", slow_add)
+    monkeypatch.setattr("trajformer.rollout.time.perf_counter", lambda: clock[0])
     record = evaluate(load_run(run_dir), episodes=1, max_steps=3, video=tmp_path / "v.mp4", progress=False,
                       video_speed=0.25)
-    assert record["seconds_per_step"] < 0.3
+    assert clock[0] >= 300.0 and record["seconds_per_step"] == 0.0
     assert record["video_fps"] == 0.25 * gym.make("Hopper-v5").metadata["render_fps"]
 
 
