@@ -283,6 +283,29 @@ def test_transformer_compute_reads_the_logged_wall_clock(run, tmp_path):
     assert estimate["train_seconds_source"] == "estimated from throughput" and estimate["train_seconds"] > 0
 
 
+def test_one_step_nll_of_a_uniform_model_is_the_bins_widths(run, held):
+    """A model whose logits are all equal puts 1/(N+1) on every bin: its one-step NLL per dim, in dataset-std
+    units, is log(N+1) + log(bin width / std) of the true next state's bin, averaged over the sampled dims."""
+    import copy
+
+    from trajformer.predict import transformer_one_step
+
+    flat = copy.deepcopy(run)
+    with torch.no_grad():
+        flat.model.head.zero_()
+    n, seed, dS, N = 8, 3, run.obs_dim, run.discretizer.n_bins
+    rng = np.random.default_rng(seed)  # the transitions transformer_one_step samples
+    terms = []
+    for _ in range(n):
+        e = held.episodes[int(rng.integers(len(held.episodes)))]
+        t = int(rng.integers(e.length))
+        bins = run.discretizer.encode(np.concatenate([e.obs[t + 1], np.zeros(run.act_dim + 2)]))[:dS]
+        terms += list(np.log(N + 1) + np.log(run.discretizer.bin_widths()[np.arange(dS), bins] / held.obs_std))
+    got = transformer_one_step(flat, held, n=n, seed=seed)
+    assert got["transitions"] == n and got["obs_nll_std_units"] == pytest.approx(np.mean(terms), rel=1e-6)
+    assert transformer_one_step(run, held, n=n, seed=seed)["obs_nll_std_units"] < got["obs_nll_std_units"]
+
+
 def test_decode_bins_hand_made():
     midpoints = torch.tensor([0.0, 1.0, 2.0, 10.0], dtype=torch.float64)
     inner = torch.tensor([0.5, 1.5, 6.0], dtype=torch.float64)
