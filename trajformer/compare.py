@@ -127,8 +127,9 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
             # The comparison's [plan] (not the run's own, which a reused run brings): one setting for both rows.
             plan = dataclasses.replace(cfg.plan, objective="critic", critic=str(iql_dir())) \
                 if method == "tt-critic" else cfg.plan
-            if (fits := run.model.config.context_transitions) is not None:  # trained on shorter windows: all they hold
-                plan = dataclasses.replace(plan, max_context_transitions=min(plan.max_context_transitions, fits))
+            # A model trained on shorter windows plans with all they hold.
+            plan = dataclasses.replace(plan, max_context_transitions=run.model.config.fit_context(
+                plan.max_context_transitions))
             record = evaluate(run, plan, episodes=episodes, num_envs=num_envs,
                               max_steps=max_steps, progress=progress)
             train_seconds = None if seconds["tt"] is None else \

@@ -309,8 +309,6 @@ def validate(cfg: Config) -> None:
         (cfg.train.eval_windows >= 1, "train.eval_windows must be >= 1 (the validation windows scored each time)"),
         (cfg.train.grad_clip > 0, "train.grad_clip must be > 0 (the largest gradient norm)"),
         (0.0 <= cfg.train.final_lr_fraction <= 1.0, "train.final_lr_fraction must be in [0, 1]"),
-        (re.fullmatch(r"cpu|cuda(:\d+)?", cfg.train.device) is not None,
-         f"train.device = {cfg.train.device!r} is not valid; use \"cpu\" or \"cuda\" (\"cuda:N\" for card N)"),
         (0.0 <= cfg.train.warmup_fraction <= 1.0, "train.warmup_fraction must be in [0, 1]"),
         (cfg.plan.beam_width >= 1, "plan.beam_width must be >= 1"),
         (cfg.plan.horizon >= 1, "plan.horizon must be >= 1"),
@@ -321,11 +319,13 @@ def validate(cfg: Config) -> None:
         (cfg.plan.k_obs >= 1, "plan.k_obs must be >= 1"),
         (cfg.plan.plan_freq >= 1, "plan.plan_freq must be >= 1"),
         (cfg.plan.num_threads >= 0, "plan.num_threads must be >= 0 (0 = torch's default)"),
-        (re.fullmatch(r"cpu|cuda(:\d+)?", cfg.plan.device) is not None,
-         f"plan.device = {cfg.plan.device!r} is not valid; use \"cpu\" or \"cuda\" (\"cuda:N\" for card N)"),
         (cfg.plan.objective != "critic" or bool(cfg.plan.critic),
          "plan.objective = \"critic\" needs plan.critic = an IQL directory (trajformer iql CONFIG --out DIR)"),
     ]
+    for section in ("train", "plan"):
+        device = getattr(cfg, section).device
+        checks.append((re.fullmatch(r"cpu|cuda(:\d+)?", device) is not None,
+                       f"{section}.device = {device!r} is not valid; use \"cpu\" or \"cuda\" (\"cuda:N\" for card N)"))
     ens = cfg.ensemble
     for name in ("members", "hidden", "layers", "batch_size", "max_epochs", "patience"):
         checks.append((getattr(ens, name) >= 1, f"ensemble.{name} must be >= 1"))

@@ -54,6 +54,11 @@ class GPTConfig:
         window model (its band bounds what each query sees, whatever the context)."""
         return (self.block_size + 1) // self.transition_dim if self.attention == "absolute" else None
 
+    def fit_context(self, transitions: int) -> int:
+        """A planner context of `transitions`, cut to what this model can take (`context_transitions`)."""
+        fits = self.context_transitions
+        return transitions if fits is None else min(transitions, fits)
+
 
 def near(query_pos: torch.Tensor, keys: torch.Tensor, window: int = 0) -> torch.Tensor:
     """Boolean (q, k): key slot k is at or before query slot q and, with a band (`window` > 0), q - k < window."""

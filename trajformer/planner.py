@@ -287,9 +287,8 @@ def plan_config(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> PlanCo
     raw = {"plan": dataclasses.asdict(run.config.plan)}
     cfg = config_from_dict(apply_overrides(raw, list(overrides))).plan
     explicit = any(item.split("=", 1)[0].strip() == "plan.max_context_transitions" for item in overrides)
-    fits = run.model.config.context_transitions
-    if fits is not None and not explicit:
-        cfg.max_context_transitions = min(cfg.max_context_transitions, fits)
+    if not explicit:
+        cfg.max_context_transitions = run.model.config.fit_context(cfg.max_context_transitions)
     return cfg
 
 
@@ -337,7 +336,8 @@ class Planner:
 
     def _obs_tokens(self, obs: np.ndarray) -> torch.Tensor:
         obs = np.asarray(obs, dtype=np.float64)
-        if obs.ndim != 1 or obs.shape[0] <= self.obs_indices.max() or obs.shape[0] != (self.raw_obs_dim or len(obs)):
+        size = obs.shape[0] if obs.ndim == 1 else None
+        if size is None or size <= self.obs_indices.max() or (self.raw_obs_dim and size != self.raw_obs_dim):
             want = self.raw_obs_dim or f"more than {self.obs_indices.max()}"
             raise ValueError(f"observation of shape {obs.shape}, the run was trained on {want}-dim observations; "
                              "pass one env's observation from the environment the run was trained on")

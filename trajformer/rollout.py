@@ -35,7 +35,8 @@ def env_settings(run: Run, env_id: str | None = None) -> tuple[str, dict, int | 
     if env_id is None:
         env_id = recorded.get("id")
         if not env_id:
-            raise ValueError(f"{run.path} records no environment (its dataset has no env spec); pass --env ENV_ID")
+            raise ValueError(f"{run.path} records no environment (its dataset has no env spec); plan in a named env "
+                             "with `trajformer plan --env ENV_ID`")
     if env_id != recorded.get("id"):
         return env_id, {}, None
     kwargs = {k: v for k, v in (recorded.get("kwargs") or {}).items() if k != "render_mode"}
@@ -419,10 +420,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
             raise ValueError(f"--set {item!r}: the protocol fixes plan.{key}; set how it runs (plan.device, "
                              "plan.dtype, plan.num_threads) or plan with `trajformer plan` instead")
     run = load_run(run_dir)
-    env_id = (run.meta.get("env") or {}).get("id")
-    if not env_id:
-        raise ValueError(f"{run.path} records no environment (its dataset has no env spec): the protocol runs in the "
-                         "run's own env; plan in another with `trajformer plan --env ENV_ID`")
+    env_id = env_settings(run)[0]  # the protocol runs in the run's own env
     bc_return = None
     if bc_dir is not None:
         bc_json = Path(bc_dir) / "bc.json"
@@ -456,8 +454,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         if name == "32x5":
             setting.update(CHEAP)
         # The official context of 5 transitions, or all an absolute model trained on shorter windows can take.
-        if (fits := run.model.config.context_transitions) is not None:
-            setting["max_context_transitions"] = min(setting["max_context_transitions"], fits)
+        setting["max_context_transitions"] = run.model.config.fit_context(setting["max_context_transitions"])
         key = names[name] = tuple(sorted(setting.items()))
         if key not in plans:
             fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
