@@ -1,10 +1,11 @@
-"""Same-process A/B of the network's code: `trajformer/model.py` at a git revision against the working tree, timed on
-the same beam searches, alternating (benchmarks/README.md).
+"""Same-process A/B of the planning code: the `trajformer` package (network, decoder, planner) at a git revision
+against the working tree, timed on the same beam searches, alternating (benchmarks/README.md).
 
 On a shared machine two processes a minute apart can differ by 10-50%, more than most changes to the decoding step;
-alternating searches in one process, and reporting the median ratio of adjacent pairs, compares like with like. Each
-variant is its own model: the revision's module builds its GPT (and the decoder its KV cache) with the working tree's
-weights, so a change that adds or removes classes compares too; the planner and decoder stay the working tree's.
+alternating searches in one process, and reporting the median ratio of adjacent pairs, compares like with like. The
+revision's package is imported under another name (`trajformer_at_rev`, its own imports rewritten to it), so its
+planner drives its decoder, KV cache and GPT, built with the working tree's weights; the discretizer and the prefix
+are the working tree's.
 
     python benchmarks/plan_ab.py --against HEAD~1 [--setting hopper-32x5] [--pairs 20] [--threads 1]
 """
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
+import importlib
+import io
+import re
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +28,9 @@ from pathlib import Path
 import torch
 from plan_speed import OFFICIAL, SMALL, build
 
-import trajformer.decoding as decoding
-import trajformer.model as current
-from trajformer.planner import BeamSearch
+import trajformer.planner as planner
 
+IMPORT = re.compile(r"^(\s*(?:from|import) )trajformer\b", re.MULTILINE)
 SETTINGS = {  # name: (obs, act dims, plan, attention)
     "hopper-32x5": ((11, 3), SMALL, "absolute"),
     "hopper-128x15": ((11, 3), OFFICIAL, "absolute"),
@@ -37,20 +40,21 @@ SETTINGS = {  # name: (obs, act dims, plan, attention)
 }
 
 
-def load_revision(rev: str):
-    """trajformer/model.py as it was at `rev`, imported as a module of its own."""
+def load_revision(rev: str, into: Path):
+    """The `trajformer` package at `rev`, written under `into` as `trajformer_at_rev` and imported (its imports of
+    `trajformer` rewritten): returns its (model, planner) modules."""
     root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{rev}:trajformer/model.py"], cwd=root, capture_output=True, text=True)
-    if source.returncode:
-        raise SystemExit(f"plan_ab: git cannot show trajformer/model.py at {rev!r}: {source.stderr.strip()}")
-    with tempfile.TemporaryDirectory() as tmp:  # the module keeps its code once executed
-        path = Path(tmp) / "model_at_revision.py"
-        path.write_text(source.stdout)
-        spec = importlib.util.spec_from_file_location("model_at_revision", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return module
+    archive = subprocess.run(["git", "archive", rev, "trajformer"], cwd=root, capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"plan_ab: git cannot archive trajformer/ at {rev!r}: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    package = into / "trajformer_at_rev"
+    (into / "trajformer").rename(package)
+    for path in package.rglob("*.py"):
+        path.write_text(IMPORT.sub(r"\1trajformer_at_rev", path.read_text()))
+    sys.path.insert(0, str(into))
+    return importlib.import_module("trajformer_at_rev.model"), importlib.import_module("trajformer_at_rev.planner")
 
 
 def model_of(module, model: torch.nn.Module) -> torch.nn.Module:
@@ -67,7 +71,7 @@ def model_of(module, model: torch.nn.Module) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--against", required=True, help="git revision of trajformer/model.py to compare with")
+    parser.add_argument("--against", required=True, help="git revision of trajformer/ to compare with")
     parser.add_argument("--setting", default="hopper-32x5", choices=sorted(SETTINGS))
     parser.add_argument("--pairs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
@@ -75,19 +79,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     (obs, act), plan, attention = SETTINGS[args.setting]
     times: dict[str, list[float]] = {"working tree": [], args.against: []}
-    with torch.inference_mode():
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
         model, disc, prefix = build(obs, act, attention)
-        revision = load_revision(args.against)
-        variants = {"working tree": (current, model), args.against: (revision, model_of(revision, model))}
-        searches = {}
-        for name, (module, net) in variants.items():  # each builds its own cache in its first (untimed) search
-            decoding.KVCache = module.KVCache
-            searches[name] = BeamSearch(net, disc, plan, 0.99)
-            searches[name].search([prefix], [torch.Generator().manual_seed(0)])
-        order = list(variants)
+        rev_model, rev_planner = load_revision(args.against, Path(tmp))
+        searches = {"working tree": planner.BeamSearch(model, disc, plan, 0.99),
+                    args.against: rev_planner.BeamSearch(model_of(rev_model, model), disc, plan, 0.99)}
+        for search in searches.values():  # each builds its own cache in its first (untimed) search
+            search.search([prefix], [torch.Generator().manual_seed(0)])
+        order = list(searches)
         for i in range(args.pairs):
             for name in order if i % 2 == 0 else order[::-1]:
-                decoding.KVCache = variants[name][0].KVCache
                 t0 = time.perf_counter()
                 searches[name].search([prefix], [torch.Generator().manual_seed(i + 1)])
                 times[name].append(time.perf_counter() - t0)
