@@ -26,6 +26,7 @@ from trajformer.info import describe
 from trajformer.metrics import score_reference
 from trajformer.model import GPT, token_losses
 from trajformer.run import load_run, read_metrics
+from trajformer.tokens import loss_weights
 from trajformer.train import prepare, train
 
 QUICKSTART = str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml")
@@ -475,3 +476,47 @@ def test_init_from_refuses_a_run_that_does_not_fit(tiny_run, other_hopper_datase
     args = ["train", str(tiny_run / "config.toml"), "--dataset", other_hopper_dataset, "--out", str(out),
             "--set", f'train.init_from="{tiny_run}"', "--set", override]
     _fails_before_writing(args, out, message, capsys)
+
+
+def test_model_pt_holds_the_weights_of_the_best_validation(tiny_config, hopper_dataset, tmp_path, monkeypatch):
+    """model.pt is the model at the lowest validation loss (here the second of three), last.pt the last one."""
+    scripted, snapshots = iter([3.0, 1.0, 2.0]), []
+
+    def scripted_losses(model, *args, **kwargs) -> dict:
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        loss = next(scripted)
+        return {"val_loss": loss, **{f"val_{t}": loss for t in train_module.TOKEN_TYPES}}
+
+    monkeypatch.setattr(train_module, "validation_losses", scripted_losses)
+    out = train(tiny_config(hopper_dataset, "train.max_steps=30", "train.eval_every=10"), tmp_path / "run",
+                progress=False)
+    best, last = torch.load(out / "model.pt", weights_only=True), torch.load(out / "last.pt", weights_only=True)
+    assert len(snapshots) == 3
+    assert all(torch.equal(best[k], snapshots[1][k]) for k in best)
+    assert all(torch.equal(last[k], snapshots[2][k]) for k in last)
+    assert not all(torch.equal(best[k], last[k]) for k in best)
+
+
+def test_validation_losses_per_token_type_match_a_direct_computation(tiny_run):
+    """Each token type's mean cross-entropy, with the type read off the target's position in the window (obs,
+    action, reward, value columns of a transition), and the weighted loss as trained."""
+    run = load_run(tiny_run)
+    cfg, model = run.config, run.model
+    prep = prepare(cfg, discretizer=run.discretizer)
+    dS, dA, T = model.config.obs_dim, model.config.act_dim, model.config.transition_dim
+    weights = loss_weights(dS, dA, cfg.data.sequence_length, 0.5, 2.0, 3.0)  # distinct weights per type
+    got = train_module.validation_losses(model, prep.val_windows, cfg, weights, autocast=False)
+
+    n = min(len(prep.val_windows), cfg.train.eval_windows)
+    x, y, mask = prep.val_windows.batch(torch.from_numpy(np.linspace(0, len(prep.val_windows) - 1, n).round()).long())
+    with torch.no_grad():
+        ce = token_losses(model(x), y).double()
+    column = torch.arange(1, ce.shape[1] + 1) % T  # target position p is token p + 1 of the window
+    kind = torch.where(column < dS, 0, torch.where(column < dS + dA, 1, torch.where(column == dS + dA, 2, 3)))
+    mask = mask.double()
+    for i, name in enumerate(train_module.TOKEN_TYPES):
+        of_kind = mask * (kind == i)
+        assert got[f"val_{name}"] == pytest.approx(float((ce * of_kind).sum() / of_kind.sum()), rel=1e-5)
+    w = weights[: ce.shape[1]].double()
+    assert got["val_loss"] == pytest.approx(float((ce * w * mask).sum() / mask.sum()), rel=1e-5)
+    assert len({round(got[f"val_{t}"], 3) for t in train_module.TOKEN_TYPES}) == 4  # the types really differ
