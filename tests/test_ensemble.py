@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from trajformer import cli
+from trajformer.config import EnsembleConfig
 from trajformer.data import load_episodes, split_episodes
-from trajformer.ensemble import gaussian_nll, load_ensemble, transitions
+from trajformer.ensemble import GaussianEnsemble, gaussian_nll, load_ensemble, train_ensemble, transitions
 from trajformer.run import read_metrics
 
 QUICKSTART = str(Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml")
@@ -106,3 +107,24 @@ def test_ensemble_rollout_feeds_each_step_its_own_prediction(ensemble_dir, split
     a, b = (rollout_ensemble(ens, start, np.repeat(actions, 4, 1), sample=True, seed=s)["obs"] for s in (1, 1))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a[0, 0], a[0, 1])  # samples differ between rows
+
+
+def test_each_member_keeps_its_own_bootstrap_resample(hopper_dataset, tiny_config, tmp_path, monkeypatch):
+    """A member sees the same resample (about 63% of the distinct rows) every epoch, reshuffled: over 4 epochs it
+    still sees well under 70% of the training rows (a resample drawn anew each epoch would show it ~98%)."""
+    seen: list[torch.Tensor] = []
+    forward = GaussianEnsemble.forward_normalized
+
+    def recording(self, x):
+        if x.shape[1] == 64:  # a training batch (validation passes all 369 validation rows at once)
+            seen.append(x.detach().clone())
+        return forward(self, x)
+
+    monkeypatch.setattr(GaussianEnsemble, "forward_normalized", recording)
+    small = EnsembleConfig(members=2, hidden=16, layers=1, max_epochs=4, patience=10, batch_size=64)
+    train_ensemble(tiny_config(hopper_dataset), tmp_path / "e", small, progress=False)
+    rows = torch.cat(seen, dim=1)  # (members, every row each member trained on, input dims)
+    n = rows.shape[1] // 4  # the training rows, less the partial batch each epoch drops (< 64 of ~2600)
+    distinct = [len(torch.unique(member, dim=0)) for member in rows]
+    assert all(d < 0.7 * n for d in distinct) and all(d > 0.55 * n for d in distinct), (distinct, n)
+    assert not torch.equal(rows[0], rows[1])

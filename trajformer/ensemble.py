@@ -181,14 +181,15 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
     first = validation_metrics(model, x_va, y_va, std)
     with open(metrics_path, "a") as f:
         f.write(json.dumps({"epoch": 0, **first}) + "\n")
+    boot = rng.integers(0, n, (ens.members, n))  # each member's bootstrap resample, drawn once (PETS, MOPO)
     while epoch < ens.max_epochs and stale < ens.patience:
         if ens.max_seconds and time.perf_counter() - t0 > ens.max_seconds:
             break
         model.train()
-        boot = torch.as_tensor(rng.integers(0, n, (ens.members, n)))  # a bootstrap resample per member
+        order = torch.as_tensor(rng.permuted(boot, axis=1))  # each member's own rows, reshuffled every epoch
         total = 0.0
         for lo in range(0, n - batch + 1, batch):
-            idx = boot[:, lo : lo + batch]
+            idx = order[:, lo : lo + batch]
             mean, logvar = model.forward_normalized(x_t[idx])
             loss = gaussian_nll(mean, logvar, y_t[idx]).mean(dim=(1, 2)).sum()
             loss = loss + 0.01 * (model.max_logvar.sum() - model.min_logvar.sum())
