@@ -143,8 +143,8 @@ class EnsembleConfig:
 @dataclass
 class ModelBasedConfig:
     """MOPO, MOReL and COMBO on the ensemble (DESIGN.md §9): model rollouts branched from dataset states, SAC on
-    batches mixing real and model transitions. Defaults are the papers' Hopper-medium settings; the env configs
-    carry their own (configs/*-medium-local.toml)."""
+    batches mixing real and model transitions. Defaults are the papers' Hopper-medium settings; the hopper,
+    walker2d and halfcheetah configs carry the papers' settings for their dataset (configs/*.toml)."""
 
     ensemble: str = ""  # a `trajformer train-ensemble` directory to reuse ("" = train one with [ensemble])
     elites: int = 5  # members sampled by the model env: the best on validation NLL (MOPO: 5 of 7)
