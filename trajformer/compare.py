@@ -1,5 +1,7 @@
 """`trajformer compare`: TT beside BC, IQL, MOPO, MOReL, COMBO and TT with IQL's critic, trained on one dataset
-(same episode split, same seed) and evaluated with one protocol (DESIGN.md §6, §9).
+(the same episode split, from train.seed) and evaluated with one protocol (DESIGN.md §6, §9). TT, BC and IQL train
+with train.seed; the ensemble with ensemble.seed and MOPO, MOReL and COMBO with model_based.seed (a seed sweep sets
+all three).
 
 Everything that can be refused is checked before the first method trains: the methods (config validation),
 the dataset (continuous Box actions, no NaN: data.load_episodes), TT's training length, the ensemble's validation
