@@ -537,6 +537,20 @@ def test_iql_runs_end_to_end_and_beats_random(point_run, tmp_path, monkeypatch):
     assert meta["evaluation"]["mean_return"] > random_returns(12, 0).mean() + 4.0
 
 
+def test_iql_policy_mean_stays_in_the_data_box_and_its_std_is_clipped():
+    """The official IQL head: tanh-bounded mean (here mapped to the data's action box), log std in [-5, 2]."""
+    from trajformer.baselines.iql import IQLAgent
+
+    agent = IQLAgent(2, 2, 8)
+    agent.fit_data(torch.zeros(4, 2), torch.tensor([[-0.4, 0.0], [0.4, 1.0], [0.0, 0.5], [0.1, 0.2]]), np.arange(2))
+    with torch.no_grad():
+        agent.pi[-1].bias.copy_(torch.tensor([1e3, -1e3]))  # a mean far outside the box before the tanh
+        agent.log_std.fill_(-20.0)
+    mean = agent.mean_action(torch.zeros(1, 2))[0]
+    assert mean.tolist() == pytest.approx([0.4, 0.0])
+    assert agent.std().tolist() == pytest.approx([math.exp(-5.0)] * 2)
+
+
 def test_policy_normalisation_of_one_transition_is_finite():
     from trajformer.baselines.bc import BCPolicy
 

@@ -5,8 +5,9 @@ limits), rewards scaled as the paper does for locomotion (1000 / (max - min epis
 are all equal), then one loop of three updates per batch: V by expectile regression (tau) towards the target
 twin-Q's minimum, Q by TD towards r + gamma * V(s'), and the policy by advantage-weighted regression, weights
 exp(beta * (Q - V)) clipped at 100.
-The policy is a state-conditioned Gaussian mean with a learned state-independent log std; it acts with its
-mean, clipped to the data's action bounds. Files: iql.pt (plain tensors) and iql.json. The twin Qs (their minimum,
+The policy is a Gaussian with a state-conditioned mean, tanh-bounded to the data's action box, and a learned
+state-independent log std clipped to [-5, 2] (the official NormalTanhPolicy without the squashed distribution);
+it acts with its mean. Files: iql.pt (plain tensors) and iql.json. The twin Qs (their minimum,
 unscaled) also score plans for the planner's `critic` objective (`rollout.load_critic`).
 """
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from trajformer.baselines.policy import Batch, DatasetPolicy, data_references
+from trajformer.baselines.policy import LOG_STD_MAX, LOG_STD_MIN, Batch, DatasetPolicy, data_references
 from trajformer.config import Config
 from trajformer.data import load_episodes, split_episodes
 from trajformer.files import load_torch, save_json, save_torch
@@ -70,7 +71,10 @@ class IQLAgent(DatasetPolicy):
         return self.v(self.norm(obs))[:, 0]
 
     def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.pi(obs)
+        return self.scale(torch.tanh(self.pi(obs)))
+
+    def std(self) -> torch.Tensor:
+        return self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
 
 
 def expectile_loss(diff: torch.Tensor, tau: float) -> torch.Tensor:
@@ -122,7 +126,7 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
         q_opt.step()
         with torch.no_grad():
             weights = torch.exp(iql.beta * (q_target - agent.value(s))).clamp(max=100.0)
-        dist = torch.distributions.Normal(agent.pi(agent.norm(s)), agent.log_std.exp())
+        dist = torch.distributions.Normal(agent.mean_action(agent.norm(s)), agent.std())
         pi_loss = -(weights * dist.log_prob(a).sum(-1)).mean()
         pi_opt.zero_grad(set_to_none=True)
         pi_loss.backward()

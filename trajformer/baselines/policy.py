@@ -13,6 +13,8 @@ from torch import nn
 from trajformer.config import DataConfig
 from trajformer.data import Episode, OfflineData, load_episodes, prefix_return_mean, return_stats
 
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the Gaussian policies' log-std range (SAC; IQL's official policy)
+
 
 @dataclass
 class Batch:
@@ -54,6 +56,10 @@ class DatasetPolicy(nn.Module):
 
     def norm(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_mean) / self.obs_std
+
+    def scale(self, unit: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] -> the policy's action bounds (act_low, act_high)."""
+        return self.act_low + (unit + 1.0) * 0.5 * (self.act_high - self.act_low)
 
     def mean_action(self, obs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -20,9 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trajformer.baselines.iql import mlp
-from trajformer.baselines.policy import Batch, DatasetPolicy
-
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+from trajformer.baselines.policy import LOG_STD_MAX, LOG_STD_MIN, Batch, DatasetPolicy
 
 
 class SACAgent(DatasetPolicy):
@@ -33,10 +31,6 @@ class SACAgent(DatasetPolicy):
         self.pi = mlp(obs_dim, 2 * act_dim, hidden)
         self.q1, self.q2 = mlp(obs_dim + act_dim, 1, hidden), mlp(obs_dim + act_dim, 1, hidden)
         self.log_alpha = nn.Parameter(torch.zeros(()))
-
-    def scale(self, unit: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] -> the env's action bounds."""
-        return self.act_low + (unit + 1.0) * 0.5 * (self.act_high - self.act_low)
 
     def unscale(self, act: torch.Tensor) -> torch.Tensor:
         return 2.0 * (act - self.act_low) / (self.act_high - self.act_low).clamp(min=1e-6) - 1.0
