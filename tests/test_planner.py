@@ -435,6 +435,37 @@ def test_objective_scores_and_best_row(objective, monkeypatch):
     assert plan.score == pytest.approx(expected, abs=1e-9)
 
 
+@pytest.mark.parametrize("attention", ["absolute", "window"])
+def test_plan_bookkeeping_matches_one_plain_forward_pass_of_its_tokens(attention):
+    """Each env's best plan against a plain forward pass over its own tokens (no cache, no beam): the summed
+    log-probability of its generated tokens, the expected reward and value at each step, the reward score and the
+    action tokens. Checks that the rows' search state moves with the decoder's rows through every re-order."""
+    model, disc = make_model(seed=5, head_std=0.1, attention=attention), make_discretizer()
+    cfg = PlanConfig(beam_width=4, n_expand=3, horizon=2, max_context_transitions=SEQ, cdf_act=0.8)
+    search = BeamSearch(model, disc, cfg, 0.9)
+    rng = np.random.default_rng(7)
+    prefixes = [random_prefix(1, rng), random_prefix(1, rng)]  # 1 transition + obs: no crop within the search
+    plans = search.search(prefixes, generators([1, 2]))
+    mid = torch.as_tensor(disc.midpoints)
+    for k, (prefix, plan) in enumerate(zip(prefixes, plans, strict=True)):
+        generated = search.decoder.generated[k * cfg.beam_width]  # rows are sorted best-first within each env
+        seq = torch.cat([prefix, generated])
+        with torch.no_grad():
+            logits = model(seq[None, :-1])[0, len(prefix) - 1 :]  # the logits of each generated token
+        dims = (torch.arange(len(prefix), len(seq)) % T)
+        local = torch.where(generated == model.config.stop_id, N, generated - dims * N)
+        logp = logits.log_softmax(-1).gather(1, local[:, None]).sum()
+        assert plan.steps == cfg.horizon and plan.log_likelihood == pytest.approx(float(logp), abs=1e-9)
+        for t in range(cfg.horizon):
+            at = t * T + DA  # the reward token of step t (each step: dA actions, reward, value, dS observations)
+            r = float(logits[at, :N].softmax(-1) @ mid[T - 2])
+            v = float(logits[at + 1, :N].softmax(-1) @ mid[T - 1])
+            assert (plan.rewards[t], plan.values[t]) == pytest.approx((r, v), abs=1e-9)
+            assert np.array_equal(plan.action_tokens[t], generated[t * T : t * T + DA].numpy())
+        score = sum(0.9**t * plan.rewards[t] for t in range(cfg.horizon)) + 0.9**cfg.horizon * plan.values[-1]
+        assert plan.score == pytest.approx(score, abs=1e-9)
+
+
 def test_objectives_choose_different_plans():
     model, disc = make_model(seed=4), make_discretizer()
     prefix = [random_prefix(2, np.random.default_rng(2))]
