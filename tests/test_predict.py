@@ -4,6 +4,8 @@ teacher forcing that really uses the actions, stop tokens reported, attention ma
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -14,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from trajformer import cli
+from trajformer import predict as predict_module
 from trajformer.config import EnsembleConfig
-from trajformer.decoding import crop_start, decode_bins
+from trajformer.decoding import DECODES, ReferenceDecoder, crop_start, decode_bins
 from trajformer.ensemble import train_ensemble
 from trajformer.files import save_torch
 from trajformer.metrics import dim_errors, error_summary, histogram_loglik, normalized_error
@@ -87,6 +90,23 @@ def test_open_loop_shapes_and_determinism(run, held):
     assert np.all(np.isin(out["act"][..., 0], mids[run.obs_dim]))  # sampled actions are bin midpoints
     again = rollout_transformer(run, prefixes, horizon=4, samples=3, greedy=False, seed=1)
     np.testing.assert_array_equal(np.nan_to_num(out["obs"], nan=7.0), np.nan_to_num(again["obs"], nan=7.0))
+
+
+@pytest.mark.parametrize("how", [*DECODES, "sampled"])
+def test_rollouts_equal_the_uncached_reference_decoder(run, held, how, monkeypatch):
+    """Open-loop rollouts past the model's window (horizon 5 > 3 transitions: the window crops), with the model's
+    own value tokens fed back and every decode, equal the same rollouts decoded uncached (the official
+    algorithm: a full forward pass over the cropped window per token), in float64."""
+    model = copy.deepcopy(run.model).double()
+    run64 = dataclasses.replace(run, model=model)
+    starts = choose_starts(held, 5, 2, seed=3)
+    prefixes = [context_tokens(run, held.episodes[i], t) for i, t in starts]
+    kwargs = {"greedy": how != "sampled", "decode": "argmax" if how == "sampled" else how, "seed": 4}
+    cached = rollout_transformer(run64, prefixes, horizon=5, samples=2, **kwargs)
+    monkeypatch.setattr(predict_module, "CachedDecoder", ReferenceDecoder)
+    reference = rollout_transformer(run64, prefixes, horizon=5, samples=2, **kwargs)
+    for key in ("obs", "act", "rew", "stop_step"):  # the same tokens; expectation values agree to rounding
+        np.testing.assert_allclose(cached[key], reference[key], rtol=0, atol=1e-12)
 
 
 def test_teacher_forcing_uses_the_actions(run, held):
