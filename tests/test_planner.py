@@ -417,6 +417,27 @@ def test_stop_is_never_an_action_and_terminates_rows():
     assert np.isnan(plan.rewards[1:]).all() and np.isnan(plan.values[1:]).all()  # after the termination
 
 
+@pytest.mark.parametrize("always_stop", [True, False])
+def test_planner_replans_where_the_plan_predicted_a_termination(always_stop, monkeypatch):
+    """plan_freq 3: a plan whose first predicted state is stop (steps 1) is used for one action, then the planner
+    searches again, never stepping into its NaN actions; a plan that lives 4 steps serves 3 actions."""
+    model, disc = make_model(head_std=0.1), make_discretizer()
+    with torch.no_grad():
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)  # every final hidden state is the ones vector: stop logit 16 or -16
+        model.head[:, :, N] = 1.0 if always_stop else -1.0
+    cfg = PlanConfig(beam_width=4, n_expand=2, horizon=4, max_context_transitions=2, plan_freq=3)
+    planner = Planner(BeamSearch(model, disc, cfg, 0.9), np.arange(DS))
+    searches = []
+    search = planner.search.search
+    monkeypatch.setattr(planner.search, "search", lambda *a: searches.append(search(*a)) or searches[-1])
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        assert np.isfinite(planner.act(rng.normal(size=DS))).all()
+        planner.observe(0.0)
+    assert [p.steps for (p,) in searches] == ([1, 1, 1] if always_stop else [4])
+
+
 @pytest.mark.parametrize("objective", ["reward", "likelihood", "penalized"])
 def test_objective_scores_and_best_row(objective, monkeypatch):
     model, disc = make_model(seed=3, head_std=0.1), make_discretizer()
