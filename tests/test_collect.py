@@ -69,9 +69,12 @@ def test_same_seed_same_data():
 def test_actor_reproduces_card():
     card = json.loads((BEHAVIOR_DIR / "hopper-sac-0025k.json").read_text())
     returns = evaluate_policy("hopper-sac-0025k", episodes=card["eval_episodes"])
-    # Float rounding on another CPU than the one that wrote the card moved the mean by 2.7e-6 (AVX512 Xeon).
-    assert np.mean(returns) == pytest.approx(card["eval_return_mean"], rel=1e-4)
-    assert np.std(returns) == pytest.approx(card["eval_return_std"], rel=1e-3)
+    assert evaluate_policy("hopper-sac-0025k", episodes=card["eval_episodes"]) == returns  # exact on one machine
+    # The card's mean within two standard errors (5.7 here): rounding on another CPU moves MuJoCo's chaotic contacts
+    # (an AVX512 Xeon moved the mean by 2.7e-6 relative; a fall time can move by more), while the other shipped
+    # Hopper policies score 345-2005 and broken weights land further still.
+    margin = 2.0 * card["eval_return_std"] / np.sqrt(card["eval_episodes"])
+    assert abs(np.mean(returns) - card["eval_return_mean"]) < margin
 
 
 def test_preset_small_and_cached():
