@@ -416,3 +416,31 @@ def test_ablations_are_measured_on_the_same_starts_and_dims(run, tiny_config, ho
         cli.main(["predict", str(partial), "--horizon", "6", "--starts", "2", "--no-render", "--out",
                   str(tmp_path / "bad"), "--ablation", f"full={run.path}"])
     assert "observes dims the run does not" in capsys.readouterr().err
+
+
+def test_planner_context_holds_the_training_token_layout(run, held):
+    """Driven through a held-out episode (observations given raw, with the run's selected dims in a shuffled order),
+    the planner's context transitions are [s, a, r, value placeholder] as training tokenizes a transition
+    (bin + dim * N): the selected observation, the executed plan's action tokens, the env's reward."""
+    from trajformer.planner import load_planner
+    from trajformer.tokens import VALUE_PLACEHOLDER
+
+    planner = load_planner(run.path, ["plan.beam_width=2", "plan.n_expand=1", "plan.horizon=1"])
+    dS, dA, T, N = run.obs_dim, run.act_dim, run.model.config.transition_dim, run.discretizer.n_bins
+    perm = np.random.default_rng(0).permutation(dS)
+    planner.obs_indices = perm  # raw[perm] is the run's observation
+    episode, executed = held.episodes[0], []
+    for t in range(3):
+        raw = np.empty(dS)
+        raw[perm] = episode.obs[t]
+        planner.act(raw)
+        executed.append(planner.last_plans[0].action_tokens[0])
+        planner.observe(episode.rew[t])
+    contexts = list(planner.contexts[0])
+    assert len(contexts) == 3
+    for t, tokens in enumerate(contexts):
+        row = np.concatenate([episode.obs[t], np.zeros(dA), [episode.rew[t], VALUE_PLACEHOLDER]])
+        expected = run.discretizer.encode(row[None])[0] + N * np.arange(T)
+        expected[dS : dS + dA] = executed[t]
+        assert np.array_equal(tokens.numpy(), expected)
+        assert np.array_equal(tokens.numpy() // N, np.arange(T))  # each token in its own dimension's range
