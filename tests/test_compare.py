@@ -236,3 +236,27 @@ def test_model_based_training_is_reproducible(point_datasets, tmp_path, monkeypa
         weights.append(torch.load(tmp_path / name / "mopo.pt", weights_only=True))
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+@pytest.mark.parametrize("method", ["ensemble", "bc", "iql"])
+def test_seeded_baseline_training_is_reproducible(method, point_datasets, tmp_path, monkeypatch):
+    """Same seed, same data: the same ensemble, BC policy and IQL agent, bit for bit, on CPU (compare --resume and
+    predict reuse them)."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
+    from trajformer.baselines.bc import BCConfig, train_bc
+    from trajformer.baselines.iql import IQLConfig, train_iql
+    from trajformer.config import load_config
+    from trajformer.ensemble import train_ensemble
+
+    cfg = load_config(TINY_COMPARE, [f'data.dataset="{DATASET_ID}"', "ensemble.max_epochs=2", "ensemble.hidden=32"])
+    train, weights_file = {
+        "ensemble": (lambda out: train_ensemble(cfg, out, progress=False), "model.pt"),
+        "bc": (lambda out: train_bc(cfg, out, BCConfig(steps=50, hidden=32), progress=False), "bc.pt"),
+        "iql": (lambda out: train_iql(cfg, out, IQLConfig(steps=50, hidden=32), progress=False), "iql.pt"),
+    }[method]
+    weights = []
+    for name in ("a", "b"):
+        train(tmp_path / name)
+        weights.append(torch.load(tmp_path / name / weights_file, weights_only=True))
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
