@@ -128,3 +128,31 @@ def test_each_member_keeps_its_own_bootstrap_resample(hopper_dataset, tiny_confi
     distinct = [len(torch.unique(member, dim=0)) for member in rows]
     assert all(d < 0.7 * n for d in distinct) and all(d > 0.55 * n for d in distinct), (distinct, n)
     assert not torch.equal(rows[0], rows[1])
+
+
+def test_validation_metrics_match_the_mixture_density_of_next_states():
+    """val_obs_nll_std_units is -log of the members' equal mixture of Gaussians over s' / std (s' = s + Δs), per
+    obs dim, and val_one_step_error the RMS over dims of (mean of the members' s' - s') / std: computed here in
+    numpy from the members' predictions in raw units."""
+    from trajformer.ensemble import validation_metrics
+
+    rng = np.random.default_rng(0)
+    dS, dA, n = 3, 2, 50
+    torch.manual_seed(0)
+    model = GaussianEnsemble(dS, dA, members=2, hidden=8, layers=1)
+    inputs, targets = rng.normal(size=(n, dS + dA)), rng.normal(size=(n, dS + 1)) * [2.0, 0.5, 1.0, 3.0]
+    model.set_normalization(rng.normal(size=(100, dS + dA)), rng.normal(1.0, 2.0, size=(100, dS + 1)))
+    std = np.array([0.5, 2.0, 1.5])
+    got = validation_metrics(model.eval(), inputs, targets, std)
+
+    with torch.no_grad():
+        mean, logvar = model.forward_normalized(torch.as_tensor(inputs, dtype=torch.float32).expand(2, -1, -1))
+    out_mean, out_std = model.out_mean.double().numpy(), model.out_std.double().numpy()
+    mu = (mean.double().numpy() * out_std + out_mean)[..., :dS] + inputs[:, :dS]  # members' s' (2, n, dS)
+    sd = (np.exp(0.5 * logvar.double().numpy()) * out_std)[..., :dS]
+    true = (inputs[:, :dS] + targets[:, :dS]) / std
+    log_pdf = -0.5 * ((true - mu / std) / (sd / std)) ** 2 - np.log(sd / std) - 0.5 * np.log(2 * np.pi)
+    mixture = np.log(np.exp(log_pdf.sum(-1)).mean(0))
+    assert got["val_obs_nll_std_units"] == pytest.approx(-mixture.mean() / dS, rel=1e-4)
+    error = np.sqrt((((mu.mean(0) / std) - true) ** 2).mean(-1)).mean()
+    assert got["val_one_step_error"] == pytest.approx(error, rel=1e-4)
