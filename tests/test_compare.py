@@ -260,3 +260,42 @@ def test_seeded_baseline_training_is_reproducible(method, point_datasets, tmp_pa
         weights.append(torch.load(tmp_path / name / weights_file, weights_only=True))
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+def test_combo_regulariser_closed_form_and_its_push():
+    """With critics constant at c and fixed policy draws, each critic's term is
+    logsumexp(n x [c + dA log 2] (uniform actions, density 2^-dA), [c - log pi(a_j)]) - c: checks the importance
+    weights' signs. One gradient step on it lowers Q at uniform actions of model states below Q at the data."""
+    from trajformer.baselines.model_based import combo_regulariser
+    from trajformer.baselines.policy import Batch
+    from trajformer.baselines.sac import SACAgent
+
+    torch.manual_seed(0)
+    dS, dA, n, c = 2, 2, 4, 0.7
+    agent = SACAgent(dS, dA, hidden=16)
+    agent.act_low.fill_(-1.0)
+    agent.act_high.fill_(1.0)
+    agent.obs_std.fill_(1.0)
+    with torch.no_grad():
+        for q in (agent.q1, agent.q2):
+            q[-1].weight.zero_()
+            q[-1].bias.fill_(c)
+    model_obs = torch.randn(3, dS)
+    logp = torch.linspace(-2.0, 1.0, 3 * n)
+    agent.sample = lambda s: (torch.zeros(len(s), dA), logp[: len(s)])
+    real = Batch(torch.randn(5, dS), torch.zeros(5, dA), torch.zeros(5), torch.zeros(5, dS), torch.zeros(5))
+    term = combo_regulariser(model_obs, real, beta=2.0, n_actions=n)
+    per_state = torch.cat([torch.full((3, n), c + dA * np.log(2.0)), (c - logp).view(3, n)], dim=1)
+    expected = 2.0 * 2 * (torch.logsumexp(per_state, dim=1).mean() - c)
+    assert float(term(agent)) == pytest.approx(float(expected), rel=1e-5)
+
+    real = Batch(model_obs.repeat(2, 1), torch.full((6, dA), 0.5), torch.zeros(6), torch.zeros(6, dS), torch.zeros(6))
+    term = combo_regulariser(model_obs, real, beta=1.0, n_actions=n)
+    optimizer = torch.optim.SGD([*agent.q1.parameters(), *agent.q2.parameters()], lr=0.05)
+    optimizer.zero_grad()
+    term(agent).backward()
+    optimizer.step()
+    with torch.no_grad():
+        uniform = agent.q(model_obs.repeat_interleave(64, 0), torch.rand(3 * 64, dA) * 2 - 1)[0].mean()
+        data = agent.q(real.obs, agent.unscale(real.act))[0].mean()
+    assert data > uniform
