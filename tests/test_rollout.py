@@ -195,6 +195,33 @@ def test_video_shows_real_episode_beside_planned_states(tmp_path):
     assert record["video_fps"] == gym.make("Hopper-v5").metadata["render_fps"]  # the env's real time
 
 
+def test_pose_renderer_draws_the_state_the_env_draws():
+    """A Hopper state set from its observation alone (x integrated from the velocity) renders as the env that
+    reached it by stepping renders it, while the same state with its torso and legs bent renders differently."""
+    from trajformer.render import make_env, pose_renderer
+
+    spec = {"id": "Hopper-v5", "kwargs": {}}
+    renderer = pose_renderer(spec, np.arange(11), size=96)
+    camera = renderer.env.unwrapped.mujoco_renderer.default_cam_config
+    env = make_env("Hopper-v5", {"width": 96, "height": 96, "default_camera_config": camera}, None, render=True)
+    obs, _ = env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    observations = [obs]
+    for _ in range(15):
+        observations.append(env.step(rng.uniform(-1, 1, 3))[0])
+    data = env.unwrapped.data
+    x_before = data.qpos[0] - data.qvel[0] * env.unwrapped.dt  # render() adds one step of the x velocity
+    frame = renderer.render(observations[-1][None], xy=[x_before])[0].astype(float)
+    stepped = env.render().astype(float)
+    bent = observations[-1].copy()
+    bent[1:5] += 0.4  # torso and leg angles
+    other = renderer.render(bent[None], xy=[x_before])[0].astype(float)
+    changed = [(np.abs(f - stepped).max(-1) > 30).mean() for f in (frame, other)]  # share of pixels that change
+    assert changed[0] < 0.001 and changed[1] > 0.02
+    env.close()
+    renderer.env.close()
+
+
 def test_rendering_time_is_not_planning_time(tmp_path, monkeypatch):
     """seconds_per_step counts planning and env steps, not video frames: on a clock that only the frames move
     (100 s each), the evaluation took no time at all."""
