@@ -564,6 +564,12 @@ def test_iql_runs_end_to_end_and_beats_random(point_run, tmp_path, monkeypatch):
     meta = json.loads((out / "iql.json").read_text())
     assert meta["config"]["hidden"] == 64 and meta["config"]["tau"] == 0.7
     assert meta["evaluation"]["mean_return"] > random_returns(12, 0).mean() + 4.0
+    from trajformer.baselines.iql import load_iql
+
+    del meta["policy"]  # a directory trained before the tanh-bounded mean: its weights would act differently
+    (out / "iql.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="trained before IQL's policy mean was tanh-bounded"):
+        load_iql(out)
 
 
 def test_iql_policy_mean_stays_in_the_data_box_and_its_std_is_clipped():

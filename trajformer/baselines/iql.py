@@ -52,6 +52,9 @@ def mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
                          nn.Linear(hidden, n_out))
 
 
+POLICY = "tanh-mean"  # iql.json's name for the policy head below (directories from before it have none)
+
+
 class IQLAgent(DatasetPolicy):
     """Twin Q(s, a), V(s) and the policy mean; observations standardised with the data's statistics."""
 
@@ -141,7 +144,7 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
     out_dir = Path(out_dir)
     save_torch(out_dir / "iql.pt", agent.state_dict())
     save_json(out_dir / "iql.json", {
-        "config": dataclasses.asdict(iql), "dataset_id": data.dataset_id, "env": data.env_spec,
+        "config": dataclasses.asdict(iql), "policy": POLICY, "dataset_id": data.dataset_id, "env": data.env_spec,
         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "reward_scale": scale,
         "split": {"seed": cfg.train.seed, "validation_fraction": cfg.data.validation_fraction,
                   "train_episodes": len(train_idx)},
@@ -158,6 +161,9 @@ def load_iql(path: str | os.PathLike) -> tuple[IQLAgent, dict]:
     if not (path / "iql.json").is_file():
         raise FileNotFoundError(f"{path} has no iql.json; train one with `trajformer iql CONFIG.toml --out {path}`")
     meta = json.loads((path / "iql.json").read_text())
+    if meta.get("policy") != POLICY:  # its weights would load, and act differently under today's head
+        raise ValueError(f"{path} was trained before IQL's policy mean was tanh-bounded (2026-12-06); train it again "
+                         f"with `trajformer iql CONFIG.toml --out {path}`")
     agent = IQLAgent(meta["obs_dim"], meta["act_dim"], meta["config"]["hidden"])
     agent.load_state_dict(load_torch(path / "iql.pt"))
     return agent.eval(), meta
