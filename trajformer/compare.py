@@ -5,7 +5,8 @@ all three).
 
 Everything that can be refused is checked before the first method trains: the methods (config validation),
 the dataset (continuous Box actions, no NaN: data.load_episodes), TT's training length, the ensemble's validation
-episodes, a reused ensemble's dims, a reused TT run's dataset, and on --resume the protocol and budgets of kept rows.
+episodes, a reused ensemble's dims, a reused TT run's dataset, and on --resume the protocol and budgets of kept
+rows and a kept IQL's policy head.
 Then each method trains into OUT/<method>/ (the ensemble once, into OUT/ensemble/, shared by MOPO, MOReL and COMBO;
 tt-critic plans with the TT run and the IQL critic) and is evaluated on episodes seeded 0..N-1. OUT/compare.json
 holds per method returns, mean, stderr, normalized, train_seconds and steps; OUT/compare.md the table;
@@ -69,6 +70,8 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         if reused.meta["dataset_id"] != data.dataset_id:
             raise ValueError(f"compare.tt_run {cmp.tt_run} was trained on {reused.meta['dataset_id']}, not "
                              f"{data.dataset_id}; compare on its dataset or drop compare.tt_run")
+    if any(m in ("iql", "tt-critic") for m in cmp.methods) and (out_dir / "iql" / "iql.json").is_file():
+        load_iql(out_dir / "iql")  # an IQL kept from before its current policy head is refused now, not later
     episodes, num_envs = cmp.episodes, min(cmp.num_envs, cmp.episodes)
     max_steps = cmp.max_steps or None
     results: dict[str, dict] = {m: prior["methods"][m] for m in cmp.methods if m in prior.get("methods", {})}
