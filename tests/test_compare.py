@@ -219,9 +219,13 @@ def test_bad_compare_input_is_refused_in_one_line_before_training(case, point_da
     assert not (tmp_path / "cmp").exists()  # refused before anything was trained or written
 
 
-def test_model_based_training_is_reproducible(point_datasets, tmp_path, monkeypatch):
-    """Same seed, same data: the same MOPO policy, bit for bit, on CPU."""
+@pytest.mark.parametrize("method", ["ensemble", "bc", "iql", "mopo"])
+def test_seeded_baseline_training_is_reproducible(method, point_datasets, tmp_path, monkeypatch):
+    """Same seed, same data: the same ensemble, BC policy, IQL agent and MOPO policy (on one ensemble), bit for bit,
+    on CPU (compare --resume and predict reuse them)."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
+    from trajformer.baselines.bc import BCConfig, train_bc
+    from trajformer.baselines.iql import IQLConfig, train_iql
     from trajformer.baselines.model_based import train_model_based
     from trajformer.config import load_config
     from trajformer.ensemble import train_ensemble
@@ -229,30 +233,12 @@ def test_model_based_training_is_reproducible(point_datasets, tmp_path, monkeypa
     cfg = load_config(TINY_COMPARE, [f'data.dataset="{DATASET_ID}"', "model_based.steps=60", "model_based.hidden=32",
                                      "model_based.rollout_every=30", "model_based.rollout_batch=50",
                                      "ensemble.max_epochs=2", "ensemble.hidden=32"])
-    ens = train_ensemble(cfg, tmp_path / "ens", progress=False)
-    weights = []
-    for name in ("a", "b"):
-        train_model_based("mopo", cfg, tmp_path / name, ens, progress=False)
-        weights.append(torch.load(tmp_path / name / "mopo.pt", weights_only=True))
-    for key, value in weights[0].items():
-        assert torch.equal(value, weights[1][key]), key
-
-
-@pytest.mark.parametrize("method", ["ensemble", "bc", "iql"])
-def test_seeded_baseline_training_is_reproducible(method, point_datasets, tmp_path, monkeypatch):
-    """Same seed, same data: the same ensemble, BC policy and IQL agent, bit for bit, on CPU (compare --resume and
-    predict reuse them)."""
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
-    from trajformer.baselines.bc import BCConfig, train_bc
-    from trajformer.baselines.iql import IQLConfig, train_iql
-    from trajformer.config import load_config
-    from trajformer.ensemble import train_ensemble
-
-    cfg = load_config(TINY_COMPARE, [f'data.dataset="{DATASET_ID}"', "ensemble.max_epochs=2", "ensemble.hidden=32"])
+    ens = train_ensemble(cfg, tmp_path / "ens", progress=False) if method == "mopo" else None
     train, weights_file = {
         "ensemble": (lambda out: train_ensemble(cfg, out, progress=False), "model.pt"),
         "bc": (lambda out: train_bc(cfg, out, BCConfig(steps=50, hidden=32), progress=False), "bc.pt"),
         "iql": (lambda out: train_iql(cfg, out, IQLConfig(steps=50, hidden=32), progress=False), "iql.pt"),
+        "mopo": (lambda out: train_model_based("mopo", cfg, out, ens, progress=False), "mopo.pt"),
     }[method]
     weights = []
     for name in ("a", "b"):

@@ -38,6 +38,18 @@ def make_model(seed: int = 0, head_std: float = 0.3, dtype=torch.float64, attent
     return model
 
 
+def constant_stop_model(stop: float) -> GPT:
+    """A model with the same logits at every position: every bin 0 and stop 16 * `stop` (each final hidden state
+    is the ones vector of width 16)."""
+    model = make_model()
+    with torch.no_grad():
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.fill_(1.0)
+        model.head.zero_()
+        model.head[:, :, N] = stop
+    return model
+
+
 def make_discretizer() -> Discretizer:
     return Discretizer.fit(np.random.default_rng(0).normal(size=(400, T)), N)
 
@@ -398,12 +410,7 @@ def test_planner_batched_envs_at_different_steps_equal_single_planners(plan_freq
 
 def test_stop_is_never_an_action_and_terminates_rows():
     """A model that always predicts stop: actions are still bins, the first decoded observation stops the row."""
-    model, disc = make_model(), make_discretizer()
-    with torch.no_grad():
-        model.ln_f.weight.zero_()
-        model.ln_f.bias.fill_(1.0)
-        model.head.zero_()
-        model.head[:, :, N] = 1.0  # stop logit 16, every bin 0
+    model, disc = constant_stop_model(1.0), make_discretizer()  # stop logit 16, every bin 0
     cfg = PlanConfig(beam_width=4, n_expand=2, horizon=4, max_context_transitions=2)
     (plan,) = BeamSearch(model, disc, cfg, 0.9).search([random_prefix(1, np.random.default_rng(0))],
                                                        generators([0]))
@@ -421,11 +428,7 @@ def test_stop_is_never_an_action_and_terminates_rows():
 def test_planner_replans_where_the_plan_predicted_a_termination(always_stop, monkeypatch):
     """plan_freq 3: a plan whose first predicted state is stop (steps 1) is used for one action, then the planner
     searches again, never stepping into its NaN actions; a plan that lives 4 steps serves 3 actions."""
-    model, disc = make_model(head_std=0.1), make_discretizer()
-    with torch.no_grad():
-        model.ln_f.weight.zero_()
-        model.ln_f.bias.fill_(1.0)  # every final hidden state is the ones vector: stop logit 16 or -16
-        model.head[:, :, N] = 1.0 if always_stop else -1.0
+    model, disc = constant_stop_model(1.0 if always_stop else -1.0), make_discretizer()  # stop logit 16 or -16
     cfg = PlanConfig(beam_width=4, n_expand=2, horizon=4, max_context_transitions=2, plan_freq=3)
     planner = Planner(BeamSearch(model, disc, cfg, 0.9), np.arange(DS))
     searches = []
