@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from minari.data_collector import EpisodeBuffer
-from pointline import DATASET_ID, random_returns
+from pointline import DATASET_ID, TRAIN_SEED, random_returns
 
 from trajformer import cli
 from trajformer.baselines.model_env import (
@@ -35,7 +35,8 @@ FAST = ["--set", "train.max_steps=600", "--set", "model.n_embd=64", "--set", "da
         "--set", "model_based.steps=3000", "--set", "model_based.hidden=64",
         "--set", "model_based.morel_kappa=10", "--set", "model_based.rollout_every=200",
         "--set", "model_based.rollout_batch=500", "--set", "compare.iql_steps=1500", "--set", "compare.bc_steps=1500",
-        "--set", "compare.episodes=12", "--set", "compare.num_envs=12", "--set", "ensemble.max_epochs=15"]
+        "--set", "compare.episodes=12", "--set", "compare.num_envs=12", "--set", "ensemble.max_epochs=15",
+        *[arg for key in ("train", "ensemble", "model_based") for arg in ("--set", f"{key}.seed={TRAIN_SEED}")]]
 
 
 def hopper_states(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -96,6 +97,17 @@ def test_a_stopped_comparison_resumes_keeping_its_rows_and_trained_parts(point_d
         cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc",
                   "--resume", *small, "--set", "compare.bc_steps=300"])
     assert "holds bc trained for other step budgets" in capsys.readouterr().err
+    from trajformer.baselines.iql import IQLConfig, train_iql
+    from trajformer.config import load_config
+
+    cfg = load_config(TINY_COMPARE, [f'data.dataset="{DATASET_ID}"'])
+    train_iql(cfg, out / "iql", IQLConfig(steps=50, hidden=32), progress=False)  # a kept IQL of another budget
+    with pytest.raises(SystemExit):  # refused before BC or anything else trains, not when its row comes
+        cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods",
+                  "bc,mopo,morel,iql", "--resume", *small])
+    err = capsys.readouterr().err.strip()
+    assert "iql was trained for 50 steps with seed 0, not compare.iql_steps=1500" in err and "\n" not in err
+    assert json.loads((out / "compare.json").read_text()) == second
 
 
 def test_model_based_command_trains_its_own_ensemble_and_evaluates(point_datasets, tmp_path, monkeypatch, capsys):

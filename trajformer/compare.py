@@ -71,7 +71,13 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
             raise ValueError(f"compare.tt_run {cmp.tt_run} was trained on {reused.meta['dataset_id']}, not "
                              f"{data.dataset_id}; compare on its dataset or drop compare.tt_run")
     if any(m in ("iql", "tt-critic") for m in cmp.methods) and (out_dir / "iql" / "iql.json").is_file():
-        load_iql(out_dir / "iql")  # an IQL kept from before its current policy head is refused now, not later
+        # A kept IQL is refused now, not after hours of other methods: from before its current policy head (by
+        # load_iql), or trained for another budget or seed than this config's (its rows would be mislabelled).
+        kept = load_iql(out_dir / "iql")[1]["config"]
+        if (kept["steps"], kept["seed"]) != (cmp.iql_steps, cfg.train.seed):
+            raise ValueError(f"--resume: {out_dir / 'iql'} was trained for {kept['steps']} steps with seed "
+                             f"{kept['seed']}, not compare.iql_steps={cmp.iql_steps} with train.seed={cfg.train.seed};"
+                             f" resume with its own config, or delete {out_dir / 'iql'} to train it again")
     episodes, num_envs = cmp.episodes, min(cmp.num_envs, cmp.episodes)
     max_steps = cmp.max_steps or None
     results: dict[str, dict] = {m: prior["methods"][m] for m in cmp.methods if m in prior.get("methods", {})}
