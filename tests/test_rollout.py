@@ -13,7 +13,7 @@ import minari
 import numpy as np
 import pytest
 import torch
-from pointline import DATASET_ID, ENV_ID, random_returns
+from pointline import DATASET_ID, ENV_ID, TRAIN_SEED, random_returns
 
 from trajformer import cli
 from trajformer.config import Config, config_from_dict
@@ -38,7 +38,7 @@ def point_run(point_datasets):
             "discretizer": {"n_bins": 30},
             "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "dropout": 0.0},
             "train": {"batch_size": 64, "learning_rate": 1e-3, "max_steps": 600, "eval_every": 300,
-                      "checkpoint_every": 600, "log_every": 100, "num_threads": 1},
+                      "checkpoint_every": 600, "log_every": 100, "num_threads": 1, "seed": TRAIN_SEED},
             "plan": {"beam_width": 16, "n_expand": 2, "horizon": 5, "max_context_transitions": 3},
         })
         yield train(cfg, point_datasets / "run", progress=False)
@@ -252,7 +252,7 @@ def test_behaviour_cloning_runs_end_to_end_and_beats_random(point_run, tmp_path,
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
     out = tmp_path / "bc"
     cli.main(["bc", str(point_run / "config.toml"), "--out", str(out), "--steps", "1500", "--episodes", "12",
-              "--num-envs", "6"])
+              "--num-envs", "6", "--hp", f"seed={TRAIN_SEED}"])
     meta = json.loads((out / "bc.json").read_text())
     record = meta["evaluation"]
     assert len(record["returns"]) == 12 and record["config"]["episodes"] == 12
@@ -554,18 +554,27 @@ def test_a_setting_under_way_in_another_dtype_is_named_then_replaced(point_run, 
     assert not (run / "eval.partial.json").exists()
 
 
-def test_iql_runs_end_to_end_and_beats_random(point_run, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def iql_dir(point_run, tmp_path_factory):
+    """`trajformer iql` trained once on the point-line data (evaluated over 12 episodes), for the tests below."""
+    out = tmp_path_factory.mktemp("iql") / "iql"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
+        cli.main(["iql", str(point_run / "config.toml"), "--out", str(out), "--steps", "2000", "--hp", "hidden=64",
+                  "--hp", f"seed={TRAIN_SEED}", "--episodes", "12", "--num-envs", "6"])
+    return out
+
+
+def test_iql_runs_end_to_end_and_beats_random(iql_dir, tmp_path):
     """`trajformer iql` on the point-line data (half its actions head for the goal): the AWR policy beats
     random by far (measured: about -2, random -10, BC about -5)."""
-    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
-    out = tmp_path / "iql"
-    cli.main(["iql", str(point_run / "config.toml"), "--out", str(out), "--steps", "2000", "--hp", "hidden=64",
-              "--episodes", "12", "--num-envs", "6"])
-    meta = json.loads((out / "iql.json").read_text())
+    meta = json.loads((iql_dir / "iql.json").read_text())
     assert meta["config"]["hidden"] == 64 and meta["config"]["tau"] == 0.7
     assert meta["evaluation"]["mean_return"] > random_returns(12, 0).mean() + 4.0
     from trajformer.baselines.iql import load_iql
 
+    out = tmp_path / "iql-old"
+    shutil.copytree(iql_dir, out)
     del meta["policy"]  # a directory trained before the tanh-bounded mean: its weights would act differently
     (out / "iql.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="trained before IQL's policy mean was tanh-bounded"):
@@ -619,15 +628,12 @@ def test_baseline_settings_errors_are_one_line(point_run, tmp_path, capsys):
         assert not (tmp_path / method).exists()
 
 
-def test_planning_with_the_iql_critic_objective(point_run, tmp_path, monkeypatch, capsys):
+def test_planning_with_the_iql_critic_objective(point_run, iql_dir, tmp_path, monkeypatch, capsys):
     """TT with IQL's critic in place of its value token (`plan.objective=critic`) plans, and beats random."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
-    critic = tmp_path / "iql"
-    cli.main(["iql", str(point_run / "config.toml"), "--out", str(critic), "--steps", "1500", "--hp", "hidden=64",
-              "--episodes", "2", "--num-envs", "2"])
     out = tmp_path / "critic.json"
     cli.main(["plan", str(point_run), "--episodes", "6", "--num-envs", "6", "--set", "plan.objective=critic",
-              "--set", f"plan.critic={critic}", "--json", str(out)])
+              "--set", f"plan.critic={iql_dir}", "--json", str(out)])
     record = json.loads(out.read_text())
     assert record["config"]["plan"]["objective"] == "critic"
     assert record["mean_return"] > random_returns(6, 0).mean() + 4.0
