@@ -15,7 +15,7 @@ ENV_ID = "trajformer-test/PointLine-v0"
 DATASET_ID = "trajformer-test/pointline-v0"
 # The seed of every model the end-to-end score tests train on this task (TT, BC, IQL, ensemble, MOPO/MOReL/COMBO;
 # it also draws TT's episode split). 0 in the suite; TRAJFORMER_TEST_SEED=1 (2, ...) re-runs those tests with
-# other models, to check that their thresholds are margins and not one model's luck (tests/README.md).
+# other models, to check that their thresholds are margins and not one model's luck (README).
 TRAIN_SEED = int(os.environ.get("TRAJFORMER_TEST_SEED", "0"))
 
 
