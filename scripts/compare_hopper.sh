@@ -3,12 +3,14 @@
 # MOReL and COMBO trained here on the same split (configs/hopper-medium-local.toml: the papers' Hopper settings,
 # CPU budgets), TT = the shipped model (its training: pretrained/README.md), TT + IQL critic = the shipped model
 # planning with this comparison's IQL critic. 5 episodes each, seeds 0-4, beam 32 / horizon 5 for TT.
-# About 3 h on one core of a 2-core CPU (COMBO ~45 min, each TT evaluation ~25 min). Resumable: run it again.
+# About 3.5 h on one core of a 2-core CPU (IQL's 300k steps ~1 h, COMBO ~45 min, each TT evaluation ~25 min).
+# Resumable: run it again (a directory there is resumed, so a trained part put there first, e.g. an IQL
+# directory of the same steps and seed, is reused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
 trajformer collect --preset hopper-medium
-RESUME=(); [ -f runs/hopper-compare/compare.json ] && RESUME=(--resume)
+RESUME=(); [ -d runs/hopper-compare ] && RESUME=(--resume)
 trajformer compare configs/hopper-medium-local.toml --out runs/hopper-compare "${RESUME[@]}" \
   --methods bc,iql,mopo,morel,combo,tt,tt-critic --set compare.tt_run=pretrained/models/hopper-medium \
   --set plan.beam_width=32 --set plan.horizon=5 --set plan.num_threads="$OMP_NUM_THREADS"

@@ -183,7 +183,7 @@ class CompareConfig:
     num_envs: int = 10
     max_steps: int = 0  # env steps per episode (0 = the env's limit, 1000 for MuJoCo locomotion)
     bc_steps: int = 20_000
-    iql_steps: int = 100_000
+    iql_steps: int = 300_000
     tt_run: str = ""  # a trained TT run directory to reuse instead of training one with [model]/[train]
 
 

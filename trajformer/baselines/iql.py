@@ -34,13 +34,14 @@ from trajformer.files import load_torch, save_json, save_torch
 
 @dataclass
 class IQLConfig:
-    """The paper's locomotion settings (tau 0.7, beta 3, 2 x 256 MLPs, lr 3e-4, batch 256, Polyak 0.005)."""
+    """The paper's locomotion settings (tau 0.7, beta 3, 2 x 256 MLPs, lr 3e-4, batch 256, Polyak 0.005); steps
+    a CPU budget, 30% of the paper's 1M (on our hopper-medium 100k steps scored 806, 300k 2814: README)."""
 
     tau: float = 0.7
     beta: float = 3.0
     discount: float = 0.99
     hidden: int = 256
-    steps: int = 100_000
+    steps: int = 300_000
     batch_size: int = 256
     learning_rate: float = 3e-4
     polyak: float = 0.005
