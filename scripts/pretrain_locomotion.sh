@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Reproduces pretrained/models/ENV-medium (ENV = hopper | walker2d | halfcheetah):
+# Reproduces pretrained/models/ENV-medium (ENV = hopper | walker2d | halfcheetah); the shipped walker2d-medium
+# (since 2026-12-06) is this recipe at 4M windows, made by `ENV=walker2d scripts/learning_curves.sh drop0-4m`
+# (validations every 6,250 steps rather than 1,562, so its best-validation weights may differ from this script's):
 #   scripts/pretrain_locomotion.sh hopper [MAX_WINDOWS]
 # The CPU recipe (README "Training budget") on the 1M-transition preset: 4 x 4 x 128, windows of 5 transitions,
 # no dropout, batch 64, bf16 where the CPU has it, 1M sampled windows by default (Hopper: about 90 min on one
