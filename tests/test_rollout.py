@@ -533,6 +533,36 @@ def test_protocol_keeps_settings_evaluated_separately(point_run, tmp_path, monke
     assert set(json.loads((run / "eval.json").read_text())["settings"]) == {"official"}  # other episodes: anew
 
 
+def test_a_finished_setting_is_kept_for_the_same_weights_and_planned_again_for_others(point_run, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """`eval --bc` after an evaluation attaches the reference without planning again; --again, another dtype or
+    other weights in model.pt plan anew, and an entry of other weights leaves eval.json."""
+    from trajformer import rollout
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
+    run, bc = tmp_path / "run", tmp_path / "bc"
+    shutil.copytree(point_run, run)
+    cli.main(["bc", str(point_run / "config.toml"), "--out", str(bc), "--steps", "50", "--episodes", "2"])
+    first = rollout.evaluation_protocol(str(run), episodes=2, settings=("32x5",), progress=False)
+    planned = []
+    real = rollout._resumable_setting
+    monkeypatch.setattr(rollout, "_resumable_setting", lambda *a, **k: planned.append(a[1].dtype) or real(*a, **k))
+    capsys.readouterr()
+    cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5", "--bc", str(bc)])
+    assert planned == [] and "kept from" in capsys.readouterr().out
+    record = json.loads((run / "eval.json").read_text())
+    assert record["settings"]["32x5"] == first["settings"]["32x5"] and record["bc_mean_return"] is not None
+    cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5", "--again"])
+    cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5", "--set", "plan.dtype=bfloat16"])
+    assert planned == ["float32", "bfloat16"]
+    assert json.loads((run / "eval.json").read_text())["bc_mean_return"] == record["bc_mean_return"]
+    state = torch.load(run / "model.pt", weights_only=True)
+    state = {k: v + 1e-3 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, run / "model.pt")
+    rollout.evaluation_protocol(str(run), episodes=2, settings=("official",), progress=False)
+    assert planned[-1] == "float32" and set(json.loads((run / "eval.json").read_text())["settings"]) == {"official"}
+
+
 def test_a_setting_under_way_in_another_dtype_is_named_then_replaced(point_run, tmp_path, monkeypatch, capsys):
     """A float32 evaluation of a setting that eval.partial.json holds under way in bfloat16 says how to resume
     that one, plans its own episodes from the start, and replaces the bf16 entry when it finishes."""

@@ -285,6 +285,8 @@ def _add_eval(sub) -> None:
                    "and/or 32x5 (beam 32, horizon 5)")
     p.add_argument("--bc", default=None, metavar="BC_DIR", help="a `trajformer bc` directory evaluated on as many "
                    "episodes")
+    p.add_argument("--again", action="store_true", help="plan a setting again that eval.json already holds for "
+                   "the same weights, episodes and search (kept by default, so --bc can be added afterwards)")
     _add_overrides(p, "plan.device=cuda", "plan.KEY=VALUE")
     p.set_defaults(func=_cmd_eval)
 
@@ -293,7 +295,7 @@ def _cmd_eval(args) -> None:
     from trajformer.rollout import evaluation_protocol
 
     out = evaluation_protocol(args.run_dir, args.episodes, tuple(args.settings.split(",")), args.bc,
-                              num_envs=args.num_envs, overrides=args.overrides)
+                              num_envs=args.num_envs, overrides=args.overrides, again=args.again)
     for name, record in out["settings"].items():
         score = record["normalized_score"]
         lengths = record.get("lengths")  # eval.json written before lengths were recorded has none

@@ -402,14 +402,15 @@ def official_plan(env_id: str, dataset_id: str) -> dict:
 
 def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, ...] = ("official", "32x5"),
                         bc_dir: str | None = None, num_envs: int | None = None, progress: bool = True,
-                        overrides: list[str] | tuple[str, ...] = ()) -> dict:
+                        overrides: list[str] | tuple[str, ...] = (), again: bool = False) -> dict:
     """The one evaluation protocol (issue 9): N episodes (seeds 0..N-1) of up to 1000 steps with envs batched,
     at the official planner setting of the run's task ("official", whatever the run's own [plan] says) and at
     beam 32 / horizon 5 ("32x5"), beside the dataset's mean return over complete episodes and behaviour
     cloning's return on the same protocol; RUN_DIR/eval.json. `overrides` (plan.key=value) may set how the
     search runs (device, dtype, threads), not what it searches. Each finished episode is kept in
     RUN_DIR/eval.partial.json, and so are the episodes under way every minute: running it again after an
-    interruption goes on mid-episode where it stopped (run_episodes)."""
+    interruption goes on mid-episode where it stopped (run_episodes). A setting eval.json already holds for these
+    weights, episodes, search and dtype is kept, not planned again (so `--bc` can be added later), unless `again`."""
     check_counts(episodes, num_envs)
     unknown = [s for s in settings if s not in ("official", "32x5")]
     if unknown or not settings:
@@ -459,28 +460,48 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         if key not in plans:
             fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
             plans[key] = setting, plan_config(run, [*fixed, "plan.objective=reward", *overrides])
+    # A setting's entry names the weights it planned with; entries of other (or unnamed) weights are not kept.
+    weights = hashlib.sha256((run_dir / "model.pt").read_bytes()).hexdigest()
+    earlier = run_dir / "eval.json"
     done: dict[tuple, dict] = {}
+    for key, (setting, plan_cfg) in plans.items():
+        kept = next((r for r in _kept_settings(earlier, episodes, weights).values() if not again
+                     and r["plan"]["dtype"] == plan_cfg.dtype and {k: r["plan"].get(k) for k in setting} == setting),
+                    None)
+        if kept is not None:
+            print(f"beam {setting['beam_width']} / horizon {setting['horizon']}: kept from {earlier} (the same "
+                  "weights, episodes and search); --again plans it again", flush=True)
+            done[key] = kept
     with contextlib.ExitStack() as held:
-        for setting, plan_cfg in plans.values():
+        for key, (setting, plan_cfg) in plans.items():
+            if key in done:
+                continue
             digest = hashlib.sha1(json.dumps(_identity(setting, plan_cfg, episodes), sort_keys=True).encode())
             if not held.enter_context(file_lock(run_dir / f".eval-{digest.hexdigest()[:12]}.lock", wait=False)):
                 raise ValueError(f"another `trajformer eval` is evaluating beam {setting['beam_width']} / horizon "
                                  f"{setting['horizon']} ({episodes} episodes) on {run_dir}; wait for it, or stop it "
                                  "and run again to go on where it stopped")
         for key, (setting, plan_cfg) in plans.items():
-            done[key] = _resumable_setting(run, plan_cfg, _identity(setting, plan_cfg, episodes),
-                                           num_envs or episodes, progress)
+            if key not in done:
+                done[key] = {**_resumable_setting(run, plan_cfg, _identity(setting, plan_cfg, episodes),
+                                                  num_envs or episodes, progress), "weights_sha256": weights}
     out["settings"] = {name: done[names[name]] for name in settings}
     with file_lock(run_dir / ".eval.lock"):
         # Settings evaluated earlier on as many episodes (another `--settings`) stay in eval.json beside these.
-        earlier = run_dir / "eval.json"
-        if earlier.is_file() and (old := json.loads(earlier.read_text())).get("episodes") == episodes:
-            out["settings"] = {**old.get("settings", {}), **out["settings"]}
-            out["bc_mean_return"] = out["bc_mean_return"] if bc_dir is not None else old.get("bc_mean_return")
+        out["settings"] = {**_kept_settings(earlier, episodes, weights), **out["settings"]}
+        if bc_dir is None and earlier.is_file() and (old := json.loads(earlier.read_text()))["episodes"] == episodes:
+            out["bc_mean_return"] = old.get("bc_mean_return")
         save_json(earlier, out)
         _update_partial(run_dir, lambda r: r["episodes_total"] != episodes
                         or tuple(sorted(r["setting"].items())) not in done)
     return out
+
+
+def _kept_settings(path: Path, episodes: int, weights: str) -> dict:
+    """The settings of eval.json at `path` evaluated on `episodes` episodes with the weights of this digest."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    return {name: r for name, r in old.get("settings", {}).items()
+            if old.get("episodes") == episodes and r.get("weights_sha256") == weights}
 
 
 def _identity(setting: dict, plan_cfg: PlanConfig, episodes: int) -> dict:
