@@ -2,10 +2,12 @@
 # One call of a lent GPU machine (the `device` tool: one H200, 15 minutes a session), prepared here:
 #   1. the CUDA tests (tests skip them without a card): the search on the card gives the CPU's plans;
 #   2. benchmarks/plan_speed.py --device cuda (the whole search on the card since 2026-12-01);
-#   3. the walker2d-medium learning curve's next point (`ENV=walker2d scripts/learning_curves.sh drop0-4m`: the
-#      shipped model's recipe at 4M windows, README "Training budget") trained on the card, then its 32/5
-#      evaluation there, for SECONDS_LEFT seconds (collecting the preset first, ~3 min of one core; an unfinished run
-#      comes back with its checkpoint: run the script again while the machine is warm, and it resumes there).
+#   3. the shipped walker2d-medium at its official 128/15 (bf16, the protocol's 10 episodes) on the card for
+#      SECONDS_LEFT seconds, resuming the pretrained/models/walker2d-medium/eval.partial.json the CPU evaluation left
+#      (stop that evaluation here first: two processes would go on from the same state). Its eval.partial.json
+#      (or eval.json when every episode has ended) comes back under walker2d-medium/: copy it into the model
+#      directory and run `trajformer eval pretrained/models/walker2d-medium --episodes 10 --settings official
+#      --set plan.dtype=bfloat16` here, which goes on from it (or only writes eval.json).
 # Everything comes back as $OUT/results.tgz.part-* (<= 15 MB each) and $OUT/summary.log.
 # Here, before the call: download the wheels of minari, gymnasium, farama-notifications, mujoco, mujoco-core,
 # glfw into .whl/ (README of the device tool) and carry .whl; the humanoid modes below also need
@@ -32,9 +34,9 @@ ship() {  # everything under /tmp/work comes back in parts the device tool accep
 }
 if [ "${LOCAL:-0}" = 1 ]; then
   PY=python; DEV=cpu; HUM=(--set train.max_windows=640 --set train.eval_every=5 --set train.checkpoint_every=5)
-  SPEED=(--steps 1 --uncached-steps 0); CURVE=(EPISODES=1 WINDOWS=640)
+  SPEED=(--steps 1 --uncached-steps 0); EVAL=(--set plan.num_threads=1)
 else
-  PY=python3; DEV=cuda; HUM=(); SPEED=(--steps 2); CURVE=()
+  PY=python3; DEV=cuda; HUM=(); SPEED=(--steps 2); EVAL=()
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -77,15 +79,10 @@ log "2. plan_speed on the card"
 timeout 150 $PY benchmarks/plan_speed.py --device $DEV "${SPEED[@]}" 2>&1 | tee /tmp/work/plan_speed.log \
   | tail -4 >>"$OUT/summary.log"
 
-log "3. walker2d drop0-4m on the card, ${SECONDS_LEFT}s"
-trajformer() { $PY -m trajformer "$@"; }  # the learning-curve script calls the CLI by name
-export -f trajformer
-export PY
-timeout -s INT "$SECONDS_LEFT" env "${CURVE[@]}" ENV=walker2d TRAIN_DEVICE=$DEV CURVES_ROOT=/tmp/work \
-  scripts/learning_curves.sh drop0-4m >/tmp/work/walker.log 2>&1
-code=$?
-run=/tmp/work/drop0-4m
-rm -f $run/last.pt  # weights and checkpoint both come back: an interrupted evaluation needs the first, training the other
-log "drop0-4m: exit code $code, $(tail -n 1 $run/metrics.jsonl | cut -c1-160)"
-log "walker: $(tail -c 300 /tmp/work/walker.log | tr '\r' '\n' | tail -2)"
+log "3. walker2d-medium at 128/15 on the card, ${SECONDS_LEFT}s"
+cp -r pretrained/models/walker2d-medium /tmp/work/walker2d-medium
+timeout -s INT "$SECONDS_LEFT" $PY -m trajformer eval /tmp/work/walker2d-medium --episodes 10 --settings official \
+  --set plan.dtype=bfloat16 --set plan.device=$DEV "${EVAL[@]}" >/tmp/work/walker.log 2>&1
+log "walker: exit code $?, $(tail -c 400 /tmp/work/walker.log | tr '\r' '\n' | tail -n 2)"
+rm -f /tmp/work/walker2d-medium/model.pt  # the weights are in the checkout already
 ship

@@ -47,7 +47,19 @@ def compute(model_dir: Path) -> str:
     spent = transformer_compute(load_run(model_dir))
     approx = "" if spent["train_seconds_source"] == "logged" else "~"
     when = f", {approx}{spent['train_seconds'] / 60:.0f} min" if spent["train_seconds"] else ""
-    return f"{c['total_steps'] * c['batch_size']:,} windows, {c['device']} {c['dtype']}, {c['threads']} thread(s){when}"
+    threads = sorted({s["threads"] for s in c.get("sessions", [])} | {c["threads"]})  # a resume may change them
+    return (f"{c['total_steps'] * c['batch_size']:,} windows, {c['device']} {c['dtype']}, "
+            f"{'-'.join(map(str, threads))} thread(s){when}")
+
+
+def bc_cell(ev: dict) -> str:
+    """BC's return: the mean over its training seeds, with each seed's (eval.json before 2026-12-06: one seed)."""
+    seeds = ev.get("bc") or []
+    if ev["bc_mean_return"] is None:
+        return "–"
+    each = (f" (seeds {', '.join(str(b['seed']) for b in seeds)}: "
+            f"{', '.join(format(b['mean_return'], '.0f') for b in seeds)})")
+    return f"{ev['bc_mean_return']:.0f}" + (each if len(seeds) > 1 else "")
 
 
 def table() -> str:
@@ -58,9 +70,8 @@ def table() -> str:
         if not (model_dir / "eval.json").is_file():
             continue
         ev = json.loads((model_dir / "eval.json").read_text())
-        bc = ev["bc_mean_return"]
         lines.append(f"| {name} ({ev['episodes']} episodes) | {ev['dataset_mean_return']:.0f} | "
-                     f"{'–' if bc is None else f'{bc:.0f}'} | {fmt(ev['settings'].get('32x5'))} | "
+                     f"{bc_cell(ev)} | {fmt(ev['settings'].get('32x5'))} | "
                      f"{fmt(ev['settings'].get('official'), True, under_way(model_dir))} | {PAPER[name]} | "
                      f"{compute(model_dir)} |")
     return "\n".join(lines)

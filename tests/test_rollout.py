@@ -535,25 +535,35 @@ def test_protocol_keeps_settings_evaluated_separately(point_run, tmp_path, monke
 
 def test_a_finished_setting_is_kept_for_the_same_weights_and_planned_again_for_others(point_run, tmp_path,
                                                                                       monkeypatch, capsys):
-    """`eval --bc` after an evaluation attaches the reference without planning again; --again, another dtype or
-    other weights in model.pt plan anew, and an entry of other weights leaves eval.json."""
+    """`eval --bc` after an evaluation attaches the reference (the mean over BC's training seeds) without planning
+    again; --again, another dtype or other weights in model.pt plan anew, and an entry of other weights leaves
+    eval.json."""
     from trajformer import rollout
 
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
     run, bc = tmp_path / "run", tmp_path / "bc"
     shutil.copytree(point_run, run)
-    cli.main(["bc", str(point_run / "config.toml"), "--out", str(bc), "--steps", "50", "--episodes", "2"])
+    for seed in (0, 1):
+        cli.main(["bc", str(point_run / "config.toml"), "--out", f"{bc}{seed}", "--steps", "50", "--episodes", "2",
+                  "--hp", f"seed={seed}"])
     first = rollout.evaluation_protocol(str(run), episodes=2, settings=("32x5",), progress=False)
     planned = []
     real = rollout._resumable_setting
     monkeypatch.setattr(rollout, "_resumable_setting", lambda *a, **k: planned.append(a[1].dtype) or real(*a, **k))
     capsys.readouterr()
-    cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5", "--bc", str(bc)])
+    with pytest.raises(SystemExit):  # one training seed twice: refused before anything runs
+        cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5", "--bc", f"{bc}0", f"{bc}0"])
+    assert "share a training seed" in capsys.readouterr().err
+    cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5", "--bc", f"{bc}0", f"{bc}1"])
     assert planned == [] and "kept from" in capsys.readouterr().out
     record = json.loads((run / "eval.json").read_text())
-    assert record["settings"]["32x5"] == first["settings"]["32x5"] and record["bc_mean_return"] is not None
+    seeds = [json.loads((tmp_path / f"bc{s}" / "bc.json").read_text())["evaluation"]["mean_return"] for s in (0, 1)]
+    assert record["settings"]["32x5"] == first["settings"]["32x5"] and seeds[0] != seeds[1]
+    assert record["bc_mean_return"] == pytest.approx(np.mean(seeds))
+    assert [(b["seed"], b["mean_return"]) for b in record["bc"]] == [(0, seeds[0]), (1, seeds[1])]
     cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5", "--again"])
     cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5", "--set", "plan.dtype=bfloat16"])
+    cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5"])  # no dtype asked for: bf16's kept
     assert planned == ["float32", "bfloat16"]
     assert json.loads((run / "eval.json").read_text())["bc_mean_return"] == record["bc_mean_return"]
     state = torch.load(run / "model.pt", weights_only=True)

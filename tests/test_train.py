@@ -105,6 +105,25 @@ def test_resume_after_interrupt_mid_epoch_is_bit_identical(tiny_config, hopper_d
         assert all(torch.equal(a[k], b[k]) for k in a), name
     steps = [row["step"] for row in read_metrics(tmp_path / "resumed" / "metrics.jsonl")]
     assert steps == sorted(steps)
+    # run.json's compute names each session's start; resuming the finished run leaves the record as it was.
+    compute = json.loads((tmp_path / "resumed" / "run.json").read_text())["compute"]
+    assert [s["from_step"] for s in compute["sessions"]] == [0, 8]
+    train(cfg(), tmp_path / "resumed", resume=True, progress=False)
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["compute"] == compute
+
+
+def test_resumed_compute_keeps_the_threads_of_each_session():
+    """A run trained on 1 thread, then 2, then 1 from an earlier checkpoint says so (a record made before sessions
+    were kept counts as one session from step 0)."""
+    new = lambda step, threads: {"device": "cpu", "dtype": "bfloat16", "threads": threads, "total_steps": 100,  # noqa: E731
+                                 "sessions": [{"from_step": step, "device": "cpu", "dtype": "bfloat16",
+                                               "threads": threads}]}
+    legacy = {k: v for k, v in new(0, 1).items() if k != "sessions"}
+    two = train_module._resumed_compute(legacy, new(40, 2), 40)
+    assert [(s["from_step"], s["threads"]) for s in two["sessions"]] == [(0, 1), (40, 2)] and two["threads"] == 2
+    again = train_module._resumed_compute(two, new(30, 1), 30)  # resumed from a checkpoint before step 40
+    assert [(s["from_step"], s["threads"]) for s in again["sessions"]] == [(0, 1), (30, 1)]
+    assert train_module._resumed_compute(two, new(100, 1), 100) == two  # finished: nothing trained
 
 
 def test_data_parallel_two_processes_match_single_process(tiny_config, hopper_dataset, tmp_path):

@@ -283,8 +283,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--settings", default="official,32x5",
                    help="comma-separated: official (the official code's setting for the run's task, DESIGN.md §5) "
                    "and/or 32x5 (beam 32, horizon 5)")
-    p.add_argument("--bc", default=None, metavar="BC_DIR", help="a `trajformer bc` directory evaluated on as many "
-                   "episodes")
+    p.add_argument("--bc", nargs="+", default=(), metavar="BC_DIR", help="`trajformer bc` directories evaluated "
+                   "on as many episodes, of distinct training seeds (--hp seed=N); the reference is their mean")
     p.add_argument("--again", action="store_true", help="plan a setting again that eval.json already holds for "
                    "the same weights, episodes and search (kept by default, so --bc can be added afterwards)")
     _add_overrides(p, "plan.device=cuda", "plan.KEY=VALUE")
@@ -294,7 +294,7 @@ def _add_eval(sub) -> None:
 def _cmd_eval(args) -> None:
     from trajformer.rollout import evaluation_protocol
 
-    out = evaluation_protocol(args.run_dir, args.episodes, tuple(args.settings.split(",")), args.bc,
+    out = evaluation_protocol(args.run_dir, args.episodes, tuple(args.settings.split(",")), tuple(args.bc),
                               num_envs=args.num_envs, overrides=args.overrides, again=args.again)
     for name, record in out["settings"].items():
         score = record["normalized_score"]
@@ -303,8 +303,10 @@ def _cmd_eval(args) -> None:
               + (f", normalised {score:.1f}" if score is not None else "")
               + f", {record['seconds_per_step']:.3f} s per env step"
               + (f", episode length {min(lengths)}-{max(lengths)}" if lengths else ""))
-    bc = out["bc_mean_return"]
-    print(f"dataset mean return {_number(out['dataset_mean_return'])}" + (f", BC {bc:.1f}" if bc is not None else ""))
+    bc, seeds = out["bc_mean_return"], out.get("bc") or []
+    print(f"dataset mean return {_number(out['dataset_mean_return'])}" + (f", BC {bc:.1f}" if bc is not None else "")
+          + (" (mean over training seeds: " + ", ".join(f"{b['mean_return']:.1f}" for b in seeds) + ")"
+             if len(seeds) > 1 else ""))
 
 
 BASELINES = {"bc": "behaviour cloning", "iql": "implicit Q-learning (expectile V, TD Q, AWR policy)"}

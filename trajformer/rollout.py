@@ -401,16 +401,18 @@ def official_plan(env_id: str, dataset_id: str) -> dict:
 
 
 def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, ...] = ("official", "32x5"),
-                        bc_dir: str | None = None, num_envs: int | None = None, progress: bool = True,
+                        bc_dirs: tuple[str, ...] = (), num_envs: int | None = None, progress: bool = True,
                         overrides: list[str] | tuple[str, ...] = (), again: bool = False) -> dict:
     """The one evaluation protocol (issue 9): N episodes (seeds 0..N-1) of up to 1000 steps with envs batched,
     at the official planner setting of the run's task ("official", whatever the run's own [plan] says) and at
     beam 32 / horizon 5 ("32x5"), beside the dataset's mean return over complete episodes and behaviour
-    cloning's return on the same protocol; RUN_DIR/eval.json. `overrides` (plan.key=value) may set how the
+    cloning's return on the same protocol (the mean over `bc_dirs`, BC of distinct training seeds: one seed's
+    return varies more than its standard error says); RUN_DIR/eval.json. `overrides` (plan.key=value) may set how the
     search runs (device, dtype, threads), not what it searches. Each finished episode is kept in
     RUN_DIR/eval.partial.json, and so are the episodes under way every minute: running it again after an
     interruption goes on mid-episode where it stopped (run_episodes). A setting eval.json already holds for these
-    weights, episodes, search and dtype is kept, not planned again (so `--bc` can be added later), unless `again`."""
+    weights, episodes and search is kept, not planned again (so `--bc` can be added later), unless `again` (or
+    another plan.dtype than it was planned in is asked for)."""
     check_counts(episodes, num_envs)
     unknown = [s for s in settings if s not in ("official", "32x5")]
     if unknown or not settings:
@@ -422,27 +424,13 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
                              "plan.dtype, plan.num_threads) or plan with `trajformer plan` instead")
     run = load_run(run_dir)
     env_id = env_settings(run)[0]  # the protocol runs in the run's own env
-    bc_return = None
-    if bc_dir is not None:
-        bc_json = Path(bc_dir) / "bc.json"
-        if not bc_json.is_file() or "evaluation" not in (bc := json.loads(bc_json.read_text())):
-            raise FileNotFoundError(f"{bc_dir} holds no evaluated BC (bc.json with an evaluation); make one with "
-                                    f"`trajformer bc CONFIG --episodes {episodes} --out {bc_dir}`")
-        used = bc["evaluation"]["config"]
-        if used["episodes"] != episodes:
-            raise ValueError(f"{bc_dir} was evaluated on {used['episodes']} episodes, not "
-                             f"{episodes}; re-run `trajformer bc` with --episodes {episodes}")
-        other = [what for what, differs in (
-            (f"trained on {bc.get('dataset_id')}, the run on {run.meta.get('dataset_id')}",
-             bc.get("dataset_id") != run.meta.get("dataset_id")),
-            (f"episodes cut at {used.get('max_steps')} steps", used.get("max_steps") is not None),
-            (f"seeds from {used.get('seed')}, not 0", used.get("seed", 0) != 0)) if differs]
-        if other:
-            raise ValueError(f"{bc_dir} is not BC on this protocol ({'; '.join(other)}); re-run `trajformer bc` on "
-                             f"the run's dataset with --episodes {episodes}, full episodes and seed 0")
-        bc_return = bc["evaluation"]["mean_return"]
+    bc = [_bc_reference(d, run, episodes) for d in bc_dirs]
+    if len({b["seed"] for b in bc}) < len(bc):
+        raise ValueError(f"--bc {' '.join(bc_dirs)}: two directories share a training seed; give BC runs of "
+                         "distinct seeds (`trajformer bc CONFIG --hp seed=N`)")
     out = {"episodes": episodes, "dataset_mean_return": dataset_reference(run),
-           "bc_mean_return": bc_return, "settings": {}}
+           "bc_mean_return": float(np.mean([b["mean_return"] for b in bc])) if bc else None,
+           "bc": bc or None, "settings": {}}
     # Finished episodes are kept in eval.partial.json as they end, so an interrupted evaluation (an hour per
     # episode at 128/15 on a CPU) resumes where it stopped; the file goes once eval.json is written. Evaluations
     # of other settings may run at the same time on the same run directory: each updates only its own entries of
@@ -464,10 +452,11 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     weights = hashlib.sha256((run_dir / "model.pt").read_bytes()).hexdigest()
     earlier = run_dir / "eval.json"
     done: dict[tuple, dict] = {}
+    any_dtype = not any(item.split("=", 1)[0].strip().removeprefix("plan.") == "dtype" for item in overrides)
     for key, (setting, plan_cfg) in plans.items():
         kept = next((r for r in _kept_settings(earlier, episodes, weights).values() if not again
-                     and r["plan"]["dtype"] == plan_cfg.dtype and {k: r["plan"].get(k) for k in setting} == setting),
-                    None)
+                     and (any_dtype or r["plan"]["dtype"] == plan_cfg.dtype)
+                     and {k: r["plan"].get(k) for k in setting} == setting), None)
         if kept is not None:
             print(f"beam {setting['beam_width']} / horizon {setting['horizon']}: kept from {earlier} (the same "
                   "weights, episodes and search); --again plans it again", flush=True)
@@ -489,12 +478,35 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     with file_lock(run_dir / ".eval.lock"):
         # Settings evaluated earlier on as many episodes (another `--settings`) stay in eval.json beside these.
         out["settings"] = {**_kept_settings(earlier, episodes, weights), **out["settings"]}
-        if bc_dir is None and earlier.is_file() and (old := json.loads(earlier.read_text()))["episodes"] == episodes:
-            out["bc_mean_return"] = old.get("bc_mean_return")
+        if not bc and earlier.is_file() and (old := json.loads(earlier.read_text()))["episodes"] == episodes:
+            out["bc_mean_return"], out["bc"] = old.get("bc_mean_return"), old.get("bc")
         save_json(earlier, out)
         _update_partial(run_dir, lambda r: r["episodes_total"] != episodes
                         or tuple(sorted(r["setting"].items())) not in done)
     return out
+
+
+def _bc_reference(bc_dir: str, run: Run, episodes: int) -> dict:
+    """One `trajformer bc` directory's evaluation, checked to be on this protocol: the run's dataset, as many
+    episodes from seed 0, full length. Returns its training seed, mean return and standard error."""
+    bc_json = Path(bc_dir) / "bc.json"
+    if not bc_json.is_file() or "evaluation" not in (bc := json.loads(bc_json.read_text())):
+        raise FileNotFoundError(f"{bc_dir} holds no evaluated BC (bc.json with an evaluation); make one with "
+                                f"`trajformer bc CONFIG --episodes {episodes} --out {bc_dir}`")
+    used = bc["evaluation"]["config"]
+    if used["episodes"] != episodes:
+        raise ValueError(f"{bc_dir} was evaluated on {used['episodes']} episodes, not "
+                         f"{episodes}; re-run `trajformer bc` with --episodes {episodes}")
+    other = [what for what, differs in (
+        (f"trained on {bc.get('dataset_id')}, the run on {run.meta.get('dataset_id')}",
+         bc.get("dataset_id") != run.meta.get("dataset_id")),
+        (f"episodes cut at {used.get('max_steps')} steps", used.get("max_steps") is not None),
+        (f"seeds from {used.get('seed')}, not 0", used.get("seed", 0) != 0)) if differs]
+    if other:
+        raise ValueError(f"{bc_dir} is not BC on this protocol ({'; '.join(other)}); re-run `trajformer bc` on "
+                         f"the run's dataset with --episodes {episodes}, full episodes and seed 0")
+    return {"seed": bc["config"]["seed"], "mean_return": bc["evaluation"]["mean_return"],
+            "stderr": bc["evaluation"]["stderr"]}
 
 
 def _kept_settings(path: Path, episodes: int, weights: str) -> dict:

@@ -267,6 +267,20 @@ def trained_steps(out_dir: str | os.PathLike) -> tuple[int, int] | None:
     return (step, int(total)) if total is not None else None
 
 
+def _resumed_compute(old: dict, new: dict, step: int) -> dict:
+    """run.json's compute record after a resume at `step`: the sessions that trained the steps before it (their
+    device, dtype and threads) and this one; a fine-tune keeps the record of its start. A finished run resumed
+    (nothing left to train) keeps its record as it was."""
+    if step >= new["total_steps"] and old:
+        return old
+    first = {"from_step": 0, **{k: old[k] for k in ("device", "dtype", "threads") if k in old}}
+    before = old.get("sessions") or [first]
+    out = {**new, "sessions": [s for s in before if s["from_step"] < step] + new["sessions"]}
+    if old.get("init_from"):
+        out["init_from"] = old["init_from"]
+    return out
+
+
 def _check_resume(out_dir: Path, prep: Prepared) -> dict:
     """The checkpoint to resume from, after checking that it exists, loads, and fits this data."""
     if not (out_dir / "checkpoint.pt").is_file():
@@ -420,14 +434,14 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     metrics_path = out_dir / "metrics.jsonl"
     seconds_before = 0.0  # training wall-clock of the sessions before a resume, from the kept log rows
     if rank == 0:
-        compute = {"device": str(device), "dtype": dtype, "world_size": world, "threads": torch.get_num_threads(),
-                   "compile": cfg.train.compile, "total_steps": total, "batch_size": batch}
+        here = {"device": str(device), "dtype": dtype, "threads": torch.get_num_threads()}
+        compute = {**here, "world_size": world, "compile": cfg.train.compile, "total_steps": total,
+                   "batch_size": batch, "sessions": [{"from_step": step, **here}]}
         if init is not None:
             compute["init_from"] = _init_record(init)
-        elif resume and (out_dir / "run.json").is_file():  # a resumed fine-tune keeps the record of its start
-            kept = json.loads((out_dir / "run.json").read_text()).get("compute", {}).get("init_from")
-            if kept:
-                compute["init_from"] = kept
+        elif resume and (out_dir / "run.json").is_file():
+            compute = _resumed_compute(json.loads((out_dir / "run.json").read_text()).get("compute", {}), compute,
+                                       step)
         write_run_files(out_dir, to_toml(cfg), prep.discretizer, run_metadata(prep, cfg, model_cfg, compute))
         if state is not None and metrics_path.exists():  # drop lines logged after the checkpoint
             kept = [row for row in read_metrics(metrics_path) if row["step"] <= step]
