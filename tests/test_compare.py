@@ -285,7 +285,7 @@ def test_combo_regulariser_closed_form_and_its_push():
     term = combo_regulariser(model_obs, real, beta=2.0, n_actions=n)
     per_state = torch.cat([torch.full((3, n), c + dA * np.log(2.0)), (c - logp).view(3, n)], dim=1)
     expected = 2.0 * 2 * (torch.logsumexp(per_state, dim=1).mean() - c)
-    assert float(term(agent)) == pytest.approx(float(expected), rel=1e-5)
+    assert term(agent).item() == pytest.approx(expected.item(), rel=1e-5)
 
     real = Batch(model_obs.repeat(2, 1), torch.full((6, dA), 0.5), torch.zeros(6), torch.zeros(6, dS), torch.zeros(6))
     term = combo_regulariser(model_obs, real, beta=1.0, n_actions=n)
@@ -297,3 +297,41 @@ def test_combo_regulariser_closed_form_and_its_push():
         uniform = agent.q(model_obs.repeat_interleave(64, 0), torch.rand(3 * 64, dA) * 2 - 1)[0].mean()
         data = agent.q(real.obs, agent.unscale(real.act))[0].mean()
     assert data > uniform
+
+
+def test_sac_finds_a_state_dependent_bandit_optimum_and_bootstraps_through_time():
+    """SAC on one-step episodes (done = 1) with reward -(a - s/2)^2 from uniform actions: the policy's mean action
+    goes to s/2 in every state. On a two-step chain (reward 0, then s whatever the action, then the end) the
+    critic backs the second step's value up through the discount: Q of the first step rises with s at slope
+    gamma, the second's at slope 1."""
+    from trajformer.baselines.policy import Batch
+    from trajformer.baselines.sac import SAC, SACAgent
+
+    torch.manual_seed(TRAIN_SEED)
+    agent = SACAgent(1, 1, hidden=64)
+    obs = torch.rand(4096, 1) * 2 - 1
+    agent.fit_data(obs, torch.tensor([[-1.0], [1.0]]), np.array([0]))
+    sac = SAC(agent, learning_rate=3e-3)
+    grid = torch.linspace(-0.9, 0.9, 7).view(-1, 1)
+    for _ in range(1500):
+        s, a = torch.rand(256, 1) * 2 - 1, torch.rand(256, 1) * 2 - 1
+        sac.update(Batch(s, a, -((a - s / 2) ** 2)[:, 0], s, torch.ones(256)))
+    with torch.no_grad():
+        assert (agent.mean_action(agent.norm(grid)) - grid / 2).abs().max() < 0.1
+        # Q of the best action above Q of the worst end, in every state.
+        best, worst = agent.q(grid, grid / 2)[0], agent.q(grid, -torch.sign(grid + 1e-3))[0]
+    assert (best > worst + 0.2).all()
+
+    agent = SACAgent(2, 1, hidden=64)  # observation (s, step of the chain)
+    agent.fit_data(torch.cat([obs, torch.rand(4096, 1).round()], 1), torch.tensor([[-1.0], [1.0]]), np.array([0, 1]))
+    sac = SAC(agent, learning_rate=3e-3, discount=0.9)
+    for _ in range(1500):
+        s, a, second = torch.rand(256, 1) * 2 - 1, torch.rand(256, 1) * 2 - 1, torch.rand(256) < 0.5
+        now = torch.cat([s, second[:, None].float()], 1)
+        sac.update(Batch(now, a, torch.where(second, s[:, 0], 0.0), torch.cat([s, torch.ones(256, 1)], 1),
+                         second.float()))
+    with torch.no_grad():
+        for step, slope in ((0.0, 0.9), (1.0, 1.0)):
+            q = agent.q(torch.cat([grid, torch.full_like(grid, step)], 1), torch.zeros_like(grid))[0]
+            fit = np.polyfit(grid[:, 0].numpy(), q.numpy(), 1)[0]
+            assert fit == pytest.approx(slope, abs=0.1), step
