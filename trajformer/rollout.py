@@ -452,15 +452,15 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     weights = hashlib.sha256((run_dir / "model.pt").read_bytes()).hexdigest()
     earlier = run_dir / "eval.json"
     done: dict[tuple, dict] = {}
-    any_dtype = not any(item.split("=", 1)[0].strip().removeprefix("plan.") == "dtype" for item in overrides)
+    dtype_asked = any(item.split("=", 1)[0].strip().removeprefix("plan.") == "dtype" for item in overrides)
     for key, (setting, plan_cfg) in plans.items():
-        kept = next((r for r in _kept_settings(earlier, episodes, weights).values() if not again
-                     and (any_dtype or r["plan"]["dtype"] == plan_cfg.dtype)
-                     and {k: r["plan"].get(k) for k in setting} == setting), None)
-        if kept is not None:
+        kept = [r for r in _kept_settings(earlier, episodes, weights).values()
+                if {k: r["plan"].get(k) for k in setting} == setting
+                and (not dtype_asked or r["plan"]["dtype"] == plan_cfg.dtype)]
+        if kept and not again:
             print(f"beam {setting['beam_width']} / horizon {setting['horizon']}: kept from {earlier} (the same "
                   "weights, episodes and search); --again plans it again", flush=True)
-            done[key] = kept
+            done[key] = kept[0]
     with contextlib.ExitStack() as held:
         for key, (setting, plan_cfg) in plans.items():
             if key in done:
