@@ -26,7 +26,7 @@ from trajformer.files import file_lock, save_json
 from trajformer.metrics import score_reference, summarize
 from trajformer.planner import Critic, Planner, plan_config
 from trajformer.render import EpisodeVideo, make_env, video_path
-from trajformer.run import Run, load_run
+from trajformer.run import Run, load_run, model_sha256
 
 
 def env_settings(run: Run, env_id: str | None = None) -> tuple[str, dict, int | None]:
@@ -417,8 +417,8 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     unknown = [s for s in settings if s not in ("official", "32x5")]
     if unknown or not settings:
         raise ValueError(f"--settings {','.join(settings)}: choose from official, 32x5")
-    for item in overrides:
-        key = item.split("=", 1)[0].strip().removeprefix("plan.")
+    asked = {item.split("=", 1)[0].strip().removeprefix("plan."): item for item in overrides}
+    for key, item in asked.items():
         if key in SETTING_KEYS:
             raise ValueError(f"--set {item!r}: the protocol fixes plan.{key}; set how it runs (plan.device, "
                              "plan.dtype, plan.num_threads) or plan with `trajformer plan` instead")
@@ -449,14 +449,13 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
             fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
             plans[key] = setting, plan_config(run, [*fixed, "plan.objective=reward", *overrides])
     # A setting's entry names the weights it planned with; entries of other (or unnamed) weights are not kept.
-    weights = hashlib.sha256((run_dir / "model.pt").read_bytes()).hexdigest()
+    weights = model_sha256(run)
     earlier = run_dir / "eval.json"
+    finished = _kept_settings(earlier, episodes, weights).values()
     done: dict[tuple, dict] = {}
-    dtype_asked = any(item.split("=", 1)[0].strip().removeprefix("plan.") == "dtype" for item in overrides)
     for key, (setting, plan_cfg) in plans.items():
-        kept = [r for r in _kept_settings(earlier, episodes, weights).values()
-                if {k: r["plan"].get(k) for k in setting} == setting
-                and (not dtype_asked or r["plan"]["dtype"] == plan_cfg.dtype)]
+        kept = [r for r in finished if {k: r["plan"].get(k) for k in setting} == setting
+                and ("dtype" not in asked or r["plan"]["dtype"] == plan_cfg.dtype)]
         if kept and not again:
             print(f"beam {setting['beam_width']} / horizon {setting['horizon']}: kept from {earlier} (the same "
                   "weights, episodes and search); --again plans it again", flush=True)

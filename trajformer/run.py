@@ -14,6 +14,7 @@ written to a temp file first, then renamed, so a crash never leaves half a file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -96,6 +97,11 @@ def is_run(target: str | os.PathLike) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def model_sha256(run: Run) -> str:
+    """The sha256 of a run's model.pt: names the weights a fine-tune started from or an evaluation planned with."""
+    return hashlib.sha256((Path(run.path) / "model.pt").read_bytes()).hexdigest()
 
 
 def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:

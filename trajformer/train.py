@@ -8,7 +8,6 @@ builds the same data, takes its share of each global batch, and normalises by th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from trajformer.data import OfflineData, joined_transitions, load_episodes, retu
 from trajformer.discretizer import Discretizer
 from trajformer.files import load_torch, save_text, save_torch
 from trajformer.model import GPT, GPTConfig, native_bf16, token_losses, usable_device
-from trajformer.run import Run, load_discretizer, load_run, read_metrics, write_run_files
+from trajformer.run import Run, load_discretizer, load_run, model_sha256, read_metrics, write_run_files
 from trajformer.tokens import TokenWindows, loss_weights
 
 TOKEN_TYPES = ("obs", "action", "reward", "value")
@@ -330,8 +329,7 @@ def _check_init(init: Run, prep: Prepared, model_cfg: GPTConfig) -> None:
 
 def _init_record(init: Run) -> dict:
     """What run.json keeps of the run a fine-tune started from."""
-    digest = hashlib.sha256((init.path / "model.pt").read_bytes()).hexdigest()
-    return {"run": str(init.path), "model_sha256": digest, "dataset_id": init.meta.get("dataset_id"),
+    return {"run": str(init.path), "model_sha256": model_sha256(init), "dataset_id": init.meta.get("dataset_id"),
             "total_steps": init.meta.get("compute", {}).get("total_steps"),
             "batch_size": init.meta.get("compute", {}).get("batch_size")}
 
