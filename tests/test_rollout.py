@@ -441,6 +441,37 @@ def test_protocol_resumes_an_interrupted_evaluation(point_run, tmp_path, monkeyp
     assert not (run_dir / "eval.partial.json").exists() and (run_dir / "eval.json").is_file()
 
 
+def test_sigterm_stops_trajformer_eval_like_ctrl_c(point_run, tmp_path, monkeypatch, capsys):
+    """`kill` (SIGTERM, also a scheduler's time limit) mid-evaluation: one line, exit 130, the finished episodes kept;
+    the same command goes on, and the handler is given back afterwards."""
+    import signal
+
+    from trajformer import rollout
+
+    run = tmp_path / "run"
+    shutil.copytree(point_run, run)
+    real = rollout.run_episodes
+
+    def killed(*args, on_progress=None, **kwargs):
+        def report(state):
+            on_progress(state)
+            signal.raise_signal(signal.SIGTERM)  # after the first finished episodes are saved
+        return real(*args, on_progress=report, progress_every=math.inf, **kwargs)
+
+    monkeypatch.setattr(rollout, "run_episodes", killed)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", str(run), "--episodes", "4", "--settings", "32x5", "--num-envs", "2"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 130 and "\n" not in err and "Traceback" not in err
+    assert "interrupted; " in err and "the same command goes on" in err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    kept = json.loads((run / "eval.partial.json").read_text())["runs"][0]["episodes"]
+    assert 1 <= len(kept) < 4
+    monkeypatch.setattr(rollout, "run_episodes", real)
+    cli.main(["eval", str(run), "--episodes", "4", "--settings", "32x5", "--num-envs", "2"])
+    assert len(json.loads((run / "eval.json").read_text())["settings"]["32x5"]["returns"]) == 4
+
+
 def test_protocol_resumes_mid_episode_exactly(point_run, tmp_path, monkeypatch):
     """Stopped mid-episode (episodes under way are saved with their actions and the planner's slots), a rerun
     replays the actions, restores the planner and ends with exactly the uninterrupted returns, counting each

@@ -349,8 +349,11 @@ def test_bfloat16_training_and_dataset_info(tiny_config, hopper_dataset, tmp_pat
 # ---- interrupts and resuming as a user meets them ----
 
 
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
 def test_ctrl_c_exits_130_with_one_line_and_the_printed_command_resumes_bit_identically(
-        tiny_config, hopper_dataset, tmp_path):
+        tiny_config, hopper_dataset, tmp_path, stop):
+    """Ctrl-C, or `kill` (SIGTERM) of a job started with `&` from a script (its SIGINT ignored by the shell):
+    one line, exit 130, a checkpoint, and the printed command resumes bit-identically."""
     overrides = ["train.max_steps=60", "train.checkpoint_every=1000", "train.eval_every=20"]
     full = train(tiny_config(hopper_dataset, *overrides), tmp_path / "full", progress=False)
     config = tmp_path / "tiny.toml"
@@ -368,14 +371,16 @@ def test_ctrl_c_exits_130_with_one_line_and_the_printed_command_resumes_bit_iden
         t.batch_indices = held
         main(sys.argv[1:])
     """)
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if stop == "kill" else None
     proc = subprocess.Popen([sys.executable, "-c", held, str(go), "train", str(config), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ,
-                                                                                         "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").is_file() or not read_metrics(out / "metrics.jsonl"):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)  # the child waits at step 10 until `go` exists, whatever the machine's load
+    # the child waits at step 10 until `go` exists, whatever the machine's load
+    proc.send_signal(signal.SIGINT if stop == "ctrl-c" else signal.SIGTERM)
     go.touch()
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130

@@ -6,7 +6,9 @@ Each subcommand has an `_add_<name>(subparsers)` that declares its arguments and
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from trajformer.config import EnsembleConfig
 
@@ -47,6 +49,11 @@ def main(argv: list[str] | None = None) -> None:
     for add in _COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
+    # `kill` and a scheduler's time limit send SIGTERM: stop as Ctrl-C does (train checkpoints, eval keeps its
+    # episodes). A SIGINT that the shell set to ignored (a job started with `&` from a script) stays ignored.
+    handled = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) != signal.SIG_IGN
+    previous = signal.signal(signal.SIGTERM, _terminate) if handled else None
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
@@ -57,6 +64,14 @@ def main(argv: list[str] | None = None) -> None:
         # Commands that can go on say how (train, eval); the others may have written some of their files.
         print(f"\ntrajformer {args.command}: {err or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if handled:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame) -> None:
+    """SIGTERM handler: the KeyboardInterrupt every command already stops on in order."""
+    raise KeyboardInterrupt
 
 
 def _number(x: float | None) -> str:

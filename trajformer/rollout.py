@@ -472,7 +472,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         for key, (setting, plan_cfg) in plans.items():
             if key not in done:
                 done[key] = {**_resumable_setting(run, plan_cfg, _identity(setting, plan_cfg, episodes),
-                                                  num_envs or episodes, progress), "weights_sha256": weights}
+                                                  num_envs or episodes, progress), "model_sha256": weights}
     out["settings"] = {name: done[names[name]] for name in settings}
     with file_lock(run_dir / ".eval.lock"):
         # Settings evaluated earlier on as many episodes (another `--settings`) stay in eval.json beside these.
@@ -512,7 +512,7 @@ def _kept_settings(path: Path, episodes: int, weights: str) -> dict:
     """The settings of eval.json at `path` evaluated on `episodes` episodes with the weights of this digest."""
     old = json.loads(path.read_text()) if path.is_file() else {}
     return {name: r for name, r in old.get("settings", {}).items()
-            if old.get("episodes") == episodes and r.get("weights_sha256") == weights}
+            if old.get("episodes") == episodes and r.get("model_sha256") == weights}
 
 
 def _identity(setting: dict, plan_cfg: PlanConfig, episodes: int) -> dict:

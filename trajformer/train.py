@@ -486,8 +486,8 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     tokens_per_step = batch * windows.block_size
     bar = tqdm(total=total, initial=step, disable=None if progress and rank == 0 else True,
                desc="train", unit="step")  # disable=None: bars only on a terminal
-    # Ctrl-C sets a flag; the loop stops at the next step boundary and checkpoints, so a resumed run
-    # repeats no step and skips none.
+    # Ctrl-C (or SIGTERM: `kill`, a scheduler's time limit) sets a flag; the loop stops at the next step boundary
+    # and checkpoints, so a resumed run repeats no step and skips none.
     interrupted = False
 
     def request_stop(signum, frame) -> None:
@@ -495,7 +495,9 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
         interrupted = True
 
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous_handler = signal.signal(signal.SIGINT, request_stop) if in_main_thread else None
+    # A signal the shell set to ignored (SIGINT of a job started with `&` from a script) stays ignored.
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM) if in_main_thread and signal.getsignal(s) != signal.SIG_IGN]
+    previous_handlers = [signal.signal(s, request_stop) for s in stops]
     model.train()
     tick, tick_step = time.perf_counter(), step
     started = tick
@@ -530,8 +532,8 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
                 break
     finally:
         bar.close()
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous_handler)
+        for stop, handler in zip(stops, previous_handlers, strict=True):
+            signal.signal(stop, handler)
     if rank == 0 and metrics_path.exists():
         plot_losses(metrics_path, out_dir / "loss.png")
     if world > 1:
