@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import shutil
 
@@ -498,6 +499,51 @@ def test_protocol_resumes_mid_episode_exactly(point_run, tmp_path, monkeypatch):
     assert resumed["returns"] == whole["returns"]
     assert counted[-1] == counted[0]  # every env step counted once
     assert not (run_dir / "eval.partial.json").exists()
+
+
+def test_workers_play_the_episodes_of_one_process_and_go_on_from_its_partial(point_run, tmp_path, monkeypatch):
+    """Stopped mid-episode in one process, three workers go on from its eval.partial.json (the episodes under way
+    dealt out) and end with the uninterrupted returns, each env step counted once; stopped in the parent, two
+    workers leave their last reports for one process to go on from."""
+    from trajformer import rollout
+
+    for name in ("whole", "stopped"):
+        shutil.copytree(point_run, tmp_path / name)
+    kw = dict(episodes=4, settings=("32x5",), progress=False)
+    real_run, real_record, counted = rollout.run_episodes, rollout.episode_record, []
+    monkeypatch.setattr(rollout, "episode_record", lambda results, steps, *a: counted.append(steps) or real_record(
+        results, steps, *a))
+    whole = rollout.evaluation_protocol(str(tmp_path / "whole"), num_envs=4, **kw)["settings"]["32x5"]
+    run_dir = tmp_path / "stopped"
+    _stop_after(monkeypatch, rollout, reports=3, every=0.0)  # a report after every step: stopped at step 3
+    with pytest.raises(KeyboardInterrupt):
+        rollout.evaluation_protocol(str(run_dir), num_envs=4, **kw)
+    assert len(json.loads((run_dir / "eval.partial.json").read_text())["runs"][0]["in_progress"]) == 4
+    monkeypatch.setattr(rollout, "run_episodes", real_run)
+    resumed = rollout.evaluation_protocol(str(run_dir), workers=3, **kw)["settings"]["32x5"]
+    assert resumed["returns"] == whole["returns"] and resumed["lengths"] == whole["lengths"]
+    assert counted[-1] == counted[0] and not (run_dir / "eval.partial.json").exists()
+    # Stopped in the parent (Ctrl-C, SIGTERM) at the workers' first report: the workers are stopped, the report
+    # kept, and one process goes on from it to the same returns.
+    shutil.rmtree(run_dir)
+    shutil.copytree(point_run, run_dir)
+    real_workers = rollout._evaluate_in_workers
+
+    def stopped_at_first_report(*args, on_progress, **kwargs):
+        def report(state):
+            on_progress(state)
+            raise KeyboardInterrupt
+        return real_workers(*args, on_progress=report, **kwargs)
+
+    monkeypatch.setattr(rollout, "_evaluate_in_workers", stopped_at_first_report)
+    with pytest.raises(KeyboardInterrupt, match="the same command goes on"):
+        rollout.evaluation_protocol(str(run_dir), workers=2, **kw)
+    assert not multiprocessing.active_children()
+    assert json.loads((run_dir / "eval.partial.json").read_text())["runs"][0]["episodes"]  # an episode had ended
+    resumed = rollout.evaluation_protocol(str(run_dir), num_envs=4, **kw)["settings"]["32x5"]
+    assert resumed["returns"] == whole["returns"]
+    with pytest.raises(ValueError, match="--workers must be >= 1, got 0"):
+        rollout.evaluation_protocol(str(run_dir), workers=0, **kw)
 
 
 def test_run_episodes_resumes_mid_plan_with_uneven_slots(point_run):

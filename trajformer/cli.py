@@ -302,6 +302,9 @@ def _add_eval(sub) -> None:
                    "on as many episodes, of distinct training seeds (--hp seed=N); the reference is their mean")
     p.add_argument("--again", action="store_true", help="plan a setting again that eval.json already holds for "
                    "the same weights, episodes and search (kept by default, so --bc can be added afterwards)")
+    p.add_argument("--workers", type=int, default=1, help="processes that share the episodes, each with its own "
+                   "envs, planner and plan.num_threads threads (default: the cores shared out); on a CPU N "
+                   "one-thread workers outrun one N-thread process. seconds_per_step is then a worker's")
     _add_overrides(p, "plan.device=cuda", "plan.KEY=VALUE")
     p.set_defaults(func=_cmd_eval)
 
@@ -310,7 +313,8 @@ def _cmd_eval(args) -> None:
     from trajformer.rollout import evaluation_protocol
 
     out = evaluation_protocol(args.run_dir, args.episodes, tuple(args.settings.split(",")), tuple(args.bc),
-                              num_envs=args.num_envs, overrides=args.overrides, again=args.again)
+                              num_envs=args.num_envs, overrides=args.overrides, again=args.again,
+                              workers=args.workers)
     for name, record in out["settings"].items():
         score = record["normalized_score"]
         lengths = record.get("lengths")  # eval.json written before lengths were recorded has none

@@ -11,6 +11,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import multiprocessing
+import os
+import queue
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -402,7 +406,7 @@ def official_plan(env_id: str, dataset_id: str) -> dict:
 
 def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, ...] = ("official", "32x5"),
                         bc_dirs: tuple[str, ...] = (), num_envs: int | None = None, progress: bool = True,
-                        overrides: list[str] | tuple[str, ...] = (), again: bool = False) -> dict:
+                        overrides: list[str] | tuple[str, ...] = (), again: bool = False, workers: int = 1) -> dict:
     """The one evaluation protocol (issue 9): N episodes (seeds 0..N-1) of up to 1000 steps with envs batched,
     at the official planner setting of the run's task ("official", whatever the run's own [plan] says) and at
     beam 32 / horizon 5 ("32x5"), beside the dataset's mean return over complete episodes and behaviour
@@ -412,8 +416,11 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     RUN_DIR/eval.partial.json, and so are the episodes under way every minute: running it again after an
     interruption goes on mid-episode where it stopped (run_episodes). A setting eval.json already holds for these
     weights, episodes and search is kept, not planned again (so `--bc` can be added later), unless `again` (or
-    another plan.dtype than it was planned in is asked for)."""
+    another plan.dtype than it was planned in is asked for). `workers` processes share the episodes
+    (`_evaluate_in_workers`)."""
     check_counts(episodes, num_envs)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
     unknown = [s for s in settings if s not in ("official", "32x5")]
     if unknown or not settings:
         raise ValueError(f"--settings {','.join(settings)}: choose from official, 32x5")
@@ -472,7 +479,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         for key, (setting, plan_cfg) in plans.items():
             if key not in done:
                 done[key] = {**_resumable_setting(run, plan_cfg, _identity(setting, plan_cfg, episodes),
-                                                  num_envs or episodes, progress), "model_sha256": weights}
+                                                  num_envs or episodes, progress, workers), "model_sha256": weights}
     out["settings"] = {name: done[names[name]] for name in settings}
     with file_lock(run_dir / ".eval.lock"):
         # Settings evaluated earlier on as many episodes (another `--settings`) stay in eval.json beside these.
@@ -538,7 +545,8 @@ def _update_partial(run_dir: Path, keep: Callable[[dict], bool], add: dict | Non
         (run_dir / "eval.partial.json").unlink(missing_ok=True)
 
 
-def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs: int, progress: bool) -> dict:
+def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs: int, progress: bool,
+                       workers: int = 1) -> dict:
     """One setting of the protocol: the episodes eval.partial.json already holds for it are kept, the others are
     planned, each written to eval.partial.json as it ends, and the episodes under way every minute (their actions,
     the planner's slots), so a rerun goes on mid-episode. Returns the setting's eval.json entry."""
@@ -576,8 +584,10 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs:
 
     if len(kept) < episodes:
         try:
-            evaluate(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress,
-                     skip=frozenset(int(e) for e in kept), resume=resume, on_progress=saved)
+            run_setting = evaluate if workers == 1 else _evaluate_in_workers
+            run_setting(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress,
+                        skip=frozenset(int(e) for e in kept), resume=resume, on_progress=saved,
+                        **({} if workers == 1 else {"workers": workers}))
         except KeyboardInterrupt:  # Ctrl-C (or a time limit's SIGINT): say what was kept and how to go on
             raise KeyboardInterrupt(
                 f"interrupted; {len(entry['episodes'])} finished episodes and the episodes under way as of "
@@ -588,3 +598,76 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs:
     record = episode_record(results, entry["steps"], entry["seconds"], run.meta["env"]["id"], run.meta)
     return {**{k: record[k] for k in ("returns", "lengths", "mean_return", "stderr", "normalized_score",
                                       "normalized_stderr", "seconds_per_step")}, "plan": dataclasses.asdict(plan_cfg)}
+
+
+def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs: int, progress: bool,
+                         skip: frozenset[int], resume: list[dict], on_progress: Callable[[dict], None],
+                         workers: int) -> None:
+    """`evaluate` with the episodes dealt round-robin to `workers` processes, each with its own envs, planner and
+    threads (plan.num_threads, by default the cores shared out): a search's per-token overhead runs on one core
+    however many threads a process has, so N one-thread processes outrun one N-thread process. The workers'
+    reports are merged into one state for `on_progress` (this process alone writes eval.partial.json); an
+    episode plays as it would in one process (episode e is seeded with e). Seconds are summed over the workers."""
+    todo = [e for e in range(episodes) if e not in skip]
+    groups = [group for w in range(workers) if (group := todo[w::workers])]
+    resumed = {r["episode"]: r for r in resume}
+    threads = plan_cfg.num_threads or max(1, (os.cpu_count() or 1) // len(groups))
+    cfg = dataclasses.replace(plan_cfg, num_threads=threads)
+    envs_each = -(-num_envs // len(groups))
+    env_id, _, limit = env_settings(run)
+    context = multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP and torch state
+    reports = context.Queue()
+    # Until a worker reports, its episodes stand as they were given (an interruption then keeps them as they were).
+    latest = {w: {"finished": {}, "in_progress": [resumed[e] for e in group if e in resumed], "steps": 0,
+                  "seconds": 0.0} for w, group in enumerate(groups)}
+    procs = [context.Process(target=_worker, daemon=True, args=(
+        w, reports, str(run.path), cfg, gym.spec(env_id), episodes, envs_each, frozenset(range(episodes)) - set(group),
+        [resumed[e] for e in group if e in resumed])) for w, group in enumerate(groups)]
+    done_before = sum(len(r["actions"]) for r in resume)
+    bar = tqdm(total=len(todo) * limit if limit else None, initial=done_before, unit="step",
+               desc=f"plan {env_id} ({len(groups)} workers)", disable=None if progress else True)
+    running = set(latest)
+    try:
+        for proc in procs:
+            proc.start()
+        while running:
+            try:
+                w, report = reports.get(timeout=5.0)
+            except queue.Empty:
+                for w in running:
+                    if not procs[w].is_alive() and reports.empty():
+                        raise RuntimeError(f"evaluation worker {w} died (exit code {procs[w].exitcode}) without "
+                                           "a report; run again to go on from the last saved state") from None
+                continue
+            if report is None:
+                running.discard(w)
+            elif isinstance(report, str):
+                raise ValueError(f"evaluation worker {w}: {report}")
+            else:
+                latest[w] = report
+                merged = {"finished": {e: r for s in latest.values() for e, r in s["finished"].items()},
+                          "in_progress": [r for s in latest.values() for r in s["in_progress"]],
+                          "steps": sum(s["steps"] for s in latest.values()),
+                          "seconds": sum(s["seconds"] for s in latest.values())}
+                on_progress(merged)
+                bar.update(done_before + merged["steps"] - bar.n)
+    finally:
+        bar.close()
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+
+
+def _worker(w: int, reports, run_dir: str, plan_cfg: PlanConfig, spec: gym.envs.registration.EnvSpec,
+            episodes: int, num_envs: int, skip: frozenset[int], resume: list[dict]) -> None:
+    """One evaluation worker: its episodes' states go to `reports` as (w, state), then (w, None) when done, or
+    (w, message) on an error. Ctrl-C is left to the parent, which stops the workers and keeps their last states."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        gym.registry.setdefault(spec.id, spec)  # an env registered at run time in the parent (a user's own)
+        evaluate(load_run(run_dir), plan_cfg, episodes=episodes, num_envs=num_envs, progress=False, skip=skip,
+                 resume=resume, on_progress=lambda state: reports.put((w, state)))
+        reports.put((w, None))
+    except Exception as err:  # noqa: BLE001 -- the parent raises it with the worker's name
+        reports.put((w, f"{type(err).__name__}: {err}"))
