@@ -43,6 +43,32 @@ def test_nll_falls_and_beats_constant_prediction(ensemble_dir, split_data):
     assert meta["training"]["epochs"] >= 1 and meta["training"]["seconds"] > 0
 
 
+def test_the_kept_weights_are_one_epoch_of_the_whole_ensemble(hopper_dataset, tiny_config, tmp_path, monkeypatch):
+    """The saved ensemble is the epoch with the best mean validation NLL, every tensor of it: here epoch 2, though
+    member 0 alone is best at epoch 3. (Each member's own best epoch beside the shared log-variance bounds of
+    another epoch is a model that no epoch had.)"""
+    from trajformer import ensemble as ensemble_module
+
+    scripted = iter([[1.0, 1.0], [0.5, 0.7], [0.4, 0.9], [0.9, 0.9]])  # epochs 1-4; the mean is best at 2
+    states = []
+    real = ensemble_module.validation_metrics
+
+    def scripted_metrics(model, *args, **kwargs):
+        row = real(model, *args, **kwargs)
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        if len(states) in (1, 6):  # before training, and the kept weights at the end
+            return row
+        members = next(scripted)
+        return {**row, "val_nll": sum(members) / 2, "val_nll_members": members}
+
+    monkeypatch.setattr(ensemble_module, "validation_metrics", scripted_metrics)
+    small = EnsembleConfig(members=2, hidden=16, layers=1, max_epochs=4, patience=10, batch_size=64)
+    out = train_ensemble(tiny_config(hopper_dataset), tmp_path / "e", small, progress=False)
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(saved[k], states[2][k]) for k in saved)  # states[0] is before training
+    assert not all(torch.equal(saved[k], states[3][k]) for k in saved)
+
+
 def test_disagreement_larger_off_the_data(ensemble_dir, split_data):
     ens = load_ensemble(ensemble_dir)
     data, train_idx, _ = split_data
