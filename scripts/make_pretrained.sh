@@ -5,7 +5,7 @@
 #   runs/humanoid-ensemble-sweep/         the size sweep behind the ensemble-size table (pretrained/README.md)
 # Needs the humanoid dataset and main run of scripts/humanoid_models.sh (same episode split: configs/humanoid.toml,
 # train.seed 0). One torch thread, niced, time-capped so the ensemble gets no more CPU than the transformer.
-# ENSEMBLE_SECONDS caps the main ensemble (default 2400 s; patience stopped it after 15 epochs),
+# ENSEMBLE_SECONDS caps the main ensemble (default 2400 s; patience stopped it after 13 epochs, best epoch 8),
 # SWEEP_SECONDS each sweep size (default 420 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
