@@ -588,7 +588,7 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs:
             run_setting(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress,
                         skip=frozenset(int(e) for e in kept), resume=resume, on_progress=saved,
                         **({} if workers == 1 else {"workers": workers}))
-        except KeyboardInterrupt:  # Ctrl-C (or a time limit's SIGINT): say what was kept and how to go on
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`kill`, a time limit): say what was kept and how to go on
             raise KeyboardInterrupt(
                 f"interrupted; {len(entry['episodes'])} finished episodes and the episodes under way as of "
                 f"{entry['steps']:,} env steps are kept in {run_dir / 'eval.partial.json'}: the same command goes "
