@@ -606,8 +606,9 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
     """`evaluate` with the episodes dealt round-robin to `workers` processes, each with its own envs, planner and
     threads (plan.num_threads, by default the cores shared out): a search's per-token overhead runs on one core
     however many threads a process has, so N one-thread processes outrun one N-thread process. The workers'
-    reports are merged into one state for `on_progress` (this process alone writes eval.partial.json); an
-    episode plays as it would in one process (episode e is seeded with e). Seconds are summed over the workers."""
+    reports are merged into one state for `on_progress` (this process alone writes eval.partial.json). Episode e
+    is seeded with e whichever worker plays it, so the episodes are those of one process up to the float rounding
+    of other batch sizes (equal in float32 in tests). Seconds are summed over the workers."""
     todo = [e for e in range(episodes) if e not in skip]
     groups = [group for w in range(workers) if (group := todo[w::workers])]
     resumed = {r["episode"]: r for r in resume}
