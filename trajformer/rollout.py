@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -584,10 +585,9 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs:
 
     if len(kept) < episodes:
         try:
-            run_setting = evaluate if workers == 1 else _evaluate_in_workers
+            run_setting = evaluate if workers == 1 else functools.partial(_evaluate_in_workers, workers=workers)
             run_setting(run, plan_cfg, episodes=episodes, num_envs=num_envs, progress=progress,
-                        skip=frozenset(int(e) for e in kept), resume=resume, on_progress=saved,
-                        **({} if workers == 1 else {"workers": workers}))
+                        skip=frozenset(int(e) for e in kept), resume=resume, on_progress=saved)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`kill`, a time limit): say what was kept and how to go on
             raise KeyboardInterrupt(
                 f"interrupted; {len(entry['episodes'])} finished episodes and the episodes under way as of "
@@ -612,6 +612,7 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
     todo = [e for e in range(episodes) if e not in skip]
     groups = [group for w in range(workers) if (group := todo[w::workers])]
     resumed = {r["episode"]: r for r in resume}
+    given = [[resumed[e] for e in group if e in resumed] for group in groups]  # each worker's episodes under way
     threads = plan_cfg.num_threads or max(1, (os.cpu_count() or 1) // len(groups))
     cfg = dataclasses.replace(plan_cfg, num_threads=threads)
     envs_each = -(-num_envs // len(groups))
@@ -619,11 +620,10 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
     context = multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP and torch state
     reports = context.Queue()
     # Until a worker reports, its episodes stand as they were given (an interruption then keeps them as they were).
-    latest = {w: {"finished": {}, "in_progress": [resumed[e] for e in group if e in resumed], "steps": 0,
-                  "seconds": 0.0} for w, group in enumerate(groups)}
+    latest = {w: {"finished": {}, "in_progress": given[w], "steps": 0, "seconds": 0.0} for w in range(len(groups))}
     procs = [context.Process(target=_worker, daemon=True, args=(
         w, reports, str(run.path), cfg, gym.spec(env_id), episodes, envs_each, frozenset(range(episodes)) - set(group),
-        [resumed[e] for e in group if e in resumed])) for w, group in enumerate(groups)]
+        given[w])) for w, group in enumerate(groups)]
     done_before = sum(len(r["actions"]) for r in resume)
     bar = tqdm(total=len(todo) * limit if limit else None, initial=done_before, unit="step",
                desc=f"plan {env_id} ({len(groups)} workers)", disable=None if progress else True)
