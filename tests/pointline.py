@@ -23,11 +23,13 @@ class PointLine(gym.Env):
     """A point on [-1, 1] must reach a goal at -0.5 or +0.5, drawn per episode (so no constant action wins).
 
     Observation [x, goal], action a in [-1, 1] moves x by 0.1 a, reward -|x - goal|, 20 steps, deterministic.
+    Episodes reset with a seed in `ends_early` terminate at step 4 (uneven episodes, as falls make them).
     """
 
-    def __init__(self):
+    def __init__(self, ends_early: tuple[int, ...] | list[int] = ()):
         self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+        self.ends_early, self.ends_now, self.t = frozenset(ends_early), False, 0
 
     def _obs(self) -> np.ndarray:
         return np.array([self.x, self.goal], np.float32)
@@ -35,11 +37,13 @@ class PointLine(gym.Env):
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
         self.goal, self.x = float(self.np_random.choice([-0.5, 0.5])), 0.0
+        self.ends_now, self.t = seed in self.ends_early, 0
         return self._obs(), {}
 
     def step(self, action):
         self.x = float(np.clip(self.x + 0.1 * np.clip(action[0], -1.0, 1.0), -1.0, 1.0))
-        return self._obs(), -abs(self.x - self.goal), False, False, {}
+        self.t += 1
+        return self._obs(), -abs(self.x - self.goal), self.ends_now and self.t >= 4, False, {}
 
 
 gym.register(ENV_ID, entry_point=f"{__name__}:PointLine", max_episode_steps=20)

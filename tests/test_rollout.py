@@ -546,6 +546,47 @@ def test_workers_play_the_episodes_of_one_process_and_go_on_from_its_partial(poi
         rollout.evaluation_protocol(str(run_dir), workers=0, **kw)
 
 
+def test_workers_deal_again_when_one_runs_out(point_run, tmp_path, monkeypatch, capsys):
+    """The odd episodes end at step 4, so the worker dealt them runs out while the other holds three: both save
+    their episodes under way, the episodes left are dealt again by steps left, and the returns, lengths and env
+    steps are one process's."""
+    from trajformer import rollout
+
+    for name in ("one", "workers"):
+        shutil.copytree(point_run, tmp_path / name)
+        meta = json.loads((tmp_path / name / "run.json").read_text())
+        meta["env"]["kwargs"] = {"ends_early": [1, 3, 5, 7, 9]}
+        (tmp_path / name / "run.json").write_text(json.dumps(meta))
+    kw = dict(episodes=10, settings=("32x5",), progress=False, num_envs=2)
+    real_record, counted = rollout.episode_record, []
+    monkeypatch.setattr(rollout, "episode_record", lambda results, steps, *a: counted.append(steps) or real_record(
+        results, steps, *a))
+    one = rollout.evaluation_protocol(str(tmp_path / "one"), **kw)["settings"]["32x5"]
+    assert one["lengths"] == [20, 4] * 5
+    real_deal, deals = rollout._deal, []
+    monkeypatch.setattr(rollout, "_deal", lambda *a: deals.append(real_deal(*a)) or deals[-1])
+    monkeypatch.setattr(rollout, "REDEAL_SECONDS", 0.0)  # deal again however little is left
+    dealt = rollout.evaluation_protocol(str(tmp_path / "workers"), workers=2, **kw)["settings"]["32x5"]
+    assert "worker 1 is out of episodes while others hold two or more" in capsys.readouterr().out
+    assert deals[0] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]] and len(deals) >= 2 and all(len(g) == 2 for g in deals)
+    again = deals[1][0] + deals[1][1]
+    assert len(set(again)) == len(again) and set(again) <= {0, 2, 4, 6, 8}  # the episodes worker 0 had left
+    assert dealt["returns"] == one["returns"] and dealt["lengths"] == one["lengths"]
+    assert counted[-1] == counted[0] == 5 * 24
+
+
+def test_deal_evens_the_steps_left():
+    """Longest first to the least loaded worker: unstarted episodes go round-robin, episodes under way count the
+    steps they have left."""
+    from trajformer.rollout import _deal
+
+    assert _deal([0, 1, 2, 3, 4], {}, 2, 1000) == [[0, 2, 4], [1, 3]]
+    assert _deal([2, 4, 6, 8], {2: 900}, 2, 1000) == [[4, 8], [2, 6]]
+    assert _deal([2, 4, 6, 8], {2: 900, 4: 900, 6: 900}, 2, 1000) == [[8], [2, 4, 6]]
+    assert _deal([3, 5], {3: 10, 5: 10}, 4, 1000) == [[3], [5]]
+    assert _deal([0, 1, 2], {}, 2, None) == [[0, 2], [1]]
+
+
 def test_run_episodes_resumes_mid_plan_with_uneven_slots(point_run):
     """plan_freq 2, so a stop between a plan's two actions must keep the plan and its offset; two slots whose
     envs cut episodes at 5 and 9 steps, so the third episode starts in slot 0 while slot 1 runs on and the slots

@@ -66,6 +66,10 @@ def check_env(env: gym.Env, run: Run, env_id: str) -> None:
         )
 
 
+class EvaluationStopped(Exception):
+    """run_episodes was asked to stop; its state went to on_progress."""
+
+
 class Agent(Protocol):
     """What run_episodes steps: per-env resets, batched actions, and the rewards that follow them. A resumable
     evaluation also needs `state(env) -> dict` and `restore(env, state)` (the planner has them)."""
@@ -97,7 +101,7 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
                  on_step: Callable[[int, np.ndarray, int, int], None] | None = None,
                  skip: frozenset[int] = frozenset(), resume: list[dict] | tuple = (),
                  on_progress: Callable[[dict], None] | None = None, progress_every: float = 60.0,
-                 ) -> tuple[dict[int, tuple[float, int]], int, float]:
+                 stop: Callable[[], bool] | None = None) -> tuple[dict[int, tuple[float, int]], int, float]:
     """The evaluation protocol (DESIGN.md §6): episode e is reset with seed + e, and the agent's slot with the
     same seed, so results do not depend on len(envs); up to max_steps (or the env's limit) steps each. Returns
     ({episode: (return, length)}, env steps, seconds of acting and stepping). `on_step(slot, obs, episode, step)`
@@ -107,7 +111,9 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
     `on_progress(state)` gets {"finished": {episode: [return, length]}, "in_progress": [...], "steps", "seconds"}
     whenever an episode ends and every `progress_every` seconds; passing an earlier state's "in_progress" as
     `resume` replays those episodes' actions in fresh envs, restores the agent's slots, and goes on exactly as
-    an uninterrupted run would. Slots freed by resumed episodes take new ones, so all len(envs) stay in use."""
+    an uninterrupted run would. Slots freed by resumed episodes take new ones, so all len(envs) stay in use.
+    When `stop()` turns true (checked before each env step), the state goes to `on_progress` and EvaluationStopped
+    is raised: another process can go on from it (the workers' re-deal)."""
     resume = [r for r in resume if r["episode"] not in skip]
     if len(resume) > len(envs):
         raise ValueError(f"{len(resume)} episodes to resume but {len(envs)} envs; use at least {len(resume)}")
@@ -141,10 +147,23 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
     steps, t0, hook_seconds = 0, time.perf_counter(), 0.0
     last_report = t0
     ended = False
+
+    def state(now: float) -> dict:
+        return {"finished": {str(e): list(r) for e, r in results.items()},
+                "in_progress": [{"episode": episode_of[k], "return": ret[k], "actions": taken[k],
+                                 "observation": np.asarray(obs[k]).tolist(), "agent": agent.state(k)}
+                                for k in range(n) if episode_of[k] >= 0],
+                "steps": steps, "seconds": now - t0 - hook_seconds}
+
     while True:
         active = [k for k in range(n) if episode_of[k] >= 0]
         if not active:
             break
+        if stop is not None and stop():
+            if on_progress is not None:
+                on_progress(state(time.perf_counter()))
+            bar.close()
+            raise EvaluationStopped(f"stopped after {steps} env steps; {len(active)} episodes under way")
         actions = agent.act_batch(active, np.stack([obs[k] for k in active]))
         rewards = []
         for k, action in zip(active, actions, strict=True):
@@ -169,13 +188,7 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
                 start(k)
         now = time.perf_counter()
         if on_progress is not None and (ended or now - last_report >= progress_every):
-            on_progress({  # its time (the planner's state, the file) is not counted as acting
-                "finished": {str(e): list(r) for e, r in results.items()},
-                "in_progress": [{"episode": episode_of[k], "return": ret[k], "actions": taken[k],
-                                 "observation": np.asarray(obs[k]).tolist(), "agent": agent.state(k)}
-                                for k in range(n) if episode_of[k] >= 0],
-                "steps": steps, "seconds": now - t0 - hook_seconds,
-            })
+            on_progress(state(now))  # its time (the planner's state, the file) is not counted as acting
             last_report, ended = time.perf_counter(), False
             hook_seconds += last_report - now
         bar.update(len(active))
@@ -246,11 +259,11 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
              num_envs: int = 1, max_steps: int | None = None, seed: int = 0, video: str | Path | None = None,
              progress: bool = True, dtype: torch.dtype | None = None, video_speed: float = 1.0,
              skip: frozenset[int] = frozenset(), resume: list[dict] | tuple = (),
-             on_progress: Callable[[dict], None] | None = None) -> dict:
+             on_progress: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None) -> dict:
     """Plan `episodes` episodes over `num_envs` envs stepped together; returns the JSON record. The video shows
     episode 0 at the env's frame rate times `video_speed`; rendering is not counted in seconds_per_step.
-    `skip`, `resume` and `on_progress` as in run_episodes (the resumable protocol); the record holds the episodes
-    run."""
+    `skip`, `resume`, `on_progress` and `stop` as in run_episodes (the resumable protocol); the record holds the
+    episodes run."""
     check_counts(episodes, num_envs, max_steps)
     if video_speed <= 0:
         raise ValueError(f"--video-speed must be > 0 (1 = real time, 0.25 = four times slower), got {video_speed}")
@@ -295,7 +308,8 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
             renderer.add(obs, future, length)
 
     results, steps, seconds = run_episodes(envs, planner, episodes, seed, max_steps, limit, f"plan {env_id}",
-                                           progress, on_step, skip=skip, resume=resume, on_progress=on_progress)
+                                           progress, on_step, skip=skip, resume=resume, on_progress=on_progress,
+                                           stop=stop)
     record = episode_record(results, steps, seconds, env_id, run.meta)
     record.update({
         "plan_log_likelihood": float(np.mean(log_likelihoods)),
@@ -600,75 +614,129 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs:
                                       "normalized_stderr", "seconds_per_step")}, "plan": dataclasses.asdict(plan_cfg)}
 
 
+def _deal(todo: list[int], steps_done: dict[int, int], workers: int, limit: int | None) -> list[list[int]]:
+    """The episodes `todo` dealt to at most `workers` groups of about equal steps left (a search's cost grows with
+    the envs it plans for, so a worker's time goes with the env steps it has left): longest first, each to the
+    least loaded group. Unstarted episodes alone are dealt round-robin, and so are all without a time limit."""
+    left = {e: limit - steps_done.get(e, 0) if limit else 1 for e in todo}
+    groups: list[list[int]] = [[] for _ in range(min(workers, len(todo)))]
+    load = [0] * len(groups)
+    for e in sorted(todo, key=lambda e: (-left[e], e)):
+        w = load.index(min(load))
+        groups[w].append(e)
+        load[w] += left[e]
+    return [sorted(group) for group in groups]
+
+
+def _merge(base: dict, states: list[dict]) -> dict:
+    """One state of run_episodes' form from the earlier deals' `base` and the workers' latest `states`."""
+    return {"finished": {**base["finished"], **{e: r for s in states for e, r in s["finished"].items()}},
+            "in_progress": [r for s in states for r in s["in_progress"]],
+            "steps": base["steps"] + sum(s["steps"] for s in states),
+            "seconds": base["seconds"] + sum(s["seconds"] for s in states)}
+
+
+# A new deal restarts the workers (imports, the model, the envs replayed to their step): a few seconds each. Deal
+# again only when the idle worker would take over more than this many seconds of another's work.
+REDEAL_SECONDS = 30.0
+
+
+def _worth_a_deal(groups: list[list[int]], latest: list[dict], running: set[int], limit: int | None) -> bool:
+    """Whether a worker that ran out of episodes should take over some of the running workers': one of them holds
+    two or more, and half its steps left take more than REDEAL_SECONDS at the seconds per env step so far (when
+    the env has a time limit to count steps left by)."""
+    steps = sum(s["steps"] for s in latest)
+    per_step = sum(s["seconds"] for s in latest) / steps if steps else 0.0
+    for v in running:
+        done = {r["episode"]: len(r["actions"]) for r in latest[v]["in_progress"]}
+        left = [e for e in groups[v] if str(e) not in latest[v]["finished"]]
+        if len(left) >= 2 and (not limit or sum(limit - done.get(e, 0) for e in left) / 2 * per_step > REDEAL_SECONDS):
+            return True
+    return False
+
+
 def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs: int, progress: bool,
                          skip: frozenset[int], resume: list[dict], on_progress: Callable[[dict], None],
                          workers: int) -> None:
-    """`evaluate` with the episodes dealt round-robin to `workers` processes, each with its own envs, planner and
-    threads (plan.num_threads, by default the cores shared out): a search's per-token overhead runs on one core
-    however many threads a process has, so N one-thread processes outrun one N-thread process. The workers'
-    reports are merged into one state for `on_progress` (this process alone writes eval.partial.json). Episode e
-    is seeded with e whichever worker plays it, so the episodes are those of one process up to the float rounding
-    of other batch sizes (equal in float32 in tests). Seconds are summed over the workers."""
-    todo = [e for e in range(episodes) if e not in skip]
-    groups = [group for w in range(workers) if (group := todo[w::workers])]
-    resumed = {r["episode"]: r for r in resume}
-    given = [[resumed[e] for e in group if e in resumed] for group in groups]  # each worker's episodes under way
-    threads = plan_cfg.num_threads or max(1, (os.cpu_count() or 1) // len(groups))
-    cfg = dataclasses.replace(plan_cfg, num_threads=threads)
-    envs_each = -(-num_envs // len(groups))
+    """`evaluate` with the episodes dealt to `workers` processes, each with its own envs, planner and threads
+    (plan.num_threads, by default the cores shared out): a search's per-token overhead runs on one core however
+    many threads a process has, so N one-thread processes outrun one N-thread process. The workers' reports are
+    merged into one state for `on_progress` (this process alone writes eval.partial.json). When a worker runs out
+    of episodes while another still holds two or more (episodes that end early leave a worker idle), all save
+    their episodes under way and the episodes left are dealt again. Episode e is seeded with e whichever worker
+    plays it, so the episodes are those of one process up to the float rounding of other batch sizes (equal in
+    float32 in tests). Seconds are summed over the workers."""
     env_id, _, limit = env_settings(run)
     context = multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP and torch state
     reports = context.Queue()
-    # Until a worker reports, its episodes stand as they were given (an interruption then keeps them as they were).
-    latest = {w: {"finished": {}, "in_progress": given[w], "steps": 0, "seconds": 0.0} for w in range(len(groups))}
-    procs = [context.Process(target=_worker, daemon=True, args=(
-        w, reports, str(run.path), cfg, gym.spec(env_id), episodes, envs_each, frozenset(range(episodes)) - set(group),
-        given[w])) for w, group in enumerate(groups)]
+    # What the deals so far leave: finished episodes, episodes under way, env steps and seconds.
+    state = {"finished": {}, "in_progress": list(resume), "steps": 0, "seconds": 0.0}
     done_before = sum(len(r["actions"]) for r in resume)
+    todo = [e for e in range(episodes) if e not in skip]
     bar = tqdm(total=len(todo) * limit if limit else None, initial=done_before, unit="step",
-               desc=f"plan {env_id} ({len(groups)} workers)", disable=None if progress else True)
-    running = set(latest)
+               desc=f"plan {env_id} ({workers} workers)", disable=None if progress else True)
     try:
-        for proc in procs:
-            proc.start()
-        while running:
+        while todo := [e for e in todo if str(e) not in state["finished"]]:
+            resumed = {r["episode"]: r for r in state["in_progress"]}
+            groups = _deal(todo, {e: len(r["actions"]) for e, r in resumed.items()}, workers, limit)
+            given = [[resumed[e] for e in group if e in resumed] for group in groups]
+            cfg = dataclasses.replace(plan_cfg, num_threads=plan_cfg.num_threads
+                                      or max(1, (os.cpu_count() or 1) // len(groups)))
+            stops = [context.Event() for _ in groups]
+            procs = [context.Process(target=_worker, daemon=True, args=(
+                w, reports, str(run.path), cfg, gym.spec(env_id), episodes, -(-num_envs // len(groups)),
+                frozenset(range(episodes)) - set(group), given[w], stops[w])) for w, group in enumerate(groups)]
+            # Until a worker reports, its episodes stand as they were given (an interruption then keeps them so).
+            latest = [{"finished": {}, "in_progress": given[w], "steps": 0, "seconds": 0.0}
+                      for w in range(len(groups))]
+            base, running = state, set(range(len(groups)))
             try:
-                w, report = reports.get(timeout=5.0)
-            except queue.Empty:
-                for w in running:
-                    if not procs[w].is_alive() and reports.empty():
-                        raise RuntimeError(f"evaluation worker {w} died (exit code {procs[w].exitcode}) without "
-                                           "a report; run again to go on from the last saved state") from None
-                continue
-            if report is None:
-                running.discard(w)
-            elif isinstance(report, str):
-                raise ValueError(f"evaluation worker {w}: {report}")
-            else:
-                latest[w] = report
-                merged = {"finished": {e: r for s in latest.values() for e, r in s["finished"].items()},
-                          "in_progress": [r for s in latest.values() for r in s["in_progress"]],
-                          "steps": sum(s["steps"] for s in latest.values()),
-                          "seconds": sum(s["seconds"] for s in latest.values())}
-                on_progress(merged)
-                bar.update(done_before + merged["steps"] - bar.n)
+                for proc in procs:
+                    proc.start()
+                while running:
+                    try:
+                        w, report = reports.get(timeout=5.0)
+                    except queue.Empty:
+                        for w in running:
+                            if not procs[w].is_alive() and reports.empty():
+                                raise RuntimeError(f"evaluation worker {w} died (exit code {procs[w].exitcode}) "
+                                                   "without a report; run again to go on from the last saved "
+                                                   "state") from None
+                        continue
+                    if isinstance(report, str):
+                        raise ValueError(f"evaluation worker {w}: {report}")
+                    if report is not None:
+                        latest[w] = report
+                        state = _merge(base, latest)
+                        on_progress(state)
+                        bar.update(done_before + state["steps"] - bar.n)
+                        continue
+                    running.discard(w)
+                    if not any(stop.is_set() for stop in stops) and _worth_a_deal(groups, latest, running, limit):
+                        print(f"worker {w} is out of episodes while others hold two or more: they save the episodes "
+                              "under way, and the episodes left are dealt again", flush=True)
+                        for v in running:
+                            stops[v].set()
+            finally:
+                for proc in procs:
+                    if proc.is_alive():
+                        proc.terminate()
+                    proc.join()
     finally:
         bar.close()
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-            proc.join()
 
 
 def _worker(w: int, reports, run_dir: str, plan_cfg: PlanConfig, spec: gym.envs.registration.EnvSpec,
-            episodes: int, num_envs: int, skip: frozenset[int], resume: list[dict]) -> None:
-    """One evaluation worker: its episodes' states go to `reports` as (w, state), then (w, None) when done, or
-    (w, message) on an error. Ctrl-C is left to the parent, which stops the workers and keeps their last states."""
+            episodes: int, num_envs: int, skip: frozenset[int], resume: list[dict], stop) -> None:
+    """One evaluation worker: its episodes' states go to `reports` as (w, state), then (w, None) when done or
+    stopped (the `stop` event set: its last state holds the episodes under way), or (w, message) on an error.
+    Ctrl-C is left to the parent, which stops the workers and keeps their last states."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         gym.registry.setdefault(spec.id, spec)  # an env registered at run time in the parent (a user's own)
-        evaluate(load_run(run_dir), plan_cfg, episodes=episodes, num_envs=num_envs, progress=False, skip=skip,
-                 resume=resume, on_progress=lambda state: reports.put((w, state)))
+        with contextlib.suppress(EvaluationStopped):
+            evaluate(load_run(run_dir), plan_cfg, episodes=episodes, num_envs=num_envs, progress=False, skip=skip,
+                     resume=resume, on_progress=lambda state: reports.put((w, state)), stop=stop.is_set)
         reports.put((w, None))
     except Exception as err:  # noqa: BLE001 -- the parent raises it with the worker's name
         reports.put((w, f"{type(err).__name__}: {err}"))
