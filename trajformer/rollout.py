@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -732,6 +733,9 @@ def _worker(w: int, reports, run_dir: str, plan_cfg: PlanConfig, spec: gym.envs.
     stopped (the `stop` event set: its last state holds the episodes under way), or (w, message) on an error.
     Ctrl-C is left to the parent, which stops the workers and keeps their last states."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm's default lock is a multiprocessing RLock, a named semaphore that a worker stopped by the parent would
+    # leave behind ("leaked semaphore objects" at exit); this worker's bars are off, a thread lock does.
+    tqdm.set_lock(threading.RLock())
     try:
         gym.registry.setdefault(spec.id, spec)  # an env registered at run time in the parent (a user's own)
         with contextlib.suppress(EvaluationStopped):
