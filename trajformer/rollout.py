@@ -615,17 +615,23 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs:
                                       "normalized_stderr", "seconds_per_step")}, "plan": dataclasses.asdict(plan_cfg)}
 
 
-def _deal(todo: list[int], steps_done: dict[int, int], workers: int, limit: int | None) -> list[list[int]]:
+def _deal(todo: list[int], steps_done: dict[int, int], workers: int, limit: int | None,
+          num_envs: int) -> list[list[int]]:
     """The episodes `todo` dealt to at most `workers` groups of about equal steps left (a search's cost grows with
     the envs it plans for, so a worker's time goes with the env steps it has left): longest first, each to the
-    least loaded group. Unstarted episodes alone are dealt round-robin, and so are all without a time limit."""
+    least loaded group. Unstarted episodes alone are dealt round-robin, and so are all without a time limit.
+    Episodes under way (`steps_done`) start at once in their worker's envs, so a group takes no more of them than
+    its share of `num_envs` (or of the episodes under way, when there are more)."""
     left = {e: limit - steps_done.get(e, 0) if limit else 1 for e in todo}
     groups: list[list[int]] = [[] for _ in range(min(workers, len(todo)))]
-    load = [0] * len(groups)
+    load, under_way = [0] * len(groups), [0] * len(groups)
+    cap = -(-max(num_envs, len(steps_done)) // len(groups))
     for e in sorted(todo, key=lambda e: (-left[e], e)):
-        w = load.index(min(load))
+        open_ = [w for w in range(len(groups)) if e not in steps_done or under_way[w] < cap]
+        w = min(open_, key=lambda w: (load[w], w))
         groups[w].append(e)
         load[w] += left[e]
+        under_way[w] += e in steps_done
     return [sorted(group) for group in groups]
 
 
@@ -669,7 +675,6 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
     float32 in tests). Seconds are summed over the workers."""
     env_id, _, limit = env_settings(run)
     context = multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP and torch state
-    reports = context.Queue()
     # What the deals so far leave: finished episodes, episodes under way, env steps and seconds.
     state = {"finished": {}, "in_progress": list(resume), "steps": 0, "seconds": 0.0}
     done_before = sum(len(r["actions"]) for r in resume)
@@ -679,10 +684,11 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
     try:
         while todo := [e for e in todo if str(e) not in state["finished"]]:
             resumed = {r["episode"]: r for r in state["in_progress"]}
-            groups = _deal(todo, {e: len(r["actions"]) for e, r in resumed.items()}, workers, limit)
+            groups = _deal(todo, {e: len(r["actions"]) for e, r in resumed.items()}, workers, limit, num_envs)
             given = [[resumed[e] for e in group if e in resumed] for group in groups]
             cfg = dataclasses.replace(plan_cfg, num_threads=plan_cfg.num_threads
                                       or max(1, (os.cpu_count() or 1) // len(groups)))
+            reports = context.Queue()  # one per deal: a worker stopped mid-write cannot leave the next its lock
             stops = [context.Event() for _ in groups]
             procs = [context.Process(target=_worker, daemon=True, args=(
                 w, reports, str(run.path), cfg, gym.spec(env_id), episodes, -(-num_envs // len(groups)),
@@ -690,10 +696,9 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
             # Until a worker reports, its episodes stand as they were given (an interruption then keeps them so).
             latest = [{"finished": {}, "in_progress": given[w], "steps": 0, "seconds": 0.0}
                       for w in range(len(groups))]
-            base, running = state, set(range(len(groups)))
+            base, running, idle = state, set(range(len(groups))), False
             try:
-                for proc in procs:
-                    proc.start()
+                _start_without_sigint(procs)  # Ctrl-C reaches the workers too (one process group)
                 while running:
                     try:
                         w, report = reports.get(timeout=5.0)
@@ -706,25 +711,47 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
                         continue
                     if isinstance(report, str):
                         raise ValueError(f"evaluation worker {w}: {report}")
-                    if report is not None:
+                    if report is None:
+                        running.discard(w)
+                        idle = True
+                    else:
                         latest[w] = report
                         state = _merge(base, latest)
                         on_progress(state)
                         bar.update(done_before + state["steps"] - bar.n)
-                        continue
-                    running.discard(w)
-                    if not any(stop.is_set() for stop in stops) and _worth_a_deal(groups, latest, running, limit):
-                        print(f"worker {w} is out of episodes while others hold two or more: they save the episodes "
-                              "under way, and the episodes left are dealt again", flush=True)
-                        for v in running:
-                            stops[v].set()
+                    # A worker ran out: once the reports sent so far are read, deal again if it is worth it.
+                    if idle and reports.empty() and not any(stop.is_set() for stop in stops):
+                        idle = False
+                        if _worth_a_deal(groups, latest, running, limit):
+                            tqdm.write(f"worker {w} is out of episodes while others hold two or more: they save "
+                                       "the episodes under way, and the episodes left are dealt again")
+                            for v in running:
+                                stops[v].set()
             finally:
                 for proc in procs:
-                    if proc.is_alive():
-                        proc.terminate()
-                    proc.join()
+                    if proc.pid is not None:  # started
+                        proc.join(timeout=10.0 if not running else 0)
+                        if proc.is_alive():
+                            proc.terminate()
+                            proc.join()
     finally:
         bar.close()
+
+
+def _start_without_sigint(procs: list) -> None:
+    """Start the processes ignoring SIGINT from their first instruction (an ignored signal stays ignored through
+    exec, and Python then installs no KeyboardInterrupt handler): a Ctrl-C during their imports would print their
+    tracebacks. The parent ignores it only while it starts them (milliseconds)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        for proc in procs:
+            proc.start()
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for proc in procs:
+            proc.start()
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _worker(w: int, reports, run_dir: str, plan_cfg: PlanConfig, spec: gym.envs.registration.EnvSpec,
@@ -732,7 +759,7 @@ def _worker(w: int, reports, run_dir: str, plan_cfg: PlanConfig, spec: gym.envs.
     """One evaluation worker: its episodes' states go to `reports` as (w, state), then (w, None) when done or
     stopped (the `stop` event set: its last state holds the episodes under way), or (w, message) on an error.
     Ctrl-C is left to the parent, which stops the workers and keeps their last states."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as it started (_start_without_sigint)
     # tqdm's default lock is a multiprocessing RLock, a named semaphore that a worker stopped by the parent would
     # leave behind ("leaked semaphore objects" at exit); this worker's bars are off, a thread lock does.
     tqdm.set_lock(threading.RLock())
