@@ -32,7 +32,7 @@ train markov --set data.sequence_length=2
 train partial --set 'data.obs_dims="0:22"'
 # the three at one budget: the main run here, not the shipped fine-tune (predict overwrites its own files there;
 # sample_means.json beside them is the main run's, from scripts/humanoid_sample_means.py --run runs/humanoid-main
-# --samples 832 --out notebooks/figures/ablations/sample_means.json)
+# --work runs/humanoid-sample-means-main --samples 832 --out notebooks/figures/ablations/sample_means.json)
 trajformer predict runs/humanoid-main --dataset pretrained/data/humanoid-heldout.npz \
   --baseline pretrained/models/humanoid-ensemble --ablation markovian=runs/humanoid-markov \
   --ablation partial=runs/humanoid-partial --horizon 100 --starts 8 --samples 16 --no-render \

@@ -13,12 +13,16 @@ for scale (the start state held still; the held-out episodes' mean state).
     python scripts/humanoid_sample_means.py [--samples 512] [--chunk 64] [--work runs/humanoid-sample-means]
 
 Chunk c samples with seed 100 c, so chunks can be made by several processes at once (`--start-chunk N
---sample-only`, one core each) and the report run reads them all.
+--sample-only`, one core each) and the report run reads them all. A chunk's file name carries a digest of what it
+sampled (the weights, the held-out file, the starts, the horizon), so another model's chunks in the same WORK are
+never read as this one's.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -37,7 +41,7 @@ from trajformer.predict import (
     sample_mean,
     true_segments,
 )
-from trajformer.run import load_run
+from trajformer.run import load_run, model_sha256
 
 
 def group_errors(obs: np.ndarray, true: np.ndarray, std: np.ndarray, m: int) -> np.ndarray:
@@ -70,8 +74,15 @@ def main() -> None:
     chosen = choose_starts(held, args.horizon, args.starts, 0)  # predict's starts (seed 0)
     start, true, act, prefixes = true_segments(run, held, chosen, args.horizon)
     n_chunks = args.samples // args.chunk
+    sampled = {"model_sha256": model_sha256(run), "heldout_sha256": hashlib.sha256(Path(args.heldout).read_bytes())
+               .hexdigest(), "starts": [[int(i), int(t)] for i, t in chosen], "horizon": args.horizon}
+    key = hashlib.sha256(json.dumps(sampled, sort_keys=True).encode()).hexdigest()[:12]
+
+    def chunk_path(c: int) -> Path:
+        return work / f"chunk-{key}-{args.chunk}-{c}.npy"
+
     for c in range(args.start_chunk if args.sample_only else 0, n_chunks):
-        path = work / f"chunk-{args.chunk}-{c}.npy"
+        path = chunk_path(c)
         if not path.is_file():
             t0 = time.perf_counter()
             obs = rollout_transformer(run, prefixes, args.horizon, args.chunk, actions=act, greedy=False,
@@ -82,8 +93,7 @@ def main() -> None:
                   flush=True)
     if args.sample_only:
         return
-    tt = np.concatenate([np.load(work / f"chunk-{args.chunk}-{c}.npy").astype(np.float64) for c in range(n_chunks)],
-                        axis=1)
+    tt = np.concatenate([np.load(chunk_path(c)).astype(np.float64) for c in range(n_chunks)], axis=1)
     ens = load_ensemble(args.ensemble)
     ens_samples = rollout_ensemble(ens, start, np.repeat(act[:, None], tt.shape[1], 1), sample=True, seed=0)["obs"]
     ens_mean = normalized_error(rollout_ensemble(ens, start, act[:, None])["obs"][:, 0], true, held.obs_std)
@@ -103,7 +113,7 @@ def main() -> None:
     boot = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(10_000)])
     episode_mean = np.concatenate([e.obs for e in held.episodes]).mean(0)
     record = {
-        "config": {**vars(args), "starts_chosen": [{"episode": i, "t": t} for i, t in chosen],
+        "config": {**vars(args), "starts_chosen": [{"episode": i, "t": t} for i, t in chosen], **sampled,
                    "steps": steps,
                    "error": "RMS over observation dims of (predicted - true) / dataset std, mean over starts"},
         "sample_means": table,

@@ -303,7 +303,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--again", action="store_true", help="plan a setting again that eval.json already holds for "
                    "the same weights, episodes and search (kept by default, so --bc can be added afterwards)")
     p.add_argument("--workers", type=int, default=1, help="processes that share the episodes, each with its own "
-                   "envs, planner and plan.num_threads threads (default: the cores shared out); on a CPU N "
+                   "envs, planner and plan.num_threads threads (unset: the cores shared out); on a CPU N "
                    "one-thread workers outrun one N-thread process. Episodes are dealt by steps left, and again "
                    "when a worker runs out while another holds two or more. seconds_per_step is then a worker's")
     _add_overrides(p, "plan.device=cuda", "plan.KEY=VALUE")
