@@ -19,6 +19,7 @@ from pointline import DATASET_ID, ENV_ID, TRAIN_SEED, random_returns
 from trajformer import cli
 from trajformer.config import Config, config_from_dict
 from trajformer.discretizer import Discretizer
+from trajformer.info import describe
 from trajformer.metrics import score_reference, summarize
 from trajformer.model import GPT, GPTConfig
 from trajformer.planner import plan_config
@@ -433,6 +434,8 @@ def test_protocol_resumes_an_interrupted_evaluation(point_run, tmp_path, monkeyp
     finished = sorted(seen[-1]["finished"])
     assert 1 <= len(finished) < 4 and sorted(partial["runs"][0]["episodes"]) == finished
     assert not (run_dir / "eval.json").exists()
+    under_way = [line for line in describe(str(run_dir)).splitlines() if line.startswith("  under way")]
+    assert len(under_way) == 1 and f"{len(finished)} of 4 episodes done" in under_way[0], under_way
     planned = []
     monkeypatch.setattr(rollout, "run_episodes", lambda *a, skip=frozenset(), **k: planned.append(skip) or real(
         *a, skip=skip, **k))
@@ -440,6 +443,14 @@ def test_protocol_resumes_an_interrupted_evaluation(point_run, tmp_path, monkeyp
     assert planned == [frozenset(int(e) for e in finished)]  # only the missing episodes were planned
     assert resumed["settings"]["32x5"]["returns"] == whole["settings"]["32x5"]["returns"]
     assert not (run_dir / "eval.partial.json").exists() and (run_dir / "eval.json").is_file()
+    # `trajformer info` shows the result, and says so when model.pt has changed since.
+    row = f"32x5, beam 32 / horizon 5 (float32): {resumed['settings']['32x5']['mean_return']:.1f} +- "
+    text = describe(str(run_dir))
+    assert row in text and "under way" not in text and "other weights" not in text
+    torch.save({k: v + 1e-3 if v.is_floating_point() else v
+                for k, v in torch.load(run_dir / "model.pt", weights_only=True).items()},
+               run_dir / "model.pt")
+    assert "other weights than model.pt's" in describe(str(run_dir))
 
 
 def test_sigterm_stops_trajformer_eval_like_ctrl_c(point_run, tmp_path, monkeypatch, capsys):

@@ -25,7 +25,7 @@ def column_names(obs_dim: int, act_dim: int) -> list[str]:
 
 def describe_run(run_dir: Path) -> str:
     """Dims, tokens, parameters, dataset and split, last validation losses of a run directory."""
-    from trajformer.run import load_run, read_metrics
+    from trajformer.run import load_run, model_sha256, read_metrics
 
     run = load_run(run_dir)
     meta, cfg = run.meta, run.config
@@ -63,11 +63,43 @@ def describe_run(run_dir: Path) -> str:
     if parent:
         lines.append(f"  fine-tuned    from {parent['run']} (model.pt sha256 {parent['model_sha256'][:12]}, "
                      f"{parent.get('dataset_id')}, {parent.get('total_steps')} steps x {parent.get('batch_size')})")
+    lines += _evaluation_lines(Path(run.path), model_sha256(run))
     recon = meta.get("discretizer_error")
     if recon:
         lines += _reconstruction_table(column_names(mc.obs_dim, mc.act_dim), np.array(recon["mean_abs_error"]),
                                        np.array(recon["n_bins"]), np.array(recon["std"]))
     return "\n".join(lines)
+
+
+def _evaluation_lines(run_dir: Path, weights: str) -> list[str]:
+    """What `trajformer eval` wrote: eval.json's settings (marked when other weights planned them) and the settings
+    eval.partial.json holds under way, so a long evaluation can be followed from another shell."""
+    lines = []
+    done = run_dir / "eval.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        refs = [f"{name} {record[key]:.0f}" for name, key in (("data mean", "dataset_mean_return"),
+                                                               ("BC", "bc_mean_return")) if record.get(key) is not None]
+        lines.append(f"  evaluated     {record['episodes']} episodes (eval.json)" + (f"; {', '.join(refs)}" if refs
+                                                                                    else ""))
+        for name, r in record["settings"].items():
+            plan = r["plan"]
+            other = "" if r.get("model_sha256") == weights else "; other weights than model.pt's"
+            normalized = f" (D4RL {r['normalized_score']:.1f})" if r.get("normalized_score") is not None else ""
+            lines.append(f"                {name}, beam {plan['beam_width']} / horizon {plan['horizon']} "
+                         f"({plan['dtype']}): {r['mean_return']:.1f} +- {r['stderr']:.1f}{normalized}, "
+                         f"{r['seconds_per_step']:.2f} s per env step{other}")
+    partial = run_dir / "eval.partial.json"
+    for r in json.loads(partial.read_text())["runs"] if partial.is_file() else []:
+        finished, under_way = r["episodes"], r.get("in_progress", [])
+        at = sorted(len(u["actions"]) for u in under_way)
+        mean = f" (mean {np.mean([v[0] for v in finished.values()]):.1f})" if finished else ""
+        mid = f", {len(under_way)} mid-way at steps {at[0]}-{at[-1]}" if at else ""
+        per_step = f", {r['seconds'] / r['steps']:.2f} s per env step" if r["steps"] else ""
+        lines.append(f"  under way     beam {r['setting']['beam_width']} / horizon {r['setting']['horizon']} "
+                     f"({r['dtype']}): {len(finished)} of {r['episodes_total']} episodes done{mean}{mid}; "
+                     f"{r['steps']:,} env steps{per_step} (eval.partial.json; the same `trajformer eval` goes on)")
+    return lines
 
 
 def _reference_line(data) -> str:
