@@ -436,6 +436,8 @@ def test_protocol_resumes_an_interrupted_evaluation(point_run, tmp_path, monkeyp
     assert not (run_dir / "eval.json").exists()
     under_way = [line for line in describe(str(run_dir)).splitlines() if line.startswith("  under way")]
     assert len(under_way) == 1 and f"{len(finished)} of 4 episodes done" in under_way[0], under_way
+    mid = [len(r["actions"]) for r in partial["runs"][0]["in_progress"]]
+    assert f"at most {(4 - len(finished) - len(mid)) * 20 + sum(20 - a for a in mid)} left" in under_way[0]
     planned = []
     monkeypatch.setattr(rollout, "run_episodes", lambda *a, skip=frozenset(), **k: planned.append(skip) or real(
         *a, skip=skip, **k))

@@ -63,7 +63,7 @@ def describe_run(run_dir: Path) -> str:
     if parent:
         lines.append(f"  fine-tuned    from {parent['run']} (model.pt sha256 {parent['model_sha256'][:12]}, "
                      f"{parent.get('dataset_id')}, {parent.get('total_steps')} steps x {parent.get('batch_size')})")
-    lines += _evaluation_lines(Path(run.path), model_sha256(run))
+    lines += _evaluation_lines(Path(run.path), model_sha256(run), meta["env"].get("max_episode_steps"))
     recon = meta.get("discretizer_error")
     if recon:
         lines += _reconstruction_table(column_names(mc.obs_dim, mc.act_dim), np.array(recon["mean_abs_error"]),
@@ -71,9 +71,10 @@ def describe_run(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _evaluation_lines(run_dir: Path, weights: str) -> list[str]:
+def _evaluation_lines(run_dir: Path, weights: str, limit: int | None) -> list[str]:
     """What `trajformer eval` wrote: eval.json's settings (marked when other weights planned them) and the settings
-    eval.partial.json holds under way, so a long evaluation can be followed from another shell."""
+    eval.partial.json holds under way, with the env steps left if no episode ends early (`limit` steps each), so a
+    long evaluation can be followed from another shell."""
     lines = []
     done = run_dir / "eval.json"
     if done.is_file():
@@ -96,9 +97,15 @@ def _evaluation_lines(run_dir: Path, weights: str) -> list[str]:
         mean = f" (mean {np.mean([v[0] for v in finished.values()]):.1f})" if finished else ""
         mid = f", {len(under_way)} mid-way at steps {at[0]}-{at[-1]}" if at else ""
         per_step = f", {r['seconds'] / r['steps']:.2f} s per env step" if r["steps"] else ""
+        left = ""
+        if limit:
+            steps_left = (r["episodes_total"] - len(finished) - len(at)) * limit + sum(limit - a for a in at)
+            left = f"; at most {steps_left:,} left" + (f" (~{steps_left * r['seconds'] / r['steps'] / 3600:.1f} h of "
+                                                        "one worker at this pace)" if r["steps"] else "")
         lines.append(f"  under way     beam {r['setting']['beam_width']} / horizon {r['setting']['horizon']} "
                      f"({r['dtype']}): {len(finished)} of {r['episodes_total']} episodes done{mean}{mid}; "
-                     f"{r['steps']:,} env steps{per_step} (eval.partial.json; the same `trajformer eval` goes on)")
+                     f"{r['steps']:,} env steps{per_step}{left} (eval.partial.json; the same `trajformer eval` "
+                     "goes on)")
     return lines
 
 
