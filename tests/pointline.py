@@ -23,13 +23,15 @@ class PointLine(gym.Env):
     """A point on [-1, 1] must reach a goal at -0.5 or +0.5, drawn per episode (so no constant action wins).
 
     Observation [x, goal], action a in [-1, 1] moves x by 0.1 a, reward -|x - goal|, 20 steps, deterministic.
-    Episodes reset with a seed in `ends_early` terminate at step 4 (uneven episodes, as falls make them).
+    Episodes reset with a seed in `ends_early` terminate at step 4 (uneven episodes, as falls make them); one reset
+    with seed `kills_at` ends the process at its step 10 (a worker killed from outside, as the OOM killer does).
     """
 
-    def __init__(self, ends_early: tuple[int, ...] | list[int] = ()):
+    def __init__(self, ends_early: tuple[int, ...] | list[int] = (), kills_at: int | None = None):
         self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.ends_early, self.ends_now, self.t = frozenset(ends_early), False, 0
+        self.kills_at, self.killing = kills_at, False
 
     def _obs(self) -> np.ndarray:
         return np.array([self.x, self.goal], np.float32)
@@ -37,12 +39,14 @@ class PointLine(gym.Env):
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
         self.goal, self.x = float(self.np_random.choice([-0.5, 0.5])), 0.0
-        self.ends_now, self.t = seed in self.ends_early, 0
+        self.ends_now, self.t, self.killing = seed in self.ends_early, 0, seed == self.kills_at
         return self._obs(), {}
 
     def step(self, action):
         self.x = float(np.clip(self.x + 0.1 * np.clip(action[0], -1.0, 1.0), -1.0, 1.0))
         self.t += 1
+        if self.killing and self.t == 10:
+            os._exit(9)
         return self._obs(), -abs(self.x - self.goal), self.ends_now and self.t >= 4, False, {}
 
 

@@ -617,6 +617,27 @@ def test_killed_workers_eval_exits_130_and_leaves_no_semaphores(point_run, point
     assert kept["steps"] > 0 and kept["episodes"] and len(kept["episodes"]) < 40
 
 
+def test_a_worker_killed_from_outside_is_one_line_and_the_same_command_goes_on(point_run, tmp_path, capsys):
+    """A worker that dies without a report (the OOM killer): the evaluation stops with one line, exit 1, the other
+    worker stopped and the reports so far kept; the same command then goes on (here without the kill)."""
+    run = tmp_path / "run"
+    shutil.copytree(point_run, run)
+    meta = json.loads((run / "run.json").read_text())
+    meta["env"]["kwargs"] = {"kills_at": 3}
+    (run / "run.json").write_text(json.dumps(meta))
+    argv = ["eval", str(run), "--episodes", "4", "--settings", "32x5", "--workers", "2", "--num-envs", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and "\n" not in err and "Traceback" not in err, err
+    assert "evaluation worker 1 died (exit code 9" in err and "the same command goes on" in err
+    assert not multiprocessing.active_children()
+    meta["env"]["kwargs"] = {}
+    (run / "run.json").write_text(json.dumps(meta))
+    cli.main(argv)
+    assert len(json.loads((run / "eval.json").read_text())["settings"]["32x5"]["returns"]) == 4
+
+
 def test_workers_start_ignoring_ctrl_c():
     """A terminal's Ctrl-C reaches the workers too: they ignore it from their first instruction (the parent stops
     them), so a Ctrl-C while they import prints no tracebacks of theirs; the parent's own handler is back after."""

@@ -705,9 +705,9 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
                     except queue.Empty:
                         for w in running:
                             if not procs[w].is_alive() and reports.empty():
-                                raise RuntimeError(f"evaluation worker {w} died (exit code {procs[w].exitcode}) "
-                                                   "without a report; run again to go on from the last saved "
-                                                   "state") from None
+                                raise ChildProcessError(f"evaluation worker {w} died (exit code {procs[w].exitcode}"
+                                                        ", killed for memory?) without a report; the same command "
+                                                        "goes on from the last saved state") from None
                         continue
                     if isinstance(report, str):
                         raise ValueError(f"evaluation worker {w}: {report}")
