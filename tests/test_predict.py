@@ -192,7 +192,7 @@ def test_predict_end_to_end_and_npz_slice(run, ensemble_dir, tmp_path):
     cli.main(["predict", str(run.path), "--dataset", str(npz), "--horizon", "5", "--starts", "3", "--samples", "4",
               "--baseline", str(ensemble_dir), "--out", str(out)])
     record = json.loads((out / "predict.json").read_text())
-    assert set(record["summary"]) == {"1"}
+    assert set(record["summary"]) == {"1", "5"}  # the summary steps up to the horizon, and its last step
     assert len(record["teacher_forced"]["transformer"]["mean"]) == 5 and len(record["open_loop"]["oracle"]) == 5
     for name in ("error_vs_horizon.png", "likelihood_vs_horizon.png", "traces.png", "filmstrip.png"):
         assert (out / name).stat().st_size > 1000
@@ -368,6 +368,67 @@ def test_bad_input(tiny_config, run, hopper_dataset, tmp_path, capsys):
     assert not (tmp_path / "p").exists()  # nothing written before the check
     with pytest.raises(FileNotFoundError, match="held-out slice"):
         load_heldout(str(tmp_path / "missing.npz"), run)
+
+
+def held_ids(run) -> list[int]:
+    return run.meta["split"]["validation_episodes"]
+
+
+def test_predict_refuses_starts_that_are_not_held_out_and_bad_slices(run, ensemble_dir, tmp_path):
+    """Starts must be held out from both models (no data that shares a part with the run's, no other copy of its
+    dataset, no ensemble of another env or split), a held-out slice must be clean data of the run's env, starts are
+    distinct, and the output folder is checked before any work."""
+    with pytest.raises(ValueError, match="shares .* with the run's training data"):
+        load_heldout(f"other/data-v0+{run.meta['dataset_id']}", run)
+    changed = tmp_path / "changed"
+    shutil.copytree(run.path, changed)
+    meta = json.loads((changed / "run.json").read_text())
+    meta["provenance"]["dataset_sha256"] = "0" * 64  # a copy collected elsewhere: other float rounding, the same
+    (changed / "run.json").write_text(json.dumps(meta))  # episodes
+    assert len(load_heldout(run.meta["dataset_id"], load_run(changed)).episodes) == len(held_ids(run))
+    meta["dataset_stats"]["episodes"] += 1  # other data under the run's dataset id
+    (changed / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="is not the data the run was trained on"):
+        load_heldout(run.meta["dataset_id"], load_run(changed))
+    npz = save_heldout(run.path, tmp_path / "heldout.npz", episodes=2)
+    with np.load(npz) as z:
+        arrays = dict(z)
+    for name, edit, message in [("nan", lambda a: a["obs"].__setitem__((0, 1, 0), np.nan), "NaN or inf in 'obs'"),
+                                ("act", lambda a: a.__setitem__("act", a["act"][..., :1]), "1-dim actions"),
+                                ("env", lambda a: a.__setitem__("env", np.array('{"id": "Walker2d-v5"}')),
+                                 "holds Walker2d-v5 episodes")]:
+        bad = {k: v.copy() for k, v in arrays.items()}
+        edit(bad)
+        np.savez(tmp_path / f"{name}.npz", **bad)
+        with pytest.raises(ValueError, match=message):
+            load_heldout(str(tmp_path / f"{name}.npz"), run)
+    for key, value, message in [("env", {"id": "Walker2d-v5"}, "trained on Walker2d-v5 data"),
+                                ("split", None, "another split of the run's dataset")]:
+        other = tmp_path / f"ens-{key}"
+        shutil.copytree(ensemble_dir, other)
+        ens_meta = json.loads((other / "ensemble.json").read_text())
+        if key == "split":
+            split = ens_meta["split"]  # one held-out episode trained on instead
+            split["train_episodes"].append(split["validation_episodes"].pop(0))
+        else:
+            ens_meta[key] = value
+        (other / "ensemble.json").write_text(json.dumps(ens_meta))
+        with pytest.raises(ValueError, match=message):
+            predict(run.path, baseline=other, horizon=3, starts=2, samples=2, out=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="is not a directory"):
+        predict(run.path, horizon=3, starts=2, samples=2, out=tmp_path / "a-file" / "out", progress=False)
+    with pytest.raises(ValueError, match="names the main results"):
+        predict(run.path, horizon=3, ablations={"ensemble": str(run.path)}, progress=False)
+    # Distinct starts: every (episode, t) a horizon allows, and no more.
+    held = load_heldout(str(npz), run)
+    horizon = min(e.length for e in held.episodes) - 1
+    room = sum(e.length - horizon + 1 for e in held.episodes)
+    starts = choose_starts(held, horizon, room)
+    assert len(set(starts)) == room
+    with pytest.raises(ValueError, match=f"allow only {room} distinct starts"):
+        choose_starts(held, horizon, room + 1)
 
 
 def test_ablations_are_measured_on_the_same_starts_and_dims(run, tiny_config, hopper_dataset, tmp_path, capsys):

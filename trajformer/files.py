@@ -42,6 +42,15 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def writable_dir(path: Path) -> None:
+    """Check before a long job that `path` is, or can be made, a directory this process can write into."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "not a directory" if not existing.is_dir() else "not writable"
+        raise ValueError(f"cannot write into {path} ({existing} is {why}); pass --out DIR somewhere writable")
+
+
 @contextlib.contextmanager
 def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
     """An advisory lock on `path` (created if missing) for the duration of the block, so processes sharing a file

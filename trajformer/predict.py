@@ -34,10 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trajformer.data import Episode, joined_transitions, load_episodes
+from trajformer.data import Episode, joined_transitions, load_episodes, return_stats
 from trajformer.decoding import DECODES, CachedDecoder, crop_start, decode_bins, pick
 from trajformer.ensemble import Ensemble, load_ensemble, obs_std
-from trajformer.files import atomic_write, save_json
+from trajformer.files import atomic_write, save_json, writable_dir
 from trajformer.metrics import dim_errors, error_summary, histogram_loglik, normalized_error
 from trajformer.model import GPT, rotary
 from trajformer.run import Run, load_run, read_metrics
@@ -69,17 +69,34 @@ def load_heldout(source: str, run: Run) -> HeldOut:
             if not set(run.obs_indices.tolist()) <= set(indices):
                 raise ValueError(f"{path} holds observation dims {indices[:5]}... but the run reads "
                                  f"{run.obs_indices.tolist()[:5]}...; use a slice of the run's dataset")
+            env_id, run_env = json.loads(str(z["env"])).get("id"), (run.meta.get("env") or {}).get("id")
+            if run_env and env_id != run_env:
+                raise ValueError(f"{path} holds {env_id} episodes but the run was trained in {run_env}; use a slice "
+                                 "of the run's dataset")
+            if z["act"].shape[-1] != run.act_dim or not len(z["lengths"]):
+                raise ValueError(f"{path} holds {len(z['lengths'])} episodes of {z['act'].shape[-1]}-dim actions but "
+                                 f"the run acts in {run.act_dim} dims; use a slice of the run's dataset")
+            for name in ("obs", "act", "rew", "obs_std"):
+                if not np.isfinite(z[name]).all():
+                    raise ValueError(f"{path} has NaN or inf in '{name}'; write the slice again from clean data")
             cols = [indices.index(i) for i in run.obs_indices.tolist()]  # a partially observed run: its dims
             episodes = [_episode(z["obs"][i, : n + 1][:, cols], z["act"][i, :n], z["rew"][i, :n],
                                  bool(z["terminal"][i])) for i, n in enumerate(z["lengths"])]
             held = HeldOut(str(z["dataset_id"]), episodes, z["obs_std"].astype(np.float64)[cols],
                            json.loads(str(z["env"])), f"{path} ({len(episodes)} episodes)")
     else:
+        trained_on = run.meta.get("dataset_id") or ""
+        shared = set(source.split("+")) & set(trained_on.split("+")) if source != trained_on else set()
+        if shared:
+            raise ValueError(f"dataset '{source}' shares {', '.join(sorted(shared))} with the run's training data "
+                             f"'{trained_on}'; pass '{trained_on}' itself (its validation episodes are used) or data "
+                             "the run never saw")
         data = load_episodes(source, run.config.data)
         if data.obs_dim != run.obs_dim or data.act_dim != run.act_dim:
             raise ValueError(f"dataset '{source}' gives {data.obs_dim}-dim observations and {data.act_dim}-dim "
                              f"actions but the run expects {run.obs_dim} and {run.act_dim}; use the run's dataset")
-        if source == run.meta.get("dataset_id"):
+        if source == trained_on:
+            _check_same_episodes(data, run)
             ids = run.meta["split"]["validation_episodes"]
             if not ids:
                 raise ValueError(f"run {run.path} has no validation episodes; pass another dataset to predict on")
@@ -89,6 +106,21 @@ def load_heldout(source: str, run: Run) -> HeldOut:
             how = f"all {len(ids)} episodes of {source} (not the run's dataset)"
         held = HeldOut(source, [data.episodes[i] for i in ids], obs_std(data), data.env_spec, how)
     return held
+
+
+def _check_same_episodes(data, run: Run) -> None:
+    """The run's validation indices name the same episodes in `data`: its digest, or (a copy collected on another
+    machine, whose floats round differently) its episode count, steps and mean return to 1e-4."""
+    if data.sha256 == run.meta["provenance"]["dataset_sha256"]:
+        return
+    stats, mine = run.meta.get("dataset_stats") or {}, return_stats(data)
+    if not stats or (stats["episodes"], stats["steps"]) != (mine["episodes"], mine["steps"]) or \
+            abs(stats["return_mean"] - mine["return_mean"]) > 1e-4 * max(1.0, abs(stats["return_mean"])):
+        raise ValueError(f"dataset '{data.dataset_id}' is not the data the run was trained on ({mine['episodes']} "
+                         f"episodes, {mine['steps']} steps, mean return {mine['return_mean']:.2f}; the run's: "
+                         f"{stats.get('episodes')}, {stats.get('steps')}, {stats.get('return_mean', math.nan):.2f}), "
+                         "so its validation episodes would be other episodes; point MINARI_DATASETS_PATH at the "
+                         "run's dataset or pass a held-out .npz slice")
 
 
 def _episode(obs: np.ndarray, act: np.ndarray, rew: np.ndarray, terminal: bool) -> Episode:
@@ -132,9 +164,19 @@ def choose_starts(held: HeldOut, horizon: int, n_starts: int, seed: int = 0) -> 
         raise ValueError(f"--horizon {horizon} is longer than every held-out episode (longest {longest} steps in "
                          f"{held.source}); use --horizon <= {longest}")
     valid = [i for i, e in enumerate(held.episodes) if e.length >= horizon]
+    room = {i: held.episodes[i].length - horizon + 1 for i in valid}  # start times t each episode allows
+    if n_starts > sum(room.values()):
+        raise ValueError(f"--starts {n_starts}: the held-out episodes ({held.source}) allow only "
+                         f"{sum(room.values())} distinct starts with {horizon} steps after them; use fewer")
     rng = np.random.default_rng(seed)
-    return [(valid[k % len(valid)], int(rng.integers(0, held.episodes[valid[k % len(valid)]].length - horizon + 1)))
-            for k in range(n_starts)]
+    chosen: list[tuple[int, int]] = []
+    for k in range(n_starts):  # episodes in turn, each start drawn again until it is new (distinct starts)
+        i = next(valid[(k + j) % len(valid)] for j in range(len(valid))
+                 if sum(c[0] == valid[(k + j) % len(valid)] for c in chosen) < room[valid[(k + j) % len(valid)]])
+        while (pair := (i, int(rng.integers(0, room[i])))) in chosen:
+            pass
+        chosen.append(pair)
+    return chosen
 
 
 def context_tokens(run: Run, episode: Episode, t: int) -> torch.Tensor:
@@ -349,6 +391,20 @@ def _check_baseline(ens: Ensemble, run: Run) -> None:
                          f"{ens.meta['obs_indices'][:4]}... and {ens.meta['act_dim']} action dims, the run on "
                          f"{run.obs_dim} dims {run.obs_indices.tolist()[:4]}... and {run.act_dim}; train the ensemble "
                          f"on the run's dataset and data.obs_dims")
+    ens_env, run_env = (ens.meta.get("env") or {}).get("id"), (run.meta.get("env") or {}).get("id")
+    if ens_env != run_env:
+        raise ValueError(f"baseline {ens.path} was trained on {ens_env} data, the run on {run_env}; train the "
+                         "ensemble on the run's dataset")
+    # The same dataset (its id and episode count: a copy from another machine differs in its digest only) must be
+    # split as the run's was; other data under the same id (more episodes of the same policy) cannot hold them.
+    split, run_split = ens.meta["split"], run.meta["split"]
+    same_data = ens.meta.get("dataset_id") == run.meta.get("dataset_id") and \
+        len(split["train_episodes"]) + len(split["validation_episodes"]) == \
+        len(run_split["train_episodes"]) + len(run_split["validation_episodes"])
+    if same_data and split["validation_episodes"] != run_split["validation_episodes"]:
+        raise ValueError(f"baseline {ens.path} was trained on another split of the run's dataset, so some held-out "
+                         "start episodes are in its training data; train it with the run's config (data."
+                         "validation_fraction, train.seed)")
 
 
 def _json(x):
@@ -372,6 +428,9 @@ def load_ablations(ablations: dict[str, str | os.PathLike], run: Run) -> dict[st
     observed one whose data.obs_dims are a subset of the run's)."""
     loaded = {}
     for name, path in ablations.items():
+        if name in ("transformer", "ensemble", "oracle"):
+            raise ValueError(f"--ablation {name}={path}: '{name}' names the main results; call the ablation "
+                             "something else (e.g. markovian)")
         other = load_run(path)
         if (other.meta["dataset_id"], other.meta["split"]) != (run.meta["dataset_id"], run.meta["split"]):
             raise ValueError(f"--ablation {name}={path} was trained on {other.meta['dataset_id']} with another split; "
@@ -410,17 +469,18 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     Markovian and partially observed transformers)."""
     from trajformer import plots
 
+    if samples < 1 or horizon < 1 or starts < 1:
+        raise ValueError(f"--samples ({samples}), --horizon ({horizon}) and --starts ({starts}) must be >= 1")
     run = load_run(run_dir)
     others = load_ablations(ablations or {}, run)
     tt_compute = transformer_compute(run)  # read with the weights, not after the (long) rollouts
     ens = load_ensemble(baseline) if baseline is not None else None
     if ens is not None:
         _check_baseline(ens, run)
-    if samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {samples}")
     held = load_heldout(dataset or run.meta["dataset_id"], run)
     chosen = choose_starts(held, horizon, starts, seed)
     out = Path(out) if out is not None else run.path / "predict"
+    writable_dir(out)  # now, not after the rollouts
     say = print if progress else (lambda *a, **k: None)
 
     start, true, true_act, prefixes = true_segments(run, held, chosen, horizon)
@@ -442,7 +502,7 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     if ens is not None:
         ens_tf = rollout_ensemble(ens, start, true_act[:, None])
         record_tf["ensemble"] = error_summary(normalized_error(ens_tf["obs"][:, 0], true, held.obs_std))
-    at = [s for s in SUMMARY_STEPS if s <= horizon]
+    at = sorted({s for s in SUMMARY_STEPS if s <= horizon} | {horizon})
     record_tf["by_dim"] = {f"transformer_{how}": dim_errors(pred, true, held.obs_std, at)
                            for how, pred in preds.items()}
     if ens_tf is not None:
@@ -531,7 +591,7 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
         "compute": {"transformer": tt_compute, "ensemble": ens.meta["training"] if ens else None,
                     "prediction_seconds": seconds},
     }
-    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / "predict.json", _json(record))  # the numbers first: a figure that fails keeps them
     record["files"] = plots.prediction_figures(record, out, true=true, tf=tf, ens_tf=ens_tf, ol=ol, ens_ol=ens_ol,
                                                start=start, env=held.env, obs_indices=run.obs_indices, render=render)
     record = _json(record)
