@@ -170,12 +170,13 @@ def choose_starts(held: HeldOut, horizon: int, n_starts: int, seed: int = 0) -> 
                          f"{sum(room.values())} distinct starts with {horizon} steps after them; use fewer")
     rng = np.random.default_rng(seed)
     chosen: list[tuple[int, int]] = []
-    for k in range(n_starts):  # episodes in turn, each start drawn again until it is new (distinct starts)
-        i = next(valid[(k + j) % len(valid)] for j in range(len(valid))
-                 if sum(c[0] == valid[(k + j) % len(valid)] for c in chosen) < room[valid[(k + j) % len(valid)]])
+    used = dict.fromkeys(valid, 0)
+    for k in range(n_starts):  # episodes in turn (the next with a start left), t drawn again until it is new
+        i = next(e for e in valid[k % len(valid):] + valid[: k % len(valid)] if used[e] < room[e])
         while (pair := (i, int(rng.integers(0, room[i])))) in chosen:
             pass
         chosen.append(pair)
+        used[i] += 1
     return chosen
 
 
