@@ -56,6 +56,7 @@ def test_normalized_error_and_summary_hand_made():
     summary = error_summary(np.array([[1.0, np.nan], [3.0, 2.0]]))
     assert summary["mean"] == [2.0, 2.0] and summary["rows"] == [2, 1]
     assert summary["q50"][0] == pytest.approx(2.0)
+    assert error_summary(np.array([[1.0, 1.0], [3.0, np.inf]]))["mean"] == [2.0, np.inf]  # diverged: counted
     two = np.concatenate([pred, np.array([[[3.0, 2.0], [np.nan, np.nan]]])])  # a second start, stopped at step 2
     by_dim = dim_errors(two, np.zeros((2, 2, 2)), std, [1, 2])
     assert by_dim["1"] == pytest.approx([math.sqrt((1 + 9) / 2), math.sqrt((9 + 1) / 2)])  # RMS over starts

@@ -63,8 +63,9 @@ def dim_errors(pred: np.ndarray, true: np.ndarray, std: np.ndarray, steps: list[
 
 
 def error_summary(errors: np.ndarray) -> dict:
-    """Mean and 10/50/90% quantiles over starts (K, H) of per-step errors, ignoring stopped (NaN) rows."""
-    alive = np.isfinite(errors)
+    """Mean and 10/50/90% quantiles over starts (K, H) of per-step errors, ignoring stopped (NaN) rows; a diverged
+    (inf) row counts, so it cannot make the mean look better."""
+    alive = ~np.isnan(errors)
     out = {"rows": alive.sum(0).tolist()}
     with np.errstate(all="ignore"):
         out["mean"] = [float(np.mean(c[a])) if a.any() else None for c, a in zip(errors.T, alive.T, strict=True)]
