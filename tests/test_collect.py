@@ -21,6 +21,16 @@ def minari_tmp(tmp_path, monkeypatch):
     return tmp_path / "datasets"
 
 
+class Unbounded(gym.Env):
+    """An env whose actions have no bounds (random actions cannot be drawn in it)."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+
+
+gym.register("trajformer-test/Unbounded-v0", entry_point=Unbounded, max_episode_steps=10)
+
+
 def _arrays(dataset):
     return [(ep.observations, ep.actions, ep.rewards, ep.terminations, ep.truncations)
             for ep in dataset.iterate_episodes()]
@@ -87,6 +97,27 @@ def test_preset_small_and_cached():
         collect_preset("hopper-replay", steps=800)
 
 
+def test_joins_of_another_env_or_a_part_twice_are_refused():
+    """`A+B` joins datasets of one env, each part once: a repeated part (or one that already holds another, from
+    minari.combine_datasets) would put copies of validation episodes in the training set."""
+    from trajformer.config import DataConfig
+    from trajformer.data import load_episodes
+
+    collect("Hopper-v5", "random", steps=60, dataset_id="test/a-v0", seed=0, max_episode_steps=20)
+    collect("Hopper-v5", "random", steps=60, dataset_id="test/b-v0", seed=1, max_episode_steps=30)
+    collect("Walker2d-v5", "random", steps=60, dataset_id="test/w-v0", seed=0, max_episode_steps=20)
+    minari.combine_datasets([minari.load_dataset("test/a-v0"), minari.load_dataset("test/b-v0")], "test/ab-v0")
+    cfg = DataConfig()
+    with pytest.raises(ValueError, match="names a dataset twice"):
+        load_episodes("test/a-v0+test/a-v0", cfg)
+    with pytest.raises(ValueError, match=r"'test/ab-v0' already holds test/a-v0"):
+        load_episodes("test/a-v0+test/ab-v0", cfg)
+    with pytest.raises(ValueError, match="'test/b-v0' was recorded in .*'max_episode_steps': 30"):
+        load_episodes("test/a-v0+test/b-v0", cfg)  # another time limit: another env
+    with pytest.raises(ValueError, match="'test/w-v0' was recorded in .*Walker2d-v5"):
+        load_episodes("test/a-v0+test/w-v0", cfg)
+
+
 def test_medium_expert_combines_two_datasets():
     dataset = collect_preset("halfcheetah-medium-expert", steps=160)
     meta = dataset.storage.metadata
@@ -111,6 +142,8 @@ def test_medium_expert_combines_two_datasets():
     ({"env_id": "Hopper-v5", "policy": "halfcheetah-sac-0050k"}, ValueError, "policy trained on this env"),
     ({"env_id": "Hopper-v5", "policy": "missing.pt"}, FileNotFoundError, "not found"),
     ({"env_id": "Hopper-v5", "dataset_id": "no-version"}, ValueError, "bad dataset id"),
+    ({"env_id": "Hopper-v5", "env_kwargs": 5}, ValueError, "--env-kwargs 5 is not a JSON object"),
+    ({"env_id": "trajformer-test/Unbounded-v0"}, ValueError, "has unbounded actions"),
 ])
 def test_bad_input_fails_before_writing(kwargs, error, message):
     kwargs = {"dataset_id": "test/bad-v0", "steps": 50, **kwargs}

@@ -85,3 +85,10 @@ def test_bad_input():
     disc = Discretizer.fit(np.zeros((5, 2)), 4)
     with pytest.raises(ValueError, match="dim 3"):
         disc.encode(np.zeros((1, 3)))
+
+
+def test_nan_is_refused_not_binned():
+    """NaN (an unstable simulation) is an error, not the last bin's token."""
+    disc = Discretizer.fit(np.random.default_rng(0).normal(size=(200, 2)), 10)
+    with pytest.raises(ValueError, match=r"NaN to encode in dims \[1\]"):
+        disc.encode(np.array([[0.0, np.nan]]))

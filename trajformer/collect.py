@@ -93,6 +93,9 @@ def _check_env(env_id: str, env_kwargs: dict, max_episode_steps: int | None) -> 
         if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
             raise ValueError(f"{env_id} has a {type(space).__name__} {name} space: trajformer collects "
                              "envs with flat Box observations and actions only (e.g. Hopper-v5)")
+    if not (np.isfinite(env.action_space.low).all() and np.isfinite(env.action_space.high).all()):
+        raise ValueError(f"{env_id} has unbounded actions: random actions, action noise (in half action ranges) "
+                         "and the behaviour policies need finite bounds; wrap the env in gymnasium's ClipAction")
     return env
 
 
@@ -119,6 +122,9 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
 
     Every input is checked before any rollout, and nothing is written when one is wrong.
     """
+    if env_kwargs is not None and not isinstance(env_kwargs, dict):
+        raise ValueError(f"--env-kwargs {json.dumps(env_kwargs)} is not a JSON object; pass e.g. "
+                         "'{\"ctrl_cost_weight\": 0.1}'")
     env_kwargs = dict(env_kwargs or {})
     if steps <= 0 or num_envs <= 0:
         raise ValueError(f"--steps {steps} / --num-envs {num_envs}: both must be positive integers")

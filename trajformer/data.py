@@ -176,9 +176,23 @@ def load_episodes(dataset_id: str, cfg: DataConfig, download: bool = True) -> Of
     """
     if not dataset_id:
         raise ValueError("no dataset given; set data.dataset in the config or pass --dataset ID")
-    parts = [load_minari(part, download=download) for part in dataset_id.split("+")]  # all found, or fail now
+    ids = dataset_id.split("+")
+    if len(set(ids)) < len(ids):
+        raise ValueError(f"'{dataset_id}' names a dataset twice: its episodes would be split into both training and "
+                         "validation; name each part once")
+    parts = [load_minari(part, download=download) for part in ids]  # all found, or fail now
     first = parts[0]
-    for part_id, dataset in zip(dataset_id.split("+"), parts, strict=True):
+    for part_id, dataset in zip(ids, parts, strict=True):
+        inside = set(dataset.storage.metadata.get("combined_datasets") or []) & set(ids)
+        if inside:
+            raise ValueError(f"cannot join '{dataset_id}': '{part_id}' already holds {', '.join(sorted(inside))} "
+                             "(minari.combine_datasets); name each dataset once")
+        spec, first_spec = _spec_dict(dataset), _spec_dict(first)
+        for d in (spec, first_spec):
+            d.get("kwargs", {}).pop("render_mode", None)
+        if spec != first_spec:
+            raise ValueError(f"cannot join '{dataset_id}': '{part_id}' was recorded in {spec or 'an unknown env'}, "
+                             f"the first part in {first_spec or 'an unknown env'}; join datasets of the same env")
         _check_box(dataset.observation_space, "observation", part_id)
         _check_box(dataset.action_space, "action", part_id)
         if (dataset.observation_space.shape, dataset.action_space.shape) != (

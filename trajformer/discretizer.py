@@ -101,6 +101,9 @@ class Discretizer:
         if x.shape[-1] != self.dim:
             raise ValueError(f"encode got vectors of dim {x.shape[-1]}, the discretizer has {self.dim}")
         flat = x.reshape(-1, self.dim)
+        if np.isnan(flat).any():  # searchsorted would put NaN in the last bin: a plausible token for garbage
+            bad = sorted(set(np.nonzero(np.isnan(flat))[1].tolist()))
+            raise ValueError(f"NaN to encode in dims {bad[:8]}; the env or data gave NaN (an unstable simulation?)")
         out = np.empty(flat.shape, dtype=np.int64)
         for d in range(self.dim):
             inner = self.edges[d, 1 : self.n_real[d]]  # interior edges
