@@ -263,13 +263,18 @@ def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys):
 
 
 def test_plus_joins_datasets_like_medium_expert(tiny_config, hopper_dataset):
+    from trajformer.collect import collect
     from trajformer.data import load_episodes
 
+    other = "test/hopper-random-other-v0"  # the same env and time limit, other seeds
+    collect("Hopper-v5", "random", steps=300, dataset_id=other, seed=1, max_episode_steps=50, num_envs=4,
+            overwrite=True)
     cfg = tiny_config(hopper_dataset).data
-    one = load_episodes(hopper_dataset, cfg)
-    two = load_episodes(f"{hopper_dataset}+{hopper_dataset}", cfg)
-    assert len(two.episodes) == 2 * len(one.episodes) and two.sha256 != one.sha256
-    assert np.array_equal(two.episodes[len(one.episodes)].obs, one.episodes[0].obs)
+    one, second = load_episodes(hopper_dataset, cfg), load_episodes(other, cfg)
+    two = load_episodes(f"{hopper_dataset}+{other}", cfg)
+    assert len(two.episodes) == len(one.episodes) + len(second.episodes) and two.sha256 not in (one.sha256,
+                                                                                               second.sha256)
+    assert np.array_equal(two.episodes[len(one.episodes)].obs, second.episodes[0].obs)
 
 
 def _free_port() -> int:
@@ -323,6 +328,17 @@ def test_missing_remote_dataset_fails_fast_without_network(monkeypatch):
     monkeypatch.setattr("trajformer.data._hub_client_installed", lambda: False)
     with pytest.raises(FileNotFoundError, match=r"pip install 'trajformer\[hf\]'"):
         load_minari("mujoco/hopper/medium-v0")
+    # Online with the client, our own ids are still never asked of the hub: they are made by `trajformer collect`.
+    monkeypatch.setattr("trajformer.data._hub_client_installed", lambda: True)
+    with pytest.raises(FileNotFoundError, match=r"trajformer/hopper-medium-v0.*trajformer collect --preset"):
+        load_minari("trajformer/hopper-medium-v0")
+    # HF_HUB_OFFLINE=false is online, as huggingface_hub reads it: the hub is probed.
+    import trajformer.data
+
+    monkeypatch.undo()  # the real _hub_reachable; the socket patched again below
+    monkeypatch.setenv("HF_HUB_OFFLINE", "false")
+    monkeypatch.setattr("trajformer.data.socket.create_connection", no_network)
+    assert not trajformer.data._hub_reachable() and len(probes) == 2
 
 
 def test_bfloat16_training_and_dataset_info(tiny_config, hopper_dataset, tmp_path):

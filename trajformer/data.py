@@ -78,7 +78,7 @@ def is_local_dataset(dataset_id: str) -> bool:
 
 def _hub_reachable(timeout: float = 1.5) -> bool:
     """A quick TCP probe of the dataset hub, so an offline machine fails in seconds, not after retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("MINARI_OFFLINE"):
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or os.environ.get("MINARI_OFFLINE"):
         return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
@@ -111,7 +111,8 @@ def load_minari(dataset_id: str, download: bool = True):
     import minari
 
     if not is_local_dataset(dataset_id):
-        reachable = download and _hub_reachable()
+        # Our own ids (`trajformer collect --preset`) are never on the hub: say how to make one, not the hub's error.
+        reachable = download and not dataset_id.startswith("trajformer/") and _hub_reachable()
         if not reachable or not _hub_client_installed():
             raise FileNotFoundError(missing_dataset_message(dataset_id, reachable))
         return minari.load_dataset(dataset_id, download=True)
