@@ -183,15 +183,19 @@ def load_episodes(dataset_id: str, cfg: DataConfig, download: bool = True) -> Of
                          "validation; name each part once")
     parts = [load_minari(part, download=download) for part in ids]  # all found, or fail now
     first = parts[0]
+
+    def env_of(dataset) -> dict:  # the env spec a join compares: how the data was recorded, not rendered
+        spec = _spec_dict(dataset)
+        spec.get("kwargs", {}).pop("render_mode", None)
+        return spec
+
+    first_spec = env_of(first)
     for part_id, dataset in zip(ids, parts, strict=True):
         inside = set(dataset.storage.metadata.get("combined_datasets") or []) & set(ids)
         if inside:
             raise ValueError(f"cannot join '{dataset_id}': '{part_id}' already holds {', '.join(sorted(inside))} "
                              "(minari.combine_datasets); name each dataset once")
-        spec, first_spec = _spec_dict(dataset), _spec_dict(first)
-        for d in (spec, first_spec):
-            d.get("kwargs", {}).pop("render_mode", None)
-        if spec != first_spec:
+        if (spec := env_of(dataset)) != first_spec:
             raise ValueError(f"cannot join '{dataset_id}': '{part_id}' was recorded in {spec or 'an unknown env'}, "
                              f"the first part in {first_spec or 'an unknown env'}; join datasets of the same env")
         _check_box(dataset.observation_space, "observation", part_id)

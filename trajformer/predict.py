@@ -69,10 +69,10 @@ def load_heldout(source: str, run: Run) -> HeldOut:
             if not set(run.obs_indices.tolist()) <= set(indices):
                 raise ValueError(f"{path} holds observation dims {indices[:5]}... but the run reads "
                                  f"{run.obs_indices.tolist()[:5]}...; use a slice of the run's dataset")
-            env_id, run_env = json.loads(str(z["env"])).get("id"), (run.meta.get("env") or {}).get("id")
-            if run_env and env_id != run_env:
-                raise ValueError(f"{path} holds {env_id} episodes but the run was trained in {run_env}; use a slice "
-                                 "of the run's dataset")
+            env, run_env = json.loads(str(z["env"])), (run.meta.get("env") or {}).get("id")
+            if run_env and env.get("id") != run_env:
+                raise ValueError(f"{path} holds {env.get('id')} episodes but the run was trained in {run_env}; use "
+                                 "a slice of the run's dataset")
             if z["act"].shape[-1] != run.act_dim or not len(z["lengths"]):
                 raise ValueError(f"{path} holds {len(z['lengths'])} episodes of {z['act'].shape[-1]}-dim actions but "
                                  f"the run acts in {run.act_dim} dims; use a slice of the run's dataset")
@@ -82,8 +82,8 @@ def load_heldout(source: str, run: Run) -> HeldOut:
             cols = [indices.index(i) for i in run.obs_indices.tolist()]  # a partially observed run: its dims
             episodes = [_episode(z["obs"][i, : n + 1][:, cols], z["act"][i, :n], z["rew"][i, :n],
                                  bool(z["terminal"][i])) for i, n in enumerate(z["lengths"])]
-            held = HeldOut(str(z["dataset_id"]), episodes, z["obs_std"].astype(np.float64)[cols],
-                           json.loads(str(z["env"])), f"{path} ({len(episodes)} episodes)")
+            held = HeldOut(str(z["dataset_id"]), episodes, z["obs_std"].astype(np.float64)[cols], env,
+                           f"{path} ({len(episodes)} episodes)")
     else:
         trained_on = run.meta.get("dataset_id") or ""
         shared = set(source.split("+")) & set(trained_on.split("+")) if source != trained_on else set()

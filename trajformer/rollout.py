@@ -742,16 +742,14 @@ def _start_without_sigint(procs: list) -> None:
     """Start the processes ignoring SIGINT from their first instruction (an ignored signal stays ignored through
     exec, and Python then installs no KeyboardInterrupt handler): a Ctrl-C during their imports would print their
     tracebacks. The parent ignores it only while it starts them (milliseconds)."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        for proc in procs:
-            proc.start()
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    held = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if held else None
     try:
         for proc in procs:
             proc.start()
     finally:
-        signal.signal(signal.SIGINT, old)
+        if held:
+            signal.signal(signal.SIGINT, old)
 
 
 def _worker(w: int, reports, run_dir: str, plan_cfg: PlanConfig, spec: gym.envs.registration.EnvSpec,
