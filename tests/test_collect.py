@@ -161,6 +161,31 @@ def test_existing_dataset_refused_unless_overwrite():
     assert collect("Hopper-v5", steps=40, dataset_id="test/exists-v0", overwrite=True).total_steps == 40
 
 
+def test_an_overwrite_that_fails_or_is_killed_keeps_the_old_dataset(monkeypatch, minari_tmp):
+    """The old copy goes only once the new one is whole: Ctrl-C mid-write puts it back, and after a kill
+    (new copy partial, old one aside) the next collect of the id puts it back before checking what exists."""
+    collect("Hopper-v5", steps=30, dataset_id="test/old-v0")
+    write = minari.create_dataset_from_buffers
+
+    def write_then_interrupt(*args, **kwargs):
+        write(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        collect("Hopper-v5", steps=40, dataset_id="test/old-v0", overwrite=True)
+    assert minari.load_dataset("test/old-v0").total_steps == 30
+    assert sorted(p.name for p in (minari_tmp / "test").iterdir() if p.is_dir()) == ["old-v0"]
+
+    path = get_dataset_path("test/old-v0")  # what a SIGKILL mid-write leaves
+    path.rename(path.with_name(".old-v0.replaced"))
+    (path / "data").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        collect("Hopper-v5", steps=40, dataset_id="test/old-v0")
+    assert minari.load_dataset("test/old-v0").total_steps == 30
+    assert sorted(p.name for p in (minari_tmp / "test").iterdir() if p.is_dir()) == ["old-v0"]
+
+
 def test_every_episode_cut_has_no_mean_return(capsys):
     """16 envs x 2 steps of HalfCheetah (no terminations): no complete episode, so no mean return."""
     main(["collect", "HalfCheetah-v5", "--dataset-id", "test/cut-v0", "--steps", "32"])

@@ -8,9 +8,11 @@ the episodes with `minari.create_dataset_from_buffers`; `collect_preset(name)` m
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,10 +108,45 @@ def _check_dataset_id(dataset_id: str, overwrite: bool) -> None:
     except (ValueError, TypeError):  # TypeError: no -vN version
         raise ValueError(f"bad dataset id {dataset_id!r}: use NAMESPACE/NAME-vVERSION, "
                          "e.g. mine/hopper-random-v0") from None
-    path = get_dataset_path(dataset_id)
+    path, _ = _put_back(dataset_id)
     if path.exists() and not overwrite:
         raise FileExistsError(f"dataset {dataset_id} already exists at {path}: pass --overwrite to replace it "
                               "or choose another --dataset-id")
+
+
+def _put_back(dataset_id: str) -> tuple[Path, Path]:
+    """Undo a replace that was killed outright: its new copy may be partial, the old one aside is whole."""
+    path = get_dataset_path(dataset_id)
+    aside = path.with_name(f".{path.name}.replaced")
+    if aside.exists():
+        if path.exists():
+            shutil.rmtree(path)
+        aside.rename(path)
+        print(f"{dataset_id}: put back the copy that a killed --overwrite had moved aside to {aside}")
+    return path, aside
+
+
+@contextmanager
+def replacing_dataset(dataset_id: str) -> Iterator[None]:
+    """Write `dataset_id` whole or not at all: an old copy is moved aside (a hidden sibling, which Minari's
+    listing skips) and deleted only once the new one is written; an error or Ctrl-C puts it back.
+
+    A run killed outright (SIGKILL, power) leaves the old copy aside; the next collect of this id puts it back
+    before it checks what exists.
+    """
+    path, aside = _put_back(dataset_id)
+    if path.exists():
+        path.rename(aside)
+    try:
+        yield
+    except BaseException:
+        if path.exists():
+            shutil.rmtree(path)
+        if aside.exists():
+            aside.rename(path)
+        raise
+    if aside.exists():
+        shutil.rmtree(aside)
 
 
 def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int = 1_000_000,
@@ -174,9 +211,7 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
         + (f", Gaussian action noise {action_noise} x half the action range" if action_noise else "")
         + f"; seed {seed}, {num_envs} vectorised envs. Episodes end at terminations and time-limit "
         "truncations; the last episode of each env is cut (truncated) where the step budget ran out.")
-    if get_dataset_path(dataset_id).exists():
-        minari.delete_dataset(dataset_id)  # only reached with overwrite=True, now that the new data exists
-    try:  # a dataset is written whole or not at all (Ctrl-C or an error mid-write removes the pieces)
+    with replacing_dataset(dataset_id):  # an existing one (only with overwrite=True) goes once the new one is whole
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(code_permalink|author_email).*")
             dataset = minari.create_dataset_from_buffers(
@@ -199,10 +234,6 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
             "ref_min_score_protocol": "uniform random policy, 10 episodes, env.reset(seed=10_000 + i)",
             **(metadata or {}),
         })
-    except BaseException:
-        if get_dataset_path(dataset_id).exists():
-            minari.delete_dataset(dataset_id)
-        raise
     env.close()
     return minari.load_dataset(dataset_id)
 
@@ -277,6 +308,8 @@ def collect_preset(name: str, steps: int | None = None, seed: int = 0, overwrite
         raise ValueError(f"--steps {steps} / --num-envs {num_envs}: both must be positive integers")
     dataset_id = f"trajformer/{name}-v0"
     settings = {"preset": name, "steps": steps, "seed": seed, "num_envs": num_envs}  # the data depends on all
+    for part in (name, *preset.combine):
+        _put_back(f"trajformer/{part}-v0")
     if get_dataset_path(dataset_id).exists() and not overwrite:
         if _made_as(name, settings):
             print(f"{dataset_id}: cached in {get_dataset_path(dataset_id)}")
@@ -295,12 +328,11 @@ def collect_preset(name: str, steps: int | None = None, seed: int = 0, overwrite
         raise FileExistsError(f"dataset trajformer/{stale[0]}-v0 (part of {name}) exists with other settings than "
                               f"{settings}: pass --overwrite to recollect it")
     parts = [collect_preset(part, steps, seed, part in stale, num_envs) for part in preset.combine]
-    if get_dataset_path(dataset_id).exists():
-        minari.delete_dataset(dataset_id)
-    dataset = minari.combine_datasets(parts, dataset_id)
-    dataset.storage.update_metadata({
-        "description": preset.description, **settings, "behavior_policy": [
-            p for part in parts for p in part.storage.metadata["behavior_policy"]],
-        "return_mean_per_part": [part.storage.metadata["return_mean"] for part in parts],
-        **{k: parts[0].storage.metadata[k] for k in ("ref_min_score", "ref_max_score", "env_kwargs")}})
+    with replacing_dataset(dataset_id):
+        dataset = minari.combine_datasets(parts, dataset_id)
+        dataset.storage.update_metadata({
+            "description": preset.description, **settings, "behavior_policy": [
+                p for part in parts for p in part.storage.metadata["behavior_policy"]],
+            "return_mean_per_part": [part.storage.metadata["return_mean"] for part in parts],
+            **{k: parts[0].storage.metadata[k] for k in ("ref_min_score", "ref_max_score", "env_kwargs")}})
     return minari.load_dataset(dataset_id)
