@@ -4,6 +4,7 @@ random policy's returns, and a Minari dataset of 250 episodes."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -25,13 +26,17 @@ class PointLine(gym.Env):
     Observation [x, goal], action a in [-1, 1] moves x by 0.1 a, reward -|x - goal|, 20 steps, deterministic.
     Episodes reset with a seed in `ends_early` terminate at step 4 (uneven episodes, as falls make them); one reset
     with seed `kills_at` ends the process at its step 10 (a worker killed from outside, as the OOM killer does).
+    With `step_seconds` each step sleeps that long (a slow search), and with `log` it appends "seed step" to that
+    file, so a test can see how far the episodes went.
     """
 
-    def __init__(self, ends_early: tuple[int, ...] | list[int] = (), kills_at: int | None = None):
+    def __init__(self, ends_early: tuple[int, ...] | list[int] = (), kills_at: int | None = None,
+                 step_seconds: float = 0.0, log: str | None = None):
         self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
         self.ends_early, self.ends_now, self.t = frozenset(ends_early), False, 0
         self.kills_at, self.killing = kills_at, False
+        self.step_seconds, self.log, self.seed = step_seconds, log, None
 
     def _obs(self) -> np.ndarray:
         return np.array([self.x, self.goal], np.float32)
@@ -40,6 +45,7 @@ class PointLine(gym.Env):
         super().reset(seed=seed)
         self.goal, self.x = float(self.np_random.choice([-0.5, 0.5])), 0.0
         self.ends_now, self.t, self.killing = seed in self.ends_early, 0, seed == self.kills_at
+        self.seed = seed
         return self._obs(), {}
 
     def step(self, action):
@@ -47,6 +53,10 @@ class PointLine(gym.Env):
         self.t += 1
         if self.killing and self.t == 10:
             os._exit(9)
+        time.sleep(self.step_seconds)
+        if self.log is not None:
+            with open(self.log, "a") as f:
+                f.write(f"{self.seed} {self.t}\n")
         return self._obs(), -abs(self.x - self.goal), self.ends_now and self.t >= 4, False, {}
 
 

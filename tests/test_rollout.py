@@ -617,6 +617,38 @@ def test_killed_workers_eval_exits_130_and_leaves_no_semaphores(point_run, point
     assert kept["steps"] > 0 and kept["episodes"] and len(kept["episodes"]) < 40
 
 
+def test_stopping_workers_save_the_episodes_under_way(point_run, point_datasets, tmp_path):
+    """`kill` mid-episode (no episode ended, no minute passed, so no report yet): the workers are asked to stop,
+    save their episodes at the next env step, and the kept state holds both episodes that far; before, the stop
+    kept only the last report's state (here none at all)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    shutil.copytree(point_run, run)
+    meta = json.loads((run / "run.json").read_text())
+    meta["env"]["kwargs"] = {"step_seconds": 0.1, "log": str(log)}
+    (run / "run.json").write_text(json.dumps(meta))
+    script = "import sys, pointline; from trajformer.cli import main; main(sys.argv[1:])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "eval", str(run), "--episodes", "2", "--settings", "32x5", "--workers", "2",
+         "--num-envs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1",
+             "MINARI_DATASETS_PATH": str(point_datasets / "datasets")})
+    deadline = time.time() + 120
+    while {"0 3", "1 3"} - set(log.read_text().splitlines() if log.is_file() else []):  # both at step 3
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "stopping: each worker saves" in out and "interrupted; " in err, err
+    kept = json.loads((run / "eval.partial.json").read_text())["runs"][0]
+    assert not kept["episodes"] and sorted(r["episode"] for r in kept["in_progress"]) == [0, 1]
+    assert all(len(r["actions"]) >= 3 for r in kept["in_progress"]) and kept["steps"] >= 6
+
+
 def test_a_worker_killed_from_outside_is_one_line_and_the_same_command_goes_on(point_run, tmp_path, capsys):
     """A worker that dies without a report (the OOM killer): the evaluation stops with one line, exit 1, the other
     worker stopped and the reports so far kept; the same command then goes on (here without the kill)."""

@@ -672,7 +672,8 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
     of episodes while another still holds two or more (episodes that end early leave a worker idle), all save
     their episodes under way and the episodes left are dealt again. Episode e is seeded with e whichever worker
     plays it, so the episodes are those of one process up to the float rounding of other batch sizes (equal in
-    float32 in tests). Seconds are summed over the workers."""
+    float32 in tests). Seconds are summed over the workers. Ctrl-C (or SIGTERM) asks the workers to stop the same
+    way, so the episodes under way are saved as of their last env step; a second one stops at once."""
     env_id, _, limit = env_settings(run)
     context = multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP and torch state
     # What the deals so far leave: finished episodes, episodes under way, env steps and seconds.
@@ -697,36 +698,54 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
             latest = [{"finished": {}, "in_progress": given[w], "steps": 0, "seconds": 0.0}
                       for w in range(len(groups))]
             base, running, idle = state, set(range(len(groups))), False
+            stopping = False  # Ctrl-C or SIGTERM came: the workers save their episodes under way, then we stop
             try:
                 _start_without_sigint(procs)  # Ctrl-C reaches the workers too (one process group)
                 while running:
                     try:
-                        w, report = reports.get(timeout=5.0)
-                    except queue.Empty:
-                        for w in running:
-                            if not procs[w].is_alive() and reports.empty():
-                                raise ChildProcessError(f"evaluation worker {w} died (exit code {procs[w].exitcode}"
-                                                        ", killed for memory?) without a report; the same command "
-                                                        "goes on from the last saved state") from None
-                        continue
-                    if isinstance(report, str):
-                        raise ValueError(f"evaluation worker {w}: {report}")
-                    if report is None:
-                        running.discard(w)
-                        idle = True
-                    else:
-                        latest[w] = report
-                        state = _merge(base, latest)
-                        on_progress(state)
-                        bar.update(done_before + state["steps"] - bar.n)
-                    # A worker ran out: once the reports sent so far are read, deal again if it is worth it.
-                    if idle and reports.empty() and not any(stop.is_set() for stop in stops):
-                        idle = False
-                        if _worth_a_deal(groups, latest, running, limit):
-                            tqdm.write(f"worker {w} is out of episodes while others hold two or more: they save "
-                                       "the episodes under way, and the episodes left are dealt again")
-                            for v in running:
-                                stops[v].set()
+                        try:
+                            w, report = reports.get(timeout=1.0 if stopping else 5.0)
+                        except queue.Empty:
+                            for v in list(running):
+                                if not procs[v].is_alive() and reports.empty():
+                                    if stopping:  # killed with the parent (a signal to the process group)
+                                        running.discard(v)
+                                        continue
+                                    raise ChildProcessError(
+                                        f"evaluation worker {v} died (exit code {procs[v].exitcode}, killed for "
+                                        "memory?) without a report; the same command goes on from the last saved "
+                                        "state") from None
+                            continue
+                        if isinstance(report, str):
+                            raise ValueError(f"evaluation worker {w}: {report}")
+                        if report is None:
+                            running.discard(w)
+                            idle = True
+                        else:
+                            latest[w] = report
+                            state = _merge(base, latest)
+                            on_progress(state)
+                            bar.update(done_before + state["steps"] - bar.n)
+                        # A worker ran out: once the reports sent so far are read, deal again if it is worth it.
+                        if idle and reports.empty() and not any(stop.is_set() for stop in stops):
+                            idle = False
+                            if _worth_a_deal(groups, latest, running, limit):
+                                tqdm.write(f"worker {w} is out of episodes while others hold two or more: they "
+                                           "save the episodes under way, and the episodes left are dealt again")
+                                for v in running:
+                                    stops[v].set()
+                    except KeyboardInterrupt:
+                        if stopping:
+                            raise
+                        # The workers ignore SIGINT: asked to stop, each saves its episodes under way after the env
+                        # step it is planning, so nothing since its last report is lost.
+                        stopping = True
+                        for stop in stops:
+                            stop.set()
+                        tqdm.write("stopping: each worker saves its episodes under way after its current env step; "
+                                   "Ctrl-C again stops now (keeping the state of the last save)")
+                if stopping:
+                    raise KeyboardInterrupt
             finally:
                 for proc in procs:
                     if proc.pid is not None:  # started
@@ -756,8 +775,15 @@ def _worker(w: int, reports, run_dir: str, plan_cfg: PlanConfig, spec: gym.envs.
             episodes: int, num_envs: int, skip: frozenset[int], resume: list[dict], stop) -> None:
     """One evaluation worker: its episodes' states go to `reports` as (w, state), then (w, None) when done or
     stopped (the `stop` event set: its last state holds the episodes under way), or (w, message) on an error.
-    Ctrl-C is left to the parent, which stops the workers and keeps their last states."""
+    Ctrl-C is left to the parent, which sets `stop`; a worker whose parent was killed outright exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as it started (_start_without_sigint)
+    parent = os.getppid()
+
+    def stopped() -> bool:
+        if os.getppid() != parent:  # the parent was killed outright: nobody reads the reports any more
+            os._exit(1)
+        return stop.is_set()
+
     # tqdm's default lock is a multiprocessing RLock, a named semaphore that a worker stopped by the parent would
     # leave behind ("leaked semaphore objects" at exit); this worker's bars are off, a thread lock does.
     tqdm.set_lock(threading.RLock())
@@ -765,7 +791,7 @@ def _worker(w: int, reports, run_dir: str, plan_cfg: PlanConfig, spec: gym.envs.
         gym.registry.setdefault(spec.id, spec)  # an env registered at run time in the parent (a user's own)
         with contextlib.suppress(EvaluationStopped):
             evaluate(load_run(run_dir), plan_cfg, episodes=episodes, num_envs=num_envs, progress=False, skip=skip,
-                     resume=resume, on_progress=lambda state: reports.put((w, state)), stop=stop.is_set)
+                     resume=resume, on_progress=lambda state: reports.put((w, state)), stop=stopped)
         reports.put((w, None))
     except Exception as err:  # noqa: BLE001 -- the parent raises it with the worker's name
         reports.put((w, f"{type(err).__name__}: {err}"))
