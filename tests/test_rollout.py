@@ -620,7 +620,7 @@ def test_killed_workers_eval_exits_130_and_leaves_no_semaphores(point_run, point
 def test_stopping_workers_save_the_episodes_under_way(point_run, point_datasets, tmp_path):
     """`kill` mid-episode (no episode ended, no minute passed, so no report yet): the workers are asked to stop,
     save their episodes at the next env step, and the kept state holds both episodes that far; before, the stop
-    kept only the last report's state (here none at all)."""
+    kept only the last report's state (here none at all). `kill -9` of the parent: the workers exit."""
     import signal
     import subprocess
     import sys
@@ -632,11 +632,11 @@ def test_stopping_workers_save_the_episodes_under_way(point_run, point_datasets,
     meta["env"]["kwargs"] = {"step_seconds": 0.1, "log": str(log)}
     (run / "run.json").write_text(json.dumps(meta))
     script = "import sys, pointline; from trajformer.cli import main; main(sys.argv[1:])"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1",
+           "MINARI_DATASETS_PATH": str(point_datasets / "datasets")}
     proc = subprocess.Popen(
         [sys.executable, "-c", script, "eval", str(run), "--episodes", "2", "--settings", "32x5", "--workers", "2",
-         "--num-envs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1",
-             "MINARI_DATASETS_PATH": str(point_datasets / "datasets")})
+         "--num-envs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     while {"0 3", "1 3"} - set(log.read_text().splitlines() if log.is_file() else []):  # both at step 3
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
@@ -647,6 +647,21 @@ def test_stopping_workers_save_the_episodes_under_way(point_run, point_datasets,
     kept = json.loads((run / "eval.partial.json").read_text())["runs"][0]
     assert not kept["episodes"] and sorted(r["episode"] for r in kept["in_progress"]) == [0, 1]
     assert all(len(r["actions"]) >= 3 for r in kept["in_progress"]) and kept["steps"] >= 6
+
+    # Killed outright (SIGKILL: no handler runs), the parent leaves its workers behind; they see it gone and exit.
+    log.unlink()
+    proc = subprocess.Popen([sys.executable, "-c", script, "eval", str(run), "--episodes", "2", "--settings", "32x5",
+                             "--workers", "2", "--num-envs", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    while {"0 8", "1 8"} - set(log.read_text().splitlines() if log.is_file() else []):  # past the replayed steps
+        assert proc.poll() is None and time.time() < deadline + 120
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    time.sleep(0.5)  # the workers' step under way ends (0.1 s plus a search)
+    steps = log.read_text()
+    time.sleep(0.5)
+    assert log.read_text() == steps, "the workers went on stepping after their parent was killed"
 
 
 def test_a_worker_killed_from_outside_is_one_line_and_the_same_command_goes_on(point_run, tmp_path, capsys):
