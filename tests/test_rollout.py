@@ -749,6 +749,41 @@ def test_run_episodes_resumes_mid_plan_with_uneven_slots(point_run):
     assert last["steps"] + more == steps
 
 
+def test_a_stop_mid_search_keeps_every_whole_env_step(point_run):
+    """Ctrl-C during a search (a KeyboardInterrupt inside act_batch; no episode ended, no report due for a
+    minute): run_episodes reports the state after the last whole env step before it stops, and resuming from it
+    gives the uninterrupted returns. Before, such a stop kept only the last report (here none)."""
+    from trajformer.planner import Planner
+    from trajformer.rollout import run_episodes
+
+    run = load_run(point_run)
+    cfg = plan_config(run, ["plan.beam_width=4", "plan.horizon=2"])
+
+    def envs() -> list[gym.Env]:
+        return [gym.make(ENV_ID) for _ in range(2)]
+
+    whole, steps, _ = run_episodes(envs(), Planner.from_run(run, cfg, n_envs=2), 2, seed=3, progress=False)
+    planner, calls = Planner.from_run(run, cfg, n_envs=2), []
+    search = planner.act_batch
+
+    def interrupted(slots: list[int], observations: np.ndarray) -> np.ndarray:
+        calls.append(len(slots))
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return search(slots, observations)
+
+    planner.act_batch = interrupted
+    reports = []
+    with pytest.raises(KeyboardInterrupt):
+        run_episodes(envs(), planner, 2, seed=3, progress=False,
+                     on_progress=lambda state: reports.append(json.loads(json.dumps(state))))
+    assert len(reports) == 1 and reports[0]["steps"] == 14 and not reports[0]["finished"]
+    assert [len(r["actions"]) for r in reports[0]["in_progress"]] == [7, 7]
+    rest, more, _ = run_episodes(envs(), Planner.from_run(run, cfg, n_envs=2), 2, seed=3, progress=False,
+                                 resume=reports[0]["in_progress"])
+    assert rest == whole and reports[0]["steps"] + more == steps
+
+
 def test_resume_refuses_a_replay_that_does_not_reach_the_recorded_state(point_run):
     """Replaying a saved episode's actions must land on its recorded observation bit for bit."""
     env = gym.make(ENV_ID)

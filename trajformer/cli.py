@@ -296,8 +296,9 @@ def _add_eval(sub) -> None:
     p.add_argument("run_dir", help="run directory written by `trajformer train`")
     p.add_argument("--episodes", type=int, default=10, help="episodes, seeds 0..N-1")
     p.add_argument("--num-envs", type=int, default=None, help="envs planned together (default: one per episode); "
-                   "finished episodes, and every minute the episodes under way, are kept in RUN_DIR/eval.partial.json, "
-                   "and running the command again after an interruption goes on where it stopped, mid-episode")
+                   "finished episodes, and every minute and at a stop the episodes under way, are kept in "
+                   "RUN_DIR/eval.partial.json, and running the command again after an interruption goes on where it "
+                   "stopped, mid-episode")
     p.add_argument("--settings", default="official,32x5",
                    help="comma-separated: official (the official code's setting for the run's task, DESIGN.md §5) "
                    "and/or 32x5 (beam 32, horizon 5)")

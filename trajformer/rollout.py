@@ -112,7 +112,9 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
     `on_progress(state)` gets {"finished": {episode: [return, length]}, "in_progress": [...], "steps", "seconds"}
     whenever an episode ends and every `progress_every` seconds; passing an earlier state's "in_progress" as
     `resume` replays those episodes' actions in fresh envs, restores the agent's slots, and goes on exactly as
-    an uninterrupted run would. Slots freed by resumed episodes take new ones, so all len(envs) stay in use.
+    an uninterrupted run would; a KeyboardInterrupt (Ctrl-C, SIGTERM) reports the state after the last whole env
+    step before it propagates, so a stop loses no env step. Slots freed by resumed episodes take new ones, so all
+    len(envs) stay in use.
     When `stop()` turns true (checked before each env step), the state goes to `on_progress` and EvaluationStopped
     is raised: another process can go on from it (the workers' re-deal)."""
     resume = [r for r in resume if r["episode"] not in skip]
@@ -151,50 +153,58 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
 
     def state(now: float) -> dict:
         return {"finished": {str(e): list(r) for e, r in results.items()},
-                "in_progress": [{"episode": episode_of[k], "return": ret[k], "actions": taken[k],
+                "in_progress": [{"episode": episode_of[k], "return": ret[k], "actions": list(taken[k]),
                                  "observation": np.asarray(obs[k]).tolist(), "agent": agent.state(k)}
                                 for k in range(n) if episode_of[k] >= 0],
                 "steps": steps, "seconds": now - t0 - hook_seconds}
 
-    while True:
-        active = [k for k in range(n) if episode_of[k] >= 0]
-        if not active:
-            break
-        if stop is not None and stop():
-            if on_progress is not None:
-                on_progress(state(time.perf_counter()))
-            bar.close()
-            raise EvaluationStopped(f"stopped after {steps} env steps; {len(active)} episodes under way")
-        actions = agent.act_batch(active, np.stack([obs[k] for k in active]))
-        rewards = []
-        for k, action in zip(active, actions, strict=True):
-            if on_step is not None:
-                tick = time.perf_counter()
-                on_step(k, obs[k], episode_of[k], length[k])
-                hook_seconds += time.perf_counter() - tick
-            obs[k], reward, terminated, truncated, _ = envs[k].step(action)
-            if on_progress is not None:
-                taken[k].append(np.asarray(action, dtype=np.float64).tolist())
-            rewards.append(float(reward))
-            ret[k] += float(reward)
-            length[k] += 1
-            if terminated or truncated or (max_steps is not None and length[k] >= max_steps):
-                results[episode_of[k]] = (ret[k], length[k])
-                ended = True
-                episode_of[k] = -1
-        agent.observe_batch(active, np.array(rewards))
-        steps += len(active)
-        for k in active:
-            if episode_of[k] < 0 and started < len(queue):
-                start(k)
-        now = time.perf_counter()
-        if on_progress is not None and (ended or now - last_report >= progress_every):
-            on_progress(state(now))  # its time (the planner's state, the file) is not counted as acting
-            last_report, ended = time.perf_counter(), False
-            hook_seconds += last_report - now
-        bar.update(len(active))
-        running = [ret[k] for k in range(n) if episode_of[k] >= 0]
-        bar.set_postfix(running_return=f"{np.mean(running):.1f}" if running else "-", done=len(results))
+    snapshot = None  # the state after the last whole env step: what a Ctrl-C keeps
+    try:
+        while True:
+            active = [k for k in range(n) if episode_of[k] >= 0]
+            if not active:
+                break
+            if stop is not None and stop():
+                if on_progress is not None:
+                    on_progress(state(time.perf_counter()))
+                bar.close()
+                raise EvaluationStopped(f"stopped after {steps} env steps; {len(active)} episodes under way")
+            actions = agent.act_batch(active, np.stack([obs[k] for k in active]))
+            rewards = []
+            for k, action in zip(active, actions, strict=True):
+                if on_step is not None:
+                    tick = time.perf_counter()
+                    on_step(k, obs[k], episode_of[k], length[k])
+                    hook_seconds += time.perf_counter() - tick
+                obs[k], reward, terminated, truncated, _ = envs[k].step(action)
+                if on_progress is not None:
+                    taken[k].append(np.asarray(action, dtype=np.float64).tolist())
+                rewards.append(float(reward))
+                ret[k] += float(reward)
+                length[k] += 1
+                if terminated or truncated or (max_steps is not None and length[k] >= max_steps):
+                    results[episode_of[k]] = (ret[k], length[k])
+                    ended = True
+                    episode_of[k] = -1
+            agent.observe_batch(active, np.array(rewards))
+            steps += len(active)
+            for k in active:
+                if episode_of[k] < 0 and started < len(queue):
+                    start(k)
+            now = time.perf_counter()
+            if on_progress is not None:  # its time (the planner's state, the file) is not counted as acting
+                snapshot = state(now)
+                if ended or now - last_report >= progress_every:
+                    on_progress(snapshot)
+                    last_report, ended = time.perf_counter(), False
+                hook_seconds += time.perf_counter() - now
+            bar.update(len(active))
+            running = [ret[k] for k in range(n) if episode_of[k] >= 0]
+            bar.set_postfix(running_return=f"{np.mean(running):.1f}" if running else "-", done=len(results))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM mid-search: keep every env step taken so far
+        if snapshot is not None:
+            on_progress(snapshot)
+        raise
     bar.close()
     return results, steps, time.perf_counter() - t0 - hook_seconds
 
@@ -429,8 +439,8 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     cloning's return on the same protocol (the mean over `bc_dirs`, BC of distinct training seeds: one seed's
     return varies more than its standard error says); RUN_DIR/eval.json. `overrides` (plan.key=value) may set how the
     search runs (device, dtype, threads), not what it searches. Each finished episode is kept in
-    RUN_DIR/eval.partial.json, and so are the episodes under way every minute: running it again after an
-    interruption goes on mid-episode where it stopped (run_episodes). A setting eval.json already holds for these
+    RUN_DIR/eval.partial.json, and so are the episodes under way every minute and at a stop: running it again after
+    an interruption goes on mid-episode where it stopped (run_episodes). A setting eval.json already holds for these
     weights, episodes and search is kept, not planned again (so `--bc` can be added later), unless `again` (or
     another plan.dtype than it was planned in is asked for). `workers` processes share the episodes
     (`_evaluate_in_workers`)."""
@@ -564,8 +574,8 @@ def _update_partial(run_dir: Path, keep: Callable[[dict], bool], add: dict | Non
 def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs: int, progress: bool,
                        workers: int = 1) -> dict:
     """One setting of the protocol: the episodes eval.partial.json already holds for it are kept, the others are
-    planned, each written to eval.partial.json as it ends, and the episodes under way every minute (their actions,
-    the planner's slots), so a rerun goes on mid-episode. Returns the setting's eval.json entry."""
+    planned, each written to eval.partial.json as it ends, and the episodes under way every minute and at a stop
+    (their actions, the planner's slots), so a rerun goes on mid-episode. Returns the setting's eval.json entry."""
     setting, episodes = identity["setting"], identity["episodes_total"]
     run_dir = Path(run.path)
 
