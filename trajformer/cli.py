@@ -166,7 +166,8 @@ def _add_collect(sub) -> None:
     p.add_argument("--max-episode-steps", type=int, help="time limit (default: the env's own)")
     p.add_argument("--num-envs", type=int, default=16, help="vectorised envs stepping together (part of the data: "
                    "a preset with another count is another dataset; runs record its sha256)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset (kept until the new one is written whole)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset (kept until the new one is written whole)")
     p.set_defaults(func=_cmd_collect)
 
 
