@@ -185,6 +185,31 @@ def test_an_overwrite_that_fails_or_is_killed_keeps_the_old_dataset(monkeypatch,
     assert minari.load_dataset("test/old-v0").total_steps == 30
     assert sorted(p.name for p in (minari_tmp / "test").iterdir() if p.is_dir()) == ["old-v0"]
 
+    # Killed while deleting the old copy after a whole write: the new one stays, the rest of the old one goes.
+    monkeypatch.setattr(minari, "create_dataset_from_buffers", write)
+    collect("Hopper-v5", steps=40, dataset_id="test/old-v0", overwrite=True)
+    (path.with_name(".old-v0.deleting") / "data").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        collect("Hopper-v5", steps=50, dataset_id="test/old-v0")
+    assert minari.load_dataset("test/old-v0").total_steps == 40
+    assert sorted(p.name for p in (minari_tmp / "test").iterdir() if p.is_dir()) == ["old-v0"]
+
+
+def test_a_dataset_being_written_is_refused_before_any_work(minari_tmp):
+    """Another `trajformer collect` of the same id holds its lock: refused in one line, nothing touched (a put-back
+    or an overwrite would delete what the other is writing); the presets hold theirs too."""
+    from trajformer.files import file_lock
+
+    collect("Hopper-v5", steps=30, dataset_id="test/busy-v0")
+    with file_lock(minari_tmp / ".lock-test--busy-v0"):
+        with pytest.raises(RuntimeError, match="being written by another trajformer collect .* wait for it"):
+            collect("Hopper-v5", steps=40, dataset_id="test/busy-v0", overwrite=True)
+    assert minari.load_dataset("test/busy-v0").total_steps == 30
+    with file_lock(minari_tmp / ".lock-trajformer--halfcheetah-expert-v0"):
+        with pytest.raises(RuntimeError, match="trajformer/halfcheetah-expert-v0 is being written"):
+            collect_preset("halfcheetah-medium-expert", steps=32)
+    assert not get_dataset_path("trajformer/halfcheetah-medium-v0").exists()
+
 
 def test_every_episode_cut_has_no_mean_return(capsys):
     """16 envs x 2 steps of HalfCheetah (no terminations): no complete episode, so no mean return."""

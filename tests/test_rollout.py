@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
 import os
 import shutil
+from pathlib import Path
 
 import gymnasium as gym
 import imageio.v2 as imageio
@@ -617,10 +619,29 @@ def test_killed_workers_eval_exits_130_and_leaves_no_semaphores(point_run, point
     assert kept["steps"] > 0 and kept["episodes"] and len(kept["episodes"]) < 40
 
 
+def _children(pid: int) -> list[int]:
+    """The pids of `pid`'s child processes (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out.append(int(stat.parent.name))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except OSError:
+        return True
+
+
 def test_stopping_workers_save_the_episodes_under_way(point_run, point_datasets, tmp_path):
-    """`kill` mid-episode (no episode ended, no minute passed, so no report yet): the workers are asked to stop,
-    save their episodes at the next env step, and the kept state holds both episodes that far; before, the stop
-    kept only the last report's state (here none at all). `kill -9` of the parent: the workers exit."""
+    """`kill` of the parent mid-episode (no episode ended, no minute passed, so no report yet): the workers are
+    asked to stop, save their episodes after the env step under way, and the kept state holds both episodes that
+    far (before, a stop kept only the last report: here none). SIGTERM to the whole process group (a time limit)
+    does the same. `kill -9` of the parent: the workers exit."""
     import signal
     import subprocess
     import sys
@@ -634,34 +655,54 @@ def test_stopping_workers_save_the_episodes_under_way(point_run, point_datasets,
     script = "import sys, pointline; from trajformer.cli import main; main(sys.argv[1:])"
     env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__), "OMP_NUM_THREADS": "1",
            "MINARI_DATASETS_PATH": str(point_datasets / "datasets")}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, "eval", str(run), "--episodes", "2", "--settings", "32x5", "--workers", "2",
-         "--num-envs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while {"0 3", "1 3"} - set(log.read_text().splitlines() if log.is_file() else []):  # both at step 3
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
-        time.sleep(0.02)
+    deadline = time.time() + 300
+
+    def start(**kwargs) -> subprocess.Popen:
+        log.unlink(missing_ok=True)
+        return subprocess.Popen([sys.executable, "-c", script, "eval", str(run), "--episodes", "2", "--settings",
+                                 "32x5", "--workers", "2", "--num-envs", "2"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+    def steps_reached(proc: subprocess.Popen, past: int) -> dict[int, int]:
+        """Wait until both episodes have taken 2 env steps past `past` (replayed steps are logged too)."""
+        while True:
+            reached: dict[int, int] = {}
+            for line in log.read_text().splitlines() if log.is_file() else []:
+                seed, t = map(int, line.split())
+                reached[seed] = t
+            if len(reached) == 2 and min(reached.values()) >= past + 2:
+                return reached
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1] if proc.poll() else ""
+            time.sleep(0.02)
+
+    def kept() -> dict:
+        return json.loads((run / "eval.partial.json").read_text())["runs"][0]
+
+    proc = start()
+    reached = steps_reached(proc, 1)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "stopping: each worker saves" in out and "interrupted; " in err, err
-    kept = json.loads((run / "eval.partial.json").read_text())["runs"][0]
-    assert not kept["episodes"] and sorted(r["episode"] for r in kept["in_progress"]) == [0, 1]
-    assert all(len(r["actions"]) >= 3 for r in kept["in_progress"]) and kept["steps"] >= 6
+    first = kept()
+    assert not first["episodes"] and sorted(r["episode"] for r in first["in_progress"]) == [0, 1]
+    assert all(len(r["actions"]) >= reached[r["episode"]] for r in first["in_progress"])
 
-    # Killed outright (SIGKILL: no handler runs), the parent leaves its workers behind; they see it gone and exit.
-    log.unlink()
-    proc = subprocess.Popen([sys.executable, "-c", script, "eval", str(run), "--episodes", "2", "--settings", "32x5",
-                             "--workers", "2", "--num-envs", "2"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    while {"0 8", "1 8"} - set(log.read_text().splitlines() if log.is_file() else []):  # past the replayed steps
-        assert proc.poll() is None and time.time() < deadline + 120
-        time.sleep(0.02)
+    proc = start(start_new_session=True)  # SIGTERM to every process of the group: the workers save all the same
+    reached = steps_reached(proc, max(len(r["actions"]) for r in first["in_progress"]))
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted; " in err, err
+    assert all(len(r["actions"]) >= reached[r["episode"]] for r in kept()["in_progress"])
+
+    proc = start()  # killed outright (SIGKILL: no handler runs), the parent leaves its workers; they exit
+    steps_reached(proc, max(len(r["actions"]) for r in kept()["in_progress"]))
+    workers = _children(proc.pid)
+    assert len(workers) >= 2  # the workers (and multiprocessing's resource tracker)
     proc.kill()
-    proc.wait()
-    time.sleep(0.5)  # the workers' step under way ends (0.1 s plus a search)
-    steps = log.read_text()
-    time.sleep(0.5)
-    assert log.read_text() == steps, "the workers went on stepping after their parent was killed"
+    proc.communicate()
+    while not all(_gone(pid) for pid in workers):
+        assert time.time() < deadline, "the workers went on after their parent was killed"
+        time.sleep(0.05)
 
 
 def test_a_worker_killed_from_outside_is_one_line_and_the_same_command_goes_on(point_run, tmp_path, capsys):

@@ -26,6 +26,7 @@ from minari.storage import get_dataset_path
 from tqdm import tqdm
 
 from trajformer.behavior import Policy, episode_returns, load_behavior_policy, one_thread
+from trajformer.files import file_lock
 from trajformer.metrics import D4RL_REFERENCE, env_family
 
 HUMANOID_45 = {f"include_{k}_in_observation": False for k in ("cinert", "cvel", "qfrc_actuator", "cfrc_ext")}
@@ -101,40 +102,54 @@ def _check_env(env_id: str, env_kwargs: dict, max_episode_steps: int | None) -> 
     return env
 
 
-def _check_dataset_id(dataset_id: str, overwrite: bool) -> None:
-    """Refuse a malformed id, or an existing one unless overwrite (which deletes it only after collecting)."""
+def _check_dataset_id(dataset_id: str) -> None:
+    """Refuse a malformed id."""
     try:
         parse_dataset_id(dataset_id)
     except (ValueError, TypeError):  # TypeError: no -vN version
         raise ValueError(f"bad dataset id {dataset_id!r}: use NAMESPACE/NAME-vVERSION, "
                          "e.g. mine/hopper-random-v0") from None
-    path, _ = _put_back(dataset_id)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"dataset {dataset_id} already exists at {path}: pass --overwrite to replace it "
-                              "or choose another --dataset-id")
 
 
-def _put_back(dataset_id: str) -> tuple[Path, Path]:
-    """Undo a replace that was killed outright: its new copy may be partial, the old one aside is whole."""
-    path = get_dataset_path(dataset_id)
-    aside = path.with_name(f".{path.name}.replaced")
-    if aside.exists():
-        if path.exists():
-            shutil.rmtree(path)
-        aside.rename(path)
-        print(f"{dataset_id}: put back the copy that a killed --overwrite had moved aside to {aside}")
-    return path, aside
+_HELD: set[str] = set()  # the dataset ids this process holds (_writing)
 
 
 @contextmanager
-def replacing_dataset(dataset_id: str) -> Iterator[None]:
-    """Write `dataset_id` whole or not at all: an old copy is moved aside (a hidden sibling, which Minari's
-    listing skips) and deleted only once the new one is written; an error or Ctrl-C puts it back.
+def _writing(dataset_id: str) -> Iterator[Path]:
+    """Hold `dataset_id` while this process checks and writes it: another `trajformer collect` of it is refused
+    (rather than one putting back or deleting what the other is writing), and a copy that a killed --overwrite left
+    aside is put back first. Re-entrant within a process; yields the dataset's path."""
+    path = get_dataset_path(dataset_id)
+    if dataset_id in _HELD:
+        yield path
+        return
+    lock = get_dataset_path() / f".lock-{dataset_id.replace('/', '--')}"  # a hidden file: Minari lists dirs only
+    with file_lock(lock, wait=False) as held:
+        if not held:
+            raise RuntimeError(f"dataset {dataset_id} is being written by another trajformer collect (it holds "
+                               f"{lock}); wait for it to finish")
+        _HELD.add(dataset_id)
+        try:
+            aside, gone = path.with_name(f".{path.name}.replaced"), path.with_name(f".{path.name}.deleting")
+            if gone.exists():  # an old copy whose deletion was cut short
+                shutil.rmtree(gone)
+            if aside.exists():  # a replace killed outright: its new copy may be partial, the old one is whole
+                if path.exists():
+                    shutil.rmtree(path)
+                aside.rename(path)
+                print(f"{dataset_id}: put back the copy that a killed --overwrite had moved aside to {aside}")
+            yield path
+        finally:
+            _HELD.discard(dataset_id)
 
-    A run killed outright (SIGKILL, power) leaves the old copy aside; the next collect of this id puts it back
-    before it checks what exists.
-    """
-    path, aside = _put_back(dataset_id)
+
+@contextmanager
+def _replacing(dataset_id: str) -> Iterator[None]:
+    """Write `dataset_id` (held with _writing) whole or not at all: an old copy is moved aside (a hidden sibling,
+    which Minari's listing skips) and deleted only once the new one is written; an error or Ctrl-C puts it back,
+    and after a kill (SIGKILL, power) the next _writing of the id does."""
+    path = get_dataset_path(dataset_id)
+    aside, gone = path.with_name(f".{path.name}.replaced"), path.with_name(f".{path.name}.deleting")
     if path.exists():
         path.rename(aside)
     try:
@@ -146,7 +161,8 @@ def replacing_dataset(dataset_id: str) -> Iterator[None]:
             aside.rename(path)
         raise
     if aside.exists():
-        shutil.rmtree(aside)
+        aside.rename(gone)  # atomic: from here on the old copy is never put back, only deleted
+        shutil.rmtree(gone)
 
 
 def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int = 1_000_000,
@@ -167,75 +183,82 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
         raise ValueError(f"--steps {steps} / --num-envs {num_envs}: both must be positive integers")
     if action_noise < 0:
         raise ValueError(f"--action-noise {action_noise} is negative: pass a standard deviation >= 0")
-    _check_dataset_id(dataset_id, overwrite)
-    env = _check_env(env_id, env_kwargs, max_episode_steps)
-    names = [str(policy)] if isinstance(policy, str | Path) else list(policy)
-    behaviors = [None if name == "random" else load_behavior_policy(name) for name in names]
-    dims = (env.observation_space.shape[0], env.action_space.shape[0])
-    for bp in filter(None, behaviors):
-        if (bp.card["obs_dim"], bp.card["act_dim"]) != dims or bp.card["env_id"] != env_id:
-            raise ValueError(f"policy {bp.name} is for {bp.card['env_id']} with obs/act dims "
-                             f"{(bp.card['obs_dim'], bp.card['act_dim'])}, but {env_id} "
-                             f"{json.dumps(env_kwargs)} has {dims}: pass a policy trained on this env "
-                             "(and its observation kwargs) or --policy random")
+    _check_dataset_id(dataset_id)
+    with _writing(dataset_id) as path:
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"dataset {dataset_id} already exists at {path}: pass --overwrite to replace it "
+                                  "or choose another --dataset-id")
+        env = _check_env(env_id, env_kwargs, max_episode_steps)
+        names = [str(policy)] if isinstance(policy, str | Path) else list(policy)
+        behaviors = [None if name == "random" else load_behavior_policy(name) for name in names]
+        dims = (env.observation_space.shape[0], env.action_space.shape[0])
+        for bp in filter(None, behaviors):
+            if (bp.card["obs_dim"], bp.card["act_dim"]) != dims or bp.card["env_id"] != env_id:
+                raise ValueError(f"policy {bp.name} is for {bp.card['env_id']} with obs/act dims "
+                                 f"{(bp.card['obs_dim'], bp.card['act_dim'])}, but {env_id} "
+                                 f"{json.dumps(env_kwargs)} has {dims}: pass a policy trained on this env "
+                                 "(and its observation kwargs) or --policy random")
 
-    def make_env() -> gym.Env:
-        return gym.make(env_id, max_episode_steps=max_episode_steps, **env_kwargs)
+        def make_env() -> gym.Env:
+            return gym.make(env_id, max_episode_steps=max_episode_steps, **env_kwargs)
 
-    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    episodes, cut = [], []
-    start = time.perf_counter()
-    with tqdm(total=steps, desc=f"collect {dataset_id}", unit="step", smoothing=0.1,
-              disable=None) as bar, one_thread():
-        for j, bp in enumerate(behaviors):
-            share = steps // len(behaviors) + (j < steps % len(behaviors))
-            act = random_policy(env.action_space, rng) if bp is None else bp.policy(deterministic, generator)
-            eps, c = _rollouts(make_env, act, share, seed + j * num_envs, num_envs, action_noise, rng, bar)
-            episodes += eps
-            cut += c
-    elapsed = time.perf_counter() - start
-    print(f"{steps} steps in {elapsed:.1f} s: {steps / elapsed:.0f} steps/s ({num_envs} envs)")
+        rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+        episodes, cut = [], []
+        start = time.perf_counter()
+        with tqdm(total=steps, desc=f"collect {dataset_id}", unit="step", smoothing=0.1,
+                  disable=None) as bar, one_thread():
+            for j, bp in enumerate(behaviors):
+                share = steps // len(behaviors) + (j < steps % len(behaviors))
+                act = random_policy(env.action_space, rng) if bp is None else bp.policy(deterministic, generator)
+                eps, c = _rollouts(make_env, act, share, seed + j * num_envs, num_envs, action_noise, rng, bar)
+                episodes += eps
+                cut += c
+        elapsed = time.perf_counter() - start
+        print(f"{steps} steps in {elapsed:.1f} s: {steps / elapsed:.0f} steps/s ({num_envs} envs)")
 
-    returns = [sum(ep["rewards"]) for ep, c in zip(episodes, cut, strict=True) if not c]  # complete episodes
-    ref_min = float(np.mean(episode_returns(env, random_policy(env.action_space, rng), 10)))
-    # D4RL v2's expert return as ref_max_score (D4RL measured it on the v2 envs); scores use metrics.score_reference.
-    ref_max = D4RL_REFERENCE[env_family(env_id)][1] if env_family(env_id) in D4RL_REFERENCE and not env_kwargs else None
-    buffers = [EpisodeBuffer(id=k, observations=np.array(ep["observations"]), actions=np.array(ep["actions"]),
-                             rewards=np.array(ep["rewards"]), terminations=np.array(ep["terminations"]),
-                             truncations=np.array(ep["truncations"]))
-               for k, ep in enumerate(episodes)]
-    mode = "deterministic (tanh of the mean)" if deterministic else "stochastic (sampled from the SAC Gaussian)"
-    description = description or (
-        f"{steps} transitions of {env_id} {json.dumps(env_kwargs)} from behaviour policy {', '.join(names)}"
-        + ("" if names == ["random"] else f", {mode} actions")
-        + (f", Gaussian action noise {action_noise} x half the action range" if action_noise else "")
-        + f"; seed {seed}, {num_envs} vectorised envs. Episodes end at terminations and time-limit "
-        "truncations; the last episode of each env is cut (truncated) where the step budget ran out.")
-    with replacing_dataset(dataset_id):  # an existing one (only with overwrite=True) goes once the new one is whole
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(code_permalink|author_email).*")
-            dataset = minari.create_dataset_from_buffers(
-                dataset_id, buffers, env=env, eval_env=env.spec, algorithm_name="trajformer collect",
-                author="trajformer", ref_min_score=ref_min, ref_max_score=ref_max, description=description)
-        dataset.storage.update_metadata({
-            "behavior_policy": names,
-            "behavior_policy_eval_return": [None if bp is None else bp.card["eval_return_mean"] for bp in behaviors],
-            "deterministic": deterministic,
-            "action_noise": action_noise,
-            "env_kwargs": env_kwargs,
-            "seed": seed,
-            "num_envs": num_envs,
-            "steps": steps,
-            # Over complete episodes; None when the step budget cut every episode.
-            "return_mean": float(np.mean(returns)) if returns else None,
-            "return_std": float(np.std(returns)) if returns else None,
-            "ref_min_score": ref_min,
-            "num_episodes_average_score": 10,
-            "ref_min_score_protocol": "uniform random policy, 10 episodes, env.reset(seed=10_000 + i)",
-            **(metadata or {}),
-        })
-    env.close()
-    return minari.load_dataset(dataset_id)
+        returns = [sum(ep["rewards"]) for ep, c in zip(episodes, cut, strict=True) if not c]  # complete episodes
+        ref_min = float(np.mean(episode_returns(env, random_policy(env.action_space, rng), 10)))
+        # D4RL v2's expert return as ref_max_score (D4RL measured it on the v2 envs); scores use
+        # metrics.score_reference.
+        family = env_family(env_id)
+        ref_max = D4RL_REFERENCE[family][1] if family in D4RL_REFERENCE and not env_kwargs else None
+        buffers = [EpisodeBuffer(id=k, observations=np.array(ep["observations"]), actions=np.array(ep["actions"]),
+                                 rewards=np.array(ep["rewards"]), terminations=np.array(ep["terminations"]),
+                                 truncations=np.array(ep["truncations"]))
+                   for k, ep in enumerate(episodes)]
+        mode = "deterministic (tanh of the mean)" if deterministic else "stochastic (sampled from the SAC Gaussian)"
+        description = description or (
+            f"{steps} transitions of {env_id} {json.dumps(env_kwargs)} from behaviour policy {', '.join(names)}"
+            + ("" if names == ["random"] else f", {mode} actions")
+            + (f", Gaussian action noise {action_noise} x half the action range" if action_noise else "")
+            + f"; seed {seed}, {num_envs} vectorised envs. Episodes end at terminations and time-limit "
+            "truncations; the last episode of each env is cut (truncated) where the step budget ran out.")
+        with _replacing(dataset_id):  # an existing one (only with overwrite=True) goes once the new one is whole
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*(code_permalink|author_email).*")
+                dataset = minari.create_dataset_from_buffers(
+                    dataset_id, buffers, env=env, eval_env=env.spec, algorithm_name="trajformer collect",
+                    author="trajformer", ref_min_score=ref_min, ref_max_score=ref_max, description=description)
+            dataset.storage.update_metadata({
+                "behavior_policy": names,
+                "behavior_policy_eval_return": [None if bp is None else bp.card["eval_return_mean"]
+                                                for bp in behaviors],
+                "deterministic": deterministic,
+                "action_noise": action_noise,
+                "env_kwargs": env_kwargs,
+                "seed": seed,
+                "num_envs": num_envs,
+                "steps": steps,
+                # Over complete episodes; None when the step budget cut every episode.
+                "return_mean": float(np.mean(returns)) if returns else None,
+                "return_std": float(np.std(returns)) if returns else None,
+                "ref_min_score": ref_min,
+                "num_episodes_average_score": 10,
+                "ref_min_score_protocol": "uniform random policy, 10 episodes, env.reset(seed=10_000 + i)",
+                **(metadata or {}),
+            })
+        env.close()
+        return minari.load_dataset(dataset_id)
 
 
 @dataclass(frozen=True)
@@ -308,31 +331,33 @@ def collect_preset(name: str, steps: int | None = None, seed: int = 0, overwrite
         raise ValueError(f"--steps {steps} / --num-envs {num_envs}: both must be positive integers")
     dataset_id = f"trajformer/{name}-v0"
     settings = {"preset": name, "steps": steps, "seed": seed, "num_envs": num_envs}  # the data depends on all
-    for part in (name, *preset.combine):
-        _put_back(f"trajformer/{part}-v0")
-    if get_dataset_path(dataset_id).exists() and not overwrite:
-        if _made_as(name, settings):
-            print(f"{dataset_id}: cached in {get_dataset_path(dataset_id)}")
-            return minari.load_dataset(dataset_id)
-        raise FileExistsError(f"dataset {dataset_id} exists with other settings than {settings}: "
-                              "pass --overwrite to recollect it")
-    if not preset.combine:
-        return collect(preset.env_id, list(preset.policies), steps, dataset_id, seed,
-                       env_kwargs=dict(preset.env_kwargs), overwrite=overwrite, num_envs=num_envs,
-                       description=preset.description, metadata=settings)
-    # Parts made with these settings are reused; others are recollected with --overwrite, refused (before any
-    # collecting) without it.
-    stale = [part for part in preset.combine if get_dataset_path(f"trajformer/{part}-v0").exists()
-             and not _made_as(part, {**settings, "preset": part})]
-    if stale and not overwrite:
-        raise FileExistsError(f"dataset trajformer/{stale[0]}-v0 (part of {name}) exists with other settings than "
-                              f"{settings}: pass --overwrite to recollect it")
-    parts = [collect_preset(part, steps, seed, part in stale, num_envs) for part in preset.combine]
-    with replacing_dataset(dataset_id):
-        dataset = minari.combine_datasets(parts, dataset_id)
-        dataset.storage.update_metadata({
-            "description": preset.description, **settings, "behavior_policy": [
-                p for part in parts for p in part.storage.metadata["behavior_policy"]],
-            "return_mean_per_part": [part.storage.metadata["return_mean"] for part in parts],
-            **{k: parts[0].storage.metadata[k] for k in ("ref_min_score", "ref_max_score", "env_kwargs")}})
-    return minari.load_dataset(dataset_id)
+    with _writing(dataset_id) as path:
+        if path.exists() and not overwrite:
+            if _made_as(name, settings):
+                print(f"{dataset_id}: cached in {path}")
+                return minari.load_dataset(dataset_id)
+            raise FileExistsError(f"dataset {dataset_id} exists with other settings than {settings}: "
+                                  "pass --overwrite to recollect it")
+        if not preset.combine:
+            return collect(preset.env_id, list(preset.policies), steps, dataset_id, seed,
+                           env_kwargs=dict(preset.env_kwargs), overwrite=overwrite, num_envs=num_envs,
+                           description=preset.description, metadata=settings)
+        # Parts made with these settings are reused; others are recollected with --overwrite, refused (before any
+        # collecting) without it.
+        stale = []
+        for part in preset.combine:
+            with _writing(f"trajformer/{part}-v0") as part_path:
+                if part_path.exists() and not _made_as(part, {**settings, "preset": part}):
+                    stale.append(part)
+        if stale and not overwrite:
+            raise FileExistsError(f"dataset trajformer/{stale[0]}-v0 (part of {name}) exists with other settings "
+                                  f"than {settings}: pass --overwrite to recollect it")
+        parts = [collect_preset(part, steps, seed, part in stale, num_envs) for part in preset.combine]
+        with _replacing(dataset_id):
+            dataset = minari.combine_datasets(parts, dataset_id)
+            dataset.storage.update_metadata({
+                "description": preset.description, **settings, "behavior_policy": [
+                    p for part in parts for p in part.storage.metadata["behavior_policy"]],
+                "return_mean_per_part": [part.storage.metadata["return_mean"] for part in parts],
+                **{k: parts[0].storage.metadata[k] for k in ("ref_min_score", "ref_max_score", "env_kwargs")}})
+        return minari.load_dataset(dataset_id)

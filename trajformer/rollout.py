@@ -18,7 +18,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -693,78 +693,117 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
     bar = tqdm(total=len(todo) * limit if limit else None, initial=done_before, unit="step",
                desc=f"plan {env_id} ({workers} workers)", disable=None if progress else True)
     try:
-        while todo := [e for e in todo if str(e) not in state["finished"]]:
-            resumed = {r["episode"]: r for r in state["in_progress"]}
-            groups = _deal(todo, {e: len(r["actions"]) for e, r in resumed.items()}, workers, limit, num_envs)
-            given = [[resumed[e] for e in group if e in resumed] for group in groups]
-            cfg = dataclasses.replace(plan_cfg, num_threads=plan_cfg.num_threads
-                                      or max(1, (os.cpu_count() or 1) // len(groups)))
-            reports = context.Queue()  # one per deal: a worker stopped mid-write cannot leave the next its lock
-            stops = [context.Event() for _ in groups]
-            procs = [context.Process(target=_worker, daemon=True, args=(
-                w, reports, str(run.path), cfg, gym.spec(env_id), episodes, -(-num_envs // len(groups)),
-                frozenset(range(episodes)) - set(group), given[w], stops[w])) for w, group in enumerate(groups)]
-            # Until a worker reports, its episodes stand as they were given (an interruption then keeps them so).
-            latest = [{"finished": {}, "in_progress": given[w], "steps": 0, "seconds": 0.0}
-                      for w in range(len(groups))]
-            base, running, idle = state, set(range(len(groups))), False
-            stopping = False  # Ctrl-C or SIGTERM came: the workers save their episodes under way, then we stop
-            try:
-                _start_without_sigint(procs)  # Ctrl-C reaches the workers too (one process group)
-                while running:
-                    try:
-                        try:
-                            w, report = reports.get(timeout=1.0 if stopping else 5.0)
-                        except queue.Empty:
-                            for v in list(running):
-                                if not procs[v].is_alive() and reports.empty():
-                                    if stopping:  # killed with the parent (a signal to the process group)
-                                        running.discard(v)
-                                        continue
-                                    raise ChildProcessError(
-                                        f"evaluation worker {v} died (exit code {procs[v].exitcode}, killed for "
-                                        "memory?) without a report; the same command goes on from the last saved "
-                                        "state") from None
-                            continue
-                        if isinstance(report, str):
-                            raise ValueError(f"evaluation worker {w}: {report}")
-                        if report is None:
-                            running.discard(w)
-                            idle = True
-                        else:
-                            latest[w] = report
-                            state = _merge(base, latest)
-                            on_progress(state)
-                            bar.update(done_before + state["steps"] - bar.n)
-                        # A worker ran out: once the reports sent so far are read, deal again if it is worth it.
-                        if idle and reports.empty() and not any(stop.is_set() for stop in stops):
-                            idle = False
-                            if _worth_a_deal(groups, latest, running, limit):
-                                tqdm.write(f"worker {w} is out of episodes while others hold two or more: they "
-                                           "save the episodes under way, and the episodes left are dealt again")
-                                for v in running:
-                                    stops[v].set()
-                    except KeyboardInterrupt:
-                        if stopping:
-                            raise
-                        # The workers ignore SIGINT: asked to stop, each saves its episodes under way after the env
-                        # step it is planning, so nothing since its last report is lost.
-                        stopping = True
-                        for stop in stops:
-                            stop.set()
-                        tqdm.write("stopping: each worker saves its episodes under way after its current env step; "
-                                   "Ctrl-C again stops now (keeping the state of the last save)")
-                if stopping:
+        with _stop_requests() as asked:
+            while todo := [e for e in todo if str(e) not in state["finished"]]:
+                if asked.is_set():
                     raise KeyboardInterrupt
-            finally:
-                for proc in procs:
-                    if proc.pid is not None:  # started
-                        proc.join(timeout=10.0 if not running else 0)
-                        if proc.is_alive():
-                            proc.terminate()
-                            proc.join()
+                resumed = {r["episode"]: r for r in state["in_progress"]}
+                groups = _deal(todo, {e: len(r["actions"]) for e, r in resumed.items()}, workers, limit, num_envs)
+                given = [[resumed[e] for e in group if e in resumed] for group in groups]
+                cfg = dataclasses.replace(plan_cfg, num_threads=plan_cfg.num_threads
+                                          or max(1, (os.cpu_count() or 1) // len(groups)))
+                reports = context.Queue()  # one per deal: a worker stopped mid-write cannot leave the next its lock
+                stops = [context.Event() for _ in groups]
+                procs = [context.Process(target=_worker, daemon=True, args=(
+                    w, reports, str(run.path), cfg, gym.spec(env_id), episodes, -(-num_envs // len(groups)),
+                    frozenset(range(episodes)) - set(group), given[w], stops[w], os.getpid()))
+                    for w, group in enumerate(groups)]
+                state = _play_deal(procs, reports, stops, groups, state, limit, on_progress, asked,
+                                   lambda s: bar.update(done_before + s["steps"] - bar.n))
     finally:
         bar.close()
+
+
+def _play_deal(procs: list, reports, stops: list, groups: list[list[int]], base: dict, limit: int | None,
+               on_progress: Callable[[dict], None], asked: threading.Event,
+               tick: Callable[[dict], None]) -> dict:
+    """Run one deal's workers to their end, their reports merged with `base` into one state for `on_progress`
+    (returned). When a worker runs out of episodes while another holds two or more, all are stopped (the caller
+    deals again). A stop `asked` for (Ctrl-C, SIGTERM) is passed on the same way: each worker saves its episodes
+    under way after the env step it is planning, so nothing since its last report is lost; then KeyboardInterrupt."""
+    # Until a worker reports, its episodes stand as they were given (an interruption then keeps them so).
+    latest = [{"finished": {}, "in_progress": [r for r in base["in_progress"] if r["episode"] in group],
+               "steps": 0, "seconds": 0.0} for group in groups]
+    state, running, idle, stopping = base, set(range(len(procs))), False, False
+    try:
+        _start_without_sigint(procs)  # Ctrl-C reaches the workers too (one process group)
+        while running:
+            if asked.is_set() and not stopping:
+                stopping = True
+                for stop in stops:
+                    stop.set()
+                tqdm.write("stopping: each worker saves its episodes under way after its current env step; "
+                           "Ctrl-C again stops now (keeping the state of the last save)")
+            try:
+                w, report = reports.get(timeout=1.0)
+            except queue.Empty:
+                for v in list(running):
+                    if not procs[v].is_alive() and reports.empty():
+                        if stopping:  # killed with the parent (a signal to the process group, in its imports)
+                            running.discard(v)
+                            continue
+                        raise ChildProcessError(f"evaluation worker {v} died (exit code {procs[v].exitcode}, "
+                                                "killed for memory?) without a report; the same command goes on "
+                                                "from the last saved state") from None
+                continue
+            if isinstance(report, str):
+                raise ValueError(f"evaluation worker {w}: {report}")
+            if report is None:
+                running.discard(w)
+                idle = True
+            else:
+                latest[w] = report
+                state = _merge(base, latest)
+                on_progress(state)
+                tick(state)
+            # A worker ran out: once the reports sent so far are read, deal again if it is worth it.
+            if idle and reports.empty() and not any(stop.is_set() for stop in stops):
+                idle = False
+                if _worth_a_deal(groups, latest, running, limit):
+                    tqdm.write(f"worker {w} is out of episodes while others hold two or more: they save the "
+                               "episodes under way, and the episodes left are dealt again")
+                    for v in running:
+                        stops[v].set()
+        if stopping:
+            raise KeyboardInterrupt
+        return state
+    except KeyboardInterrupt:
+        on_progress(_merge(base, latest))  # a second Ctrl-C may have cut a save short
+        raise
+    finally:
+        for proc in procs:
+            if proc.pid is not None:  # started
+                proc.join(timeout=10.0 if not running else 0)
+                if proc.is_alive():
+                    proc.kill()  # not terminate: a worker saves and stops on SIGTERM, after a whole search
+                    proc.join()
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[threading.Event]:
+    """While the block runs, the first Ctrl-C or SIGTERM only sets the yielded event (the workers are then asked
+    to stop and save; a KeyboardInterrupt raised mid-read of the reports queue could leave it half-read), and a
+    second raises KeyboardInterrupt. Signals that are ignored (a job started with `&`) stay so; outside the main
+    thread, where no handler can be set, nothing changes."""
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def handler(signum: int, frame) -> None:
+        if asked.is_set():
+            raise KeyboardInterrupt
+        asked.set()
+
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, previous in old.items():
+        if previous is not signal.SIG_IGN:
+            signal.signal(sig, handler)
+    try:
+        yield asked
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def _start_without_sigint(procs: list) -> None:
@@ -782,17 +821,19 @@ def _start_without_sigint(procs: list) -> None:
 
 
 def _worker(w: int, reports, run_dir: str, plan_cfg: PlanConfig, spec: gym.envs.registration.EnvSpec,
-            episodes: int, num_envs: int, skip: frozenset[int], resume: list[dict], stop) -> None:
+            episodes: int, num_envs: int, skip: frozenset[int], resume: list[dict], stop, parent: int) -> None:
     """One evaluation worker: its episodes' states go to `reports` as (w, state), then (w, None) when done or
     stopped (the `stop` event set: its last state holds the episodes under way), or (w, message) on an error.
-    Ctrl-C is left to the parent, which sets `stop`; a worker whose parent was killed outright exits."""
+    Ctrl-C is left to the parent, which sets `stop`; SIGTERM (sent to the process group by a time limit) stops it
+    the same way, and a worker whose parent (pid `parent`) was killed outright exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as it started (_start_without_sigint)
-    parent = os.getppid()
+    terminated = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
 
     def stopped() -> bool:
         if os.getppid() != parent:  # the parent was killed outright: nobody reads the reports any more
             os._exit(1)
-        return stop.is_set()
+        return stop.is_set() or terminated.is_set()
 
     # tqdm's default lock is a multiprocessing RLock, a named semaphore that a worker stopped by the parent would
     # leave behind ("leaked semaphore objects" at exit); this worker's bars are off, a thread lock does.
