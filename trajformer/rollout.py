@@ -843,6 +843,7 @@ def _worker(w: int, reports, run_dir: str, plan_cfg: PlanConfig, spec: gym.envs.
         with contextlib.suppress(EvaluationStopped):
             evaluate(load_run(run_dir), plan_cfg, episodes=episodes, num_envs=num_envs, progress=False, skip=skip,
                      resume=resume, on_progress=lambda state: reports.put((w, state)), stop=stopped)
+        stopped()  # an orphan exits here too: at exit it would wait for ever to flush reports nobody reads
         reports.put((w, None))
     except Exception as err:  # noqa: BLE001 -- the parent raises it with the worker's name
         reports.put((w, f"{type(err).__name__}: {err}"))
