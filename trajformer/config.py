@@ -34,7 +34,8 @@ class DataConfig:
     # (the planner's context), no dropout, batches of 64. The official configs set the paper's values.
     sequence_length: int = 5
     validation_fraction: float = 0.1
-    # Use only the first N episodes (0 = all) of the dataset, of each part of an a+b join: for tiny runs and tests.
+    # Use only the first N episodes (0 = all) of the dataset, of each part of an a+b join (of a dataset made by
+    # minari.combine_datasets, such as a medium-expert preset, its first N: all from its first part): tiny runs, tests.
     max_episodes: int = 0
 
 
