@@ -11,6 +11,7 @@ from minari.storage import get_dataset_path
 from trajformer.behavior import BEHAVIOR_DIR, evaluate_policy
 from trajformer.cli import main
 from trajformer.collect import PRESETS, collect, collect_preset
+from trajformer.data import load_minari
 
 
 @pytest.fixture(autouse=True)
@@ -180,9 +181,11 @@ def test_an_overwrite_that_fails_or_is_killed_keeps_the_old_dataset(monkeypatch,
     path = get_dataset_path("test/old-v0")  # what a SIGKILL mid-write leaves
     path.rename(path.with_name(".old-v0.replaced"))
     (path / "data").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="is being replaced .* run that collect again"):
+        load_minari("test/old-v0")  # train, predict: not the partial copy
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         collect("Hopper-v5", steps=40, dataset_id="test/old-v0")
-    assert minari.load_dataset("test/old-v0").total_steps == 30
+    assert load_minari("test/old-v0").total_steps == 30
     assert sorted(p.name for p in (minari_tmp / "test").iterdir() if p.is_dir()) == ["old-v0"]
 
     # Killed while deleting the old copy after a whole write: the new one stays, the rest of the old one goes.

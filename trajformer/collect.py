@@ -26,7 +26,7 @@ from minari.storage import get_dataset_path
 from tqdm import tqdm
 
 from trajformer.behavior import Policy, episode_returns, load_behavior_policy, one_thread
-from trajformer.files import file_lock
+from trajformer.files import file_lock, set_aside
 from trajformer.metrics import D4RL_REFERENCE, env_family
 
 HUMANOID_45 = {f"include_{k}_in_observation": False for k in ("cinert", "cvel", "qfrc_actuator", "cfrc_ext")}
@@ -130,7 +130,7 @@ def _writing(dataset_id: str) -> Iterator[Path]:
                                f"{lock}); wait for it to finish")
         _HELD.add(dataset_id)
         try:
-            aside, gone = path.with_name(f".{path.name}.replaced"), path.with_name(f".{path.name}.deleting")
+            aside, gone = set_aside(path), path.with_name(f".{path.name}.deleting")
             if gone.exists():  # an old copy whose deletion was cut short
                 shutil.rmtree(gone)
             if aside.exists():  # a replace killed outright: its new copy may be partial, the old one is whole
@@ -149,7 +149,7 @@ def _replacing(dataset_id: str) -> Iterator[None]:
     which Minari's listing skips) and deleted only once the new one is written; an error or Ctrl-C puts it back,
     and after a kill (SIGKILL, power) the next _writing of the id does."""
     path = get_dataset_path(dataset_id)
-    aside, gone = path.with_name(f".{path.name}.replaced"), path.with_name(f".{path.name}.deleting")
+    aside, gone = set_aside(path), path.with_name(f".{path.name}.deleting")
     if path.exists():
         path.rename(aside)
     try:

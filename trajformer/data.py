@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from trajformer.config import DataConfig, parse_slice
+from trajformer.files import set_aside
 
 
 @dataclass
@@ -109,7 +110,12 @@ def missing_dataset_message(dataset_id: str, reachable: bool = False) -> str:
 def load_minari(dataset_id: str, download: bool = True):
     """Load a Minari dataset by id, downloading remote ids only when the hub is reachable."""
     import minari
+    from minari.storage.datasets_root_dir import get_dataset_path
 
+    if set_aside(Path(get_dataset_path(dataset_id))).exists():
+        raise RuntimeError(f"dataset '{dataset_id}' is being replaced by `trajformer collect --overwrite`, or one "
+                           "was killed mid-write (the old copy is set aside): wait for it, or run that collect again "
+                           "(it puts the old copy back first)")
     if not is_local_dataset(dataset_id):
         # Our own ids (`trajformer collect --preset`) are never on the hub: say how to make one, not the hub's error.
         reachable = download and not dataset_id.startswith("trajformer/") and _hub_reachable()

@@ -23,6 +23,12 @@ def shipped(name: str) -> Path:
     return Path(sys.prefix) / "share" / "trajformer" / name
 
 
+def set_aside(path: Path) -> Path:
+    """Where `trajformer collect --overwrite` keeps a dataset directory's old copy until the new one is whole: a
+    hidden sibling, which Minari's listing skips."""
+    return path.with_name(f".{path.name}.replaced")
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then rename the temp file onto `path`. The temp file ends in `path`'s suffix, for
     writers that pick the format from it (imageio's video writers)."""
