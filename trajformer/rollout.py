@@ -708,22 +708,22 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
                     w, reports, str(run.path), cfg, gym.spec(env_id), episodes, -(-num_envs // len(groups)),
                     frozenset(range(episodes)) - set(group), given[w], stops[w], os.getpid()))
                     for w, group in enumerate(groups)]
-                state = _play_deal(procs, reports, stops, groups, state, limit, on_progress, asked,
+                state = _play_deal(procs, reports, stops, groups, given, state, limit, on_progress, asked,
                                    lambda s: bar.update(done_before + s["steps"] - bar.n))
     finally:
         bar.close()
 
 
-def _play_deal(procs: list, reports, stops: list, groups: list[list[int]], base: dict, limit: int | None,
-               on_progress: Callable[[dict], None], asked: threading.Event,
+def _play_deal(procs: list, reports, stops: list, groups: list[list[int]], given: list[list[dict]], base: dict,
+               limit: int | None, on_progress: Callable[[dict], None], asked: threading.Event,
                tick: Callable[[dict], None]) -> dict:
-    """Run one deal's workers to their end, their reports merged with `base` into one state for `on_progress`
-    (returned). When a worker runs out of episodes while another holds two or more, all are stopped (the caller
-    deals again). A stop `asked` for (Ctrl-C, SIGTERM) is passed on the same way: each worker saves its episodes
-    under way after the env step it is planning, so nothing since its last report is lost; then KeyboardInterrupt."""
+    """Run one deal's workers (`groups` of episodes, `given` the ones under way) to their end, their reports merged
+    with `base` into one state for `on_progress` (returned). When a worker runs out of episodes while another
+    holds two or more, all are stopped (the caller deals again). A stop `asked` for (Ctrl-C, SIGTERM) is passed on
+    the same way: each worker saves its episodes under way after the env step it is planning, so nothing since its
+    last report is lost; then KeyboardInterrupt."""
     # Until a worker reports, its episodes stand as they were given (an interruption then keeps them so).
-    latest = [{"finished": {}, "in_progress": [r for r in base["in_progress"] if r["episode"] in group],
-               "steps": 0, "seconds": 0.0} for group in groups]
+    latest = [{"finished": {}, "in_progress": resumed, "steps": 0, "seconds": 0.0} for resumed in given]
     state, running, idle, stopping = base, set(range(len(procs))), False, False
     try:
         _start_without_sigint(procs)  # Ctrl-C reaches the workers too (one process group)
