@@ -8,6 +8,8 @@
 #      (or eval.json when every episode has ended) comes back under walker2d-medium/: copy it into the model
 #      directory and run `trajformer eval pretrained/models/walker2d-medium --episodes 10 --settings official
 #      --set plan.dtype=bfloat16` here, which goes on from it (or only writes eval.json).
+#      Since 2026-12-07 the CPU has finished it (eval.json holds 128/15), so this step only prints the kept row;
+#      it resumes whatever a retrained model's eval.partial.json holds.
 # Everything comes back as $OUT/results.tgz.part-* (<= 15 MB each) and $OUT/summary.log.
 # Here, before the call: download the wheels of minari, gymnasium, farama-notifications, mujoco, mujoco-core,
 # glfw into .whl/ (README of the device tool) and carry .whl; the humanoid modes below also need
