@@ -425,9 +425,12 @@ def test_predict_refuses_starts_that_are_not_held_out_and_bad_slices(run, ensemb
     # Distinct starts: every (episode, t) a horizon allows, and no more.
     held = load_heldout(str(npz), run)
     horizon = min(e.length for e in held.episodes) - 1
-    room = sum(e.length - horizon + 1 for e in held.episodes)
+    # A terminated episode's last observation is a stop in training, not a state: no horizon reaches it.
+    room = sum(e.length - e.is_terminal - horizon + 1 for e in held.episodes)
+    assert any(e.is_terminal for e in held.episodes) and room < sum(e.length - horizon + 1 for e in held.episodes)
     starts = choose_starts(held, horizon, room)
     assert len(set(starts)) == room
+    assert all(t + horizon <= held.episodes[i].length - held.episodes[i].is_terminal for i, t in starts)
     with pytest.raises(ValueError, match=f"allow only {room} distinct starts"):
         choose_starts(held, horizon, room + 1)
 

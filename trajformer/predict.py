@@ -156,15 +156,21 @@ def save_heldout(run_dir: str | os.PathLike, out: str | os.PathLike, episodes: i
 
 
 def choose_starts(held: HeldOut, horizon: int, n_starts: int, seed: int = 0) -> list[tuple[int, int]]:
-    """(episode, t) pairs with horizon true steps after t: episodes in turn, t uniform among the valid ones."""
+    """(episode, t) pairs with horizon true steps after t: episodes in turn, t uniform among the valid ones.
+
+    A terminated episode's last observation is not a state to predict: in training, the transition after a
+    termination is all stop tokens, so a horizon reaching it would score a correct stop as a miss. Its true
+    states end one step earlier."""
     if horizon < 1 or n_starts < 1:
         raise ValueError(f"--horizon ({horizon}) and --starts ({n_starts}) must be >= 1")
-    longest = max(e.length for e in held.episodes)
+    steps = [e.length - e.is_terminal for e in held.episodes]  # true next states each episode can be scored on
+    longest = max(steps)
     if horizon > longest:
         raise ValueError(f"--horizon {horizon} is longer than every held-out episode (longest {longest} steps in "
-                         f"{held.source}); use --horizon <= {longest}")
-    valid = [i for i, e in enumerate(held.episodes) if e.length >= horizon]
-    room = {i: held.episodes[i].length - horizon + 1 for i in valid}  # start times t each episode allows
+                         f"{held.source}, a terminated episode's last state not counted); use --horizon <= "
+                         f"{longest}")
+    valid = [i for i, n in enumerate(steps) if n >= horizon]
+    room = {i: steps[i] - horizon + 1 for i in valid}  # start times t each episode allows
     if n_starts > sum(room.values()):
         raise ValueError(f"--starts {n_starts}: the held-out episodes ({held.source}) allow only "
                          f"{sum(room.values())} distinct starts with {horizon} steps after them; use fewer")
