@@ -452,6 +452,91 @@ def test_a_run_stopped_before_its_first_weights_trains_again(tiny_config, hopper
         train(tiny_config(hopper_dataset, "train.max_steps=3"), out, progress=False)
 
 
+def test_a_diverged_run_stops_in_one_line_and_saves_no_nan_weights(tiny_config, hopper_dataset, tmp_path, capsys):
+    """A loss that turns NaN (a huge learning rate, no clipping) stops training with a one-line error before any
+    non-finite weights are saved: with no validation split model.pt would otherwise be written at the end."""
+    out = tmp_path / "run"
+    cfg = tiny_config(hopper_dataset, "train.max_steps=30", "train.learning_rate=1e6", "train.grad_clip=1e30",
+                      "train.log_every=1", "data.validation_fraction=0.0")
+    with pytest.raises(ValueError, match=r"training diverged: the loss is nan at step \d+; .* lower "
+                                         r"train.learning_rate \(now 1000000.0\)"):
+        train(cfg, out, progress=False)
+    for name in ("checkpoint.pt", "model.pt", "last.pt"):
+        assert not (out / name).exists()
+    train(tiny_config(hopper_dataset, "train.max_steps=2"), out, progress=False)  # nothing kept: trains again
+
+
+def test_the_first_best_weights_come_with_a_checkpoint(tiny_config, hopper_dataset, tmp_path, monkeypatch):
+    """model.pt marks a directory as a run, so it never exists without a checkpoint.pt to resume from (a run
+    killed between the first validation and the first scheduled checkpoint could be neither resumed nor retrained);
+    the resumed run's weights files are byte for byte the uninterrupted run's (their bytes do not depend on temp
+    names; checkpoint.pt's pickle also depends on which objects its optimizer state shares)."""
+    from trajformer import train as train_module
+    from trajformer.files import load_torch
+
+    overrides = ("train.max_steps=6", "train.eval_every=2", "train.checkpoint_every=100")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    train(tiny_config(hopper_dataset, *overrides), whole, progress=False)
+    assert [r["step"] for r in read_metrics(whole / "metrics.jsonl") if "val_loss" in r] == [2, 4, 6]
+    real = train_module.save_torch
+
+    def stop_after_the_first_checkpoint(path, obj):
+        real(path, obj)
+        if path.name == "last.pt":
+            raise KeyboardInterrupt  # killed right after it
+
+    monkeypatch.setattr(train_module, "save_torch", stop_after_the_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(hopper_dataset, *overrides), stopped, progress=False)
+    monkeypatch.setattr(train_module, "save_torch", real)
+    assert (stopped / "model.pt").exists() and load_torch(stopped / "checkpoint.pt")["step"] == 2
+    train(tiny_config(hopper_dataset, *overrides), stopped, resume=True, progress=False)
+    for name in ("model.pt", "last.pt"):
+        assert (stopped / name).read_bytes() == (whole / name).read_bytes(), name
+    resumed, straight = load_torch(stopped / "checkpoint.pt"), load_torch(whole / "checkpoint.pt")
+    assert (resumed["step"], resumed["best_val"]) == (straight["step"], straight["best_val"])
+    assert all(torch.equal(x, y) for x, y in zip(resumed["rng"], straight["rng"], strict=True))
+
+
+def test_unwritable_out_and_a_full_disk_are_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    """--out under a file is refused before the data is read; a checkpoint that cannot be written (torch reports
+    a short write as a RuntimeError) is one line naming the file, and no temp file is left."""
+    from trajformer import files
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit):
+        cli_main(["train", str(tiny_run / "config.toml"), "--out", str(tmp_path / "a-file" / "out")])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write into" in err and "is not a directory" in err, err
+
+    def full_disk(obj, f):
+        f.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(files.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"cannot write .*x\.pt \(\[enforce fail.*free disk space"):
+        files.save_torch(tmp_path / "x.pt", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_a_checkpoint_of_another_model_is_one_line_on_resume(tiny_config, hopper_dataset, tiny_run, tmp_path,
+                                                               capsys):
+    own = tmp_path / "own"
+    shutil.copytree(tiny_run, own)
+    other = tmp_path / "other"
+    train(tiny_config(hopper_dataset, "train.max_steps=2", "model.n_embd=16"), other,
+          progress=False)
+    shutil.copy(other / "checkpoint.pt", own / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit):
+        cli_main(["train", str(own / "config.toml"), "--out", str(own), "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint.pt does not fit this model (" in err, err
+    assert "size mismatch" in err and "use a new --out directory" in err
+    assert {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()} == before
+
+
 def test_resume_refuses_changed_settings_and_records_allowed_ones(tiny_config, hopper_dataset, tmp_path, capsys):
     out = tmp_path / "run"
     train(tiny_config(hopper_dataset, "train.max_steps=4"), out, progress=False)

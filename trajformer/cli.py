@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     except ChildProcessError as err:  # an evaluation worker killed from outside (the OOM killer): say how to go on
         print(f"trajformer {args.command}: error: {err}", file=sys.stderr)
         sys.exit(1)
+    except OSError as err:  # the machine's side (a full disk, permissions): its message names the file
+        print(f"trajformer {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt as err:  # Ctrl-C: one line saying where it stopped and how to go on, no traceback
         # Commands that can go on say how (train, eval); the others may have written some of their files.
         print(f"\ntrajformer {args.command}: {err or 'interrupted'}", file=sys.stderr)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from trajformer.config import Config, EnsembleConfig
 from trajformer.data import Episode, OfflineData, load_episodes, split_episodes
-from trajformer.files import load_torch, save_json, save_text, save_torch
+from trajformer.files import load_state, load_torch, save_json, save_text, save_torch
 from trajformer.run import read_metrics
 
 
@@ -276,10 +276,7 @@ def load_ensemble(path: str | os.PathLike) -> Ensemble:
         model = GaussianEnsemble(meta["obs_dim"], meta["act_dim"], sizes["members"], sizes["hidden"], sizes["layers"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}/ensemble.json is corrupt ({err}); retrain the ensemble") from None
-    try:
-        model.load_state_dict(load_torch(path / "model.pt"))
-    except (RuntimeError, TypeError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise ValueError(f"{path}/model.pt does not fit ensemble.json ({first}); retrain the ensemble") from None
+    load_state(model, load_torch(path / "model.pt"), f"{path}/model.pt does not fit ensemble.json",
+               "retrain the ensemble")
     model.eval()
     return Ensemble(path, model, meta)

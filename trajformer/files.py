@@ -88,7 +88,27 @@ def save_json(path: Path, obj: dict) -> None:
 
 
 def save_torch(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through an open file, so the archive's inner names (and the file's bytes, its sha256) do not
+    depend on the temp file's random name; a failed write (a full disk) is an OSError naming the file."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    try:
+        atomic_write(path, write)
+    except RuntimeError as err:  # torch's zip writer reports a short write this way
+        raise OSError(f"cannot write {path} ({str(err).strip().splitlines()[0]}); free disk space or check "
+                      "that the directory is writable") from None
+
+
+def load_state(module: torch.nn.Module, state, what: str, fix: str) -> None:
+    """module.load_state_dict(state), with a mismatch as a one-line ValueError that names it (`what`, `fix`)."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError, ValueError) as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        detail = "; ".join(lines[:2])[:300]  # the first line only says "Error(s) in loading state_dict"
+        raise ValueError(f"{what} ({detail}); {fix}") from None
 
 
 def load_torch(path: Path):

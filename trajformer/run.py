@@ -24,7 +24,7 @@ import numpy as np
 
 from trajformer.config import Config, load_config, to_toml
 from trajformer.discretizer import Discretizer
-from trajformer.files import atomic_write, load_torch, save_json, save_text, save_torch, shipped
+from trajformer.files import atomic_write, load_state, load_torch, save_json, save_text, save_torch, shipped
 from trajformer.model import GPT, GPTConfig
 
 
@@ -122,11 +122,7 @@ def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
         )
     model = GPT(gpt_config)
     state = load_torch(path / weights)
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise ValueError(f"{path / weights} does not fit the model in run.json ({first}); retrain the run") from None
+    load_state(model, state, f"{path / weights} does not fit the model in run.json", "retrain the run")
     model.eval()
     return Run(path, model, discretizer, config, meta)
 

@@ -28,7 +28,7 @@ from trajformer import __version__
 from trajformer.config import Config, load_config, to_toml
 from trajformer.data import OfflineData, joined_transitions, load_episodes, return_stats, split_episodes
 from trajformer.discretizer import Discretizer
-from trajformer.files import load_torch, save_text, save_torch
+from trajformer.files import load_state, load_torch, save_text, save_torch, writable_dir
 from trajformer.model import GPT, GPTConfig, native_bf16, token_losses, usable_device
 from trajformer.run import Run, load_discretizer, load_run, model_sha256, read_metrics, write_run_files
 from trajformer.tokens import TokenWindows, loss_weights
@@ -293,7 +293,7 @@ def _check_resume(out_dir: Path, prep: Prepared) -> dict:
             f"--resume: {out_dir} was trained for (obs, act, bins) = {dims}, this data and config give {want}; "
             f"use a new --out directory"
         )
-    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "best_val", "rng"} <= set(state):
         raise ValueError(f"--resume: {out_dir}/checkpoint.pt is not a training checkpoint; retrain without --resume")
     recorded = meta.get("provenance", {}).get("dataset_sha256")
     if recorded is not None and recorded != prep.data.sha256:
@@ -364,6 +364,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     # resume: it is trained again from the start.
     if not resume and any((out_dir / name).exists() for name in ("checkpoint.pt", "model.pt", "last.pt")):
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    writable_dir(out_dir)
     usable_device("train.device", cfg.train.device)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
@@ -403,8 +404,9 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     optimizer = model.configure_optimizers(cfg.train.weight_decay, cfg.train.learning_rate)
     step, best = 0, math.inf
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        fix = "its checkpoint.pt comes from another run; use a new --out directory"
+        load_state(model, state["model"], f"--resume: {out_dir}/checkpoint.pt does not fit this model", fix)
+        load_state(optimizer, state["optimizer"], f"--resume: {out_dir}/checkpoint.pt's optimizer does not fit", fix)
         step, best = int(state["step"]), float(state["best_val"])
     torch.manual_seed(cfg.train.seed + 1000 * rank)  # dropout stream, distinct per rank
     if state is not None:
@@ -415,6 +417,8 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     model.to(device)
+    if state is not None and device.type == "cuda" and world == 1 and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)  # dropout on the card draws from the card's stream
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -463,25 +467,44 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
         dist.all_gather(states, torch.get_rng_state())
         return states
 
+    checkpointed = state is not None  # a checkpoint.pt of this run exists
+
+    def diverged(value: float) -> None:
+        """Stop before a non-finite loss's weights are saved (a NaN is never below `best`, but model.pt is written
+        when there is none yet)."""
+        if not math.isfinite(value):
+            raise ValueError(f"training diverged: the loss is {value} at step {step}; nothing from it on is saved "
+                             f"(model.pt and checkpoint.pt, if any, are from before); train a new run (another "
+                             f"--out) with a lower train.learning_rate (now {cfg.train.learning_rate}) or "
+                             f"train.grad_clip (now {cfg.train.grad_clip})")
+
     def checkpoint() -> None:
+        nonlocal checkpointed
+        diverged(float(loss))
         rng = gather_rng()
         if rank == 0:
+            extra = {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" and world == 1 else {}
             save_torch(out_dir / "checkpoint.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                   "step": step, "best_val": best, "rng": rng})
+                                                   "step": step, "best_val": best, "rng": rng, **extra})
             save_torch(out_dir / "last.pt", model.state_dict())
             if prep.val_windows is None or not (out_dir / "model.pt").exists():
                 save_torch(out_dir / "model.pt", model.state_dict())
+        checkpointed = True
 
-    def validate() -> None:
+    def validate() -> bool:
+        """Log the validation losses; True when they are the best so far (model.pt then holds these weights)."""
         nonlocal best
         if prep.val_windows is None:
-            return
+            return False
         row = {"step": step, **validation_losses(model, prep.val_windows, cfg, weights, autocast)}
         log(row)
+        diverged(row["val_loss"])
         if row["val_loss"] < best:
             best = row["val_loss"]
             if rank == 0:
                 save_torch(out_dir / "model.pt", model.state_dict())
+            return True
+        return False
 
     tokens_per_step = batch * windows.block_size
     bar = tqdm(total=total, initial=step, disable=None if progress and rank == 0 else True,
@@ -513,6 +536,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
                 reported = loss.detach().clone()
                 if world > 1:
                     dist.all_reduce(reported)
+                diverged(float(reported))
                 now = time.perf_counter()
                 tok_s = tokens_per_step * (step - tick_step) / (now - tick)
                 tick, tick_step = now, step
@@ -520,13 +544,15 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
                      "tokens_per_s": tok_s, "seconds": round(seconds_before + now - started, 1)})
                 bar.set_postfix(loss=f"{float(reported):.3f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
-            if step % cfg.train.eval_every == 0 or step == total:
-                validate()
+            improved = (step % cfg.train.eval_every == 0 or step == total) and validate()
             if world > 1:  # every rank must stop at the same step
                 flag = torch.tensor([float(interrupted)])
                 dist.all_reduce(flag)
                 interrupted = bool(flag.item())
-            if step % cfg.train.checkpoint_every == 0 or step == total or interrupted:
+            # A first model.pt comes with a checkpoint: a run killed between them could be neither resumed nor
+            # trained again (model.pt marks a run).
+            first_best = improved and not checkpointed
+            if step % cfg.train.checkpoint_every == 0 or step == total or interrupted or first_best:
                 checkpoint()
             if interrupted:
                 break
