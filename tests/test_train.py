@@ -520,6 +520,37 @@ def test_unwritable_out_and_a_full_disk_are_one_line(tiny_run, tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+def test_damaged_run_records_are_one_line(tiny_run, tmp_path, capsys):
+    """A discretizer with NaN or unordered edges, a run.json without its provenance (info, plan) or unreadable
+    (--resume): each a one-line error naming the file, nothing written."""
+    import numpy as np
+
+    def fails(args: list[str], pattern: str) -> None:
+        with pytest.raises(SystemExit):
+            cli_main(args)
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+
+    own = tmp_path / "own"
+    shutil.copytree(tiny_run, own)
+    state = dict(np.load(own / "discretizer.npz"))
+    for edit in (lambda e: e.__setitem__((0, 3), np.nan), lambda e: e.__setitem__((1, 2), e[1, 1] - 1.0)):
+        edges = state["edges"].copy()
+        edit(edges)
+        np.savez(own / "discretizer.npz", **{**state, "edges": edges})
+        fails(["info", str(own)], r"discretizer .*discretizer.npz is corrupt \(discretizer column \d: its real "
+                                  r"edges are not finite and increasing\); retrain the run")
+    np.savez(own / "discretizer.npz", **state)
+    meta = json.loads((own / "run.json").read_text())
+    (own / "run.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "provenance"}))
+    fails(["info", str(own)], r"run.json is corrupt \('no provenance'\); retrain the run")
+    (own / "run.json").write_text("{not json")
+    before = {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()}
+    fails(["train", str(own / "config.toml"), "--out", str(own), "--resume"],
+          r"--resume: .*run.json, the run's record, is missing or corrupt .*use a new --out directory")
+    assert {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()} == before
+
+
 def test_a_checkpoint_of_another_model_is_one_line_on_resume(tiny_config, hopper_dataset, tiny_run, tmp_path,
                                                                capsys):
     own = tmp_path / "own"

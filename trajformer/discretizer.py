@@ -56,6 +56,13 @@ class Discretizer:
         dim = len(self.n_real)
         if self.edges.shape != (dim, self.n_bins + 1):
             raise ValueError(f"discretizer edges have shape {self.edges.shape}, expected {(dim, self.n_bins + 1)}")
+        if np.any(self.n_real < 1) or np.any(self.n_real > self.n_bins):
+            raise ValueError(f"discretizer n_real must lie in 1..{self.n_bins}, got {self.n_real.min()}.."
+                             f"{self.n_real.max()}")
+        for d in range(dim):
+            real = self.edges[d, : self.n_real[d] + 1]
+            if not (np.all(np.isfinite(real)) and np.all(np.diff(real) > 0)):
+                raise ValueError(f"discretizer column {d}: its real edges are not finite and increasing")
         # Midpoint of every bin id 0..N-1 per column, ids past the last real bin mapped to it.
         ids = np.minimum(np.arange(self.n_bins)[None, :], self.n_real[:, None] - 1)
         lo = np.take_along_axis(self.edges, ids, axis=1)

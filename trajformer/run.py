@@ -43,7 +43,8 @@ def load_discretizer(path: Path) -> Discretizer:
     except FileNotFoundError:
         raise FileNotFoundError(f"discretizer {path} not found; the run directory is incomplete") from None
     except Exception as err:
-        raise ValueError(f"discretizer {path} is corrupt ({type(err).__name__}); retrain the run") from None
+        detail = str(err).splitlines()[0] if isinstance(err, ValueError) else type(err).__name__
+        raise ValueError(f"discretizer {path} is corrupt ({detail}); retrain the run") from None
 
 
 @dataclass
@@ -111,6 +112,9 @@ def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
     try:
         meta = json.loads((path / "run.json").read_text())
         gpt_config = GPTConfig(**meta["model"])
+        missing = [k for k in ("dataset_id", "env", "obs_indices", "provenance", "split") if k not in meta]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}/run.json is corrupt ({err}); retrain the run") from None
     config = load_config(path / "config.toml")

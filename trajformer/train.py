@@ -285,7 +285,13 @@ def _check_resume(out_dir: Path, prep: Prepared) -> dict:
     if not (out_dir / "checkpoint.pt").is_file():
         raise FileNotFoundError(f"--resume: {out_dir} has no checkpoint.pt; train without --resume to start a run")
     state = load_torch(out_dir / "checkpoint.pt")
-    meta = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
+    try:
+        meta = json.loads((out_dir / "run.json").read_text())
+        if not isinstance(meta, dict):
+            raise TypeError("not a JSON object")
+    except (OSError, json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"--resume: {out_dir}/run.json, the run's record, is missing or corrupt ({err}); the "
+                         "checkpoint cannot be checked against this data: use a new --out directory") from None
     dims = (meta.get("obs_dim"), meta.get("act_dim"), meta.get("n_bins"))
     want = (prep.data.obs_dim, prep.data.act_dim, prep.discretizer.n_bins)
     if dims != want:
