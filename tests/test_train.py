@@ -577,6 +577,9 @@ def test_resume_refuses_changed_settings_and_records_allowed_ones(tiny_config, h
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "would change the run (train.max_steps 4 -> 8)" in err and "\n" not in err
+    with pytest.raises(SystemExit):  # the best validation loss so far was measured on the run's windows
+        cli_main(["train", "--resume", "--out", str(out), "--set", "train.eval_windows=7"])
+    assert "would change the run (train.eval_windows" in capsys.readouterr().err
     assert (out / "config.toml").read_text() == before  # nothing rewritten
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "train_lo')  # a row cut by a kill: left out, and gone once the run resumes

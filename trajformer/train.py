@@ -36,9 +36,10 @@ from trajformer.tokens import TokenWindows, loss_weights
 TOKEN_TYPES = ("obs", "action", "reward", "value")
 
 RESUMABLE_KEYS = ("train.num_threads", "train.log_every", "train.checkpoint_every", "train.eval_every",
-                  "train.eval_windows", "train.device", "train.compile")
-"""Keys a resumed run may change: they cannot change the weights trained so far or the schedule ahead (eval
-settings only change which validation rows are logged; device and compile change speed, not the maths)."""
+                  "train.device", "train.compile")
+"""Keys a resumed run may change: they cannot change the weights trained so far or the schedule ahead (eval_every
+changes which steps are validated, so which of them model.pt can hold; device and compile change speed, not the
+maths). Not eval_windows: the best validation loss so far would compare losses over other windows."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
