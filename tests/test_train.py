@@ -543,7 +543,7 @@ def test_damaged_run_records_are_one_line(tiny_run, tmp_path, capsys):
     np.savez(own / "discretizer.npz", **state)
     meta = json.loads((own / "run.json").read_text())
     (own / "run.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "provenance"}))
-    fails(["info", str(own)], r"run.json is corrupt \('no provenance'\); retrain the run")
+    fails(["info", str(own)], r"run.json lacks what info reads \(KeyError: 'provenance'\); retrain the run")
     (own / "run.json").write_text("{not json")
     before = {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()}
     fails(["train", str(own / "config.toml"), "--out", str(own), "--resume"],

@@ -25,9 +25,19 @@ def column_names(obs_dim: int, act_dim: int) -> list[str]:
 
 def describe_run(run_dir: Path) -> str:
     """Dims, tokens, parameters, dataset and split, last validation losses of a run directory."""
-    from trajformer.run import load_run, model_sha256, read_metrics
+    from trajformer.run import load_run
 
     run = load_run(run_dir)
+    try:
+        return _run_lines(run, run_dir)
+    except (KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"{run_dir}/run.json lacks what info reads ({type(err).__name__}: {err}); retrain the run "
+                         "with `trajformer train`, which writes it whole") from None
+
+
+def _run_lines(run, run_dir: Path) -> str:
+    from trajformer.run import model_sha256, read_metrics
+
     meta, cfg = run.meta, run.config
     mc = run.model.config
     lines = [

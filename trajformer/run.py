@@ -112,9 +112,6 @@ def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
     try:
         meta = json.loads((path / "run.json").read_text())
         gpt_config = GPTConfig(**meta["model"])
-        missing = [k for k in ("dataset_id", "env", "obs_indices", "provenance", "split") if k not in meta]
-        if missing:
-            raise KeyError(f"no {', '.join(missing)}")
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}/run.json is corrupt ({err}); retrain the run") from None
     config = load_config(path / "config.toml")
