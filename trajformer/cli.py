@@ -60,10 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         # Library errors are one-line messages that name the problem and the fix.
         print(f"trajformer {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except ChildProcessError as err:  # an evaluation worker killed from outside (the OOM killer): say how to go on
-        print(f"trajformer {args.command}: error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as err:  # the machine's side (a full disk, permissions): its message names the file
+    except OSError as err:  # the machine's side: a full disk, permissions (the message names the file), or an
+        # evaluation worker killed from outside (ChildProcessError: the OOM killer; it says how to go on)
         print(f"trajformer {args.command}: error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as err:  # Ctrl-C: one line saying where it stopped and how to go on, no traceback
