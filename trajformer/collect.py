@@ -114,6 +114,18 @@ def _check_dataset_id(dataset_id: str) -> None:
 _HELD: set[str] = set()  # the dataset ids this process holds (_writing)
 
 
+def _deleting(path: Path) -> Path:
+    """Where an old copy goes once the new one is whole, to be deleted (never put back from there)."""
+    return path.with_name(f".{path.name}.deleting")
+
+
+def _put_back(path: Path, aside: Path) -> None:
+    """The old copy set aside back in place of a new one that may be partial."""
+    if path.exists():
+        shutil.rmtree(path)
+    aside.rename(path)
+
+
 @contextmanager
 def _writing(dataset_id: str) -> Iterator[Path]:
     """Hold `dataset_id` while this process checks and writes it: another `trajformer collect` of it is refused
@@ -130,13 +142,11 @@ def _writing(dataset_id: str) -> Iterator[Path]:
                                f"{lock}); wait for it to finish")
         _HELD.add(dataset_id)
         try:
-            aside, gone = set_aside(path), path.with_name(f".{path.name}.deleting")
+            aside, gone = set_aside(path), _deleting(path)
             if gone.exists():  # an old copy whose deletion was cut short
                 shutil.rmtree(gone)
             if aside.exists():  # a replace killed outright: its new copy may be partial, the old one is whole
-                if path.exists():
-                    shutil.rmtree(path)
-                aside.rename(path)
+                _put_back(path, aside)
                 print(f"{dataset_id}: put back the copy that a killed --overwrite had moved aside to {aside}")
             yield path
         finally:
@@ -149,19 +159,19 @@ def _replacing(dataset_id: str) -> Iterator[None]:
     which Minari's listing skips) and deleted only once the new one is written; an error or Ctrl-C puts it back,
     and after a kill (SIGKILL, power) the next _writing of the id does."""
     path = get_dataset_path(dataset_id)
-    aside, gone = set_aside(path), path.with_name(f".{path.name}.deleting")
+    aside = set_aside(path)
     if path.exists():
         path.rename(aside)
     try:
         yield
     except BaseException:
-        if path.exists():
-            shutil.rmtree(path)
         if aside.exists():
-            aside.rename(path)
+            _put_back(path, aside)
+        elif path.exists():
+            shutil.rmtree(path)
         raise
     if aside.exists():
-        aside.rename(gone)  # atomic: from here on the old copy is never put back, only deleted
+        aside.rename(gone := _deleting(path))  # atomic: from here on the old copy is never put back, only deleted
         shutil.rmtree(gone)
 
 
