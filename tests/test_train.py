@@ -174,6 +174,15 @@ def _fails_before_writing(args, out, message, capsys):
     assert not out.exists()
 
 
+def _one_line_error(args: list[str], pattern: str, capsys) -> str:
+    """The CLI stops with one line on stderr matching `pattern`; returns it."""
+    with pytest.raises(SystemExit):
+        cli_main(args)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+    return err
+
+
 BOX3, BOX1 = gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (1,))
 
 
@@ -228,12 +237,8 @@ def test_config_errors_name_the_key(tmp_path, capsys, override, message):
 
 
 def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys):
-
-    def fails(args, pattern):
-        with pytest.raises(SystemExit):
-            cli_main(args)
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+    def fails(args: list[str], pattern: str) -> None:
+        _one_line_error(args, pattern, capsys)
 
     base = ["train", str(tiny_run / "config.toml")]
     fails(base + ["--out", str(tmp_path / "none"), "--resume"], r"has no checkpoint.pt; train without --resume")
@@ -504,10 +509,9 @@ def test_unwritable_out_and_a_full_disk_are_one_line(tiny_run, tmp_path, capsys,
     from trajformer import files
 
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(SystemExit):
-        cli_main(["train", str(tiny_run / "config.toml"), "--out", str(tmp_path / "a-file" / "out")])
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cannot write into" in err and "is not a directory" in err, err
+    err = _one_line_error(["train", str(tiny_run / "config.toml"), "--out", str(tmp_path / "a-file" / "out")],
+                          "cannot write into", capsys)
+    assert "is not a directory" in err, err
 
     def full_disk(obj, f):
         f.write(b"PK")
@@ -526,10 +530,7 @@ def test_damaged_run_records_are_one_line(tiny_run, tmp_path, capsys):
     import numpy as np
 
     def fails(args: list[str], pattern: str) -> None:
-        with pytest.raises(SystemExit):
-            cli_main(args)
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+        _one_line_error(args, pattern, capsys)
 
     own = tmp_path / "own"
     shutil.copytree(tiny_run, own)
@@ -560,10 +561,8 @@ def test_a_checkpoint_of_another_model_is_one_line_on_resume(tiny_config, hopper
           progress=False)
     shutil.copy(other / "checkpoint.pt", own / "checkpoint.pt")
     before = {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()}
-    with pytest.raises(SystemExit):
-        cli_main(["train", str(own / "config.toml"), "--out", str(own), "--resume"])
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "checkpoint.pt does not fit this model (" in err, err
+    err = _one_line_error(["train", str(own / "config.toml"), "--out", str(own), "--resume"],
+                          r"checkpoint.pt does not fit this model \(", capsys)
     assert "size mismatch" in err and "use a new --out directory" in err
     assert {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()} == before
 
