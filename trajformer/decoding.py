@@ -222,8 +222,11 @@ class CachedDecoder(ReferenceDecoder):
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index`. The KV cache follows lazily: the next cached step gathers it once for every re-order
         since the last one, and a re-encode, which rebuilds it from the tokens, skips the gather (the re-ranking
-        before each crop of a 128/15 search: ~2% of it)."""
+        before each crop of a 128/15 search: ~2% of it). An expansion first computes the pending token's logits at
+        the rows before it: each row's copies would compute the same ones (a beam's E-fold expansion)."""
         index = index.to(self.device)
+        if self._logits is None and len(index) > len(self.generated):
+            self.logits()
         super().reorder(index)
         self._pending = index if self._pending is None else self._pending[index]
         if self._logits is not None:
