@@ -80,6 +80,28 @@ def test_info_on_a_directory_that_is_not_a_run_names_the_run(tiny_run, tmp_path)
         describe(str(tmp_path / "quick" / "run"), None, ["discretizer.n_bins=20"])
 
 
+def test_a_first_stop_request_asks_and_a_second_stops_at_once():
+    """Training and evaluation stop on stop_requests: the first Ctrl-C or SIGTERM only sets the event (the loop
+    finishes its step and saves), a second raises; an ignored SIGINT stays ignored, and the handlers come back."""
+    from trajformer.stopping import stop_requests
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_requests() as asked:
+        signal.raise_signal(signal.SIGTERM)
+        assert asked.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_requests() as asked:
+            signal.raise_signal(signal.SIGINT)
+            assert not asked.is_set()
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def test_resume_after_interrupt_mid_epoch_is_bit_identical(tiny_config, hopper_dataset, tmp_path, monkeypatch):
     cfg = lambda: tiny_config(hopper_dataset, "train.max_steps=24", "train.checkpoint_every=100",  # noqa: E731
                               "train.eval_every=10", "model.dropout=0.1")

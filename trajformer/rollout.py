@@ -18,7 +18,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +33,7 @@ from trajformer.metrics import score_reference, summarize
 from trajformer.planner import Critic, Planner, plan_config
 from trajformer.render import EpisodeVideo, make_env, video_path
 from trajformer.run import Run, load_run, model_sha256
+from trajformer.stopping import stop_requests
 
 
 def env_settings(run: Run, env_id: str | None = None) -> tuple[str, dict, int | None]:
@@ -693,7 +694,7 @@ def _evaluate_in_workers(run: Run, plan_cfg: PlanConfig, episodes: int, num_envs
     bar = tqdm(total=len(todo) * limit if limit else None, initial=done_before, unit="step",
                desc=f"plan {env_id} ({workers} workers)", disable=None if progress else True)
     try:
-        with _stop_requests() as asked:
+        with stop_requests() as asked:
             while todo := [e for e in todo if str(e) not in state["finished"]]:
                 if asked.is_set():
                     raise KeyboardInterrupt
@@ -777,33 +778,6 @@ def _play_deal(procs: list, reports, stops: list, groups: list[list[int]], given
                 if proc.is_alive():
                     proc.kill()  # not terminate: a worker saves and stops on SIGTERM, after a whole search
                     proc.join()
-
-
-@contextlib.contextmanager
-def _stop_requests() -> Iterator[threading.Event]:
-    """While the block runs, the first Ctrl-C or SIGTERM only sets the yielded event (the workers are then asked
-    to stop and save; a KeyboardInterrupt raised mid-read of the reports queue could leave it half-read), and a
-    second raises KeyboardInterrupt. Signals that are ignored (a job started with `&`) stay so; outside the main
-    thread, where no handler can be set, nothing changes."""
-    asked = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield asked
-        return
-
-    def handler(signum: int, frame) -> None:
-        if asked.is_set():
-            raise KeyboardInterrupt
-        asked.set()
-
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig, previous in old.items():
-        if previous is not signal.SIG_IGN:
-            signal.signal(sig, handler)
-    try:
-        yield asked
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
 
 
 def _start_without_sigint(procs: list) -> None:

@@ -8,13 +8,12 @@ builds the same data, takes its share of each global batch, and normalises by th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
-import signal
 import subprocess
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from trajformer.discretizer import Discretizer
 from trajformer.files import load_state, load_torch, save_text, save_torch, writable_dir
 from trajformer.model import GPT, GPTConfig, native_bf16, token_losses, usable_device
 from trajformer.run import Run, load_discretizer, load_run, model_sha256, read_metrics, write_run_files
+from trajformer.stopping import stop_requests
 from trajformer.tokens import TokenWindows, loss_weights
 
 TOKEN_TYPES = ("obs", "action", "reward", "value")
@@ -516,22 +516,13 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     tokens_per_step = batch * windows.block_size
     bar = tqdm(total=total, initial=step, disable=None if progress and rank == 0 else True,
                desc="train", unit="step")  # disable=None: bars only on a terminal
-    # Ctrl-C (or SIGTERM: `kill`, a scheduler's time limit) sets a flag; the loop stops at the next step boundary
-    # and checkpoints, so a resumed run repeats no step and skips none.
+    # Ctrl-C (or SIGTERM: `kill`, a scheduler's time limit) asks to stop; the loop stops at the next step boundary
+    # and checkpoints, so a resumed run repeats no step and skips none (a second one stops at once).
     interrupted = False
-
-    def request_stop(signum, frame) -> None:
-        nonlocal interrupted
-        interrupted = True
-
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    # A signal the shell set to ignored (SIGINT of a job started with `&` from a script) stays ignored.
-    stops = [s for s in (signal.SIGINT, signal.SIGTERM) if in_main_thread and signal.getsignal(s) != signal.SIG_IGN]
-    previous_handlers = [signal.signal(s, request_stop) for s in stops]
     model.train()
     tick, tick_step = time.perf_counter(), step
     started = tick
-    try:
+    with stop_requests() as asked, contextlib.closing(bar):
         while step < total:
             ids = batch_indices(step, cfg.train.seed, len(windows), batch, steps_per_epoch)[rank::world]
             lr = learning_rate(step, cfg, total, warmup)
@@ -552,6 +543,7 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
                 bar.set_postfix(loss=f"{float(reported):.3f}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
             improved = (step % cfg.train.eval_every == 0 or step == total) and validate()
+            interrupted = asked.is_set()
             if world > 1:  # every rank must stop at the same step
                 flag = torch.tensor([float(interrupted)])
                 dist.all_reduce(flag)
@@ -563,10 +555,6 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
                 checkpoint()
             if interrupted:
                 break
-    finally:
-        bar.close()
-        for stop, handler in zip(stops, previous_handlers, strict=True):
-            signal.signal(stop, handler)
     if rank == 0 and metrics_path.exists():
         plot_losses(metrics_path, out_dir / "loss.png")
     if world > 1:
