@@ -1002,3 +1002,23 @@ def test_planning_with_the_iql_critic_objective(point_run, iql_dir, tmp_path, mo
     with pytest.raises(SystemExit):
         cli.main(["plan", str(point_run), "--set", "plan.objective=critic"])
     assert "needs plan.critic" in capsys.readouterr().err
+
+
+def test_a_recorded_render_mode_is_not_replayed():
+    """Data recorded from a rendering env (its spec's kwargs hold render_mode) is evaluated in envs made without
+    it: replaying "human" would open a window per env (and this env, which takes no render_mode, could not be
+    made at all)."""
+    from trajformer.rollout import evaluate_agent
+
+    class Toward:
+        def reset(self, env: int = 0, seed: int = 0) -> None: ...
+
+        def act_batch(self, envs: list[int], observations: np.ndarray) -> np.ndarray:
+            return np.sign(observations[:, 1:] - observations[:, :1])
+
+        def observe_batch(self, envs: list[int], rewards: np.ndarray) -> None: ...
+
+    spec = {"id": ENV_ID, "kwargs": {"render_mode": "human", "step_seconds": 0.0}, "max_episode_steps": 20}
+    record = evaluate_agent(Toward(), spec, episodes=2, num_envs=2, progress=False)
+    assert record["config"]["env_kwargs"] == {"step_seconds": 0.0}
+    assert record["mean_return"] > float(np.mean(random_returns(20, 0)))

@@ -175,6 +175,12 @@ def _spec_dict(dataset) -> dict:
     }
 
 
+def env_kwargs(env_spec: dict) -> dict:
+    """A recorded env spec's kwargs without its render_mode: how the data was recorded, not how it was watched
+    (a dataset recorded with rendering on would open a window, or render every frame, in each env made from it)."""
+    return {k: v for k, v in (env_spec.get("kwargs") or {}).items() if k != "render_mode"}
+
+
 def load_episodes(dataset_id: str, cfg: DataConfig, download: bool = True) -> OfflineData:
     """Read a Minari dataset into checked episodes with the configured observation selection.
 
@@ -192,8 +198,7 @@ def load_episodes(dataset_id: str, cfg: DataConfig, download: bool = True) -> Of
 
     def env_of(dataset) -> dict:  # the env spec a join compares: how the data was recorded, not rendered
         spec = _spec_dict(dataset)
-        spec.get("kwargs", {}).pop("render_mode", None)
-        return spec
+        return {**spec, "kwargs": env_kwargs(spec)} if spec else spec
 
     first_spec = env_of(first)
     for part_id, dataset in zip(ids, parts, strict=True):

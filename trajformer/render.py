@@ -20,6 +20,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
+from trajformer.data import env_kwargs
 from trajformer.files import atomic_write
 
 
@@ -95,7 +96,7 @@ def pose_renderer(env_spec: dict, obs_indices: np.ndarray, size: int = 240) -> P
     be made or the model's dims do not hold its [qpos[skip:], qvel] block."""
     if not env_spec.get("id"):
         return None
-    kwargs = {k: v for k, v in (env_spec.get("kwargs") or {}).items() if k != "render_mode"}
+    kwargs = env_kwargs(env_spec)
     # A camera that tracks the torso from close by, aimed low: fallen humanoids stay in the frame.
     camera = {"trackbodyid": 1, "distance": 3.5, "lookat": np.array([0.0, 0.0, 0.6]), "elevation": -20.0}
     try:

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from trajformer.config import PlanConfig
+from trajformer.data import env_kwargs
 from trajformer.files import file_lock, save_json
 from trajformer.metrics import score_reference, summarize
 from trajformer.planner import Critic, Planner, plan_config
@@ -46,8 +47,7 @@ def env_settings(run: Run, env_id: str | None = None) -> tuple[str, dict, int | 
                              "with `trajformer plan --env ENV_ID`")
     if env_id != recorded.get("id"):
         return env_id, {}, None
-    kwargs = {k: v for k, v in (recorded.get("kwargs") or {}).items() if k != "render_mode"}
-    return env_id, kwargs, recorded.get("max_episode_steps")
+    return env_id, env_kwargs(recorded), recorded.get("max_episode_steps")
 
 
 def check_env(env: gym.Env, run: Run, env_id: str) -> None:
@@ -254,7 +254,7 @@ def evaluate_agent(agent: Agent, env: dict, episodes: int = 10, num_envs: int = 
     check_counts(episodes, num_envs)
     if not env.get("id"):
         raise ValueError("the data records no environment; evaluate in a named env")
-    kwargs = {k: v for k, v in (env.get("kwargs") or {}).items() if k != "render_mode"}
+    kwargs = env_kwargs(env)
     limit = env.get("max_episode_steps")
     envs = [make_env(env["id"], kwargs, limit) for _ in range(min(num_envs, episodes))]
     results, steps, seconds = run_episodes(envs, agent, episodes, seed, max_steps, limit, f"evaluate {env['id']}",

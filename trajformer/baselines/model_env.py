@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from gymnasium.vector import AutoresetMode
 
+from trajformer.data import env_kwargs
 from trajformer.ensemble import Ensemble
 
 PENALTIES = ("none", "mopo", "morel")
@@ -47,7 +48,7 @@ def termination_rule(env_spec: dict, obs_indices: np.ndarray, raw_obs_dim: int
         return None, f"none ({env_id or 'unknown env'} has no termination rule we know; rollouts only truncate)"
     if obs_indices.tolist() != list(range(raw_obs_dim)):
         return None, f"none (the {family} healthy rule needs the full observation; the data selects dims)"
-    env = gym.make(env_id, **{k: v for k, v in (env_spec.get("kwargs") or {}).items() if k != "render_mode"})
+    env = gym.make(env_id, **env_kwargs(env_spec))
     u = env.unwrapped
     env.close()
     if not u._terminate_when_unhealthy or u._exclude_current_positions_from_observation is False:
