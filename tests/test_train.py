@@ -80,6 +80,23 @@ def test_info_on_a_directory_that_is_not_a_run_names_the_run(tiny_run, tmp_path)
         describe(str(tmp_path / "quick" / "run"), None, ["discretizer.n_bins=20"])
 
 
+def test_a_file_is_on_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """atomic_write syncs the new file's bytes before the rename and the directory after it: a power loss then
+    leaves the old file or the new one (renamed but unsynced, a file can come back empty after a crash)."""
+    from trajformer import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    files.save_text(tmp_path / "a.txt", "new")
+    (kind, synced), replaced, (last, directory) = events
+    assert kind == "fsync" and Path(synced).name.startswith(".a.txt.") and Path(synced).parent == tmp_path
+    assert replaced == ("replace", str(tmp_path / "a.txt"))
+    assert (last, directory) == ("fsync", str(tmp_path)) and (tmp_path / "a.txt").read_text() == "new"
+
+
 def test_a_first_stop_request_asks_and_a_second_stops_at_once():
     """Training and evaluation stop on stop_requests: the first Ctrl-C or SIGTERM only sets the event (the loop
     finishes its step and saves), a second raises; an ignored SIGINT stays ignored, and the handlers come back."""

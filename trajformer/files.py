@@ -31,7 +31,8 @@ def set_aside(path: Path) -> Path:
 
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then rename the temp file onto `path`. The temp file ends in `path`'s suffix, for
-    writers that pick the format from it (imageio's video writers)."""
+    writers that pick the format from it (imageio's video writers). Its bytes reach the disk before the rename,
+    and the rename before this returns, so a power loss leaves the old file or the new one, never an empty one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
@@ -41,11 +42,26 @@ def atomic_write(path: Path, write) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file's or a directory's pending writes to the disk (a directory: its renames). Filesystems that
+    cannot sync a directory say so with an OSError, which is ignored: there the rename is as durable as it gets."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not os.path.isdir(path):
+            raise
+    finally:
+        os.close(fd)
 
 
 def writable_dir(path: Path) -> None:
