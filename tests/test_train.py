@@ -368,7 +368,7 @@ def test_missing_remote_dataset_fails_fast_without_network(monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"mujoco/hopper/medium-v0.*MINARI_DATASETS_PATH.*trajformer collect"):
         load_minari("mujoco/hopper/medium-v0")
     assert len(probes) == 1 and probes[0] is not None and probes[0] <= 1.5
-    monkeypatch.setattr("trajformer.data._hub_reachable", lambda: True)  # online, but without the hub client
+    monkeypatch.setattr("trajformer.data._hub_reachable", lambda *a: True)  # online, but without the hub client
     monkeypatch.setattr("trajformer.data._hub_client_installed", lambda: False)
     with pytest.raises(FileNotFoundError, match=r"pip install 'trajformer\[hf\]'"):
         load_minari("mujoco/hopper/medium-v0")
@@ -383,6 +383,21 @@ def test_missing_remote_dataset_fails_fast_without_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "false")
     monkeypatch.setattr("trajformer.data.socket.create_connection", no_network)
     assert not trajformer.data._hub_reachable() and len(probes) == 2
+    # The probe goes where the download would: a mirror (HF_ENDPOINT), MINARI_REMOTE's or the id's own remote,
+    # or the proxy in between (an offline verdict from probing huggingface.co directly would be wrong there).
+    for var in ("HF_ENDPOINT", "MINARI_REMOTE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
+                "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    address = trajformer.data._hub_address
+    assert address() == ("huggingface.co", 443) and address("gcp://bucket/x-v0") == ("storage.googleapis.com", 443)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example:8443")
+    assert address("mujoco/hopper/medium-v0") == ("hf-mirror.example", 8443)
+    monkeypatch.setenv("MINARI_REMOTE", "gcp://minari-datasets")
+    assert address("mujoco/hopper/medium-v0") == ("storage.googleapis.com", 443)
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    assert address("mujoco/hopper/medium-v0") == ("proxy.example", 3128)
+    monkeypatch.setenv("no_proxy", "storage.googleapis.com")
+    assert address("mujoco/hopper/medium-v0") == ("storage.googleapis.com", 443)
 
 
 def test_bfloat16_training_and_dataset_info(tiny_config, hopper_dataset, tmp_path):

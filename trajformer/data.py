@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import socket
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,12 +79,32 @@ def is_local_dataset(dataset_id: str) -> bool:
     return (Path(get_dataset_path(dataset_id)) / "data").is_dir()
 
 
-def _hub_reachable(timeout: float = 1.5) -> bool:
-    """A quick TCP probe of the dataset hub, so an offline machine fails in seconds, not after retries."""
+def _hub_address(dataset_id: str = "") -> tuple[str, int]:
+    """Where Minari's download would first connect: its remote (the id's own `gcp://` or `hf://` prefix, else
+    MINARI_REMOTE, else Hugging Face at HF_ENDPOINT as huggingface_hub reads it), or the proxy the environment sets
+    for it (HTTPS_PROXY, ALL_PROXY; NO_PROXY honoured)."""
+    remote = dataset_id if "://" in dataset_id else os.environ.get("MINARI_REMOTE") or "hf://"
+    url = "https://storage.googleapis.com" if remote.startswith("gcp://") else \
+        os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    hub = urllib.parse.urlsplit(url)
+    host, port = hub.hostname or "huggingface.co", hub.port or (80 if hub.scheme == "http" else 443)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(hub.scheme or "https") or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if via.hostname:
+            return via.hostname, via.port or (443 if via.scheme == "https" else 1080 if via.scheme.startswith("socks")
+                                              else 80)
+    return host, port
+
+
+def _hub_reachable(dataset_id: str = "", timeout: float = 1.5) -> bool:
+    """A quick TCP probe of the dataset hub (or of the proxy to it), so an offline machine fails in seconds, not
+    after retries."""
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or os.environ.get("MINARI_OFFLINE"):
         return False
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection(_hub_address(dataset_id), timeout=timeout).close()
         return True
     except OSError:
         return False
@@ -118,7 +140,7 @@ def load_minari(dataset_id: str, download: bool = True):
                            "(it puts the old copy back first)")
     if not is_local_dataset(dataset_id):
         # Our own ids (`trajformer collect --preset`) are never on the hub: say how to make one, not the hub's error.
-        reachable = download and not dataset_id.startswith("trajformer/") and _hub_reachable()
+        reachable = download and not dataset_id.startswith("trajformer/") and _hub_reachable(dataset_id)
         if not reachable or not _hub_client_installed():
             raise FileNotFoundError(missing_dataset_message(dataset_id, reachable))
         return minari.load_dataset(dataset_id, download=True)
