@@ -56,6 +56,10 @@ def test_random_collection_round_trip():
     assert meta["behavior_policy"] == ["random"] and meta["seed"] == 3 and meta["env_kwargs"] == {}
     assert np.isfinite([meta["return_mean"], meta["return_std"], meta["ref_min_score"]]).all()
     assert json.loads(meta["env_spec"])["max_episode_steps"] == 20
+    # The random reference score is the env's: another collection of it (size, seed) records the same one.
+    collect("Hopper-v5", "random", steps=60, dataset_id="test/hopper-random-other-v0", seed=5, max_episode_steps=20,
+            num_envs=2)
+    assert minari.load_dataset("test/hopper-random-other-v0").storage.metadata["ref_min_score"] == meta["ref_min_score"]
 
     # The first episode of env 0 replays exactly from its reset seed: boundaries and data line up.
     env = gym.make("Hopper-v5", max_episode_steps=20)

@@ -227,7 +227,9 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
         print(f"{steps} steps in {elapsed:.1f} s: {steps / elapsed:.0f} steps/s ({num_envs} envs)")
 
         returns = [sum(ep["rewards"]) for ep, c in zip(episodes, cut, strict=True) if not c]  # complete episodes
-        ref_min = float(np.mean(episode_returns(env, random_policy(env.action_space, rng), 10)))
+        # Its own action stream: the reference is the env's, not the collection's (its size, seed and policy).
+        ref_min = float(np.mean(episode_returns(env, random_policy(env.action_space, np.random.default_rng(10_000)),
+                                                10)))
         # D4RL v2's expert return as ref_max_score (D4RL measured it on the v2 envs); scores use
         # metrics.score_reference.
         family = env_family(env_id)
@@ -264,7 +266,8 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
                 "return_std": float(np.std(returns)) if returns else None,
                 "ref_min_score": ref_min,
                 "num_episodes_average_score": 10,
-                "ref_min_score_protocol": "uniform random policy, 10 episodes, env.reset(seed=10_000 + i)",
+                "ref_min_score_protocol": "uniform random policy (actions from np.random.default_rng(10_000)), 10 "
+                                           "episodes, env.reset(seed=10_000 + i)",
                 **(metadata or {}),
             })
         env.close()
