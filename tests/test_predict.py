@@ -10,10 +10,10 @@ import json
 import math
 import shutil
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from trajformer import cli
 from trajformer import predict as predict_module
@@ -158,7 +158,6 @@ def test_attention_maps_reproduce_the_model(run, held):
         y = (maps[layer] @ v).transpose(1, 2).reshape(1, t, -1)
         torch.testing.assert_close(block.attn.c_proj(y), block.attn(h, model.bias[:t, :t]), atol=1e-5, rtol=1e-4)
         x = block(x, model.bias[:t, :t])
-    assert F.softmax(torch.zeros(1), 0).item() == 1.0
 
 
 def test_attention_maps_of_a_window_model_keep_its_band():
@@ -311,25 +310,28 @@ def test_transformer_compute_reads_the_logged_wall_clock(run, tmp_path):
 
 def test_one_step_nll_of_a_uniform_model_is_the_bins_widths(run, held):
     """A model whose logits are all equal puts 1/(N+1) on every bin: its one-step NLL per dim, in dataset-std
-    units, is log(N+1) + log(bin width / std) of the true next state's bin, averaged over the sampled dims."""
+    units, is log(N+1) + log(bin width / std) of the true next state's bin, averaged over the sampled dims. The
+    transitions never include a terminated episode's last one (training put stop tokens after it)."""
     import copy
 
-    from trajformer.predict import transformer_one_step
+    from trajformer.predict import one_step_transitions, transformer_one_step
 
     flat = copy.deepcopy(run)
     with torch.no_grad():
         flat.model.head.zero_()
-    n, seed, dS, N = 8, 3, run.obs_dim, run.discretizer.n_bins
-    rng = np.random.default_rng(seed)  # the transitions transformer_one_step samples
+    dS, N = run.obs_dim, run.discretizer.n_bins
+    pairs = one_step_transitions(held, 400, seed=3)
+    ends = [(i, e.length - 1) for i, e in enumerate(held.episodes) if e.is_terminal]
+    assert ends and not set(ends) & set(pairs) and len(set(pairs)) > 100
+    pairs = pairs[:8]
     terms = []
-    for _ in range(n):
-        e = held.episodes[int(rng.integers(len(held.episodes)))]
-        t = int(rng.integers(e.length))
+    for i, t in pairs:
+        e = held.episodes[i]
         bins = run.discretizer.encode(np.concatenate([e.obs[t + 1], np.zeros(run.act_dim + 2)]))[:dS]
         terms += list(np.log(N + 1) + np.log(run.discretizer.bin_widths()[np.arange(dS), bins] / held.obs_std))
-    got = transformer_one_step(flat, held, n=n, seed=seed)
-    assert got["transitions"] == n and got["obs_nll_std_units"] == pytest.approx(np.mean(terms), rel=1e-6)
-    assert transformer_one_step(run, held, n=n, seed=seed)["obs_nll_std_units"] < got["obs_nll_std_units"]
+    got = transformer_one_step(flat, held, pairs)
+    assert got["transitions"] == 8 and got["obs_nll_std_units"] == pytest.approx(np.mean(terms), rel=1e-6)
+    assert transformer_one_step(run, held, pairs)["obs_nll_std_units"] < got["obs_nll_std_units"]
 
 
 def test_decode_bins_hand_made():
@@ -371,8 +373,22 @@ def test_bad_input(tiny_config, run, hopper_dataset, tmp_path, capsys):
         load_heldout(str(tmp_path / "missing.npz"), run)
 
 
-def held_ids(run) -> list[int]:
-    return run.meta["split"]["validation_episodes"]
+class HopperDims(gym.Env):
+    """Hopper's observation and action dims, another env."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (11,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.np_random.uniform(-1, 1, 11), {}
+
+    def step(self, action):
+        return self.np_random.uniform(-1, 1, 11), 0.0, False, False, {}
+
+
+def held_ids(run, train: bool = False) -> list[int]:
+    return run.meta["split"]["train_episodes" if train else "validation_episodes"]
 
 
 def test_predict_refuses_starts_that_are_not_held_out_and_bad_slices(run, ensemble_dir, tmp_path):
@@ -403,20 +419,44 @@ def test_predict_refuses_starts_that_are_not_held_out_and_bad_slices(run, ensemb
         np.savez(tmp_path / f"{name}.npz", **bad)
         with pytest.raises(ValueError, match=message):
             load_heldout(str(tmp_path / f"{name}.npz"), run)
-    for key, value, message in [("env", {"id": "Walker2d-v5"}, "trained on Walker2d-v5 data"),
-                                ("split", None, "another split of the run's dataset")]:
+    # A slice says which episodes it holds: one of the run's training episodes, or none recorded, is refused.
+    for name, edit, message in [("trained", lambda a: a["episode_ids"].__setitem__(0, held_ids(run, train=True)[0]),
+                                 r"holds episodes \[\d+\] that run .* was trained on"),
+                                ("legacy", lambda a: a.pop("episode_ids"), "records no episode indices")]:
+        bad = {k: v.copy() for k, v in arrays.items()}
+        edit(bad)
+        np.savez(tmp_path / f"{name}.npz", **bad)
+        with pytest.raises(ValueError, match=message):
+            load_heldout(str(tmp_path / f"{name}.npz"), run)
+    (tmp_path / "cut.npz").write_bytes(npz.read_bytes()[:3000])  # a truncated copy, and an .npz of something else
+    for path, message in [(tmp_path / "cut.npz", "is not a readable .npz"),
+                          (run.path / "discretizer.npz", "is not a held-out slice .*lacks")]:
+        with pytest.raises(ValueError, match=message):
+            load_heldout(str(path), run)
+    first = held_ids(run)[0]
+    for key, edit, message in [
+            ("env", lambda m: m.__setitem__("env", {"id": "Walker2d-v5"}), "trained on Walker2d-v5 data"),
+            ("split", lambda m: m["split"]["train_episodes"].append(m["split"]["validation_episodes"].pop(0)),
+             rf"holds episodes \[{first}\] that baseline .* was trained on"),  # one held-out episode trained on
+            ("fewer", lambda m: m["split"].__setitem__("train_episodes", m["split"]["train_episodes"][:-3]),
+             r"comes from \d+ episodes .* shares data with the \d+ episodes"),  # data.max_episodes: another list
+            ("joined", lambda m: m.__setitem__("dataset_id", m["dataset_id"] + "+other/data-v0"),
+             r"shares data with the \d+ episodes of .*\+other/data-v0")]:
         other = tmp_path / f"ens-{key}"
         shutil.copytree(ensemble_dir, other)
         ens_meta = json.loads((other / "ensemble.json").read_text())
-        if key == "split":
-            split = ens_meta["split"]  # one held-out episode trained on instead
-            split["train_episodes"].append(split["validation_episodes"].pop(0))
-        else:
-            ens_meta[key] = value
+        edit(ens_meta)
         (other / "ensemble.json").write_text(json.dumps(ens_meta))
         with pytest.raises(ValueError, match=message):
             predict(run.path, baseline=other, horizon=3, starts=2, samples=2, out=tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
+    # Data of another env with the run's dims (Walker2d and HalfCheetah are both 17/6) is refused, not predicted.
+    from trajformer.collect import collect
+
+    gym.register("trajformer-test/HopperDims-v0", entry_point=f"{__name__}:HopperDims", max_episode_steps=20)
+    collect("trajformer-test/HopperDims-v0", "random", steps=60, dataset_id="test/hopper-dims-v0", num_envs=1)
+    with pytest.raises(ValueError, match="holds trajformer-test/HopperDims-v0 episodes but the run was trained in"):
+        load_heldout("test/hopper-dims-v0", run)
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match="is not a directory"):
         predict(run.path, horizon=3, starts=2, samples=2, out=tmp_path / "a-file" / "out", progress=False)

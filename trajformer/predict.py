@@ -27,6 +27,7 @@ import math
 import os
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from trajformer.data import Episode, joined_transitions, load_episodes, return_stats
 from trajformer.decoding import DECODES, CachedDecoder, crop_start, decode_bins, pick
-from trajformer.ensemble import Ensemble, load_ensemble, obs_std
+from trajformer.ensemble import Ensemble, load_ensemble, obs_std, validation_metrics
 from trajformer.files import atomic_write, save_json, writable_dir
 from trajformer.metrics import dim_errors, error_summary, histogram_loglik, normalized_error
 from trajformer.model import GPT, rotary
@@ -55,21 +56,61 @@ class HeldOut:
     obs_std: np.ndarray
     env: dict
     source: str  # how the episodes were chosen
+    episode_ids: list[int] | None = None  # their indices in the dataset's episode list (None: a slice without them)
+    dataset_episodes: int | None = None  # how many episodes that list has
+
+
+SLICE_KEYS = ("obs", "act", "rew", "lengths", "terminal", "obs_std", "obs_indices", "dataset_id", "env")
+
+
+def check_held_out_from(held: HeldOut, dataset_id: str, split: dict, who: str, fix: str) -> None:
+    """The held-out episodes must be outside the training episodes of a model trained on `dataset_id` with `split`:
+    data sharing no part with it, or the same dataset (its episode count) with every held-out episode among the
+    model's validation episodes."""
+    if not set(held.dataset_id.split("+")) & set(dataset_id.split("+")):
+        return
+    total = len(split["train_episodes"]) + len(split["validation_episodes"])
+    if held.episode_ids is None:
+        why = f"records no episode indices (a slice written before they were), so nothing shows it is outside {who}'s"
+        why += " training data"
+    elif held.dataset_id != dataset_id or held.dataset_episodes != total:
+        why = (f"comes from {held.dataset_episodes} episodes of {held.dataset_id}, which shares data with the {total} "
+               f"episodes of {dataset_id} that {who} was trained on")
+    elif not set(held.episode_ids) <= set(split["validation_episodes"]):
+        inside = sorted(set(held.episode_ids) - set(split["validation_episodes"]))
+        why = f"holds episodes {inside[:5]} that {who} was trained on"
+    else:
+        return
+    raise ValueError(f"the held-out data ({held.source}) {why}; {fix}")
 
 
 def load_heldout(source: str, run: Run) -> HeldOut:
-    """The run's validation episodes of a Minari dataset, or every episode of a shipped .npz slice."""
+    """The run's validation episodes of a Minari dataset, every episode of data the run never saw, or a .npz
+    slice written by `save_heldout`; refused when any of them is among the run's training episodes."""
+    run_env = (run.meta.get("env") or {}).get("id")
     if source.endswith(".npz"):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"held-out slice {path} not found; pass a Minari dataset id or an .npz "
                                     f"written by trajformer.predict.save_heldout")
-        with np.load(path, allow_pickle=False) as z:
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # truncated, not an archive
+            raise ValueError(f"{path} is not a readable .npz ({err}); write the slice again with "
+                             "trajformer.predict.save_heldout") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):  # one array (.npy bytes)
+            raise ValueError(f"{path} holds one array, not a held-out slice; pass one written by "
+                             "trajformer.predict.save_heldout, or a Minari dataset id")
+        missing = [k for k in SLICE_KEYS if k not in z.files]
+        with z:
+            if missing:
+                raise ValueError(f"{path} is not a held-out slice (it lacks {', '.join(missing)}); pass one written "
+                                 "by trajformer.predict.save_heldout, or a Minari dataset id")
             indices = z["obs_indices"].tolist()
             if not set(run.obs_indices.tolist()) <= set(indices):
                 raise ValueError(f"{path} holds observation dims {indices[:5]}... but the run reads "
                                  f"{run.obs_indices.tolist()[:5]}...; use a slice of the run's dataset")
-            env, run_env = json.loads(str(z["env"])), (run.meta.get("env") or {}).get("id")
+            env = json.loads(str(z["env"]))
             if run_env and env.get("id") != run_env:
                 raise ValueError(f"{path} holds {env.get('id')} episodes but the run was trained in {run_env}; use "
                                  "a slice of the run's dataset")
@@ -82,8 +123,12 @@ def load_heldout(source: str, run: Run) -> HeldOut:
             cols = [indices.index(i) for i in run.obs_indices.tolist()]  # a partially observed run: its dims
             episodes = [_episode(z["obs"][i, : n + 1][:, cols], z["act"][i, :n], z["rew"][i, :n],
                                  bool(z["terminal"][i])) for i, n in enumerate(z["lengths"])]
+            ids = z["episode_ids"].tolist() if "episode_ids" in z.files else None
+            total = int(z["dataset_episodes"]) if "dataset_episodes" in z.files else None
             held = HeldOut(str(z["dataset_id"]), episodes, z["obs_std"].astype(np.float64)[cols], env,
-                           f"{path} ({len(episodes)} episodes)")
+                           f"{path} ({len(episodes)} episodes)", ids, total)
+        check_held_out_from(held, run.meta.get("dataset_id") or "", run.meta["split"], f"run {run.path}",
+                            "write the slice from this run's validation episodes (trajformer.predict.save_heldout)")
     else:
         trained_on = run.meta.get("dataset_id") or ""
         shared = set(source.split("+")) & set(trained_on.split("+")) if source != trained_on else set()
@@ -95,6 +140,10 @@ def load_heldout(source: str, run: Run) -> HeldOut:
         if data.obs_dim != run.obs_dim or data.act_dim != run.act_dim:
             raise ValueError(f"dataset '{source}' gives {data.obs_dim}-dim observations and {data.act_dim}-dim "
                              f"actions but the run expects {run.obs_dim} and {run.act_dim}; use the run's dataset")
+        data_env = data.env_spec.get("id")
+        if run_env and data_env and data_env != run_env:
+            raise ValueError(f"dataset '{source}' holds {data_env} episodes but the run was trained in {run_env}; "
+                             "predict on data of the run's env")
         if source == trained_on:
             _check_same_episodes(data, run)
             ids = run.meta["split"]["validation_episodes"]
@@ -104,7 +153,8 @@ def load_heldout(source: str, run: Run) -> HeldOut:
         else:
             ids = list(range(len(data.episodes)))
             how = f"all {len(ids)} episodes of {source} (not the run's dataset)"
-        held = HeldOut(source, [data.episodes[i] for i in ids], obs_std(data), data.env_spec, how)
+        held = HeldOut(source, [data.episodes[i] for i in ids], obs_std(data), data.env_spec, how, list(ids),
+                       len(data.episodes))
     return held
 
 
@@ -135,8 +185,10 @@ def save_heldout(run_dir: str | os.PathLike, out: str | os.PathLike, episodes: i
                  dataset_id: str | None = None) -> Path:
     """Write the first `episodes` validation episodes of the run's dataset (float32) as a small .npz slice."""
     run = load_run(run_dir)
+    if (dataset_id or "").endswith(".npz"):
+        raise ValueError("save_heldout writes a slice of a Minari dataset; pass its id (or none: the run's own)")
     held = load_heldout(dataset_id or run.meta["dataset_id"], run)
-    eps = held.episodes[:episodes]
+    eps, ids = held.episodes[:episodes], held.episode_ids[:episodes]
     T = max(e.length for e in eps)
     dS, dA = run.obs_dim, run.act_dim
     obs, act, rew = np.zeros((len(eps), T + 1, dS)), np.zeros((len(eps), T, dA)), np.zeros((len(eps), T))
@@ -149,7 +201,8 @@ def save_heldout(run_dir: str | os.PathLike, out: str | os.PathLike, episodes: i
                                 lengths=np.array([e.length for e in eps]),
                                 terminal=np.array([e.is_terminal for e in eps]),
                                 obs_std=held.obs_std, obs_indices=run.obs_indices, dataset_id=np.array(held.dataset_id),
-                                env=np.array(json.dumps(held.env)))
+                                env=np.array(json.dumps(held.env)), episode_ids=np.array(ids),
+                                dataset_episodes=np.array(held.dataset_episodes))
 
     atomic_write(Path(out), write)
     return Path(out)
@@ -365,18 +418,30 @@ def transformer_compute(run: Run) -> dict:
             "parameters": sum(p.numel() for p in run.model.parameters())}
 
 
+def one_step_transitions(held: HeldOut, n: int = 128, seed: int = 0) -> list[tuple[int, int]]:
+    """`n` held-out transitions (episode, t), with replacement: an episode uniformly, then t uniformly among its
+    steps with a true next state (a terminated episode's last one leads to the stop tokens training put there)."""
+    rng = np.random.default_rng(seed)
+    room = [e.length - e.is_terminal for e in held.episodes]
+    if not any(room):
+        raise ValueError(f"the held-out episodes ({held.source}) have no transition to a next state; use longer ones")
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < n:
+        i = int(rng.integers(len(held.episodes)))
+        if room[i]:
+            pairs.append((i, int(rng.integers(room[i]))))
+    return pairs
+
+
 @torch.no_grad()
-def transformer_one_step(run: Run, held: HeldOut, n: int = 128, seed: int = 0) -> dict:
+def transformer_one_step(run: Run, held: HeldOut, pairs: list[tuple[int, int]]) -> dict:
     """The transformer's one-step NLL of true next states (nats per obs dim, states in dataset-std units,
-    each bin a uniform density) on `n` held-out transitions, given their true context: comparable with
-    the ensemble's val_obs_nll_std_units."""
+    each bin a uniform density) on the held-out transitions `pairs`, given their true context."""
     model, disc, dS = run.model, run.discretizer, run.obs_dim
     N, T = disc.n_bins, model.config.transition_dim
-    rng = np.random.default_rng(seed)
     total, count = 0.0, 0
-    for _ in range(n):
-        e = held.episodes[int(rng.integers(len(held.episodes)))]
-        t = int(rng.integers(e.length))
+    for i, t in pairs:
+        e = held.episodes[i]
         context = context_tokens(run, e, t)
         # a_t, r_t and the true value-to-go V_t as training saw them (never the placeholder at the live position)
         tail = encode_values(disc, joined_transitions(e, run.config.data)[t, dS:], dS)
@@ -388,10 +453,21 @@ def transformer_one_step(run: Run, held: HeldOut, n: int = 128, seed: int = 0) -
         widths = disc.bin_widths()[np.arange(dS), target.numpy()] / held.obs_std
         total += float(np.sum(-logp + np.log(widths)))
         count += dS
-    return {"obs_nll_std_units": total / count, "transitions": n}
+    return {"obs_nll_std_units": total / count, "transitions": len(pairs)}
 
 
-def _check_baseline(ens: Ensemble, run: Run) -> None:
+def ensemble_one_step(ens: Ensemble, held: HeldOut, pairs: list[tuple[int, int]]) -> dict:
+    """The ensemble's one-step NLL of the same true next states (its mixture of members' Gaussians, nats per obs
+    dim in the held-out data's std units)."""
+    x = np.stack([np.concatenate([held.episodes[i].obs[t], held.episodes[i].act[t]]) for i, t in pairs])
+    y = np.stack([np.concatenate([held.episodes[i].obs[t + 1] - held.episodes[i].obs[t], [held.episodes[i].rew[t]]])
+                  for i, t in pairs])
+    metrics = validation_metrics(ens.model, x, y, held.obs_std)
+    return {"obs_nll_std_units": metrics["val_obs_nll_std_units"], "transitions": len(pairs)}
+
+
+def _check_baseline(ens: Ensemble, run: Run, held: HeldOut) -> None:
+    """The ensemble predicts the run's dims in the run's env, and the held-out starts are outside its training data."""
     if (ens.meta["obs_dim"], ens.meta["act_dim"]) != (run.obs_dim, run.act_dim) or \
             not np.array_equal(ens.obs_indices, run.obs_indices):
         raise ValueError(f"baseline {ens.path} was trained on {ens.meta['obs_dim']} observation dims "
@@ -402,16 +478,11 @@ def _check_baseline(ens: Ensemble, run: Run) -> None:
     if ens_env != run_env:
         raise ValueError(f"baseline {ens.path} was trained on {ens_env} data, the run on {run_env}; train the "
                          "ensemble on the run's dataset")
-    # The same dataset (its id and episode count: a copy from another machine differs in its digest only) must be
-    # split as the run's was; other data under the same id (more episodes of the same policy) cannot hold them.
-    split, run_split = ens.meta["split"], run.meta["split"]
-    same_data = ens.meta.get("dataset_id") == run.meta.get("dataset_id") and \
-        len(split["train_episodes"]) + len(split["validation_episodes"]) == \
-        len(run_split["train_episodes"]) + len(run_split["validation_episodes"])
-    if same_data and split["validation_episodes"] != run_split["validation_episodes"]:
-        raise ValueError(f"baseline {ens.path} was trained on another split of the run's dataset, so some held-out "
-                         "start episodes are in its training data; train it with the run's config (data."
-                         "validation_fraction, train.seed)")
+    # The same dataset (its id and episode count: a copy from another machine differs in its digest only) split so
+    # that every held-out episode is among its validation episodes, or data it never saw.
+    check_held_out_from(held, ens.meta["dataset_id"], ens.meta["split"], f"baseline {ens.path}",
+                        "train the ensemble with the run's config (its dataset, data.max_episodes, "
+                        "data.validation_fraction and train.seed), or predict on data it never saw")
 
 
 def _json(x):
@@ -482,9 +553,9 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
     others = load_ablations(ablations or {}, run)
     tt_compute = transformer_compute(run)  # read with the weights, not after the (long) rollouts
     ens = load_ensemble(baseline) if baseline is not None else None
-    if ens is not None:
-        _check_baseline(ens, run)
     held = load_heldout(dataset or run.meta["dataset_id"], run)
+    if ens is not None:
+        _check_baseline(ens, run, held)
     chosen = choose_starts(held, horizon, starts, seed)
     out = Path(out) if out is not None else run.path / "predict"
     writable_dir(out)  # now, not after the rollouts
@@ -555,12 +626,13 @@ def predict(run_dir: str | os.PathLike, dataset: str | None = None, horizon: int
         record_ol = {name: np.nanmean(np.stack(c), axis=0) for name, c in curves.items()}
     record_ol["transformer_stopped_fraction"] = [float(np.mean((stops > 0) & (stops <= h)))
                                                  for h in range(1, horizon + 1)]
-    one_step = {"transformer": {**transformer_one_step(run, held, seed=seed),
+    # Both models on the same held-out transitions (NLL) and the same starts' first step (error).
+    pairs = one_step_transitions(held, seed=seed)
+    one_step = {"transformer": {**transformer_one_step(run, held, pairs),
                                 "one_step_error": record_tf["transformer"]["mean"][0]}}
     if ens is not None:
-        one_step["ensemble"] = {"obs_nll_std_units": ens.meta["validation"]["val_obs_nll_std_units"],
-                                "one_step_error": ens.meta["validation"]["val_one_step_error"],
-                                "transitions": ens.meta["training"]["validation_transitions"]}
+        one_step["ensemble"] = {**ensemble_one_step(ens, held, pairs),
+                                "one_step_error": record_tf["ensemble"]["mean"][0]}
     summary = {str(s): {"transformer_error": record_tf["transformer"]["mean"][s - 1],
                         **{f"transformer_error_{how}": record_tf["decodes"][how]["mean"][s - 1] for how in DECODES[1:]},
                         "ensemble_error": record_tf["ensemble"]["mean"][s - 1] if ens else None,
