@@ -100,6 +100,15 @@ def test_cli_and_bad_input(hopper_dataset, tmp_path, capsys, ensemble_dir):
     with pytest.raises(SystemExit):  # the directory already holds an ensemble
         cli.main(["train-ensemble", QUICKSTART, "--dataset", hopper_dataset, "--out", str(out)])
     assert "already holds an ensemble" in capsys.readouterr().err
+    run_dir = tmp_path / "a-run"  # a transformer run's weights and log are not overwritten
+    run_dir.mkdir()
+    (run_dir / "model.pt").write_bytes(b"weights")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(SystemExit):
+        cli.main(["train-ensemble", QUICKSTART, "--dataset", hopper_dataset, "--out", str(run_dir)])
+    assert "already holds model.pt, metrics.jsonl" in capsys.readouterr().err
+    assert (run_dir / "model.pt").read_bytes() == b"weights"
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
     with pytest.raises(SystemExit):
         cli.main(["train-ensemble", QUICKSTART, "--dataset", hopper_dataset, "--out",
                   str(tmp_path / "x"), "--members", "0"])

@@ -234,7 +234,8 @@ def _add_train_ensemble(sub) -> None:
     _add_overrides(p, "data.max_episodes=10")
     flags = {"members": "ensemble members", "hidden": "units per hidden layer", "layers": "hidden layers",
              "batch_size": "transitions per gradient step", "learning_rate": "Adam learning rate",
-             "max_epochs": "epochs at most", "patience": "epochs without a member improving before stopping",
+             "max_epochs": "epochs at most",
+             "patience": "epochs without the mean validation NLL improving before stopping",
              "max_seconds": "training time limit in seconds (0 = none)", "seed": "bootstrap and init seed"}
     for name, text in flags.items():  # shortcuts for --set ensemble.NAME=VALUE; defaults from config.EnsembleConfig
         default = getattr(EnsembleConfig(), name)

@@ -157,6 +157,10 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
     out_dir = Path(out_dir)
     if (out_dir / "ensemble.json").exists():
         raise FileExistsError(f"{out_dir} already holds an ensemble; choose another --out or delete it")
+    taken = [name for name in ("run.json", "model.pt", "metrics.jsonl") if (out_dir / name).exists()]
+    if taken:  # a transformer run (or another job's files): its weights and log would be overwritten
+        raise FileExistsError(f"{out_dir} already holds {', '.join(taken)} (a run directory?); train the ensemble "
+                              "into a new --out directory")
     data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
     train_idx, val_idx = validation_split(cfg, len(data.episodes))
     x_tr, y_tr, _ = transitions([data.episodes[i] for i in train_idx])
