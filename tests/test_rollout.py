@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -244,10 +245,37 @@ def test_rendering_time_is_not_planning_time(tmp_path, monkeypatch):
     assert record["video_fps"] == 0.25 * gym.make("Hopper-v5").metadata["render_fps"]
 
 
-def test_video_falls_back_to_gif_name(tmp_path):
+def test_video_falls_back_to_gif_name(tmp_path, monkeypatch):
+    """An .mp4 asked for without imageio-ffmpeg is written as a .gif; a --video name that cannot be written is a
+    one-line error before any episode runs."""
     run_dir = hopper_run(tmp_path / "hopper", list(range(11)))
-    record = evaluate(load_run(run_dir), episodes=1, max_steps=2, video=tmp_path / "e.gif", progress=False)
-    assert record["video"].endswith(".gif") and os.path.getsize(record["video"]) > 0
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr("trajformer.rollout.run_episodes", lambda *a, **k: pytest.fail("episodes ran"))
+    with pytest.raises(ValueError, match="a-file is not a directory.*name a --video file in a folder"):
+        evaluate(load_run(run_dir), episodes=1, max_steps=2, video=tmp_path / "a-file" / "e.mp4", progress=False)
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # not installed: importing it raises ImportError
+    record = evaluate(load_run(run_dir), episodes=1, max_steps=2, video=tmp_path / "e.mp4", progress=False)
+    assert record["video"] == str(tmp_path / "e.gif") and os.path.getsize(record["video"]) > 0
+
+
+def test_a_broken_render_backend_is_one_line_before_any_episode(tmp_path, monkeypatch):
+    """MUJOCO_GL naming a backend that cannot draw (osmesa without OSMesa fails deep in PyOpenGL): `plan --video`
+    says so in one line before the episodes, and predict's filmstrip is skipped with a warning."""
+    from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+
+    from trajformer.render import pose_renderer
+
+    def broken(self):
+        raise AttributeError("'NoneType' object has no attribute 'glGetError'")
+
+    run_dir = hopper_run(tmp_path / "hopper", list(range(11)))
+    monkeypatch.setattr(MujocoEnv, "render", broken)
+    monkeypatch.setattr("trajformer.rollout.run_episodes", lambda *a, **k: pytest.fail("episodes ran"))
+    with pytest.raises(ValueError, match="cannot render Hopper-v5 frames offscreen .*glGetError.*MUJOCO_GL"):
+        evaluate(load_run(run_dir), episodes=1, max_steps=2, video=tmp_path / "e.mp4", progress=False)
+    with pytest.warns(UserWarning, match="no filmstrip or video: cannot render"):
+        assert pose_renderer({"id": "Hopper-v5", "kwargs": {}}, np.arange(11)) is None
 
 
 def test_behaviour_cloning_runs_end_to_end_and_beats_random(point_run, tmp_path, monkeypatch, capsys):

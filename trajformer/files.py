@@ -64,13 +64,13 @@ def _fsync(path: str | Path) -> None:
         os.close(fd)
 
 
-def writable_dir(path: Path) -> None:
+def writable_dir(path: Path, fix: str = "pass --out DIR somewhere writable") -> None:
     """Check before a long job that `path` is, or can be made, a directory this process can write into."""
     path = Path(path)
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         why = "not a directory" if not existing.is_dir() else "not writable"
-        raise ValueError(f"cannot write into {path} ({existing} is {why}); pass --out DIR somewhere writable")
+        raise ValueError(f"cannot write into {path} ({existing} is {why}); {fix}")
 
 
 @contextlib.contextmanager

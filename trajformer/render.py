@@ -12,6 +12,7 @@ labelled panels, at the env's real frame rate (or slower).
 from __future__ import annotations
 
 import os
+import warnings
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering; must precede the first mujoco import
 
@@ -21,7 +22,7 @@ import gymnasium as gym
 import numpy as np
 
 from trajformer.data import env_kwargs
-from trajformer.files import atomic_write
+from trajformer.files import atomic_write, writable_dir
 
 
 def make_env(env_id: str, kwargs: dict, max_episode_steps: int | None, render: bool = False) -> gym.Env:
@@ -91,6 +92,20 @@ class PoseRenderer:
         return frames
 
 
+def check_rendering(env: gym.Env) -> None:
+    """Render one frame of `env` (made with render=True) after a reset: a missing or broken offscreen backend
+    (MUJOCO_GL) is a one-line ValueError now, not a traceback after the episodes."""
+    try:
+        env.reset(seed=0)
+        frame = env.render()
+    except Exception as err:  # the GL backends fail in many ways (AttributeError, RuntimeError, mujoco.FatalError)
+        raise ValueError(f"cannot render {env.spec.id if env.spec else 'the env'} frames offscreen "
+                         f"({type(err).__name__}: {err}; MUJOCO_GL={os.environ.get('MUJOCO_GL', 'unset')}); set "
+                         "MUJOCO_GL=egl (or osmesa with OSMesa installed), or drop --video") from None
+    if frame is None:
+        raise ValueError("the env renders no frames (render_mode is not rgb_array); drop --video")
+
+
 def pose_renderer(env_spec: dict, obs_indices: np.ndarray, size: int = 240) -> PoseRenderer | None:
     """A PoseRenderer for a recorded env spec with a low camera tracking the torso, or None when the env cannot
     be made or the model's dims do not hold its [qpos[skip:], qvel] block."""
@@ -103,6 +118,12 @@ def pose_renderer(env_spec: dict, obs_indices: np.ndarray, size: int = 240) -> P
         env = make_env(env_spec["id"], {**kwargs, "width": size, "height": size, "default_camera_config": camera},
                        None, render=True)
     except (ValueError, TypeError):
+        return None
+    try:
+        check_rendering(env)
+    except ValueError as err:
+        warnings.warn(f"no filmstrip or video: {err}", stacklevel=2)
+        env.close()
         return None
     obs, _ = env.reset(seed=0)
     renderer = PoseRenderer(env, obs_indices)
@@ -177,6 +198,7 @@ def video_path(path: str | os.PathLike) -> Path:
         raise ValueError(f"--video {path}: name an .mp4 or .gif file, e.g. --video {path.with_suffix('.mp4')}")
     if path.is_dir():
         raise ValueError(f"--video {path} is a directory; name a file in it, e.g. {path / 'episode.mp4'}")
+    writable_dir(path.parent, fix="name a --video file in a folder you can write to")
     if path.suffix == ".mp4":
         try:
             import imageio_ffmpeg  # noqa: F401

@@ -32,7 +32,7 @@ from trajformer.data import env_kwargs
 from trajformer.files import file_lock, save_json
 from trajformer.metrics import score_reference, summarize
 from trajformer.planner import Critic, Planner, plan_config
-from trajformer.render import EpisodeVideo, make_env, video_path
+from trajformer.render import EpisodeVideo, check_rendering, make_env, video_path
 from trajformer.run import Run, load_run, model_sha256
 from trajformer.stopping import stop_requests
 
@@ -300,6 +300,11 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
             first.close()
     if video is not None:
         first = make_env(env_id, kwargs, limit, render=True)
+        try:
+            check_rendering(first)  # before any episode
+        except ValueError:
+            first.close()
+            raise
     envs = [first] + [make_env(env_id, kwargs, limit) for _ in range(num_envs - 1)]
     renderer = None
     if video is not None:
