@@ -5,7 +5,7 @@
 # planning with this comparison's IQL critic. 5 episodes each, seeds 0-4, beam 32 / horizon 5 for TT.
 # About 3.5 h on one core of a 2-core CPU (IQL's 300k steps ~1 h, COMBO ~45 min, each TT evaluation ~25 min).
 # Resumable: run it again (a directory there is resumed, so a trained part put there first, e.g. an IQL
-# directory of the same steps and seed, is reused).
+# directory trained on the same data and split with the same settings, is reused; compare refuses other ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1

@@ -4,6 +4,7 @@ end on the point-line task against a random policy, and bad input refused in one
 from __future__ import annotations
 
 import json
+import shutil
 
 import gymnasium as gym
 import minari
@@ -89,14 +90,16 @@ def test_a_stopped_comparison_resumes_keeping_its_rows_and_trained_parts(point_d
     assert (out / "ensemble" / "model.pt").stat().st_mtime_ns == ensemble_written  # reused, not retrained
     assert second["methods"]["morel"]["train_seconds"] > second["seconds"]["ensemble"] > 0  # its share counted
     assert "kept from" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # kept rows from another protocol: refused
-        cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc",
-                  "--resume", *small, "--set", "compare.max_steps=7"])
-    assert "was compared with other compare.max_steps or [plan] settings" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # a kept row trained for another budget: refused
-        cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc",
-                  "--resume", *small, "--set", "compare.bc_steps=300"])
-    assert "holds bc trained for other step budgets" in capsys.readouterr().err
+    # Kept rows of another protocol, budget, split or setting: refused (compare.json records the settings).
+    for override, named in [("compare.max_steps=7", "compare.max_steps"), ("compare.bc_steps=300", "compare.bc_steps"),
+                            (f"train.seed={TRAIN_SEED + 1}", "train.seed"),
+                            ("data.validation_fraction=0.5", "data.validation_fraction"),
+                            ("model_based.mopo_lambda=2", "model_based.mopo_lambda")]:
+        with pytest.raises(SystemExit):
+            cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc",
+                      "--resume", *small, "--set", override])
+        err = capsys.readouterr().err.strip()
+        assert f"was compared with other settings ({named})" in err and "\n" not in err, err
     from trajformer.baselines.iql import IQLConfig, train_iql
     from trajformer.config import load_config
 
@@ -107,7 +110,26 @@ def test_a_stopped_comparison_resumes_keeping_its_rows_and_trained_parts(point_d
                   "bc,mopo,morel,iql", "--resume", *small])
     err = capsys.readouterr().err.strip()
     assert "iql was trained for 50 steps with seed 0, not compare.iql_steps=1500" in err and "\n" not in err
+    shutil.rmtree(out / "iql")  # the same budget and seed, another network: refused too
+    train_iql(cfg, out / "iql", IQLConfig(steps=1500, seed=TRAIN_SEED, hidden=32), progress=False)
+    with pytest.raises(SystemExit):
+        cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods",
+                  "bc,iql", "--resume", *small])
+    assert "holds an IQL trained with other settings (hidden)" in capsys.readouterr().err
+    shutil.rmtree(out / "iql")
+    record = out / "ensemble" / "ensemble.json"  # a kept ensemble of other [ensemble] settings: refused
+    original = record.read_text()
+    record.write_text(original.replace('"max_epochs": 15', '"max_epochs": 14'))
+    with pytest.raises(SystemExit):
+        cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods",
+                  "bc,mopo,morel,combo", "--resume", *small])
+    assert "holds an ensemble trained with other settings (ensemble.max_epochs)" in capsys.readouterr().err
+    record.write_text(original)
     assert json.loads((out / "compare.json").read_text()) == second
+    # Other thread counts are the same setting; methods left out keep their rows.
+    cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc",
+              "--resume", *small, "--set", "plan.num_threads=1"])
+    assert json.loads((out / "compare.json").read_text())["methods"] == second["methods"]
 
 
 def test_model_based_command_trains_its_own_ensemble_and_evaluates(point_datasets, tmp_path, monkeypatch, capsys):
@@ -122,6 +144,20 @@ def test_model_based_command_trains_its_own_ensemble_and_evaluates(point_dataset
     assert meta["config"]["combo_beta"] == 5.0 and meta["training"]["regulariser"] != 0.0
     assert len(meta["evaluation"]["returns"]) == 3
     assert "termination in the model: none" in capsys.readouterr().out
+    assert (out / "combo.metrics.jsonl").is_file() and not (out / "metrics.jsonl").exists()  # --out may hold a run's
+    common = ["--dataset", DATASET_ID, "--episodes", "3", "--num-envs", "3", "--set", "model_based.steps=60"]
+    other = tmp_path / "other-data-ensemble"  # the same dims, another dataset's ensemble
+    shutil.copytree(out / "ensemble", other)
+    record = json.loads((other / "ensemble.json").read_text())
+    (other / "ensemble.json").write_text(json.dumps({**record, "dataset_id": "other/data-v0"}))
+    for args, message in [(["--ensemble", str(other), "--out", str(tmp_path / "m")], "was trained on 250 episodes "
+                            "of other/data-v0, not on these 250"),
+                          (["--out", str(out), "--set", "ensemble.max_epochs=3"],
+                           "holds an ensemble trained with other settings (ensemble.max_epochs)")]:
+        with pytest.raises(SystemExit):
+            cli.main(["mopo", str(TINY_COMPARE), *common, *args])
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
 
 
 def test_mopo_penalty_grows_outside_the_data(ensemble_dir):

@@ -5,8 +5,9 @@ all three).
 
 Everything that can be refused is checked before the first method trains: the methods (config validation),
 the dataset (continuous Box actions, no NaN: data.load_episodes), TT's training length, the ensemble's validation
-episodes, a reused ensemble's dims, a reused TT run's dataset, and on --resume the protocol and budgets of kept
-rows and a kept IQL's policy head.
+episodes, a reused ensemble's data and dims, a reused TT run's dataset, split and observation dims, and on --resume
+that compare.json was written with this config and data (its `settings`) and that a kept IQL or ensemble was
+trained on this data and split with this config's settings.
 Then each method trains into OUT/<method>/ (the ensemble once, into OUT/ensemble/, shared by MOPO, MOReL and COMBO;
 tt-critic plans with the TT run and the IQL critic) and is evaluated on episodes seeded 0..N-1. OUT/compare.json
 holds per method returns, mean, stderr, normalized, train_seconds and steps; OUT/compare.md the table;
@@ -32,7 +33,7 @@ from trajformer.data import load_episodes, return_stats
 from trajformer.ensemble import load_ensemble, validation_split
 from trajformer.files import save_json, save_text
 from trajformer.rollout import evaluate, evaluate_agent
-from trajformer.run import load_run, read_metrics
+from trajformer.run import load_run, model_sha256, read_metrics
 from trajformer.train import check_training_length, train
 
 LABELS = {"tt": "TT (transformer's value)", "bc": "BC", "iql": "IQL", "mopo": "MOPO", "morel": "MOReL",
@@ -56,9 +57,15 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
     if prior and (prior["dataset_id"], prior["episodes"]) != (data.dataset_id, cmp.episodes):
         raise ValueError(f"--resume: {out_dir} compared on {prior['dataset_id']} over {prior['episodes']} episodes, "
                          f"not {data.dataset_id} over {cmp.episodes}; resume with the same dataset and episodes")
-    if prior and (prior.get("max_steps"), prior.get("plan")) != (cmp.max_steps or None, dataclasses.asdict(cfg.plan)):
-        raise ValueError(f"--resume: {out_dir} was compared with other compare.max_steps or [plan] settings; resume "
-                         "with its own config, or compare into a new --out directory")
+    settings = _settings(cfg, data)
+    if prior:  # every kept row (and trained part) comes from one config and one copy of the data
+        if "settings" not in prior:
+            raise ValueError(f"--resume: {out_dir}/compare.json records no settings (written before they were), so "
+                             "its rows cannot be shown to share this config; compare into a new --out directory")
+        changed = _differences(prior["settings"], settings)
+        if changed:
+            raise ValueError(f"--resume: {out_dir} was compared with other settings ({', '.join(changed[:6])}); resume "
+                             "with its own config and data, or compare into a new --out directory")
     if any(m in ("tt", "tt-critic") for m in cmp.methods) and not cmp.tt_run:
         check_training_length(cfg)
     if any(m in MODEL_BASED for m in cmp.methods) and not cfg.model_based.ensemble:
@@ -70,29 +77,51 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         if reused.meta["dataset_id"] != data.dataset_id:
             raise ValueError(f"compare.tt_run {cmp.tt_run} was trained on {reused.meta['dataset_id']}, not "
                              f"{data.dataset_id}; compare on its dataset or drop compare.tt_run")
+        # The same split and observation dims as every other method (and as tt-critic's IQL critic).
+        mine = {**{f"data.{k}": getattr(cfg.data, k) for k in ("validation_fraction", "max_episodes", "obs_dims")},
+                "train.seed": cfg.train.seed}
+        theirs = {**{f"data.{k}": getattr(reused.config.data, k) for k in ("validation_fraction", "max_episodes",
+                                                                             "obs_dims")},
+                  "train.seed": reused.config.train.seed}
+        changed = [k for k in mine if mine[k] != theirs[k]]
+        if changed:
+            raise ValueError(f"compare.tt_run {cmp.tt_run} was trained with other {', '.join(changed)} than this "
+                             "config's (another split or observation): set them to the run's, or drop compare.tt_run")
     if any(m in ("iql", "tt-critic") for m in cmp.methods) and (out_dir / "iql" / "iql.json").is_file():
         # A kept IQL is refused now, not after hours of other methods: from before its current policy head (by
         # load_iql), or trained for another budget or seed than this config's (its rows would be mislabelled).
-        kept = load_iql(out_dir / "iql")[1]["config"]
+        meta = load_iql(out_dir / "iql")[1]
+        kept = meta["config"]
         if (kept["steps"], kept["seed"]) != (cmp.iql_steps, cfg.train.seed):
             raise ValueError(f"--resume: {out_dir / 'iql'} was trained for {kept['steps']} steps with seed "
                              f"{kept['seed']}, not compare.iql_steps={cmp.iql_steps} with train.seed={cfg.train.seed};"
                              f" resume with its own config, or delete {out_dir / 'iql'} to train it again")
+        wanted = dataclasses.asdict(IQLConfig(steps=cmp.iql_steps, seed=cfg.train.seed))
+        changed = [k for k in wanted if kept.get(k) != wanted[k]]
+        train_episodes = len(validation_split(cfg, len(data.episodes))[0])
+        if meta["dataset_id"] != data.dataset_id or meta.get("dataset_sha256", data.sha256) != data.sha256:
+            changed.append(f"its data ({meta['dataset_id']})")
+        if (meta["split"]["seed"], meta["split"]["validation_fraction"], meta["split"]["train_episodes"]) != (
+                cfg.train.seed, cfg.data.validation_fraction, train_episodes):
+            changed.append("its split")
+        if meta.get("obs_indices", data.obs_indices.tolist()) != data.obs_indices.tolist():
+            changed.append("its observation dims")
+        if changed:
+            raise ValueError(f"{out_dir / 'iql'} holds an IQL trained with other settings ({', '.join(changed)}); "
+                             f"delete it to train one with this config, or compare into a new --out directory")
+    if any(m in MODEL_BASED for m in cmp.methods) and not cfg.model_based.ensemble and \
+            (out_dir / "ensemble" / "ensemble.json").is_file():
+        check_ensemble(load_ensemble(out_dir / "ensemble"), data, cfg)  # a kept one: this data, split and settings
     episodes, num_envs = cmp.episodes, min(cmp.num_envs, cmp.episodes)
     max_steps = cmp.max_steps or None
-    results: dict[str, dict] = {m: prior["methods"][m] for m in cmp.methods if m in prior.get("methods", {})}
-    budgets = {"bc": cmp.bc_steps, "iql": cmp.iql_steps, **{m: cfg.model_based.steps for m in MODEL_BASED}}
-    other = [m for m, row in results.items() if m in budgets and row["steps"] != budgets[m]]
-    if other:
-        raise ValueError(f"--resume: {out_dir} holds {', '.join(other)} trained for other step budgets; resume with "
-                         "its own config, or compare into a new --out directory")
+    results: dict[str, dict] = dict(prior.get("methods", {}))  # rows of methods not asked for now are kept too
     dataset_mean = return_stats(data)["complete_return_mean"]
     seconds: dict[str, float | None] = dict(prior.get("seconds", {}))  # training time of each trained part
 
-    def timed(key: str, fn):
+    def timed(key: str, fn):  # a part trained now (never resumed mid-way): its time replaces any earlier one
         start = time.perf_counter()
         value = fn()
-        seconds[key] = (seconds.get(key) or 0.0) + time.perf_counter() - start
+        seconds[key] = time.perf_counter() - start
         return value
 
     def tt_run():
@@ -123,9 +152,10 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         return path
 
     def summary(rows: dict) -> dict:
+        order = [*cmp.methods, *(m for m in rows if m not in cmp.methods)]
         return {"dataset_id": data.dataset_id, "env": data.env_spec, "episodes": episodes, "max_steps": max_steps,
                 "dataset_mean_return": dataset_mean, "seconds": seconds, "plan": dataclasses.asdict(cfg.plan),
-                "methods": {m: rows[m] for m in cmp.methods if m in rows},
+                "settings": settings, "methods": {m: rows[m] for m in order if m in rows},
                 "complete": all(m in rows for m in cmp.methods)}
 
     for i, method in enumerate(cmp.methods, 1):
@@ -177,6 +207,31 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
     save_json(out_dir / "compare.json", out)
     save_text(out_dir / "compare.md", markdown_table(out))
     bar_plot(out, out_dir / "compare.png")
+    return out
+
+
+def _settings(cfg: Config, data) -> dict:
+    """What every row of a comparison depends on: the whole config but the method list and how the work is spread
+    (threads, envs stepped together), the data's digest, and a reused TT run's weights; as compare.json holds it."""
+    settings = dataclasses.asdict(cfg)
+    for section, key in (("compare", "methods"), ("compare", "num_envs"), ("train", "num_threads"),
+                         ("plan", "num_threads")):
+        settings[section].pop(key)
+    settings["dataset_sha256"] = data.sha256
+    if cfg.compare.tt_run:
+        settings["tt_run_model_sha256"] = model_sha256(load_run(cfg.compare.tt_run))
+    return json.loads(json.dumps(settings))
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two settings dicts."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}")
     return out
 
 
