@@ -23,7 +23,7 @@ from tqdm import tqdm
 from trajformer.baselines.policy import DatasetPolicy, data_references
 from trajformer.config import Config
 from trajformer.data import load_episodes, split_episodes
-from trajformer.files import load_torch, save_json, save_torch
+from trajformer.files import load_state, load_torch, save_json, save_torch
 
 
 @dataclass
@@ -110,5 +110,6 @@ def load_bc(path: str | os.PathLike) -> tuple[BCPolicy, dict]:
         raise FileNotFoundError(f"{path} has no bc.json; train one with `trajformer bc CONFIG.toml --out {path}`")
     meta = json.loads((path / "bc.json").read_text())
     policy = BCPolicy(meta["obs_dim"], meta["act_dim"], meta["config"]["hidden"], meta["config"]["layers"])
-    policy.load_state_dict(load_torch(path / "bc.pt"))
+    load_state(policy, load_torch(path / "bc.pt"), f"{path / 'bc.pt'} does not fit {path / 'bc.json'}",
+               "train it again (a retrain was stopped between its two files?)")
     return policy.eval(), meta

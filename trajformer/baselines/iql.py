@@ -29,7 +29,7 @@ from tqdm import tqdm
 from trajformer.baselines.policy import LOG_STD_MAX, LOG_STD_MIN, Batch, DatasetPolicy, data_references
 from trajformer.config import Config
 from trajformer.data import load_episodes, split_episodes
-from trajformer.files import load_torch, save_json, save_torch
+from trajformer.files import load_state, load_torch, save_json, save_torch
 
 
 @dataclass
@@ -117,11 +117,12 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
         s, a, r, s2, d = obs[i], act[i], rew[i], nxt[i], done[i]
         with torch.no_grad():
             q_target = torch.minimum(*target.q(s, a))
-            v_next = agent.value(s2)
         v_loss = expectile_loss(q_target - agent.value(s), iql.tau)
         v_opt.zero_grad(set_to_none=True)
         v_loss.backward()
         v_opt.step()
+        with torch.no_grad():  # the updated V, as the official implementation backs up Q
+            v_next = agent.value(s2)
         q1, q2 = agent.q(s, a)
         backup = r + iql.discount * (1.0 - d) * v_next
         q_loss = ((q1 - backup) ** 2).mean() + ((q2 - backup) ** 2).mean()
@@ -146,6 +147,7 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
     save_torch(out_dir / "iql.pt", agent.state_dict())
     save_json(out_dir / "iql.json", {
         "config": dataclasses.asdict(iql), "policy": POLICY, "dataset_id": data.dataset_id, "env": data.env_spec,
+        "dataset_sha256": data.sha256, "obs_indices": data.obs_indices.tolist(),
         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "reward_scale": scale,
         "split": {"seed": cfg.train.seed, "validation_fraction": cfg.data.validation_fraction,
                   "train_episodes": len(train_idx)},
@@ -166,5 +168,6 @@ def load_iql(path: str | os.PathLike) -> tuple[IQLAgent, dict]:
         raise ValueError(f"{path} was trained before IQL's policy mean was tanh-bounded (2026-12-06); train it again "
                          f"with `trajformer iql CONFIG.toml --out {path}`")
     agent = IQLAgent(meta["obs_dim"], meta["act_dim"], meta["config"]["hidden"])
-    agent.load_state_dict(load_torch(path / "iql.pt"))
+    load_state(agent, load_torch(path / "iql.pt"), f"{path / 'iql.pt'} does not fit {path / 'iql.json'}",
+               "train it again (a retrain was stopped between its two files?)")
     return agent.eval(), meta

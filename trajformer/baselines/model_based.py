@@ -13,7 +13,7 @@ and go into a model buffer holding the last `retain_rounds` rounds. Each SAC ste
          model-rollout states - Q at the data's (s, a)), CQL(H)'s form on COMBO's state distribution.
 
 Files: <method>.pt (plain tensors), <method>.json (settings, ensemble, termination rule, MOReL threshold,
-training record, dataset references) and metrics.jsonl (SAC losses, Q and rollout counts once a round).
+training record, dataset references) and <method>.metrics.jsonl (SAC losses, Q and rollout counts once a round).
 """
 
 from __future__ import annotations
@@ -37,18 +37,34 @@ from trajformer.baselines.sac import SAC, SACAgent
 from trajformer.config import Config
 from trajformer.data import OfflineData, load_episodes, split_episodes
 from trajformer.ensemble import Ensemble, load_ensemble, train_ensemble
-from trajformer.files import load_torch, save_json, save_text, save_torch
+from trajformer.files import load_state, load_torch, save_json, save_text, save_torch
 
 METHODS = ("mopo", "morel", "combo")
 
 
-def check_ensemble(ensemble: Ensemble, data: OfflineData) -> None:
-    """The ensemble must model this data's observation dims and actions; a one-line error otherwise."""
-    theirs = (ensemble.meta["obs_dim"], ensemble.meta["act_dim"], ensemble.meta["obs_indices"])
+def check_ensemble(ensemble: Ensemble, data: OfflineData, cfg: Config | None = None) -> None:
+    """The ensemble must model this data: its dims, and the same dataset (its id, and its digest or, for a copy
+    collected on another machine, its episode count); with `cfg` (an ensemble this job left in its --out), also
+    the config's split and [ensemble] settings. A one-line error otherwise."""
+    meta, fix = ensemble.meta, "train the ensemble on this dataset: trajformer train-ensemble CONFIG --dataset ID"
+    theirs = (meta["obs_dim"], meta["act_dim"], meta["obs_indices"])
     if theirs != (data.obs_dim, data.act_dim, data.obs_indices.tolist()):
         raise ValueError(f"ensemble {ensemble.path} models {theirs[0]} observation and {theirs[1]} action dims, "
                          f"the data {data.dataset_id} has {data.obs_dim} and {data.act_dim} (or other selected "
-                         "dims); train the ensemble on this dataset: trajformer train-ensemble CONFIG --dataset ID")
+                         f"dims); {fix}")
+    episodes = len(meta["split"]["train_episodes"]) + len(meta["split"]["validation_episodes"])
+    if meta["dataset_id"] != data.dataset_id or (meta.get("dataset_sha256") != data.sha256
+                                                 and episodes != len(data.episodes)):
+        raise ValueError(f"ensemble {ensemble.path} was trained on {episodes} episodes of {meta['dataset_id']}, not "
+                         f"on these {len(data.episodes)} of {data.dataset_id}; {fix}")
+    if cfg is None:
+        return
+    changed = [f"ensemble.{k}" for k, v in dataclasses.asdict(cfg.ensemble).items() if meta["ensemble"].get(k) != v]
+    if (meta["split"]["seed"], meta["split"]["validation_fraction"]) != (cfg.train.seed, cfg.data.validation_fraction):
+        changed.append("the split (train.seed, data.validation_fraction)")
+    if changed:
+        raise ValueError(f"{ensemble.path} holds an ensemble trained with other settings ({', '.join(changed)}); "
+                         "delete it to train one with this config, or choose another --out")
 
 
 def provide_ensemble(cfg: Config, data: OfflineData, out: Path, given: str = "",
@@ -59,7 +75,9 @@ def provide_ensemble(cfg: Config, data: OfflineData, out: Path, given: str = "",
     if given:
         check_ensemble(load_ensemble(given), data)
         return Path(given), None
-    if not (out / "ensemble.json").is_file():
+    if (out / "ensemble.json").is_file():
+        check_ensemble(load_ensemble(out), data, cfg)
+    else:
         shutil.rmtree(out, ignore_errors=True)
         print(f"training the ensemble into {out}", flush=True)
         train_ensemble(cfg, out, progress=progress)
@@ -163,12 +181,13 @@ def train_model_based(method: str, cfg: Config, out_dir: str | os.PathLike, ense
     real_buffer = Buffer.holding(real)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_text(out_dir / "metrics.jsonl", "")
+    log_path = out_dir / f"{method}.metrics.jsonl"  # its own name: --out may hold a run's or another method's log
+    save_text(log_path, "")
     start, log, stats = time.perf_counter(), {}, {"model_transitions": 0, "terminated": 0, "halted": 0}
     for step in tqdm(range(mb.steps), desc=method, unit="step", disable=None if progress else True):
         if step % mb.rollout_every == 0:  # a rollout round under the current policy
             if step:  # the last update's losses and the rollouts so far, once a round
-                with open(out_dir / "metrics.jsonl", "a") as f:
+                with open(log_path, "a") as f:
                     f.write(json.dumps({"step": step, **log, **stats}) + "\n")
             obs, _ = env.reset(seed=mb.seed + step)
             for _ in range(horizon):
@@ -217,5 +236,6 @@ def load_model_based(path: str | os.PathLike, method: str | None = None) -> tupl
                                 f"`trajformer {method or 'mopo'} CONFIG.toml --out {path}`")
     meta = json.loads((path / f"{found[0]}.json").read_text())
     agent = SACAgent(meta["obs_dim"], meta["act_dim"], meta["config"]["hidden"])
-    agent.load_state_dict(load_torch(path / f"{found[0]}.pt"))
+    load_state(agent, load_torch(path / f"{found[0]}.pt"), f"{path / found[0]}.pt does not fit its .json",
+               "train it again (a retrain was stopped between its two files?)")
     return agent.eval(), meta
