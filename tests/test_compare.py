@@ -240,8 +240,24 @@ def discrete_dataset(root) -> str:
     return "test/cartpole-v0"
 
 
+def tt_run_of_another_split(path) -> str:
+    """A point-line TT run directory (random weights, saved through run.py) whose split seed is not the config's."""
+    from trajformer.config import Config
+    from trajformer.discretizer import Discretizer
+    from trajformer.model import GPT, GPTConfig
+    from trajformer.run import save_run
+
+    cfg = Config()
+    cfg.data.dataset, cfg.train.seed = DATASET_ID, TRAIN_SEED + 1
+    disc = Discretizer.fit(np.random.default_rng(0).normal(size=(100, 5)), 8)
+    gpt = GPTConfig(obs_dim=2, act_dim=1, n_bins=8, block_size=9, n_layer=1, n_head=1, n_embd=8)
+    meta = {"dataset_id": DATASET_ID, "env": {"id": "trajformer-test/PointLine-v0"}, "obs_indices": [0, 1],
+            "raw_obs_dim": 2}
+    return str(save_run(path, cfg, GPT(gpt), disc, meta))
+
+
 @pytest.mark.parametrize("case", ["other-dims", "discrete", "negative-lambda", "unknown-method", "no-length",
-                                  "no-validation"])
+                                  "no-validation", "tt-run-split"])
 def test_bad_compare_input_is_refused_in_one_line_before_training(case, point_datasets, ensemble_dir, tmp_path,
                                                                   monkeypatch, capsys):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
@@ -255,7 +271,11 @@ def test_bad_compare_input_is_refused_in_one_line_before_training(case, point_da
                        "--set", "train.epochs=0"], "training length is not set"),
         "no-validation": (["--methods", "bc,mopo", "--set", "data.validation_fraction=0"],
                           "the ensemble needs validation episodes"),
+        "tt-run-split": (["--methods", "bc,tt", "--set", f"compare.tt_run=\"{tmp_path / 'tt'}\"",
+                          "--set", f"train.seed={TRAIN_SEED}"], "was trained with other train.seed than this config's"),
     }[case]
+    if case == "tt-run-split":
+        tt_run_of_another_split(tmp_path / "tt")
     if case == "discrete":
         monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
         args[3] = discrete_dataset(tmp_path)
