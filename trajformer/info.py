@@ -25,18 +25,27 @@ def column_names(obs_dim: int, act_dim: int) -> list[str]:
 
 def describe_run(run_dir: Path) -> str:
     """Dims, tokens, parameters, dataset and split, last validation losses of a run directory."""
-    from trajformer.run import load_run
+    from trajformer.run import load_run, model_sha256
 
     run = load_run(run_dir)
     try:
-        return _run_lines(run, run_dir)
+        lines = _run_lines(run, run_dir)
+        recon, mc = run.meta.get("discretizer_error"), run.model.config
+        table = _reconstruction_table(column_names(mc.obs_dim, mc.act_dim), np.array(recon["mean_abs_error"]),
+                                      np.array(recon["n_bins"]), np.array(recon["std"])) if recon else []
     except (KeyError, TypeError, IndexError) as err:
         raise ValueError(f"{run_dir}/run.json lacks what info reads ({type(err).__name__}: {err}); retrain the run "
                          "with `trajformer train`, which writes it whole") from None
+    try:
+        evaluation = _evaluation_lines(Path(run.path), model_sha256(run), run.meta["env"].get("max_episode_steps"))
+    except (KeyError, TypeError, IndexError, ValueError) as err:  # ValueError: json's decode errors
+        raise ValueError(f"{run_dir}/eval.json or eval.partial.json is damaged ({type(err).__name__}: {err}); delete "
+                         "it and run `trajformer eval` again") from None
+    return "\n".join(lines + evaluation + table)
 
 
-def _run_lines(run, run_dir: Path) -> str:
-    from trajformer.run import model_sha256, read_metrics
+def _run_lines(run, run_dir: Path) -> list[str]:
+    from trajformer.run import read_metrics
 
     meta, cfg = run.meta, run.config
     mc = run.model.config
@@ -73,12 +82,12 @@ def _run_lines(run, run_dir: Path) -> str:
     if parent:
         lines.append(f"  fine-tuned    from {parent['run']} (model.pt sha256 {parent['model_sha256'][:12]}, "
                      f"{parent.get('dataset_id')}, {parent.get('total_steps')} steps x {parent.get('batch_size')})")
-    lines += _evaluation_lines(Path(run.path), model_sha256(run), meta["env"].get("max_episode_steps"))
-    recon = meta.get("discretizer_error")
-    if recon:
-        lines += _reconstruction_table(column_names(mc.obs_dim, mc.act_dim), np.array(recon["mean_abs_error"]),
-                                       np.array(recon["n_bins"]), np.array(recon["std"]))
-    return "\n".join(lines)
+    return lines
+
+
+def _stderr(value: float | None) -> str:
+    """A standard error, or "-" where one episode gives none."""
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _evaluation_lines(run_dir: Path, weights: str, limit: int | None) -> list[str]:
@@ -98,7 +107,7 @@ def _evaluation_lines(run_dir: Path, weights: str, limit: int | None) -> list[st
             other = "" if r.get("model_sha256") == weights else "; other weights than model.pt's"
             normalized = f" (D4RL {r['normalized_score']:.1f})" if r.get("normalized_score") is not None else ""
             lines.append(f"                {name}, beam {plan['beam_width']} / horizon {plan['horizon']} "
-                         f"({plan['dtype']}): {r['mean_return']:.1f} +- {r['stderr']:.1f}{normalized}, "
+                         f"({plan['dtype']}): {r['mean_return']:.1f} +- {_stderr(r['stderr'])}{normalized}, "
                          f"{r['seconds_per_step']:.2f} s per env step{other}")
     partial = run_dir / "eval.partial.json"
     for r in json.loads(partial.read_text())["runs"] if partial.is_file() else []:

@@ -112,8 +112,12 @@ def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
     try:
         meta = json.loads((path / "run.json").read_text())
         gpt_config = GPTConfig(**meta["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}/run.json is corrupt ({err}); retrain the run") from None
+        model = GPT(gpt_config)  # sizes of the wrong type fail here
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}/run.json is corrupt ({type(err).__name__}: {err}); retrain the run") from None
+    if not (path / "config.toml").is_file():
+        raise FileNotFoundError(f"{path} has no config.toml: the run directory is incomplete; copy the whole "
+                                "directory, or retrain the run")
     config = load_config(path / "config.toml")
     discretizer = load_discretizer(path / "discretizer.npz")
     if (discretizer.dim, discretizer.n_bins) != (gpt_config.transition_dim, gpt_config.n_bins):
@@ -121,7 +125,6 @@ def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
             f"{path}: discretizer has {discretizer.dim} dims and {discretizer.n_bins} bins but the model expects "
             f"{gpt_config.transition_dim} and {gpt_config.n_bins}; the run directory mixes files from different runs"
         )
-    model = GPT(gpt_config)
     state = load_torch(path / weights)
     load_state(model, state, f"{path / weights} does not fit the model in run.json", "retrain the run")
     model.eval()
