@@ -185,7 +185,7 @@ def test_an_overwrite_that_fails_or_is_killed_keeps_the_old_dataset(monkeypatch,
     path = get_dataset_path("test/old-v0")  # what a SIGKILL mid-write leaves
     path.rename(path.with_name(".old-v0.replaced"))
     (path / "data").mkdir(parents=True)
-    with pytest.raises(RuntimeError, match="is being replaced .* run that collect again"):
+    with pytest.raises(ValueError, match="is being replaced .* run that collect again"):
         load_minari("test/old-v0")  # train, predict: not the partial copy
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         collect("Hopper-v5", steps=40, dataset_id="test/old-v0")
@@ -209,11 +209,11 @@ def test_a_dataset_being_written_is_refused_before_any_work(minari_tmp):
 
     collect("Hopper-v5", steps=30, dataset_id="test/busy-v0")
     with file_lock(minari_tmp / ".lock-test--busy-v0"):
-        with pytest.raises(RuntimeError, match="being written by another trajformer collect .* wait for it"):
+        with pytest.raises(ValueError, match="being written by another trajformer collect .* wait for it"):
             collect("Hopper-v5", steps=40, dataset_id="test/busy-v0", overwrite=True)
     assert minari.load_dataset("test/busy-v0").total_steps == 30
     with file_lock(minari_tmp / ".lock-trajformer--halfcheetah-expert-v0"):
-        with pytest.raises(RuntimeError, match="trajformer/halfcheetah-expert-v0 is being written"):
+        with pytest.raises(ValueError, match="trajformer/halfcheetah-expert-v0 is being written"):
             collect_preset("halfcheetah-medium-expert", steps=32)
     assert not get_dataset_path("trajformer/halfcheetah-medium-v0").exists()
 

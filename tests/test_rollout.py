@@ -119,6 +119,15 @@ def test_cli_plan_bad_input_is_a_one_line_error(point_run, capsys, args, message
     assert err.startswith("trajformer plan: error:") and message in err and "\n" not in err
 
 
+def test_an_unwritable_json_path_is_refused_before_any_episode(point_run, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr("trajformer.rollout.run_episodes", lambda *a, **k: pytest.fail("episodes ran"))
+    with pytest.raises(SystemExit):
+        cli.main(["plan", str(point_run), "--json", str(tmp_path / "a-file" / "plan.json")])
+    err = capsys.readouterr().err.strip()
+    assert "a-file is not a directory); name a --json file in a folder you can write to" in err and "\n" not in err
+
+
 def test_cli_plan_missing_or_corrupt_run_dir(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["plan", str(tmp_path / "nope")])
@@ -862,7 +871,7 @@ def test_resume_refuses_a_replay_that_does_not_reach_the_recorded_state(point_ru
     from trajformer.rollout import replay
 
     assert np.array_equal(replay(env, 3, [action], after.tolist()), after)
-    with pytest.raises(RuntimeError, match="did not reach the recorded state"):
+    with pytest.raises(ValueError, match="did not reach the recorded state"):
         replay(env, 3, [action], np.nextafter(after, np.inf).tolist())  # one ulp off: not the same state
 
 

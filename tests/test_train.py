@@ -265,6 +265,12 @@ def test_bad_dataset_fails_before_writing(bad_datasets, hopper_dataset, tmp_path
     ("train.final_lr_fraction=2", r"train.final_lr_fraction must be in \[0, 1\]"),
     ("train.device=\"gpu\"", r"train.device = 'gpu' is not valid; use \"cpu\" or \"cuda\""),
     ("train.device=\"cuda:x\"", r"train.device = 'cuda:x' is not valid"),
+    ("model.n_head=0", r"model.n_layer and model.n_head must be >= 1"),
+    ("model.action_weight=-5", r"model.action_weight, reward_weight and value_weight must be >= 0"),
+    ("train.weight_decay=-1", r"train.weight_decay must be >= 0"),
+    ("train.num_threads=-3", r"train.num_threads must be >= 0"),
+    ("plan.penalty_lambda=-2", r"plan.penalty_lambda must be >= 0"),
+    ("ensemble.weight_decay=-1", r"ensemble.weight_decay >= 0"),
 ])
 def test_config_errors_name_the_key(tmp_path, capsys, override, message):
     out = tmp_path / "run"
@@ -273,6 +279,18 @@ def test_config_errors_name_the_key(tmp_path, capsys, override, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not out.exists()
+
+
+def test_config_files_that_are_not_toml_configs_are_one_line(tmp_path, capsys):
+    """A directory, a binary file and a scalar where a section belongs (with --set) name the file and the fix."""
+    (tmp_path / "weights.toml").write_bytes(b"\x80\x02binary")
+    (tmp_path / "scalar.toml").write_text("data = 1\n")
+    for path, overrides, pattern in [(tmp_path, [], r"is a directory; pass a TOML file"),
+                                     (tmp_path / "weights.toml", [], r"weights.toml is not valid TOML .*decode"),
+                                     (tmp_path / "scalar.toml", ["--set", "data.dataset=x/y-v0"],
+                                      r"\[data\] must be a table of keys, not 1")]:
+        _one_line_error(["train", str(path), "--out", str(tmp_path / "run"), *overrides], pattern, capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys):
@@ -487,7 +505,7 @@ def test_quickstart_runs_the_whole_job_and_reuses_what_it_made(tmp_path, capsys)
     assert "[1/4] dataset trajformer/quickstart-hopper-v0: already made" in out and "already trained (20 steps)" in out
 
 
-def test_quickstart_refuses_bad_settings_before_any_work(tmp_path):
+def test_quickstart_refuses_bad_settings_before_any_work(tmp_path, monkeypatch):
     from trajformer.quickstart import quickstart
 
     with pytest.raises(ValueError, match="--plan-steps must be >= 1, got 0"):
@@ -497,6 +515,31 @@ def test_quickstart_refuses_bad_settings_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"was trained with other settings \(model.n_layer\); drop those --set"):
         quickstart(tmp_path / "q")
     assert sorted(p.name for p in (tmp_path / "q").rglob("*")) == ["config.toml", "run"]
+    # A damaged run record is refused before the dataset step (it failed after it, naming no file).
+    (tmp_path / "q" / "run" / "config.toml").write_text(to_toml(load_config(QUICKSTART)))
+    (tmp_path / "q" / "run" / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "q" / "run" / "run.json").write_text('{"compute": {"tot')
+    monkeypatch.setattr("trajformer.quickstart.collect", lambda *a, **k: pytest.fail("collected"))
+    monkeypatch.setattr("trajformer.quickstart.is_local_dataset", lambda *a: False)
+    with pytest.raises(ValueError, match=r"q/run/run.json is corrupt .*use another --out"):
+        quickstart(tmp_path / "q")
+
+
+def test_quickstart_plans_with_the_plan_settings_given(tmp_path, monkeypatch):
+    """--set plan.* reaches both plans, also for a reused run and the shipped model (it was dropped silently)."""
+    import trajformer.quickstart as qs
+
+    monkeypatch.setattr(qs, "is_local_dataset", lambda *a: True)
+    monkeypatch.setattr(qs, "trained_steps", lambda run_dir: (1, 1))
+    monkeypatch.setattr(qs, "load_run", lambda directory: load_run("hopper-medium"))
+    monkeypatch.setattr(qs, "read_metrics", lambda path: [])
+    planned = []
+    monkeypatch.setattr(qs, "evaluate", lambda run, plan_cfg, **k: planned.append(plan_cfg) or {"returns": []})
+    monkeypatch.setattr(qs, "report", lambda record: "")
+    (tmp_path / "q" / "run").mkdir(parents=True)
+    (tmp_path / "q" / "run" / "run.json").write_text("{}")
+    qs.quickstart(tmp_path / "q", overrides=["plan.beam_width=8", "plan.horizon=3"])
+    assert [(p.beam_width, p.horizon) for p in planned] == [(8, 3), (8, 3)]
 
 
 def test_a_run_stopped_before_its_first_weights_trains_again(tiny_config, hopper_dataset, tmp_path):
@@ -604,6 +647,20 @@ def test_damaged_run_records_are_one_line(tiny_run, tmp_path, capsys):
     fails(["train", str(own / "config.toml"), "--out", str(own), "--resume"],
           r"--resume: .*run.json, the run's record, is missing or corrupt .*use a new --out directory")
     assert {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()} == before
+    text_sizes = {**meta["model"], "n_embd": str(meta["model"]["n_embd"])}  # a size written as a string
+    (own / "run.json").write_text(json.dumps({**meta, "model": text_sizes}))
+    fails(["info", str(own)], r"run.json is corrupt \(TypeError: .*\); retrain the run")
+    (own / "run.json").write_text(json.dumps(meta))
+    # An evaluation of one episode has no standard error: info shows "-" (it blamed run.json and said retrain).
+    settings = {"official": {"plan": {"beam_width": 4, "horizon": 2, "dtype": "float32"}, "mean_return": 12.5,
+                             "stderr": None, "normalized_score": None, "seconds_per_step": 0.5}}
+    (own / "eval.json").write_text(json.dumps({"episodes": 1, "settings": settings}))
+    assert "official, beam 4 / horizon 2 (float32): 12.5 +- -, 0.50 s per env step" in describe(str(own), None, [])
+    (own / "eval.json").write_text('{"episodes": 1, "sett')
+    fails(["info", str(own)], r"eval.json or eval.partial.json is damaged \(JSONDecodeError: .*run `trajformer eval`")
+    (own / "eval.json").unlink()
+    (own / "config.toml").unlink()
+    fails(["info", str(own)], r"has no config.toml: the run directory is incomplete")
 
 
 def test_a_checkpoint_of_another_model_is_one_line_on_resume(tiny_config, hopper_dataset, tiny_run, tmp_path,

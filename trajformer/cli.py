@@ -27,8 +27,9 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in text \
-                and action.option_strings:
+        shown = not (action.default is None or action.default is False or action.default == []
+                     or action.default == argparse.SUPPRESS)  # a default of 0 is shown (0 == False, not `is`)
+        if shown and "%(default)" not in text and action.option_strings:
             text += " (default: %(default)s)"
         return text
 

@@ -138,7 +138,7 @@ def _writing(dataset_id: str) -> Iterator[Path]:
     lock = get_dataset_path() / f".lock-{dataset_id.replace('/', '--')}"  # a hidden file: Minari lists dirs only
     with file_lock(lock, wait=False) as held:
         if not held:
-            raise RuntimeError(f"dataset {dataset_id} is being written by another trajformer collect (it holds "
+            raise ValueError(f"dataset {dataset_id} is being written by another trajformer collect (it holds "
                                f"{lock}); wait for it to finish")
         _HELD.add(dataset_id)
         try:

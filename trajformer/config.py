@@ -295,11 +295,16 @@ def validate(cfg: Config) -> None:
         (cfg.data.max_episodes >= 0, "data.max_episodes must be >= 0 (0 = all)"),
         (cfg.discretizer.n_bins >= 2, "discretizer.n_bins must be >= 2"),
         (cfg.model.n_layer >= 1 and cfg.model.n_head >= 1, "model.n_layer and model.n_head must be >= 1"),
-        (cfg.model.n_embd % cfg.model.n_head == 0, "model.n_embd must be divisible by model.n_head"),
+        (cfg.model.n_head >= 1 and cfg.model.n_embd % cfg.model.n_head == 0,
+         "model.n_embd must be divisible by model.n_head"),
+        (min(cfg.model.action_weight, cfg.model.reward_weight, cfg.model.value_weight) >= 0,
+         "model.action_weight, reward_weight and value_weight must be >= 0 (loss weights)"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (cfg.model.window_transitions >= 1, "model.window_transitions must be >= 1"),
         (cfg.train.batch_size >= 1, "train.batch_size must be >= 1"),
         (cfg.train.learning_rate > 0, "train.learning_rate must be > 0"),
+        (cfg.train.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (cfg.train.num_threads >= 0, "train.num_threads must be >= 0 (0 = torch's default)"),
         (min(cfg.train.max_steps, cfg.train.max_windows, cfg.train.epochs) >= 0,
          "train.max_steps, train.max_windows and train.epochs must be >= 0"),
         (sum(x > 0 for x in (cfg.train.max_steps, cfg.train.max_windows, cfg.train.epochs)) <= 1,
@@ -320,6 +325,7 @@ def validate(cfg: Config) -> None:
         (cfg.plan.k_obs >= 1, "plan.k_obs must be >= 1"),
         (cfg.plan.plan_freq >= 1, "plan.plan_freq must be >= 1"),
         (cfg.plan.num_threads >= 0, "plan.num_threads must be >= 0 (0 = torch's default)"),
+        (cfg.plan.penalty_lambda >= 0, "plan.penalty_lambda must be >= 0 (the weight of the mean NLL penalty)"),
         (cfg.plan.objective != "critic" or bool(cfg.plan.critic),
          "plan.objective = \"critic\" needs plan.critic = an IQL directory (trajformer iql CONFIG --out DIR)"),
     ]
@@ -330,8 +336,8 @@ def validate(cfg: Config) -> None:
     ens = cfg.ensemble
     for name in ("members", "hidden", "layers", "batch_size", "max_epochs", "patience"):
         checks.append((getattr(ens, name) >= 1, f"ensemble.{name} must be >= 1"))
-    checks.append((ens.learning_rate > 0 and ens.max_seconds >= 0,
-                   "ensemble.learning_rate must be > 0 and ensemble.max_seconds >= 0"))
+    checks.append((ens.learning_rate > 0 and ens.max_seconds >= 0 and ens.weight_decay >= 0,
+                   "ensemble.learning_rate must be > 0, ensemble.max_seconds and ensemble.weight_decay >= 0"))
     mb = cfg.model_based
     for name in ("elites", "steps", "batch_size", "hidden", "rollout_every", "rollout_batch", "retain_rounds",
                  "mopo_rollout_length", "morel_rollout_length", "combo_rollout_length", "combo_actions"):
@@ -387,7 +393,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ValueError(f"--set {item!r} is not of the form section.key=value (e.g. train.max_steps=100)")
         path, text = item.split("=", 1)
         section, key = path.strip().split(".", 1)
-        raw.setdefault(section, {})[key] = _parse_override_value(text.strip())
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"[{section}] must be a table of keys, not {table!r}; fix the config file")
+        table[key] = _parse_override_value(text.strip())
     return raw
 
 
@@ -396,12 +405,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     raw: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {path} is a directory; pass a TOML file such as configs/quickstart.toml")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found; pass a TOML file such as configs/quickstart.toml")
         try:
             raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"config file {path} is not valid TOML ({err}); fix the syntax") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"config file {path} is not valid TOML ({err}); pass a TOML config file") from None
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 

@@ -135,7 +135,7 @@ def load_minari(dataset_id: str, download: bool = True):
     from minari.storage.datasets_root_dir import get_dataset_path
 
     if set_aside(Path(get_dataset_path(dataset_id))).exists():
-        raise RuntimeError(f"dataset '{dataset_id}' is being replaced by `trajformer collect --overwrite`, or one "
+        raise ValueError(f"dataset '{dataset_id}' is being replaced by `trajformer collect --overwrite`, or one "
                            "was killed mid-write (the old copy is set aside): wait for it, or run that collect again "
                            "(it puts the old copy back first)")
     if not is_local_dataset(dataset_id):

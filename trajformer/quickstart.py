@@ -14,6 +14,7 @@ from trajformer.collect import collect
 from trajformer.config import load_config
 from trajformer.data import is_local_dataset
 from trajformer.files import save_json, shipped
+from trajformer.planner import plan_config
 from trajformer.rollout import evaluate, report
 from trajformer.run import load_run, read_metrics
 from trajformer.train import RESUMABLE_KEYS, config_changes, train, trained_steps
@@ -37,6 +38,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", steps: int = 20_000, pla
         if changed:
             raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}); drop those --set "
                              "or choose another --out")
+    progress = trained_steps(run_dir)  # a damaged run directory is refused before the dataset step
     dataset_id = cfg.data.dataset
     if is_local_dataset(dataset_id):
         print(f"[1/4] dataset {dataset_id}: already made")
@@ -46,7 +48,6 @@ def quickstart(out_dir: str | Path = "runs/quickstart", steps: int = 20_000, pla
                 description=f"trajformer quickstart: {steps} Hopper-v5 steps from the shipped "
                             f"{POLICY} SAC policy (stochastic actions), seed 0.")
 
-    progress = trained_steps(run_dir)
     if progress is not None and progress[0] >= progress[1]:
         print(f"[2/4] training {run_dir}: already trained ({progress[1]} steps)")
     else:
@@ -58,9 +59,11 @@ def quickstart(out_dir: str | Path = "runs/quickstart", steps: int = 20_000, pla
         if not (directory / "run.json").exists():
             continue
         run = load_run(directory)
+        # Each model plans with its own [plan], and the --set plan.* given here on top (a reused run too).
+        plan_cfg = plan_config(run, [o for o in overrides or [] if o.strip().startswith("plan.")])
         print(f"[{step}/4] planning a {plan_steps}-step Hopper-v5 episode with {name} (beam "
-              f"{run.config.plan.beam_width}, horizon {run.config.plan.horizon})")
-        plans[str(directory)] = evaluate(run, episodes=1, max_steps=plan_steps, seed=0)
+              f"{plan_cfg.beam_width}, horizon {plan_cfg.horizon})")
+        plans[str(directory)] = evaluate(run, plan_cfg, episodes=1, max_steps=plan_steps, seed=0)
         print(report(plans[str(directory)]))
     rows = read_metrics(run_dir / "metrics.jsonl")
     best = min((r for r in rows if "val_loss" in r), key=lambda r: r["val_loss"], default={})  # none: no validation

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from trajformer.config import PlanConfig
 from trajformer.data import env_kwargs
-from trajformer.files import file_lock, save_json
+from trajformer.files import file_lock, save_json, writable_dir
 from trajformer.metrics import score_reference, summarize
 from trajformer.planner import Critic, Planner, plan_config
 from trajformer.render import EpisodeVideo, check_rendering, make_env, video_path
@@ -92,7 +92,7 @@ def replay(env: gym.Env, seed: int, actions: list[list[float]], observation: lis
         if (terminated or truncated) and i < len(actions) - 1:
             break
     if not np.array_equal(obs, np.asarray(observation, dtype=obs.dtype)):
-        raise RuntimeError(f"replaying {len(actions)} recorded actions from seed {seed} did not reach the recorded "
+        raise ValueError(f"replaying {len(actions)} recorded actions from seed {seed} did not reach the recorded "
                            "state (another environment or MuJoCo version?); delete the \"in_progress\" entry of "
                            "eval.partial.json to plan those episodes from their start")
     return obs
@@ -390,6 +390,8 @@ def plan_command(run_dir: str, env_id: str | None = None, episodes: int = 1, num
     """`trajformer plan`: load the run, validate the settings, evaluate, print the report, write JSON."""
     if json_path is not None and Path(json_path).is_dir():
         raise ValueError(f"--json {json_path} is a directory; name a file in it, e.g. {Path(json_path) / 'plan.json'}")
+    if json_path is not None:  # now, not after the episodes
+        writable_dir(Path(json_path).parent, fix="name a --json file in a folder you can write to")
     run = load_run(run_dir)
     plan_cfg = plan_config(run, overrides or [])
     record = evaluate(run, plan_cfg, env_id=env_id, episodes=episodes, num_envs=num_envs, max_steps=max_steps,

@@ -262,7 +262,11 @@ def trained_steps(out_dir: str | os.PathLike) -> tuple[int, int] | None:
     out_dir = Path(out_dir)
     if not (out_dir / "checkpoint.pt").is_file() or not (out_dir / "run.json").is_file():
         return None
-    total = json.loads((out_dir / "run.json").read_text()).get("compute", {}).get("total_steps")
+    try:
+        total = json.loads((out_dir / "run.json").read_text()).get("compute", {}).get("total_steps")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{out_dir}/run.json is corrupt ({err}); delete {out_dir} to train again, or use another "
+                         "--out") from None
     step = int(load_torch(out_dir / "checkpoint.pt")["step"])
     return (step, int(total)) if total is not None else None
 
