@@ -281,6 +281,15 @@ def test_config_errors_name_the_key(tmp_path, capsys, override, message):
     assert not out.exists()
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    """`trajformer info RUN | head -1`: the closed pipe stops the command without an error line."""
+    proc = subprocess.Popen([sys.executable, "-m", "trajformer", "info", "hopper-medium"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc.stdout.close()  # before the command writes: its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 1 and err == "", err
+
+
 def test_config_files_that_are_not_toml_configs_are_one_line(tmp_path, capsys):
     """A directory, a binary file and a scalar where a section belongs (with --set) name the file and the fix."""
     (tmp_path / "weights.toml").write_bytes(b"\x80\x02binary")

@@ -6,6 +6,7 @@ Each subcommand has an `_add_<name>(subparsers)` that declares its arguments and
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         # Library errors are one-line messages that name the problem and the fix.
         print(f"trajformer {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # the reader went away (`trajformer info RUN | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        sys.exit(1)
     except OSError as err:  # the machine's side: a full disk, permissions (the message names the file), or an
         # evaluation worker killed from outside (ChildProcessError: the OOM killer; it says how to go on)
         print(f"trajformer {args.command}: error: {err}", file=sys.stderr)
