@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from trajformer.baselines.bc import BCConfig, load_bc, train_bc
-from trajformer.baselines.iql import IQLConfig, load_iql, train_iql
+from trajformer.baselines.iql import IQLConfig, check_iql, load_iql, train_iql
 from trajformer.baselines.model_based import METHODS as MODEL_BASED
 from trajformer.baselines.model_based import check_ensemble, load_model_based, provide_ensemble, train_model_based
 from trajformer.config import Config
@@ -96,19 +96,7 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
             raise ValueError(f"--resume: {out_dir / 'iql'} was trained for {kept['steps']} steps with seed "
                              f"{kept['seed']}, not compare.iql_steps={cmp.iql_steps} with train.seed={cfg.train.seed};"
                              f" resume with its own config, or delete {out_dir / 'iql'} to train it again")
-        wanted = dataclasses.asdict(IQLConfig(steps=cmp.iql_steps, seed=cfg.train.seed))
-        changed = [k for k in wanted if kept.get(k) != wanted[k]]
-        train_episodes = len(validation_split(cfg, len(data.episodes))[0])
-        if meta["dataset_id"] != data.dataset_id or meta.get("dataset_sha256", data.sha256) != data.sha256:
-            changed.append(f"its data ({meta['dataset_id']})")
-        if (meta["split"]["seed"], meta["split"]["validation_fraction"], meta["split"]["train_episodes"]) != (
-                cfg.train.seed, cfg.data.validation_fraction, train_episodes):
-            changed.append("its split")
-        if meta.get("obs_indices", data.obs_indices.tolist()) != data.obs_indices.tolist():
-            changed.append("its observation dims")
-        if changed:
-            raise ValueError(f"{out_dir / 'iql'} holds an IQL trained with other settings ({', '.join(changed)}); "
-                             f"delete it to train one with this config, or compare into a new --out directory")
+        check_iql(out_dir / "iql", meta, data, cfg, IQLConfig(steps=cmp.iql_steps, seed=cfg.train.seed))
     if any(m in MODEL_BASED for m in cmp.methods) and not cfg.model_based.ensemble and \
             (out_dir / "ensemble" / "ensemble.json").is_file():
         check_ensemble(load_ensemble(out_dir / "ensemble"), data, cfg)  # a kept one: this data, split and settings

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from trajformer.baselines.policy import LOG_STD_MAX, LOG_STD_MIN, Batch, DatasetPolicy, data_references
 from trajformer.config import Config
-from trajformer.data import load_episodes, split_episodes
+from trajformer.data import OfflineData, load_episodes, split_episodes
 from trajformer.files import load_state, load_torch, save_json, save_torch
 
 
@@ -156,6 +156,24 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
         **data_references(data),
     })
     return out_dir
+
+
+def check_iql(path: Path, meta: dict, data: OfflineData, cfg: Config, iql: IQLConfig) -> None:
+    """An IQL directory (its iql.json `meta`) reused for `cfg`: trained with `iql`'s settings on this data, split and
+    observation dims (the twin of model_based.check_ensemble); a one-line error otherwise."""
+    kept, wanted = meta["config"], dataclasses.asdict(iql)
+    changed = [k for k in wanted if kept.get(k) != wanted[k]]
+    train_episodes = len(split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)[0])
+    if meta["dataset_id"] != data.dataset_id or meta.get("dataset_sha256", data.sha256) != data.sha256:
+        changed.append(f"its data ({meta['dataset_id']})")
+    if (meta["split"]["seed"], meta["split"]["validation_fraction"], meta["split"]["train_episodes"]) != (
+            cfg.train.seed, cfg.data.validation_fraction, train_episodes):
+        changed.append("its split")
+    if meta.get("obs_indices", data.obs_indices.tolist()) != data.obs_indices.tolist():
+        changed.append("its observation dims")
+    if changed:
+        raise ValueError(f"{path} holds an IQL trained with other settings ({', '.join(changed)}); delete it to "
+                         "train one with this config, or compare into a new --out directory")
 
 
 def load_iql(path: str | os.PathLike) -> tuple[IQLAgent, dict]:
