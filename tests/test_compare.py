@@ -90,6 +90,17 @@ def test_a_stopped_comparison_resumes_keeping_its_rows_and_trained_parts(point_d
     assert (out / "ensemble" / "model.pt").stat().st_mtime_ns == ensemble_written  # reused, not retrained
     assert second["methods"]["morel"]["train_seconds"] > second["seconds"]["ensemble"] > 0  # its share counted
     assert "kept from" in capsys.readouterr().out
+    # Stopped after MOReL trained, before its row was written: MOReL is evaluated again, not retrained.
+    stopped = {**second, "methods": {m: r for m, r in second["methods"].items() if m != "morel"}}
+    (out / "compare.json").write_text(json.dumps(stopped))
+    morel_written = (out / "morel" / "morel.pt").stat().st_mtime_ns
+    cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc,mopo,morel",
+              "--resume", *small])
+    assert (out / "morel" / "morel.pt").stat().st_mtime_ns == morel_written
+    resumed = json.loads((out / "compare.json").read_text())
+    assert resumed["methods"]["morel"]["returns"] == second["methods"]["morel"]["returns"]
+    assert "trained earlier into" in capsys.readouterr().out
+    second = resumed
     # Kept rows of another protocol, budget, split or setting: refused (compare.json records the settings).
     for override, named in [("compare.max_steps=7", "compare.max_steps"), ("compare.bc_steps=300", "compare.bc_steps"),
                             (f"train.seed={TRAIN_SEED + 1}", "train.seed"),

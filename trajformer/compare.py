@@ -43,7 +43,8 @@ LABELS = {"tt": "TT (transformer's value)", "bc": "BC", "iql": "IQL", "mopo": "M
 def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, resume: bool = False,
             progress: bool = True) -> dict:
     """Train and evaluate every method in cfg.compare.methods on one dataset; returns compare.json's content.
-    With `resume`, rows already in OUT/compare.json are kept and trained parts (TT run, IQL, ensemble) reused."""
+    With `resume`, rows already in OUT/compare.json are kept and trained parts (TT run, IQL, ensemble, and a BC or
+    model-based policy whose row a stop left unwritten) reused."""
     if dataset_id:
         cfg.data.dataset = dataset_id
     cmp, out_dir = cfg.compare, Path(out_dir)
@@ -139,6 +140,20 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         seconds["ensemble"] = trained  # its training time, as recorded by it (None: a given one)
         return path
 
+    def kept(record: Path, key: str, config: dict, ensemble: str | None = None) -> bool:
+        """Whether a baseline left whole by a comparison stopped before its row (its .json is written last) was
+        trained with `config` on this data, split (and ensemble): then it is evaluated, not trained again."""
+        if not record.is_file():
+            return False
+        meta = json.loads(record.read_text())
+        if (meta["config"], meta["dataset_id"], meta["split"]["seed"], meta["split"]["validation_fraction"],
+                meta.get("ensemble", {}).get("path")) != (config, data.dataset_id, cfg.train.seed,
+                                                           cfg.data.validation_fraction, ensemble):
+            return False
+        seconds.setdefault(key, meta["training"]["seconds"])
+        print(f"    trained earlier into {record.parent}: evaluating it", flush=True)
+        return True
+
     def summary(rows: dict) -> dict:
         order = [*cmp.methods, *(m for m in rows if m not in cmp.methods)]
         return {"dataset_id": data.dataset_id, "env": data.env_spec, "episodes": episodes, "max_steps": max_steps,
@@ -165,8 +180,9 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
                 seconds["tt"] + (seconds["iql"] if method == "tt-critic" else 0.0)
             steps = run.meta.get("compute", {}).get("total_steps")
         elif method == "bc":
-            timed("bc", lambda: train_bc(cfg, out_dir / "bc", BCConfig(steps=cmp.bc_steps, seed=cfg.train.seed),
-                                         progress=progress))
+            bc = BCConfig(steps=cmp.bc_steps, seed=cfg.train.seed)
+            if not kept(out_dir / "bc" / "bc.json", "bc", dataclasses.asdict(bc)):
+                timed("bc", lambda b=bc: train_bc(cfg, out_dir / "bc", b, progress=progress))
             agent, meta = load_bc(out_dir / "bc")
             record = evaluate_agent(agent, meta["env"], episodes, num_envs, max_steps=max_steps, meta=meta,
                                     progress=progress)
@@ -178,7 +194,8 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
             train_seconds, steps = seconds["iql"], cmp.iql_steps
         else:
             ens = ensemble_dir()
-            timed(method, lambda m=method, e=ens: train_model_based(m, cfg, out_dir / m, e, progress=progress))
+            if not kept(out_dir / method / f"{method}.json", method, dataclasses.asdict(cfg.model_based), str(ens)):
+                timed(method, lambda m=method, e=ens: train_model_based(m, cfg, out_dir / m, e, progress=progress))
             agent, meta = load_model_based(out_dir / method, method)
             record = evaluate_agent(agent, meta["env"], episodes, num_envs, max_steps=max_steps, meta=meta,
                                     progress=progress)
