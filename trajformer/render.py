@@ -92,11 +92,11 @@ class PoseRenderer:
         return frames
 
 
-def check_rendering(env: gym.Env) -> None:
+def check_rendering(env: gym.Env) -> np.ndarray:
     """Render one frame of `env` (made with render=True) after a reset: a missing or broken offscreen backend
-    (MUJOCO_GL) is a one-line ValueError now, not a traceback after the episodes."""
+    (MUJOCO_GL) is a one-line ValueError now, not a traceback after the episodes. Returns the reset's observation."""
     try:
-        env.reset(seed=0)
+        obs, _ = env.reset(seed=0)
         frame = env.render()
     except Exception as err:  # the GL backends fail in many ways (AttributeError, RuntimeError, mujoco.FatalError)
         raise ValueError(f"cannot render {env.spec.id if env.spec else 'the env'} frames offscreen "
@@ -104,6 +104,7 @@ def check_rendering(env: gym.Env) -> None:
                          "MUJOCO_GL=egl (or osmesa with OSMesa installed), or drop --video") from None
     if frame is None:
         raise ValueError("the env renders no frames (render_mode is not rgb_array); drop --video")
+    return obs
 
 
 def pose_renderer(env_spec: dict, obs_indices: np.ndarray, size: int = 240) -> PoseRenderer | None:
@@ -120,12 +121,11 @@ def pose_renderer(env_spec: dict, obs_indices: np.ndarray, size: int = 240) -> P
     except (ValueError, TypeError):
         return None
     try:
-        check_rendering(env)
+        obs = check_rendering(env)
     except ValueError as err:
         warnings.warn(f"no filmstrip or video: {err}", stacklevel=2)
         env.close()
         return None
-    obs, _ = env.reset(seed=0)
     renderer = PoseRenderer(env, obs_indices)
     renderer.detect(obs)
     if not renderer.covers_pose:
