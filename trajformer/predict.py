@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from trajformer.data import Episode, joined_transitions, load_episodes, return_stats
 from trajformer.decoding import DECODES, CachedDecoder, crop_start, decode_bins, pick
-from trajformer.ensemble import Ensemble, load_ensemble, obs_std, validation_metrics
+from trajformer.ensemble import Ensemble, load_ensemble, obs_std, transitions, validation_metrics
 from trajformer.files import atomic_write, save_json, writable_dir
 from trajformer.metrics import dim_errors, error_summary, histogram_loglik, normalized_error
 from trajformer.model import GPT, rotary
@@ -459,10 +459,10 @@ def transformer_one_step(run: Run, held: HeldOut, pairs: list[tuple[int, int]]) 
 def ensemble_one_step(ens: Ensemble, held: HeldOut, pairs: list[tuple[int, int]]) -> dict:
     """The ensemble's one-step NLL of the same true next states (its mixture of members' Gaussians, nats per obs
     dim in the held-out data's std units)."""
-    x = np.stack([np.concatenate([held.episodes[i].obs[t], held.episodes[i].act[t]]) for i, t in pairs])
-    y = np.stack([np.concatenate([held.episodes[i].obs[t + 1] - held.episodes[i].obs[t], [held.episodes[i].rew[t]]])
-                  for i, t in pairs])
-    metrics = validation_metrics(ens.model, x, y, held.obs_std)
+    x, y, _ = transitions(held.episodes)
+    first = np.cumsum([0] + [len(e.act) for e in held.episodes[:-1]])  # each episode's first row in x and y
+    rows = [first[i] + t for i, t in pairs]
+    metrics = validation_metrics(ens.model, x[rows], y[rows], held.obs_std)
     return {"obs_nll_std_units": metrics["val_obs_nll_std_units"], "transitions": len(pairs)}
 
 
