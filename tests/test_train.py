@@ -271,11 +271,15 @@ def test_bad_dataset_fails_before_writing(bad_datasets, hopper_dataset, tmp_path
     ("train.num_threads=-3", r"train.num_threads must be >= 0"),
     ("plan.penalty_lambda=-2", r"plan.penalty_lambda must be >= 0"),
     ("ensemble.weight_decay=-1", r"ensemble.weight_decay >= 0"),
+    ("train.seed=-1", r"train.seed must be >= 0, got -1"),
+    (("model.attention=\"window\"", "model.n_embd=12"),  # heads of 3 channels: rotary turns channel pairs
+     r"model.attention = \"window\" needs an even head size n_embd / n_head .*change model.n_embd or model.n_head"),
 ])
 def test_config_errors_name_the_key(tmp_path, capsys, override, message):
     out = tmp_path / "run"
     with pytest.raises(SystemExit):
-        cli_main(["train", QUICKSTART, "--out", str(out), "--set", override])
+        cli_main(["train", QUICKSTART, "--out", str(out),
+                  *(arg for o in ((override,) if isinstance(override, str) else override) for arg in ("--set", o))])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not out.exists()
@@ -302,7 +306,7 @@ def test_config_files_that_are_not_toml_configs_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys):
+def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys, monkeypatch):
     def fails(args: list[str], pattern: str) -> None:
         _one_line_error(args, pattern, capsys)
 
@@ -314,9 +318,25 @@ def test_resume_errors(hopper_dataset, tiny_run, tmp_path, capsys):
     for name in ("run.json", "config.toml"):
         (corrupt / name).write_bytes((tiny_run / name).read_bytes())
     (corrupt / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    before = sorted(p.name for p in corrupt.iterdir())
-    fails(base + ["--out", str(corrupt), "--resume"], r"checkpoint.pt is corrupt .* delete it and retrain")
-    assert sorted(p.name for p in corrupt.iterdir()) == before
+    before = sorted(p.name for p in corrupt.iterdir())  # and the lock every training takes: .train.lock
+    # Refused before the data loads: the checkpoint is read first.
+    monkeypatch.setattr(train_module, "prepare", lambda *a, **k: pytest.fail("the data loaded before the checkpoint"))
+    fails(base + ["--out", str(corrupt), "--resume"],
+          r"--resume: checkpoint .*checkpoint.pt is corrupt .*; restore it from a backup, or fine-tune from the run's "
+          r"model.pt with `--set train.init_from=.*corrupt --out NEW_DIR`")
+    assert sorted(p.name for p in corrupt.iterdir() if p.name != ".train.lock") == before
+    finished = tmp_path / "finished"  # weights without a checkpoint (a shipped or copied model): fine-tune from them
+    shutil.copytree(tiny_run, finished)
+    (finished / "checkpoint.pt").unlink()
+    for resume in ([], ["--resume"]):
+        fails(base + ["--out", str(finished), *resume],
+              r"finished holds finished weights but no checkpoint.pt to resume .*`--set train.init_from=.*finished "
+              r"--out NEW_DIR`")
+    monkeypatch.undo()
+    ensemble = tmp_path / "ensemble"  # weights of another kind of directory
+    ensemble.mkdir()
+    (ensemble / "model.pt").write_bytes((tiny_run / "model.pt").read_bytes())
+    fails(base + ["--out", str(ensemble)], r"ensemble holds weights but no run.json: not a run directory; choose")
     own = tmp_path / "own"  # a copy: a refusal that regressed would rewrite the session's shared run
     shutil.copytree(tiny_run, own)
     fails(base + ["--out", str(own), "--resume", "--set", "data.obs_dims=\"0:5\""],
@@ -563,6 +583,21 @@ def test_a_run_stopped_before_its_first_weights_trains_again(tiny_config, hopper
         train(tiny_config(hopper_dataset, "train.max_steps=3"), out, progress=False)
 
 
+def test_a_training_into_a_directory_another_is_writing_is_refused(tiny_config, hopper_dataset, tmp_path):
+    """A double launch, or a --resume of a run still training, would write one run's files from two processes."""
+    from trajformer.files import file_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with file_lock(out / ".train.lock"):  # held as a training in another process holds it
+        for resume in (False, True):
+            with pytest.raises(ValueError, match=r"another `trajformer train` is writing .*run; wait for it to end"):
+                train(tiny_config(hopper_dataset, "train.max_steps=2"), out, resume=resume, progress=False)
+    assert [p.name for p in out.iterdir()] == [".train.lock"]  # nothing written
+    train(tiny_config(hopper_dataset, "train.max_steps=2"), out, progress=False)  # free again
+    assert (out / "model.pt").is_file()
+
+
 def test_a_diverged_run_stops_in_one_line_and_saves_no_nan_weights(tiny_config, hopper_dataset, tmp_path, capsys):
     """A loss that turns NaN (a huge learning rate, no clipping) stops training with a one-line error before any
     non-finite weights are saved: with no validation split model.pt would otherwise be written at the end."""
@@ -759,6 +794,8 @@ def test_init_from_with_learning_continues_from_the_parents_loss(tiny_run, other
     ("data.obs_dims=[1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10]",
      r"train.init_from: .* trained on observation columns \[0, 1, .*, this data gives \[1, 0, .*set data.obs_dims"),
     ("train.init_from=\"nowhere\"", r"train.init_from: nowhere is not a run directory"),
+    ("data.discount=0.5", r"train.init_from: .* tokenised its values and rewards with other data.discount 0.99 -> "
+                          r"0.5; set them as in its config.toml"),
 ])
 def test_init_from_refuses_a_run_that_does_not_fit(tiny_run, other_hopper_dataset, tmp_path, capsys, override,
                                                     message):

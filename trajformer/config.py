@@ -297,6 +297,9 @@ def validate(cfg: Config) -> None:
         (cfg.model.n_layer >= 1 and cfg.model.n_head >= 1, "model.n_layer and model.n_head must be >= 1"),
         (cfg.model.n_head >= 1 and cfg.model.n_embd % cfg.model.n_head == 0,
          "model.n_embd must be divisible by model.n_head"),
+        (cfg.model.attention != "window" or cfg.model.n_head < 1 or cfg.model.n_embd // cfg.model.n_head % 2 == 0,
+         "model.attention = \"window\" needs an even head size n_embd / n_head (rotary positions turn channel "
+         "pairs): change model.n_embd or model.n_head"),
         (min(cfg.model.action_weight, cfg.model.reward_weight, cfg.model.value_weight) >= 0,
          "model.action_weight, reward_weight and value_weight must be >= 0 (loss weights)"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
@@ -348,6 +351,9 @@ def validate(cfg: Config) -> None:
         checks.append((0.0 <= getattr(mb, name) <= 1.0, f"model_based.{name} must be in [0, 1]"))
     checks.append((mb.learning_rate > 0 and 0 < mb.discount <= 1 and 0 < mb.polyak <= 1,
                    "model_based.learning_rate must be > 0, discount and polyak in (0, 1]"))
+    for section in ("train", "ensemble", "model_based"):
+        seed = getattr(cfg, section).seed
+        checks.append((seed >= 0, f"{section}.seed must be >= 0, got {seed}"))
     cmp = cfg.compare
     unknown = [m for m in cmp.methods if m not in COMPARE_METHODS]
     checks += [

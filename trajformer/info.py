@@ -62,7 +62,8 @@ def _run_lines(run, run_dir: Path) -> list[str]:
         f"  split         {len(meta['split']['train_episodes'])} train / "
         f"{len(meta['split']['validation_episodes'])} validation episodes (seed {meta['split']['seed']})",
         f"  provenance    trajformer {meta['provenance']['trajformer']}, torch {meta['provenance']['torch']}, "
-        f"git {meta['provenance']['git_commit'] or '-'}",
+        f"git {meta['provenance']['git_commit'] or '-'}"
+        f"{' with uncommitted changes' if meta['provenance'].get('git_dirty') else ''}",
     ]
     stats = meta.get("dataset_stats")
     if stats:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +28,7 @@ from trajformer import __version__
 from trajformer.config import Config, load_config, to_toml
 from trajformer.data import OfflineData, joined_transitions, load_episodes, return_stats, split_episodes
 from trajformer.discretizer import Discretizer
-from trajformer.files import load_state, load_torch, save_text, save_torch, writable_dir
+from trajformer.files import file_lock, load_state, load_torch, save_text, save_torch, writable_dir
 from trajformer.model import GPT, GPTConfig, native_bf16, token_losses, usable_device
 from trajformer.run import Run, load_discretizer, load_run, model_sha256, read_metrics, write_run_files
 from trajformer.stopping import stop_requests
@@ -38,8 +39,10 @@ TOKEN_TYPES = ("obs", "action", "reward", "value")
 RESUMABLE_KEYS = ("train.num_threads", "train.log_every", "train.checkpoint_every", "train.eval_every",
                   "train.device", "train.compile")
 """Keys a resumed run may change: they cannot change the weights trained so far or the schedule ahead (eval_every
-changes which steps are validated, so which of them model.pt can hold; device and compile change speed, not the
-maths). Not eval_windows: the best validation loss so far would compare losses over other windows."""
+changes which steps are validated, so which of them model.pt can hold; device and compile change speed and float
+rounding, not the maths: with train.dtype = "auto" a device with native bf16 trains the steps after the resume under
+bf16 autocast, as run.json's compute.sessions records). Not eval_windows: the best validation loss so far would
+compare losses over other windows."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -214,15 +217,22 @@ def validation_losses(model: GPT, windows: TokenWindows, cfg: Config, weights: t
 
 
 def provenance(data: OfflineData) -> dict:
-    """Package, torch and git versions and the dataset hash, recorded in run.json."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    """Package, torch and git versions (and whether the checkout had uncommitted changes, which the commit does not
+    hold) and the dataset hash, recorded in run.json."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD") or None
+    status = None if commit is None else git("status", "--porcelain", "--untracked-files=no")
+    dirty = None if status is None else bool(status)
     return {
         "trajformer": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "git_commit": commit, "dataset_sha256": data.sha256, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git_commit": commit, "git_dirty": dirty, "dataset_sha256": data.sha256,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
@@ -285,11 +295,25 @@ def _resumed_compute(old: dict, new: dict, step: int) -> dict:
     return out
 
 
-def _check_resume(out_dir: Path, prep: Prepared) -> dict:
-    """The checkpoint to resume from, after checking that it exists, loads, and fits this data."""
+def _finished_weights_hint(out_dir: Path) -> str:
+    """What to do with a directory that holds weights but no checkpoint to resume (a shipped or copied model)."""
+    return (f"{out_dir} holds finished weights but no checkpoint.pt to resume (a shipped or copied model?); fine-tune "
+            f"from them with `--set train.init_from={out_dir} --out NEW_DIR`")
+
+
+def _load_checkpoint(out_dir: Path) -> tuple[dict, dict]:
+    """The checkpoint to resume from and the run's run.json, checked before any data loads: both exist and load."""
     if not (out_dir / "checkpoint.pt").is_file():
+        if (out_dir / "model.pt").is_file():
+            raise FileNotFoundError(f"--resume: {_finished_weights_hint(out_dir)}")
         raise FileNotFoundError(f"--resume: {out_dir} has no checkpoint.pt; train without --resume to start a run")
-    state = load_torch(out_dir / "checkpoint.pt")
+    try:
+        state = load_torch(out_dir / "checkpoint.pt")
+    except ValueError as err:
+        raise ValueError(f"--resume: {str(err).split(';')[0]}; restore it from a backup, or fine-tune from the run's "
+                         f"model.pt with `--set train.init_from={out_dir} --out NEW_DIR`") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "best_val", "rng"} <= set(state):
+        raise ValueError(f"--resume: {out_dir}/checkpoint.pt is not a training checkpoint; train into another --out")
     try:
         meta = json.loads((out_dir / "run.json").read_text())
         if not isinstance(meta, dict):
@@ -297,6 +321,11 @@ def _check_resume(out_dir: Path, prep: Prepared) -> dict:
     except (OSError, json.JSONDecodeError, TypeError) as err:
         raise ValueError(f"--resume: {out_dir}/run.json, the run's record, is missing or corrupt ({err}); the "
                          "checkpoint cannot be checked against this data: use a new --out directory") from None
+    return state, meta
+
+
+def _check_resume(out_dir: Path, meta: dict, prep: Prepared) -> None:
+    """The run being resumed (its run.json `meta`) was trained on this data's dims and bins and on this data."""
     dims = (meta.get("obs_dim"), meta.get("act_dim"), meta.get("n_bins"))
     want = (prep.data.obs_dim, prep.data.act_dim, prep.discretizer.n_bins)
     if dims != want:
@@ -304,8 +333,6 @@ def _check_resume(out_dir: Path, prep: Prepared) -> dict:
             f"--resume: {out_dir} was trained for (obs, act, bins) = {dims}, this data and config give {want}; "
             f"use a new --out directory"
         )
-    if not isinstance(state, dict) or not {"model", "optimizer", "step", "best_val", "rng"} <= set(state):
-        raise ValueError(f"--resume: {out_dir}/checkpoint.pt is not a training checkpoint; retrain without --resume")
     recorded = meta.get("provenance", {}).get("dataset_sha256")
     if recorded is not None and recorded != prep.data.sha256:
         raise ValueError(
@@ -313,15 +340,21 @@ def _check_resume(out_dir: Path, prep: Prepared) -> dict:
             f"{recorded[:12]} -> {prep.data.sha256[:12]}: collected again with other settings?); recollect it as "
             "it was, or use a new --out directory"
         )
-    return state
 
 
 def _load_init(cfg: Config) -> Run:
-    """The run named by train.init_from (weights and discretizer), or a one-line error naming it."""
+    """The run named by train.init_from (weights and discretizer), or a one-line error naming it; refused before the
+    data loads when it defined values or rewards otherwise (its discretizer's bins were fitted to them)."""
     try:
-        return load_run(cfg.train.init_from)
+        init = load_run(cfg.train.init_from)
     except (FileNotFoundError, ValueError) as err:
         raise type(err)(f"train.init_from: {err}") from None
+    defined = [f"data.{k} {getattr(init.config.data, k)} -> {getattr(cfg.data, k)}"
+               for k in ("discount", "termination_penalty") if getattr(init.config.data, k) != getattr(cfg.data, k)]
+    if defined:
+        raise ValueError(f"train.init_from: {init.path} tokenised its values and rewards with other "
+                         f"{', '.join(defined)}; set them as in its config.toml (its discretizer's bins fit those)")
+    return init
 
 
 def _check_init(init: Run, prep: Prepared, model_cfg: GPTConfig) -> None:
@@ -367,15 +400,38 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
 
 def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None, resume: bool = False,
           progress: bool = True) -> Path:
-    """Train a Trajectory Transformer into `out_dir`; returns the run directory."""
+    """Train a Trajectory Transformer into `out_dir`; returns the run directory. One training at a time writes a
+    directory: another started on it while it runs (a double launch, a --resume of a run still training) is
+    refused, instead of both writing one run's files."""
     out_dir = Path(out_dir)
+    writable_dir(out_dir)
+    if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks: rank 0 holds the lock and writes the files
+        return _train(cfg, out_dir, dataset_id, resume, progress)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with file_lock(out_dir / ".train.lock", wait=False) as free:
+            if not free:
+                raise ValueError(f"another `trajformer train` is writing {out_dir}; wait for it to end, or train "
+                                 "into another --out")
+            return _train(cfg, out_dir, dataset_id, resume, progress)
+    finally:
+        if created and [p.name for p in out_dir.iterdir()] == [".train.lock"]:  # refused before writing anything
+            shutil.rmtree(out_dir)
+
+
+def _train(cfg: Config, out_dir: Path, dataset_id: str | None, resume: bool, progress: bool) -> Path:
+    """train()'s work, with the directory's lock held."""
     if dataset_id:
         cfg.data.dataset = dataset_id
     # A directory whose run stopped before writing any weights (run.json comes first) holds nothing to lose or
     # resume: it is trained again from the start.
     if not resume and any((out_dir / name).exists() for name in ("checkpoint.pt", "model.pt", "last.pt")):
+        if not (out_dir / "run.json").is_file():  # an ensemble's directory, say
+            raise FileExistsError(f"{out_dir} holds weights but no run.json: not a run directory; choose another --out")
+        if not (out_dir / "checkpoint.pt").is_file():
+            raise FileExistsError(f"{_finished_weights_hint(out_dir)}, or choose another --out")
         raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-    writable_dir(out_dir)
     usable_device("train.device", cfg.train.device)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
@@ -400,8 +456,10 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
         discretizer = init.discretizer if init is not None else None
     hint = (f"train.init_from: set data.obs_dims and discretizer.n_bins as in {init.path}/config.toml"
             if init is not None else "use a new --out directory")
+    state, resumed = _load_checkpoint(out_dir) if resume else (None, None)
     prep = prepare(cfg, discretizer=discretizer, mismatch_hint=hint)
-    state = _check_resume(out_dir, prep) if resume else None
+    if resume:
+        _check_resume(out_dir, resumed, prep)
     windows = prep.train_windows
     batch, steps_per_epoch, total, warmup = schedule(cfg, len(windows), world)
     model_cfg = gpt_config(cfg, prep.data.obs_dim, prep.data.act_dim)
