@@ -382,7 +382,9 @@ def _distributed() -> tuple[int, int]:
     """(rank, world size); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # NCCL reduces the gradients on the cards; gloo the host tensors (the stop flag, the RNG states), which
+        # NCCL cannot take.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -486,8 +488,11 @@ def _train(cfg: Config, out_dir: Path, dataset_id: str | None, resume: bool, pro
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     model.to(device)
-    if state is not None and device.type == "cuda" and world == 1 and "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"], device)  # dropout on the card draws from the card's stream
+    if state is not None and device.type == "cuda" and "cuda_rng" in state:  # dropout on a card draws from its stream
+        cuda_rng = state["cuda_rng"]  # one per rank (a single tensor in checkpoints before 2026-12-07)
+        if isinstance(cuda_rng, list):
+            cuda_rng = cuda_rng[rank] if rank < len(cuda_rng) else cuda_rng[0]
+        torch.cuda.set_rng_state(cuda_rng, device)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -529,11 +534,12 @@ def _train(cfg: Config, out_dir: Path, dataset_id: str | None, resume: bool, pro
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def gather_rng() -> list[torch.Tensor]:
+    def gather_rng(mine: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's RNG state (a host tensor), in rank order."""
         if world == 1:
-            return [torch.get_rng_state()]
-        states = [torch.empty_like(torch.get_rng_state()) for _ in range(world)]
-        dist.all_gather(states, torch.get_rng_state())
+            return [mine]
+        states = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(states, mine)
         return states
 
     checkpointed = state is not None  # a checkpoint.pt of this run exists
@@ -550,9 +556,9 @@ def _train(cfg: Config, out_dir: Path, dataset_id: str | None, resume: bool, pro
     def checkpoint() -> None:
         nonlocal checkpointed
         diverged(float(loss))
-        rng = gather_rng()
+        rng = gather_rng(torch.get_rng_state())
+        extra = {"cuda_rng": gather_rng(torch.cuda.get_rng_state(device))} if device.type == "cuda" else {}
         if rank == 0:
-            extra = {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" and world == 1 else {}
             save_torch(out_dir / "checkpoint.pt", {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                                    "step": step, "best_val": best, "rng": rng, **extra})
             save_torch(out_dir / "last.pt", model.state_dict())
