@@ -123,13 +123,20 @@ def test_joins_of_another_env_or_a_part_twice_are_refused():
         load_episodes("test/a-v0+test/w-v0", cfg)
 
 
-def test_medium_expert_combines_two_datasets():
+def test_medium_expert_combines_two_datasets(capsys):
     dataset = collect_preset("halfcheetah-medium-expert", steps=160)
     meta = dataset.storage.metadata
     assert dataset.total_steps == 320 and meta["combined_datasets"] == [
         "trajformer/halfcheetah-medium-v0", "trajformer/halfcheetah-expert-v0"]
     assert meta["behavior_policy"] == ["halfcheetah-sac-0050k", "halfcheetah-sac-0250k"]
     assert "minari.combine_datasets" in meta["description"] and meta["ref_max_score"] == 12135.0
+    capsys.readouterr()
+    assert meta["return_mean_per_part"] == [None, None]  # 10 steps an env: no complete episode in either part
+    main(["collect", "--preset", "halfcheetah-medium-expert", "--steps", "160"])  # cached: its summary line
+    assert "320 steps, no complete episode in" in capsys.readouterr().out
+    dataset.storage.update_metadata({"return_mean_per_part": [3550.7, None]})  # as 1M steps of each part give
+    main(["collect", "--preset", "halfcheetah-medium-expert", "--steps", "160"])
+    assert "return 3550.7 / - over the complete episodes of each part" in capsys.readouterr().out
     collect_preset("halfcheetah-expert", steps=100, overwrite=True)  # a part now made with other settings
     minari.delete_dataset("trajformer/halfcheetah-medium-expert-v0")
     with pytest.raises(FileExistsError, match=r"trajformer/halfcheetah-expert-v0 \(part of halfcheetah-medium-expert"):
@@ -149,6 +156,10 @@ def test_medium_expert_combines_two_datasets():
     ({"env_id": "Hopper-v5", "dataset_id": "no-version"}, ValueError, "bad dataset id"),
     ({"env_id": "Hopper-v5", "env_kwargs": 5}, ValueError, "--env-kwargs 5 is not a JSON object"),
     ({"env_id": "trajformer-test/Unbounded-v0"}, ValueError, "has unbounded actions"),
+    ({"env_id": "Hopper-v5", "env_kwargs": {"frame_skip": 0}}, ValueError,
+     r"env kwargs \{\"frame_skip\": 0\} rejected by Hopper-v5 \(ZeroDivisionError.*fix --env-kwargs"),
+    ({"env_id": "Hopper-v5", "action_noise": float("nan")}, ValueError, "--action-noise nan: pass a finite"),
+    ({"env_id": "Hopper-v5", "seed": -1}, ValueError, "--seed -1: pass a seed >= 0"),
 ])
 def test_bad_input_fails_before_writing(kwargs, error, message):
     kwargs = {"dataset_id": "test/bad-v0", "steps": 50, **kwargs}

@@ -78,3 +78,19 @@ def test_obs_selection():
     assert select_obs("-2:", 5).tolist() == [3, 4]
     with pytest.raises(ValueError, match=r"out of range for 5-dim"):
         select_obs("-50:", 5)  # Python would clamp it to every dim
+
+
+def test_prefix_reference_past_the_time_limit_is_the_complete_episodes():
+    """Episodes cut at more steps than the env's time limit are whole episodes: their reference is the mean over
+    the episodes that reach the limit or terminate before, not over the terminated ones alone."""
+    from trajformer.data import OfflineData, prefix_return_mean
+
+    def episode(length: int, terminal: bool) -> Episode:
+        end, never = np.arange(length) == length - 1, np.zeros(length, dtype=bool)
+        return Episode(np.zeros((length + 1, 1)), np.zeros((length, 1)), np.ones(length),
+                       end if terminal else never, never if terminal else end)
+
+    data = OfflineData("test/x-v0", [episode(50, False), episode(20, True), episode(30, False)], np.arange(1), 1,
+                       env_spec={"id": "X-v0", "max_episode_steps": 50})
+    assert prefix_return_mean(data, 10) == 10.0  # every episode reaches 10 steps
+    assert prefix_return_mean(data, 80) == prefix_return_mean(data, 50) == 35.0  # the 50-step one and the fallen one

@@ -20,7 +20,7 @@ import torch
 from pointline import DATASET_ID, ENV_ID, TRAIN_SEED, random_returns
 
 from trajformer import cli
-from trajformer.config import Config, config_from_dict
+from trajformer.config import Config, config_from_dict, load_config, to_toml
 from trajformer.discretizer import Discretizer
 from trajformer.info import describe
 from trajformer.metrics import score_reference, summarize
@@ -85,8 +85,8 @@ def test_cli_plan_writes_json(point_run, tmp_path, monkeypatch, capsys):
             "seconds_per_step", "plan_log_likelihood", "config"} <= set(record)
     assert record["lengths"] == [6, 6, 6] and len(record["returns"]) == 3
     assert record["mean_return"] == pytest.approx(np.mean(record["returns"]))
-    assert record["score_reference"] == "dataset"  # the dataset carries ref scores; PointLine is not D4RL's
-    assert record["normalized_score"] == pytest.approx(100 * (record["mean_return"] + 10.0) / 9.0)
+    # The dataset carries ref scores (PointLine is not D4RL's), of whole episodes: none for episodes cut at 6 steps.
+    assert record["score_reference"] is None and record["normalized_score"] is None
     assert record["config"]["plan"]["beam_width"] == 4 and record["config"]["env"] == ENV_ID
     assert record["plan_log_likelihood"] < 0
     # Episodes cut at 6 steps read against the data's own first 6 steps.
@@ -94,8 +94,8 @@ def test_cli_plan_writes_json(point_run, tmp_path, monkeypatch, capsys):
     assert record["dataset_mean_return"] == pytest.approx(
         np.mean([sum(ep.rewards[:6]) for ep in episodes if len(ep.rewards) >= 6 or ep.terminations[-1]]))
     printed = capsys.readouterr().out
-    assert "episode 2: return" in printed and "mean return" in printed and "normalised score (dataset)" in printed
-    assert "over their first 6 steps" in printed
+    assert "episode 2: return" in printed and "mean return" in printed
+    assert "normalised score: none for episodes cut at 6 steps" in printed and "over their first 6 steps" in printed
 
 
 @pytest.mark.parametrize("args, message", [
@@ -110,6 +110,7 @@ def test_cli_plan_writes_json(point_run, tmp_path, monkeypatch, capsys):
     (["--video", "x"], "--video x: name an .mp4 or .gif file, e.g. --video x.mp4"),
     (["--json", "."], "--json . is a directory"),
     (["--episodes", "0"], "--episodes must be >= 1, got 0"),
+    (["--seed", "-1"], "--seed -1: pass a seed >= 0"),
 ])
 def test_cli_plan_bad_input_is_a_one_line_error(point_run, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -117,6 +118,21 @@ def test_cli_plan_bad_input_is_a_one_line_error(point_run, capsys, args, message
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("trajformer plan: error:") and message in err and "\n" not in err
+
+
+def test_plan_reads_no_reference_from_data_other_than_the_runs(point_run, tmp_path, monkeypatch, capsys):
+    """--max-steps reads the data's first steps as the reference: a dataset id that now holds other data (collected
+    again) gives none, with the reason, and the episodes' report still comes."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_run.parent / "datasets"))
+    run = tmp_path / "run"
+    shutil.copytree(point_run, run)
+    meta = json.loads((run / "run.json").read_text())
+    meta["provenance"]["dataset_sha256"] = "0" * 64
+    (run / "run.json").write_text(json.dumps(meta))
+    cli.main(["plan", str(run), "--max-steps", "3", "--set", "plan.beam_width=2", "--set", "plan.horizon=2"])
+    printed = capsys.readouterr().out
+    assert "mean return" in printed and f"the dataset's own episodes: not read ({DATASET_ID} holds other data " \
+        "than" in printed
 
 
 def test_an_unwritable_json_path_is_refused_before_any_episode(point_run, tmp_path, capsys, monkeypatch):
@@ -171,6 +187,12 @@ def test_score_reference_and_summary():
     assert score_reference("Walker2d-v5", {"ref_min_score": 0.0, "ref_max_score": 1.0})[1] == "d4rl-v2"
     assert score_reference("Pendulum-v1", {"ref_min_score": -5.0, "ref_max_score": 5.0}) == ((-5.0, 5.0), "dataset")
     assert score_reference("Pendulum-v1", {"ref_min_score": None, "ref_max_score": None}) == (None, None)
+    # D4RL's returns are of its default envs' 1000-step episodes: not for other kwargs or limits, nor cut episodes.
+    refs = {"ref_min_score": 5.0, "ref_max_score": None}
+    assert score_reference("Hopper-v5", refs, {}, 1000, max_steps=1000)[1] == "d4rl-v2"
+    for kwargs, limit, max_steps in [({"terminate_when_unhealthy": False}, 1000, None), ({}, 200, None),
+                                     ({}, 1000, 20), ({}, None, 20)]:
+        assert score_reference("Hopper-v5", refs, kwargs, limit, max_steps) == (None, None)
     s = summarize([1.0, 3.0], [10, 20], (0.0, 4.0))
     assert s["mean_return"] == 2.0 and s["stderr"] == pytest.approx(1.0) and s["normalized_score"] == 50.0
     assert summarize([1.0], [3], None)["stderr"] is None
@@ -196,7 +218,7 @@ def test_video_shows_real_episode_beside_planned_states(tmp_path):
     out = tmp_path / "episode.mp4"
     cli.main(["plan", str(run_dir), "--max-steps", "4", "--video", str(out), "--json", str(tmp_path / "h.json")])
     record = json.loads((tmp_path / "h.json").read_text())
-    assert record["score_reference"] == "d4rl-v2" and "video_note" not in record
+    assert record["score_reference"] is None and "video_note" not in record  # 4 steps: no whole-episode score
     frames = np.stack(imageio.mimread(out))
     assert len(frames) == record["lengths"][0]
     height, width = frames.shape[1:3]
@@ -373,6 +395,7 @@ def test_evaluation_protocol_writes_eval_json_beside_references(point_run, tmp_p
         assert r["lengths"] == [20] * 4 and r["mean_return"] == pytest.approx(np.mean(r["returns"]))
         assert r["stderr"] == pytest.approx(np.std(r["returns"], ddof=1) / 2.0)
         assert r["normalized_score"] == pytest.approx(100.0 * (r["mean_return"] + 10.0) / 9.0)
+        assert r["score_reference"] == "dataset"  # named in eval.json (PointLine is not D4RL's)
         assert r["seconds_per_step"] > 0
 
 
@@ -888,8 +911,14 @@ def test_protocol_keeps_settings_evaluated_separately(point_run, tmp_path, monke
     record = json.loads((run / "eval.json").read_text())
     assert record["settings"]["32x5"] == cheap["settings"]["32x5"]
     assert record["settings"]["official"]["plan"]["beam_width"] == 8
-    rollout.evaluation_protocol(str(run), episodes=3, settings=("official",), progress=False)
-    assert set(json.loads((run / "eval.json").read_text())["settings"]) == {"official"}  # other episodes: anew
+    # Another episode count would replace both: refused before planning, unless asked for with --again.
+    with pytest.raises(ValueError, match=r"holds 2-episode evaluations of these weights \(32x5, official\), which 3 "
+                                         r"episodes would replace: evaluate 2 episodes, pass --again"):
+        rollout.evaluation_protocol(str(run), episodes=3, settings=("official",), progress=False)
+    assert json.loads((run / "eval.json").read_text()) == record
+    rollout.evaluation_protocol(str(run), episodes=3, settings=("official",), progress=False, again=True)
+    record = json.loads((run / "eval.json").read_text())
+    assert record["episodes"] == 3 and set(record["settings"]) == {"official"}  # replaced, as asked
 
 
 def test_a_finished_setting_is_kept_for_the_same_weights_and_planned_again_for_others(point_run, tmp_path,
@@ -905,7 +934,11 @@ def test_a_finished_setting_is_kept_for_the_same_weights_and_planned_again_for_o
     for seed in (0, 1):
         cli.main(["bc", str(point_run / "config.toml"), "--out", f"{bc}{seed}", "--steps", "50", "--episodes", "2",
                   "--hp", f"seed={seed}"])
+    cfg = load_config(run / "config.toml")  # the run's own [plan] replans less often: the protocol fixes it
+    cfg.plan.plan_freq, cfg.plan.k_obs = 2, 2
+    (run / "config.toml").write_text(to_toml(cfg))
     first = rollout.evaluation_protocol(str(run), episodes=2, settings=("32x5",), progress=False)
+    assert (first["settings"]["32x5"]["plan"]["plan_freq"], first["settings"]["32x5"]["plan"]["k_obs"]) == (1, 1)
     planned = []
     real = rollout._resumable_setting
     monkeypatch.setattr(rollout, "_resumable_setting", lambda *a, **k: planned.append(a[1].dtype) or real(*a, **k))
@@ -932,10 +965,13 @@ def test_a_finished_setting_is_kept_for_the_same_weights_and_planned_again_for_o
     assert planned[-1] == "float32" and set(json.loads((run / "eval.json").read_text())["settings"]) == {"official"}
 
 
-def test_a_setting_under_way_in_another_dtype_is_named_then_replaced(point_run, tmp_path, monkeypatch, capsys):
-    """A float32 evaluation of a setting that eval.partial.json holds under way in bfloat16 says how to resume
-    that one, plans its own episodes from the start, and replaces the bf16 entry when it finishes."""
+@pytest.mark.parametrize("other", ["dtype", "weights"])
+def test_a_setting_under_way_in_another_dtype_is_named_then_replaced(point_run, tmp_path, monkeypatch, capsys, other):
+    """A float32 evaluation of a setting that eval.partial.json holds under way in bfloat16 (or with weights other
+    than model.pt's, replaced between a stop and the rerun) says so, plans its own episodes from the start, and
+    replaces that entry when it finishes."""
     from trajformer import rollout
+    from trajformer.run import model_sha256
 
     monkeypatch.setattr(rollout, "official_plan", lambda env, data: {**rollout.OFFICIAL, "beam_width": 4,
                                                                      "horizon": 2})
@@ -943,12 +979,14 @@ def test_a_setting_under_way_in_another_dtype_is_named_then_replaced(point_run, 
     shutil.copytree(point_run, run)
     context = min(rollout.OFFICIAL["max_context_transitions"], load_run(run).config.data.sequence_length)
     setting = {**rollout.OFFICIAL, "beam_width": 4, "horizon": 2, "max_context_transitions": context}
-    bf16 = {"setting": setting, "dtype": "bfloat16", "episodes_total": 2, "episodes": {"0": [1.0, 5]},
-            "steps": 5, "seconds": 1.0}
-    (run / "eval.partial.json").write_text(json.dumps({"runs": [bf16]}))
+    weights = model_sha256(load_run(run)) if other == "dtype" else "0" * 64
+    entry = {"setting": setting, "dtype": "bfloat16" if other == "dtype" else "float32", "episodes_total": 2,
+             "model_sha256": weights, "episodes": {"0": [1.0, 5]}, "steps": 5, "seconds": 1.0}
+    (run / "eval.partial.json").write_text(json.dumps({"runs": [entry]}))
     out = rollout.evaluation_protocol(str(run), episodes=2, settings=("official",), progress=False)
     said = capsys.readouterr().out
-    assert "under way in bfloat16 (5 env steps): --set plan.dtype=bfloat16 resumes it" in said
+    assert ("under way in bfloat16 (5 env steps): --set plan.dtype=bfloat16 resumes it" if other == "dtype" else
+            "under way with other weights than model.pt's (5 env steps): this run starts over") in said
     assert len(out["settings"]["official"]["returns"]) == 2 and out["settings"]["official"]["returns"][0] != 1.0
     assert not (run / "eval.partial.json").exists()
 

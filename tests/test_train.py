@@ -447,6 +447,21 @@ def test_missing_remote_dataset_fails_fast_without_network(monkeypatch):
     assert address("mujoco/hopper/medium-v0") == ("storage.googleapis.com", 443)
 
 
+def test_a_remote_path_loads_where_minari_keeps_its_download(hopper_dataset, monkeypatch):
+    """hf://REPO/ns/name-v0 downloads into ns/name-v0 (Minari's layout): it is loaded from there, and once there
+    it is not downloaded again."""
+    from trajformer.data import load_minari
+
+    remote = f"hf://farama-minari/{hopper_dataset}"
+    fetched = []
+    monkeypatch.setattr("minari.storage.hosting.download_dataset", lambda id_, *a, **k: fetched.append(id_))
+    assert load_minari(remote).total_steps == 3000 and fetched == []  # already here under its plain id
+    monkeypatch.setattr("trajformer.data.is_local_dataset", lambda dataset_id: bool(fetched))
+    monkeypatch.setattr("trajformer.data._hub_reachable", lambda *a: True)
+    monkeypatch.setattr("trajformer.data._hub_client_installed", lambda: True)
+    assert load_minari(remote).total_steps == 3000 and fetched == [remote]  # not here: downloaded, then loaded
+
+
 def test_bfloat16_training_and_dataset_info(tiny_config, hopper_dataset, tmp_path):
     common = ["train.max_steps=3", "train.log_every=1"]
     runs = {dtype: train(tiny_config(hopper_dataset, *common, f"train.dtype=\"{dtype}\""), tmp_path / dtype,
@@ -463,9 +478,18 @@ def test_bfloat16_training_and_dataset_info(tiny_config, hopper_dataset, tmp_pat
     text = describe(hopper_dataset, None, ["discretizer.n_bins=20"])
     assert "transition_dim 16" in text and "3000 steps" in text
     assert len([line for line in text.splitlines() if "obs[" in line or "act[" in line]) == 14
-    # One reference for scores: the one `trajformer plan` normalises with.
-    (low, high), label = score_reference("Hopper-v5", {})
-    assert f"random {low:.2f} / expert {high:.2f} ({label})" in text
+    # One reference for scores: the one `trajformer plan` normalises with. This data's episodes end at 50 steps,
+    # so neither D4RL's 1000-step returns nor an expert return of its own apply; Hopper's defaults take D4RL's.
+    assert score_reference("Hopper-v5", {}, {}, 50) == (None, None)
+    assert "no reference returns: scores are not normalised" in text
+    from types import SimpleNamespace
+
+    from trajformer.info import _reference_line
+
+    (low, high), label = score_reference("Hopper-v5", {}, {}, 1000)
+    default = SimpleNamespace(env_spec={"id": "Hopper-v5", "kwargs": {}, "max_episode_steps": 1000},
+                              ref_min_score=None, ref_max_score=None)
+    assert _reference_line(default) == f"normalised scores use random {low:.2f} / expert {high:.2f} ({label})"
 
 
 # ---- interrupts and resuming as a user meets them ----

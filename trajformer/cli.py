@@ -198,8 +198,11 @@ def _cmd_collect(args) -> None:
                           args.action_noise or 0.0, args.env_kwargs, args.overwrite, args.deterministic,
                           args.max_episode_steps, args.num_envs)
     meta = dataset.storage.metadata
+    parts = meta.get("return_mean_per_part", [])  # a combined dataset (medium-expert): each part's
     returns = (f", return {meta['return_mean']:.1f} ± {meta['return_std']:.1f} over complete episodes"
-               if meta.get("return_mean") is not None else ", no complete episode")
+               if meta.get("return_mean") is not None else
+               f", return {' / '.join('-' if m is None else f'{m:.1f}' for m in parts)} over the complete episodes "
+               "of each part" if any(m is not None for m in parts) else ", no complete episode")
     print(f"{meta['dataset_id']}: {dataset.total_episodes} episodes, {dataset.total_steps} steps{returns} "
           f"in {get_dataset_path(meta['dataset_id'])}")
 
@@ -313,7 +316,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--bc", nargs="+", default=(), metavar="BC_DIR", help="`trajformer bc` directories evaluated "
                    "on as many episodes, of distinct training seeds (--hp seed=N); the reference is their mean")
     p.add_argument("--again", action="store_true", help="plan a setting again that eval.json already holds for "
-                   "the same weights, episodes and search (kept by default, so --bc can be added afterwards)")
+                   "the same weights, episodes and search (kept by default, so --bc can be added afterwards); "
+                   "also needed to replace eval.json's evaluations of these weights on another episode count")
     p.add_argument("--workers", type=int, default=1, help="processes that share the episodes, each with its own "
                    "envs, planner and plan.num_threads threads (unset: the cores shared out); on a CPU N "
                    "one-thread workers outrun one N-thread process. Episodes are dealt by steps left, and again "

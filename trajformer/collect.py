@@ -87,11 +87,14 @@ def _check_env(env_id: str, env_kwargs: dict, max_episode_steps: int | None) -> 
     except gym.error.Error:
         raise ValueError(f"unknown env id {env_id!r}: pass a registered Gymnasium id such as Hopper-v5 "
                          "(gymnasium.pprint_registry() lists them)") from None
+    def rejected(err: Exception) -> ValueError:
+        return ValueError(f"env kwargs {json.dumps(env_kwargs)} rejected by {env_id} ({type(err).__name__}: {err}): "
+                          "fix --env-kwargs")
+
     try:
         env = gym.make(env_id, max_episode_steps=max_episode_steps, **env_kwargs)
-    except TypeError as err:
-        raise ValueError(f"env kwargs {json.dumps(env_kwargs)} rejected by {env_id} ({err}): "
-                         "fix --env-kwargs") from None
+    except (TypeError, ValueError, ArithmeticError) as err:
+        raise rejected(err) from None
     for name, space in (("action", env.action_space), ("observation", env.observation_space)):
         if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
             raise ValueError(f"{env_id} has a {type(space).__name__} {name} space: trajformer collects "
@@ -99,6 +102,11 @@ def _check_env(env_id: str, env_kwargs: dict, max_episode_steps: int | None) -> 
     if not (np.isfinite(env.action_space.low).all() and np.isfinite(env.action_space.high).all()):
         raise ValueError(f"{env_id} has unbounded actions: random actions, action noise (in half action ranges) "
                          "and the behaviour policies need finite bounds; wrap the env in gymnasium's ClipAction")
+    try:  # a value the env is made with but cannot run with (frame_skip 0) fails here, not mid-collection
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
+    except (TypeError, ValueError, ArithmeticError) as err:
+        raise rejected(err) from None
     return env
 
 
@@ -191,8 +199,10 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
     env_kwargs = dict(env_kwargs or {})
     if steps <= 0 or num_envs <= 0:
         raise ValueError(f"--steps {steps} / --num-envs {num_envs}: both must be positive integers")
-    if action_noise < 0:
-        raise ValueError(f"--action-noise {action_noise} is negative: pass a standard deviation >= 0")
+    if not action_noise >= 0 or not np.isfinite(action_noise):
+        raise ValueError(f"--action-noise {action_noise}: pass a finite standard deviation >= 0")
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: pass a seed >= 0")
     _check_dataset_id(dataset_id)
     with _writing(dataset_id) as path:
         if path.exists() and not overwrite:
@@ -233,7 +243,8 @@ def collect(env_id: str, policy: str | Path | list[str] = "random", steps: int =
         # D4RL v2's expert return as ref_max_score (D4RL measured it on the v2 envs); scores use
         # metrics.score_reference.
         family = env_family(env_id)
-        ref_max = D4RL_REFERENCE[family][1] if family in D4RL_REFERENCE and not env_kwargs else None
+        ref_max = D4RL_REFERENCE[family][1] if family in D4RL_REFERENCE and not env_kwargs and \
+            max_episode_steps in (None, 1000) else None  # D4RL's expert return: the default env's 1000-step episodes
         buffers = [EpisodeBuffer(id=k, observations=np.array(ep["observations"]), actions=np.array(ep["actions"]),
                                  rewards=np.array(ep["rewards"]), terminations=np.array(ep["terminations"]),
                                  truncations=np.array(ep["truncations"]))
@@ -342,6 +353,8 @@ def collect_preset(name: str, steps: int | None = None, seed: int = 0, overwrite
     preset, steps = PRESETS[name], 1_000_000 if steps is None else steps
     if steps <= 0 or num_envs <= 0:
         raise ValueError(f"--steps {steps} / --num-envs {num_envs}: both must be positive integers")
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: pass a seed >= 0")
     dataset_id = f"trajformer/{name}-v0"
     settings = {"preset": name, "steps": steps, "seed": seed, "num_envs": num_envs}  # the data depends on all
     with _writing(dataset_id) as path:

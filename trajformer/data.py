@@ -129,22 +129,31 @@ def missing_dataset_message(dataset_id: str, reachable: bool = False) -> str:
     )
 
 
+def local_id(dataset_id: str) -> str:
+    """The id Minari keeps a dataset under: a remote path's (hf://farama-minari/mujoco/hopper/medium-v0) without its
+    remote and repository (mujoco/hopper/medium-v0), as Minari's download stores it."""
+    return dataset_id.split("://", 1)[1].split("/", 1)[-1] if "://" in dataset_id else dataset_id
+
+
 def load_minari(dataset_id: str, download: bool = True):
-    """Load a Minari dataset by id, downloading remote ids only when the hub is reachable."""
+    """Load a Minari dataset by id (or remote path), downloading remote ones only when the hub is reachable."""
     import minari
     from minari.storage.datasets_root_dir import get_dataset_path
 
-    if set_aside(Path(get_dataset_path(dataset_id))).exists():
-        raise ValueError(f"dataset '{dataset_id}' is being replaced by `trajformer collect --overwrite`, or one "
+    local = local_id(dataset_id)
+    if set_aside(Path(get_dataset_path(local))).exists():
+        raise ValueError(f"dataset '{local}' is being replaced by `trajformer collect --overwrite`, or one "
                            "was killed mid-write (the old copy is set aside): wait for it, or run that collect again "
                            "(it puts the old copy back first)")
-    if not is_local_dataset(dataset_id):
+    if not is_local_dataset(local):
         # Our own ids (`trajformer collect --preset`) are never on the hub: say how to make one, not the hub's error.
-        reachable = download and not dataset_id.startswith("trajformer/") and _hub_reachable(dataset_id)
+        reachable = download and not local.startswith("trajformer/") and _hub_reachable(dataset_id)
         if not reachable or not _hub_client_installed():
             raise FileNotFoundError(missing_dataset_message(dataset_id, reachable))
-        return minari.load_dataset(dataset_id, download=True)
-    return minari.load_dataset(dataset_id)
+        from minari.storage.hosting import download_dataset
+
+        download_dataset(dataset_id)  # a remote path names where to download from; Minari keeps it under `local`
+    return minari.load_dataset(local)
 
 
 def select_obs(obs_dims: list[int] | str, raw_obs_dim: int) -> np.ndarray:
@@ -323,7 +332,10 @@ def complete_episodes(data: OfflineData) -> list[Episode]:
 
 def prefix_return_mean(data: OfflineData, steps: int) -> float | None:
     """Mean return over the first `steps` steps of the episodes that reach them or terminate before (the data's
-    reference for episodes cut at `steps`); None if no episode qualifies."""
+    reference for episodes cut at `steps`; past the env's time limit, where no episode goes on, at the limit);
+    None if no episode qualifies."""
+    limit = data.env_spec.get("max_episode_steps")
+    steps = min(steps, limit) if limit else steps
     returns = [e.rew[:steps].sum() for e in data.episodes if e.length >= steps or e.is_terminal]
     return float(np.mean(returns)) if returns else None
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from trajformer.config import Config, load_config
-from trajformer.data import return_stats
+from trajformer.data import env_kwargs, return_stats
 from trajformer.metrics import score_reference
 
 
@@ -37,7 +37,9 @@ def describe_run(run_dir: Path) -> str:
         raise ValueError(f"{run_dir}/run.json lacks what info reads ({type(err).__name__}: {err}); retrain the run "
                          "with `trajformer train`, which writes it whole") from None
     try:
-        evaluation = _evaluation_lines(Path(run.path), model_sha256(run), run.meta["env"].get("max_episode_steps"))
+        env = run.meta["env"]
+        label = score_reference(env.get("id") or "", run.meta, env_kwargs(env), env.get("max_episode_steps"))[1]
+        evaluation = _evaluation_lines(Path(run.path), model_sha256(run), env.get("max_episode_steps"), label)
     except (KeyError, TypeError, IndexError, ValueError) as err:  # ValueError: json's decode errors
         raise ValueError(f"{run_dir}/eval.json or eval.partial.json is damaged ({type(err).__name__}: {err}); delete "
                          "it and run `trajformer eval` again") from None
@@ -91,7 +93,7 @@ def _stderr(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def _evaluation_lines(run_dir: Path, weights: str, limit: int | None) -> list[str]:
+def _evaluation_lines(run_dir: Path, weights: str, limit: int | None, label: str | None) -> list[str]:
     """What `trajformer eval` wrote: eval.json's settings (marked when other weights planned them) and the settings
     eval.partial.json holds under way, with the env steps left if no episode ends early (`limit` steps each), so a
     long evaluation can be followed from another shell."""
@@ -106,7 +108,9 @@ def _evaluation_lines(run_dir: Path, weights: str, limit: int | None) -> list[st
         for name, r in record["settings"].items():
             plan = r["plan"]
             other = "" if r.get("model_sha256") == weights else "; other weights than model.pt's"
-            normalized = f" (D4RL {r['normalized_score']:.1f})" if r.get("normalized_score") is not None else ""
+            # The reference a row was scored with (rows written before 2026-12-07 do not name it: the run's own).
+            normalized = (f" ({r.get('score_reference', label)} {r['normalized_score']:.1f})"
+                          if r.get("normalized_score") is not None else "")
             lines.append(f"                {name}, beam {plan['beam_width']} / horizon {plan['horizon']} "
                          f"({plan['dtype']}): {r['mean_return']:.1f} +- {_stderr(r['stderr'])}{normalized}, "
                          f"{r['seconds_per_step']:.2f} s per env step{other}")
@@ -132,7 +136,8 @@ def _evaluation_lines(run_dir: Path, weights: str, limit: int | None) -> list[st
 def _reference_line(data) -> str:
     """The returns a score of this dataset's env is normalised with: the same as `trajformer plan` uses."""
     meta = {"ref_min_score": data.ref_min_score, "ref_max_score": data.ref_max_score}
-    reference, label = score_reference(data.env_spec.get("id") or "", meta)
+    reference, label = score_reference(data.env_spec.get("id") or "", meta, env_kwargs(data.env_spec),
+                                       data.env_spec.get("max_episode_steps"))
     if reference is None:
         return "no reference returns: scores are not normalised"
     return f"normalised scores use random {reference[0]:.2f} / expert {reference[1]:.2f} ({label})"

@@ -23,10 +23,15 @@ def env_family(env_id: str) -> str:
     return env_id.split("/")[-1].split("-")[0].lower()
 
 
-def score_reference(env_id: str, meta: dict) -> tuple[tuple[float, float] | None, str | None]:
-    """(random, expert) returns for normalising: D4RL v2 for D4RL's envs, else the dataset's reference scores."""
+def score_reference(env_id: str, meta: dict, kwargs: dict | None = None, limit: int | None = None,
+                    max_steps: int | None = None) -> tuple[tuple[float, float] | None, str | None]:
+    """(random, expert) returns for normalising: D4RL v2 for D4RL's envs at their settings (no env kwargs, episodes
+    of 1000 steps), else the dataset's reference scores (made in its own env); none for episodes cut before the
+    env's time limit (`max_steps`), since both are returns of whole episodes."""
+    if max_steps is not None and (limit is None or max_steps < limit):
+        return None, None
     name = env_family(env_id)
-    if name in D4RL_REFERENCE:
+    if name in D4RL_REFERENCE and not kwargs and limit in (None, 1000):
         return D4RL_REFERENCE[name], "d4rl-v2"
     low, high = meta.get("ref_min_score"), meta.get("ref_max_score")
     if low is not None and high is not None and high != low:

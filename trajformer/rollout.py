@@ -211,10 +211,12 @@ def run_episodes(envs: list[gym.Env], agent: Agent, episodes: int, seed: int = 0
 
 
 def episode_record(results: dict[int, tuple[float, int]], steps: int, seconds: float, env_id: str,
-                   meta: dict) -> dict:
+                   meta: dict, kwargs: dict | None = None, limit: int | None = None,
+                   max_steps: int | None = None) -> dict:
     """run_episodes' results as the protocol's record: returns and lengths by episode, mean ± standard error,
-    normalised score with its reference (metrics.score_reference), seconds per env step."""
-    reference, label = score_reference(env_id, meta)
+    normalised score with its reference (metrics.score_reference: the env's kwargs and time limit, and the
+    episodes' cut), seconds per env step."""
+    reference, label = score_reference(env_id, meta, kwargs, limit, max_steps)
     order = sorted(results)
     record = summarize([results[e][0] for e in order], [results[e][1] for e in order], reference)
     record.update({"score_reference": label, "seconds_per_step": seconds / max(steps, 1)})
@@ -261,7 +263,7 @@ def evaluate_agent(agent: Agent, env: dict, episodes: int = 10, num_envs: int = 
                                            progress)
     for e in envs:
         e.close()
-    record = episode_record(results, steps, seconds, env["id"], meta or {})
+    record = episode_record(results, steps, seconds, env["id"], meta or {}, kwargs, limit, max_steps)
     record["config"] = {"env": env["id"], "env_kwargs": kwargs, "episodes": episodes, "num_envs": num_envs,
                         "max_steps": max_steps, "seed": seed}
     return record
@@ -327,7 +329,7 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
     results, steps, seconds = run_episodes(envs, planner, episodes, seed, max_steps, limit, f"plan {env_id}",
                                            progress, on_step, skip=skip, resume=resume, on_progress=on_progress,
                                            stop=stop)
-    record = episode_record(results, steps, seconds, env_id, run.meta)
+    record = episode_record(results, steps, seconds, env_id, run.meta, kwargs, limit, max_steps)
     record.update({
         "plan_log_likelihood": float(np.mean(log_likelihoods)),
         "config": {"plan": dataclasses.asdict(plan_cfg), "discount": run.config.data.discount, "env": env_id,
@@ -349,13 +351,18 @@ def evaluate(run: Run, plan_cfg: PlanConfig | None = None, env_id: str | None = 
 def dataset_reference(run: Run, max_steps: int | None = None, download: bool = True) -> float | None:
     """The dataset's own mean return, to read a planned return against: over complete episodes (recorded at
     training, else read from the dataset), or over the first `max_steps` steps of its episodes when episodes are
-    cut. Raises FileNotFoundError where the dataset must be read and is not on this machine."""
+    cut. Raises FileNotFoundError where the dataset must be read and is not on this machine, ValueError where it
+    now holds other data than the run was trained on."""
     from trajformer.data import load_episodes, prefix_return_mean, return_stats
 
     stats = run.meta.get("dataset_stats", {})
     if max_steps is None and "complete_return_mean" in stats:  # None when the data has no complete episode
         return stats["complete_return_mean"]
     data = load_episodes(run.meta["dataset_id"], run.config.data, download=download)
+    trained_on = run.meta.get("provenance", {}).get("dataset_sha256")
+    if trained_on is not None and trained_on != data.sha256:
+        raise ValueError(f"{run.meta['dataset_id']} holds other data than {run.path} was trained on (collected again "
+                         "with other settings?)")
     return return_stats(data)["complete_return_mean"] if max_steps is None else prefix_return_mean(data, max_steps)
 
 
@@ -370,12 +377,17 @@ def report(record: dict) -> str:
         nse = record["normalized_stderr"]
         lines.append(f"normalised score ({record['score_reference']}) {record['normalized_score']:.1f}"
                      + (f" ± {nse:.1f}" if nse else ""))
+    elif record.get("config", {}).get("max_steps"):
+        lines.append(f"normalised score: none for episodes cut at {record['config']['max_steps']} steps (the "
+                     "reference returns are of whole episodes)")
     else:
         lines.append("normalised score: no reference returns for this env or dataset")
     if record.get("dataset_mean_return") is not None:
         steps = record.get("config", {}).get("max_steps")
         lines.append(f"the dataset's own episodes: mean return {record['dataset_mean_return']:.2f}"
                      + (f" over their first {steps} steps" if steps else " (complete episodes)"))
+    elif record.get("dataset_mean_return_note"):
+        lines.append(f"the dataset's own episodes: not read ({record['dataset_mean_return_note']})")
     lines.append(f"{record['seconds_per_step']:.3g} s per env step"
                  + (f", plan log-likelihood {record['plan_log_likelihood']:.2f} per plan"
                     if "plan_log_likelihood" in record else ""))
@@ -392,14 +404,19 @@ def plan_command(run_dir: str, env_id: str | None = None, episodes: int = 1, num
         raise ValueError(f"--json {json_path} is a directory; name a file in it, e.g. {Path(json_path) / 'plan.json'}")
     if json_path is not None:  # now, not after the episodes
         writable_dir(Path(json_path).parent, fix="name a --json file in a folder you can write to")
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: pass a seed >= 0 (episode i resets with seed + i)")
     run = load_run(run_dir)
     plan_cfg = plan_config(run, overrides or [])
+    try:  # an extra beside the record, read before the episodes: none where the dataset cannot serve as one
+        reference, unread = dataset_reference(run, max_steps, download=False), None
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        reference, unread = None, str(err).split(";")[0]
     record = evaluate(run, plan_cfg, env_id=env_id, episodes=episodes, num_envs=num_envs, max_steps=max_steps,
                       seed=seed, video=video, video_speed=video_speed)
-    try:  # an extra beside the record: none where the dataset is not on this machine
-        record["dataset_mean_return"] = dataset_reference(run, max_steps, download=False)
-    except (FileNotFoundError, KeyError):
-        record["dataset_mean_return"] = None
+    record["dataset_mean_return"] = reference
+    if unread:
+        record["dataset_mean_return_note"] = unread
     print(report(record))
     if json_path is not None:
         save_json(Path(json_path), record)
@@ -411,7 +428,7 @@ CHEAP = {"beam_width": 32, "horizon": 5}
 """The cheap planner setting every evaluation also reports (DESIGN.md §6), beside the official one."""
 
 OFFICIAL = {"beam_width": 128, "horizon": 15, "n_expand": 2, "cdf_act": 0.6, "k_act": None,
-            "max_context_transitions": 5}
+            "max_context_transitions": 5, "k_obs": 1, "plan_freq": 1}
 OFFICIAL_OVERRIDES = {  # (env family, dataset kind) -> the official code's per-task overrides (DESIGN.md §5)
     ("halfcheetah", "medium"): {"beam_width": 32, "horizon": 5},
     ("halfcheetah", "replay"): {"beam_width": 32, "horizon": 5},
@@ -420,7 +437,7 @@ OFFICIAL_OVERRIDES = {  # (env family, dataset kind) -> the official code's per-
     ("walker2d", "replay"): {"beam_width": 32, "horizon": 20, "k_act": 40, "cdf_act": None},
     ("ant", ""): {"horizon": 5},
 }
-SETTING_KEYS = frozenset(OFFICIAL) | {"objective", "k_obs", "plan_freq"}
+SETTING_KEYS = frozenset(OFFICIAL) | {"objective"}
 """Keys only the evaluation's settings decide; `--set` may change the rest (device, dtype, threads)."""
 
 
@@ -450,7 +467,8 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     RUN_DIR/eval.partial.json, and so are the episodes under way every minute and at a stop: running it again after
     an interruption goes on mid-episode where it stopped (run_episodes). A setting eval.json already holds for these
     weights, episodes and search is kept, not planned again (so `--bc` can be added later), unless `again` (or
-    another plan.dtype than it was planned in is asked for). `workers` processes share the episodes
+    another plan.dtype than it was planned in is asked for); eval.json's evaluations of these weights on another
+    episode count are replaced only with `again`. `workers` processes share the episodes
     (`_evaluate_in_workers`)."""
     check_counts(episodes, num_envs)
     if workers < 1:
@@ -465,6 +483,16 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
                              "plan.dtype, plan.num_threads) or plan with `trajformer plan` instead")
     run = load_run(run_dir)
     env_id = env_settings(run)[0]  # the protocol runs in the run's own env
+    # eval.json holds one episode count: rows of these weights on another would be replaced, so only on --again.
+    run_dir = Path(run.path)
+    weights = model_sha256(run)
+    earlier = run_dir / "eval.json"
+    older = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    theirs = [name for name, r in older.get("settings", {}).items() if r.get("model_sha256") == weights]
+    if theirs and older["episodes"] != episodes and not again:
+        raise ValueError(f"{earlier} holds {older['episodes']}-episode evaluations of these weights "
+                         f"({', '.join(theirs)}), which {episodes} episodes would replace: evaluate "
+                         f"{older['episodes']} episodes, pass --again to replace them, or evaluate a copy of the run")
     bc = [_bc_reference(d, run, episodes) for d in bc_dirs]
     if len({b["seed"] for b in bc}) < len(bc):
         raise ValueError(f"--bc {' '.join(bc_dirs)}: two directories share a training seed; give BC runs of "
@@ -476,7 +504,6 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     # episode at 128/15 on a CPU) resumes where it stopped; the file goes once eval.json is written. Evaluations
     # of other settings may run at the same time on the same run directory: each updates only its own entries of
     # the shared files, under a lock, and one setting is evaluated by one process at a time.
-    run_dir = Path(run.path)
     plans: dict[tuple, tuple[dict, PlanConfig]] = {}  # a task whose official setting is 32/5 plans once
     names = {}
     for name in settings:
@@ -490,8 +517,6 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
             fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
             plans[key] = setting, plan_config(run, [*fixed, "plan.objective=reward", *overrides])
     # A setting's entry names the weights it planned with; entries of other (or unnamed) weights are not kept.
-    weights = model_sha256(run)
-    earlier = run_dir / "eval.json"
     finished = _kept_settings(earlier, episodes, weights).values()
     done: dict[tuple, dict] = {}
     for key, (setting, plan_cfg) in plans.items():
@@ -505,14 +530,15 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         for key, (setting, plan_cfg) in plans.items():
             if key in done:
                 continue
-            digest = hashlib.sha1(json.dumps(_identity(setting, plan_cfg, episodes), sort_keys=True).encode())
+            digest = hashlib.sha1(json.dumps(_identity(setting, plan_cfg, episodes, weights),
+                                             sort_keys=True).encode())
             if not held.enter_context(file_lock(run_dir / f".eval-{digest.hexdigest()[:12]}.lock", wait=False)):
                 raise ValueError(f"another `trajformer eval` is evaluating beam {setting['beam_width']} / horizon "
                                  f"{setting['horizon']} ({episodes} episodes) on {run_dir}; wait for it, or stop it "
                                  "and run again to go on where it stopped")
         for key, (setting, plan_cfg) in plans.items():
             if key not in done:
-                done[key] = {**_resumable_setting(run, plan_cfg, _identity(setting, plan_cfg, episodes),
+                done[key] = {**_resumable_setting(run, plan_cfg, _identity(setting, plan_cfg, episodes, weights),
                                                   num_envs or episodes, progress, workers), "model_sha256": weights}
     out["settings"] = {name: done[names[name]] for name in settings}
     with file_lock(run_dir / ".eval.lock"):
@@ -556,10 +582,10 @@ def _kept_settings(path: Path, episodes: int, weights: str) -> dict:
             if old.get("episodes") == episodes and r.get("model_sha256") == weights}
 
 
-def _identity(setting: dict, plan_cfg: PlanConfig, episodes: int) -> dict:
-    """What names one setting's runs in eval.partial.json. Episodes planned in another dtype are not mixed in:
-    the same search, but not the same plans."""
-    return {"setting": setting, "dtype": plan_cfg.dtype, "episodes_total": episodes}
+def _identity(setting: dict, plan_cfg: PlanConfig, episodes: int, weights: str) -> dict:
+    """What names one setting's runs in eval.partial.json. Episodes planned in another dtype, or with other weights
+    (model.pt replaced between a stop and the rerun), are not mixed in: the same search, but not the same plans."""
+    return {"setting": setting, "dtype": plan_cfg.dtype, "episodes_total": episodes, "model_sha256": weights}
 
 
 def _partial_runs(run_dir: Path) -> list[dict]:
@@ -588,18 +614,23 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs:
     run_dir = Path(run.path)
 
     def mine(r: dict) -> bool:
-        return {k: r[k] for k in identity} == identity
+        return {k: r.get(k) for k in identity} == identity
 
     with file_lock(run_dir / ".eval.lock"):
         partial = _partial_runs(run_dir)
     entry = next((r for r in partial if mine(r)), None)
     if entry is None:
         entry = {**identity, "episodes": {}, "steps": 0, "seconds": 0.0}
-        for other in partial:  # the same setting under way in another dtype: say how to go on with it instead
+        for other in partial:  # the same setting under way in another dtype or with other weights: say so
             if other["setting"] == setting and other["episodes_total"] == episodes:
-                print(f"{run_dir / 'eval.partial.json'} holds this setting under way in {other['dtype']} "
-                      f"({other['steps']:,} env steps): --set plan.dtype={other['dtype']} resumes it; this run, in "
-                      f"{plan_cfg.dtype}, starts over and replaces it when it finishes", flush=True)
+                if other.get("model_sha256") != identity["model_sha256"]:
+                    print(f"{run_dir / 'eval.partial.json'} holds this setting under way with other weights than "
+                          f"model.pt's ({other['steps']:,} env steps): this run starts over and replaces it when it "
+                          "finishes", flush=True)
+                else:
+                    print(f"{run_dir / 'eval.partial.json'} holds this setting under way in {other['dtype']} "
+                          f"({other['steps']:,} env steps): --set plan.dtype={other['dtype']} resumes it; this run, "
+                          f"in {plan_cfg.dtype}, starts over and replaces it when it finishes", flush=True)
     elif entry["episodes"]:
         print(f"resuming beam {setting['beam_width']} / horizon {setting['horizon']}: {len(entry['episodes'])} of "
               f"{episodes} episodes kept from {run_dir / 'eval.partial.json'}", flush=True)
@@ -628,9 +659,11 @@ def _resumable_setting(run: Run, plan_cfg: PlanConfig, identity: dict, num_envs:
                 "on where they stopped") from None
         entry.pop("in_progress", None)
     results = {int(e): tuple(r) for e, r in entry["episodes"].items()}
-    record = episode_record(results, entry["steps"], entry["seconds"], run.meta["env"]["id"], run.meta)
+    env_id, kwargs, limit = env_settings(run)
+    record = episode_record(results, entry["steps"], entry["seconds"], env_id, run.meta, kwargs, limit)
     return {**{k: record[k] for k in ("returns", "lengths", "mean_return", "stderr", "normalized_score",
-                                      "normalized_stderr", "seconds_per_step")}, "plan": dataclasses.asdict(plan_cfg)}
+                                      "normalized_stderr", "score_reference", "seconds_per_step")},
+            "plan": dataclasses.asdict(plan_cfg)}
 
 
 def _deal(todo: list[int], steps_done: dict[int, int], workers: int, limit: int | None,
