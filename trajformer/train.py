@@ -515,9 +515,8 @@ def _train(cfg: Config, out_dir: Path, dataset_id: str | None, resume: bool, pro
                    "batch_size": batch, "sessions": [{"from_step": step, **here}]}
         if init is not None:
             compute["init_from"] = _init_record(init)
-        elif resume and (out_dir / "run.json").is_file():
-            compute = _resumed_compute(json.loads((out_dir / "run.json").read_text()).get("compute", {}), compute,
-                                       step)
+        elif resumed is not None:  # the run.json _load_checkpoint read
+            compute = _resumed_compute(resumed.get("compute", {}), compute, step)
         write_run_files(out_dir, to_toml(cfg), prep.discretizer, run_metadata(prep, cfg, model_cfg, compute))
         if state is not None and metrics_path.exists():  # drop lines logged after the checkpoint
             kept = [row for row in read_metrics(metrics_path) if row["step"] <= step]
