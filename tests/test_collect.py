@@ -196,7 +196,8 @@ def test_an_overwrite_that_fails_or_is_killed_keeps_the_old_dataset(monkeypatch,
     path = get_dataset_path("test/old-v0")  # what a SIGKILL mid-write leaves
     path.rename(path.with_name(".old-v0.replaced"))
     (path / "data").mkdir(parents=True)
-    with pytest.raises(ValueError, match="is being replaced .* run that collect again"):
+    with pytest.raises(ValueError, match="is being written by `trajformer collect`, or one was killed mid-write .*"
+                                         "run that collect again"):
         load_minari("test/old-v0")  # train, predict: not the partial copy
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         collect("Hopper-v5", steps=40, dataset_id="test/old-v0")
@@ -211,6 +212,16 @@ def test_an_overwrite_that_fails_or_is_killed_keeps_the_old_dataset(monkeypatch,
         collect("Hopper-v5", steps=50, dataset_id="test/old-v0")
     assert minari.load_dataset("test/old-v0").total_steps == 40
     assert sorted(p.name for p in (minari_tmp / "test").iterdir() if p.is_dir()) == ["old-v0"]
+
+    # A new dataset's write killed outright (what it left may be partial): refused to readers; the next collect of
+    # the id removes it first, then writes it whole.
+    collect("Hopper-v5", steps=30, dataset_id="test/new-v0")
+    new = get_dataset_path("test/new-v0")
+    new.with_name(".new-v0.writing").touch()  # what a SIGKILL before the write ended leaves beside it
+    with pytest.raises(ValueError, match="'test/new-v0' is being written by `trajformer collect`, or one was killed"):
+        load_minari("test/new-v0")
+    assert collect("Hopper-v5", steps=20, dataset_id="test/new-v0").total_steps == 20  # no --overwrite needed
+    assert not new.with_name(".new-v0.writing").exists() and load_minari("test/new-v0").total_steps == 20
 
 
 def test_a_dataset_being_written_is_refused_before_any_work(minari_tmp):

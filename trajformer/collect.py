@@ -26,7 +26,7 @@ from minari.storage import get_dataset_path
 from tqdm import tqdm
 
 from trajformer.behavior import Policy, episode_returns, load_behavior_policy, one_thread
-from trajformer.files import file_lock, set_aside
+from trajformer.files import file_lock, set_aside, writing_mark
 from trajformer.metrics import D4RL_REFERENCE, env_family
 
 HUMANOID_45 = {f"include_{k}_in_observation": False for k in ("cinert", "cvel", "qfrc_actuator", "cfrc_ext")}
@@ -150,12 +150,16 @@ def _writing(dataset_id: str) -> Iterator[Path]:
                                f"{lock}); wait for it to finish")
         _HELD.add(dataset_id)
         try:
-            aside, gone = set_aside(path), _deleting(path)
+            aside, gone, mark = set_aside(path), _deleting(path), writing_mark(path)
             if gone.exists():  # an old copy whose deletion was cut short
                 shutil.rmtree(gone)
             if aside.exists():  # a replace killed outright: its new copy may be partial, the old one is whole
                 _put_back(path, aside)
                 print(f"{dataset_id}: put back the copy that a killed --overwrite had moved aside to {aside}")
+            elif mark.exists() and path.exists():  # a new dataset's write killed outright: what it left is partial
+                shutil.rmtree(path)
+                print(f"{dataset_id}: removed the partial copy that a killed collect had left in {path}")
+            mark.unlink(missing_ok=True)
             yield path
         finally:
             _HELD.discard(dataset_id)
@@ -164,10 +168,12 @@ def _writing(dataset_id: str) -> Iterator[Path]:
 @contextmanager
 def _replacing(dataset_id: str) -> Iterator[None]:
     """Write `dataset_id` (held with _writing) whole or not at all: an old copy is moved aside (a hidden sibling,
-    which Minari's listing skips) and deleted only once the new one is written; an error or Ctrl-C puts it back,
-    and after a kill (SIGKILL, power) the next _writing of the id does."""
+    which Minari's listing skips) and deleted only once the new one is written; an error or Ctrl-C puts it back (or
+    removes a new dataset's partial copy), and after a kill (SIGKILL, power) the next _writing of the id does."""
     path = get_dataset_path(dataset_id)
-    aside = set_aside(path)
+    aside, mark = set_aside(path), writing_mark(path)
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.touch()  # until the new copy is whole: a kill before then leaves it, and the next _writing cleans up
     if path.exists():
         path.rename(aside)
     try:
@@ -177,7 +183,9 @@ def _replacing(dataset_id: str) -> Iterator[None]:
             _put_back(path, aside)
         elif path.exists():
             shutil.rmtree(path)
+        mark.unlink(missing_ok=True)
         raise
+    mark.unlink()
     if aside.exists():
         aside.rename(gone := _deleting(path))  # atomic: from here on the old copy is never put back, only deleted
         shutil.rmtree(gone)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from trajformer.config import DataConfig, parse_slice
-from trajformer.files import set_aside
+from trajformer.files import set_aside, writing_mark
 
 
 @dataclass
@@ -141,10 +141,11 @@ def load_minari(dataset_id: str, download: bool = True):
     from minari.storage.datasets_root_dir import get_dataset_path
 
     local = local_id(dataset_id)
-    if set_aside(Path(get_dataset_path(local))).exists():
-        raise ValueError(f"dataset '{local}' is being replaced by `trajformer collect --overwrite`, or one "
-                           "was killed mid-write (the old copy is set aside): wait for it, or run that collect again "
-                           "(it puts the old copy back first)")
+    path = Path(get_dataset_path(local))
+    if set_aside(path).exists() or writing_mark(path).exists():
+        raise ValueError(f"dataset '{local}' is being written by `trajformer collect`, or one was killed mid-write "
+                         "(what it left may be partial): wait for it, or run that collect again (it puts an old copy "
+                         "back, or removes the partial one, first)")
     if not is_local_dataset(local):
         # Our own ids (`trajformer collect --preset`) are never on the hub: say how to make one, not the hub's error.
         reachable = download and not local.startswith("trajformer/") and _hub_reachable(dataset_id)

@@ -29,6 +29,12 @@ def set_aside(path: Path) -> Path:
     return path.with_name(f".{path.name}.replaced")
 
 
+def writing_mark(path: Path) -> Path:
+    """A hidden sibling that `trajformer collect` keeps beside a dataset directory while it writes it: found with no
+    collect running, it marks a write killed outright (SIGKILL, power), whose dataset may be partial."""
+    return path.with_name(f".{path.name}.writing")
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then rename the temp file onto `path`. The temp file ends in `path`'s suffix, for
     writers that pick the format from it (imageio's video writers). Its bytes reach the disk before the rename,
