@@ -2,8 +2,8 @@
 
     python scripts/learning_curves.py [--runs runs/curves] [--out benchmarks/learning_curves.png]
 
-    python scripts/learning_curves.py --runs runs/curves-walker2d pretrained/models/walker2d-medium \
-        --out benchmarks/learning_curves_walker2d.png
+    python scripts/learning_curves.py --runs runs/curves-walker2d --out benchmarks/learning_curves_walker2d.png
+        (drop0-250k, drop0-1m and drop0-4m in runs/curves-walker2d; README says where each comes from)
 
 Per run: validation cross-entropy per token type against training target tokens (compute), the final values,
 the training wall-clock (from the logged throughput, on a shared machine) and the planned return at beam 32,

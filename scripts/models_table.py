@@ -26,10 +26,12 @@ def fmt(setting: dict | None, show_plan: bool = False, missing: str = "not run y
         return missing
     s = setting
     plan = f"{s['plan']['beam_width']}/{s['plan']['horizon']}: " if show_plan else ""
-    lengths = s.get("lengths") or []  # recorded since 2026-11-30; a termination ends an episode early
-    fell = sum(n < 1000 for n in lengths)
+    lengths = s.get("lengths")  # recorded since 2026-11-30; a termination ends an episode early
+    fell = sum(n < 1000 for n in lengths or [])
+    falls = ("; episode lengths not recorded" if lengths is None else
+             f"; {fell} of {len(lengths)} ended early" if fell else "")
     return (f"{plan}{s['mean_return']:.0f} ± {s['stderr']:.0f} ({s['normalized_score']:.1f}; "
-            f"{s['seconds_per_step']:.2f} s/step" + (f"; {fell} of {len(lengths)} ended early" if fell else "") + ")")
+            f"{s['seconds_per_step']:.2f} s/step{falls})")
 
 
 def under_way(model_dir: Path) -> str:
