@@ -193,6 +193,8 @@ def test_score_reference_and_summary():
     for kwargs, limit, max_steps in [({"terminate_when_unhealthy": False}, 1000, None), ({}, 200, None),
                                      ({}, 1000, 20), ({}, None, 20)]:
         assert score_reference("Hopper-v5", refs, kwargs, limit, max_steps) == (None, None)
+    # D4RL's expert return, which collect recorded as a dataset's own for any time limit before 2026-12-07: not used.
+    assert score_reference("Hopper-v5", {"ref_min_score": 12.6, "ref_max_score": 3234.3}, {}, 50) == (None, None)
     s = summarize([1.0, 3.0], [10, 20], (0.0, 4.0))
     assert s["mean_return"] == 2.0 and s["stderr"] == pytest.approx(1.0) and s["normalized_score"] == 50.0
     assert summarize([1.0], [3], None)["stderr"] is None
@@ -949,6 +951,14 @@ def test_a_finished_setting_is_kept_for_the_same_weights_and_planned_again_for_o
     cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5", "--bc", f"{bc}0", f"{bc}1"])
     assert planned == [] and "kept from" in capsys.readouterr().out
     record = json.loads((run / "eval.json").read_text())
+    assert record["settings"]["32x5"]["score_reference"] == "dataset"
+    # A row written before rows named their reference, scored by the env family alone: kept, and scored again.
+    old = json.loads((run / "eval.json").read_text())
+    del old["settings"]["32x5"]["score_reference"]
+    old["settings"]["32x5"]["normalized_score"] = 999.0
+    (run / "eval.json").write_text(json.dumps(old))
+    cli.main(["eval", str(run), "--episodes", "2", "--settings", "32x5"])
+    assert planned == [] and json.loads((run / "eval.json").read_text()) == record
     seeds = [json.loads((tmp_path / f"bc{s}" / "bc.json").read_text())["evaluation"]["mean_return"] for s in (0, 1)]
     assert record["settings"]["32x5"] == first["settings"]["32x5"] and seeds[0] != seeds[1]
     assert record["bc_mean_return"] == pytest.approx(np.mean(seeds))
@@ -965,11 +975,12 @@ def test_a_finished_setting_is_kept_for_the_same_weights_and_planned_again_for_o
     assert planned[-1] == "float32" and set(json.loads((run / "eval.json").read_text())["settings"]) == {"official"}
 
 
-@pytest.mark.parametrize("other", ["dtype", "weights"])
+@pytest.mark.parametrize("other", ["dtype", "weights", "legacy"])
 def test_a_setting_under_way_in_another_dtype_is_named_then_replaced(point_run, tmp_path, monkeypatch, capsys, other):
     """A float32 evaluation of a setting that eval.partial.json holds under way in bfloat16 (or with weights other
     than model.pt's, replaced between a stop and the rerun) says so, plans its own episodes from the start, and
-    replaces that entry when it finishes."""
+    replaces that entry when it finishes. An entry written before entries named their weights (and before the
+    setting held k_obs and plan_freq) is gone on from."""
     from trajformer import rollout
     from trajformer.run import model_sha256
 
@@ -982,9 +993,17 @@ def test_a_setting_under_way_in_another_dtype_is_named_then_replaced(point_run, 
     weights = model_sha256(load_run(run)) if other == "dtype" else "0" * 64
     entry = {"setting": setting, "dtype": "bfloat16" if other == "dtype" else "float32", "episodes_total": 2,
              "model_sha256": weights, "episodes": {"0": [1.0, 5]}, "steps": 5, "seconds": 1.0}
+    if other == "legacy":
+        del entry["model_sha256"]
+        entry["setting"] = {k: v for k, v in setting.items() if k not in ("k_obs", "plan_freq")}
     (run / "eval.partial.json").write_text(json.dumps({"runs": [entry]}))
     out = rollout.evaluation_protocol(str(run), episodes=2, settings=("official",), progress=False)
     said = capsys.readouterr().out
+    if other == "legacy":
+        assert "1 entries written before entries named their weights are taken as model.pt's" in said
+        assert "1 of 2 episodes kept" in said and out["settings"]["official"]["returns"][0] == 1.0
+        assert not (run / "eval.partial.json").exists()
+        return
     assert ("under way in bfloat16 (5 env steps): --set plan.dtype=bfloat16 resumes it" if other == "dtype" else
             "under way with other weights than model.pt's (5 env steps): this run starts over") in said
     assert len(out["settings"]["official"]["returns"]) == 2 and out["settings"]["official"]["returns"][0] != 1.0

@@ -460,6 +460,10 @@ def test_a_remote_path_loads_where_minari_keeps_its_download(hopper_dataset, mon
     monkeypatch.setattr("trajformer.data._hub_reachable", lambda *a: True)
     monkeypatch.setattr("trajformer.data._hub_client_installed", lambda: True)
     assert load_minari(remote).total_steps == 3000 and fetched == [remote]  # not here: downloaded, then loaded
+    from trajformer.data import load_episodes
+
+    with pytest.raises(ValueError, match="names a dataset twice"):  # the remote path and its local id: one dataset
+        load_episodes(f"{remote}+{hopper_dataset}", load_config(QUICKSTART).data)
 
 
 def test_bfloat16_training_and_dataset_info(tiny_config, hopper_dataset, tmp_path):

@@ -172,10 +172,10 @@ def _replacing(dataset_id: str) -> Iterator[None]:
     removes a new dataset's partial copy), and after a kill (SIGKILL, power) the next _writing of the id does."""
     path = get_dataset_path(dataset_id)
     aside, mark = set_aside(path), writing_mark(path)
-    mark.parent.mkdir(parents=True, exist_ok=True)
-    mark.touch()  # until the new copy is whole: a kill before then leaves it, and the next _writing cleans up
     if path.exists():
         path.rename(aside)
+    mark.parent.mkdir(parents=True, exist_ok=True)
+    mark.touch()  # until the new copy is whole (an old one is aside first): a kill leaves it for _writing to clean
     try:
         yield
     except BaseException:

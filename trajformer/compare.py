@@ -142,12 +142,13 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
 
     def kept(record: Path, key: str, config: dict, ensemble: str | None = None) -> bool:
         """Whether a baseline left whole by a comparison stopped before its row (its .json is written last) was
-        trained with `config` on this data, split (and ensemble): then it is evaluated, not trained again."""
+        trained with `config` on this data (its digest), split (and ensemble): then it is evaluated, not trained
+        again."""
         if not record.is_file():
             return False
         meta = json.loads(record.read_text())
-        if (meta["config"], meta["dataset_id"], meta["split"]["seed"], meta["split"]["validation_fraction"],
-                meta.get("ensemble", {}).get("path")) != (config, data.dataset_id, cfg.train.seed,
+        if (meta["config"], meta.get("dataset_sha256"), meta["split"]["seed"], meta["split"]["validation_fraction"],
+                meta.get("ensemble", {}).get("path")) != (config, data.sha256, cfg.train.seed,
                                                            cfg.data.validation_fraction, ensemble):
             return False
         seconds.setdefault(key, meta["training"]["seconds"])

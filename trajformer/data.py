@@ -222,7 +222,7 @@ def load_episodes(dataset_id: str, cfg: DataConfig, download: bool = True) -> Of
     if not dataset_id:
         raise ValueError("no dataset given; set data.dataset in the config or pass --dataset ID")
     ids = dataset_id.split("+")
-    if len(set(ids)) < len(ids):
+    if len({local_id(i) for i in ids}) < len(ids):  # a remote path and its local id are one dataset
         raise ValueError(f"'{dataset_id}' names a dataset twice: its episodes would be split into both training and "
                          "validation; name each part once")
     parts = [load_minari(part, download=download) for part in ids]  # all found, or fail now
@@ -234,7 +234,7 @@ def load_episodes(dataset_id: str, cfg: DataConfig, download: bool = True) -> Of
 
     first_spec = env_of(first)
     for part_id, dataset in zip(ids, parts, strict=True):
-        inside = set(dataset.storage.metadata.get("combined_datasets") or []) & set(ids)
+        inside = set(dataset.storage.metadata.get("combined_datasets") or []) & {local_id(i) for i in ids}
         if inside:
             raise ValueError(f"cannot join '{dataset_id}': '{part_id}' already holds {', '.join(sorted(inside))} "
                              "(minari.combine_datasets); name each dataset once")

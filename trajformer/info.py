@@ -9,7 +9,7 @@ import numpy as np
 
 from trajformer.config import Config, load_config
 from trajformer.data import env_kwargs, return_stats
-from trajformer.metrics import score_reference
+from trajformer.metrics import D4RL_REFERENCE, env_family, score_reference
 
 
 def _reconstruction_table(names: list[str], errors: np.ndarray, n_real: np.ndarray, scale: np.ndarray) -> list[str]:
@@ -38,7 +38,8 @@ def describe_run(run_dir: Path) -> str:
                          "with `trajformer train`, which writes it whole") from None
     try:
         env = run.meta["env"]
-        label = score_reference(env.get("id") or "", run.meta, env_kwargs(env), env.get("max_episode_steps"))[1]
+        # How rows written before 2026-12-07 (which do not name their reference) were scored: by the env family.
+        label = "d4rl-v2" if env_family(env.get("id") or "") in D4RL_REFERENCE else "dataset"
         evaluation = _evaluation_lines(Path(run.path), model_sha256(run), env.get("max_episode_steps"), label)
     except (KeyError, TypeError, IndexError, ValueError) as err:  # ValueError: json's decode errors
         raise ValueError(f"{run_dir}/eval.json or eval.partial.json is damaged ({type(err).__name__}: {err}); delete "
@@ -108,7 +109,6 @@ def _evaluation_lines(run_dir: Path, weights: str, limit: int | None, label: str
         for name, r in record["settings"].items():
             plan = r["plan"]
             other = "" if r.get("model_sha256") == weights else "; other weights than model.pt's"
-            # The reference a row was scored with (rows written before 2026-12-07 do not name it: the run's own).
             normalized = (f" ({r.get('score_reference', label)} {r['normalized_score']:.1f})"
                           if r.get("normalized_score") is not None else "")
             lines.append(f"                {name}, beam {plan['beam_width']} / horizon {plan['horizon']} "

@@ -493,6 +493,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         raise ValueError(f"{earlier} holds {older['episodes']}-episode evaluations of these weights "
                          f"({', '.join(theirs)}), which {episodes} episodes would replace: evaluate "
                          f"{older['episodes']} episodes, pass --again to replace them, or evaluate a copy of the run")
+    _upgrade_partial(run, weights)
     bc = [_bc_reference(d, run, episodes) for d in bc_dirs]
     if len({b["seed"] for b in bc}) < len(bc):
         raise ValueError(f"--bc {' '.join(bc_dirs)}: two directories share a training seed; give BC runs of "
@@ -525,7 +526,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         if kept and not again:
             print(f"beam {setting['beam_width']} / horizon {setting['horizon']}: kept from {earlier} (the same "
                   "weights, episodes and search); --again plans it again", flush=True)
-            done[key] = kept[0]
+            done[key] = _rescored(kept[0], run)
     with contextlib.ExitStack() as held:
         for key, (setting, plan_cfg) in plans.items():
             if key in done:
@@ -543,7 +544,8 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     out["settings"] = {name: done[names[name]] for name in settings}
     with file_lock(run_dir / ".eval.lock"):
         # Settings evaluated earlier on as many episodes (another `--settings`) stay in eval.json beside these.
-        out["settings"] = {**_kept_settings(earlier, episodes, weights), **out["settings"]}
+        kept_rows = _kept_settings(earlier, episodes, weights)
+        out["settings"] = {**{name: _rescored(r, run) for name, r in kept_rows.items()}, **out["settings"]}
         if not bc and earlier.is_file() and (old := json.loads(earlier.read_text()))["episodes"] == episodes:
             out["bc_mean_return"], out["bc"] = old.get("bc_mean_return"), old.get("bc")
         save_json(earlier, out)
@@ -580,6 +582,33 @@ def _kept_settings(path: Path, episodes: int, weights: str) -> dict:
     old = json.loads(path.read_text()) if path.is_file() else {}
     return {name: r for name, r in old.get("settings", {}).items()
             if old.get("episodes") == episodes and r.get("model_sha256") == weights}
+
+
+def _rescored(row: dict, run: Run) -> dict:
+    """An eval.json row normalised with today's reference (metrics.score_reference) from its returns: rows written
+    before 2026-12-07 were normalised by the env family alone, whatever the env's kwargs or time limit."""
+    env_id, kwargs, limit = env_settings(run)
+    reference, label = score_reference(env_id, run.meta, kwargs, limit)
+    scored = summarize(row["returns"], row.get("lengths") or [], reference)
+    return {**row, "normalized_score": scored["normalized_score"], "normalized_stderr": scored["normalized_stderr"],
+            "score_reference": label}
+
+
+def _upgrade_partial(run: Run, weights: str) -> None:
+    """eval.partial.json's entries written before 2026-12-07 name no weights, and their setting took k_obs and
+    plan_freq from the run's [plan]: completed as that code planned them (with model.pt's weights, which it did not
+    check), so the evaluation goes on from them and replaces them when it finishes."""
+    run_dir = Path(run.path)
+    with file_lock(run_dir / ".eval.lock"):
+        runs = _partial_runs(run_dir)
+        old = [r for r in runs if "model_sha256" not in r]
+        for r in old:
+            r["model_sha256"] = weights
+            r["setting"] = {**r["setting"], "k_obs": run.config.plan.k_obs, "plan_freq": run.config.plan.plan_freq}
+        if old:
+            save_json(run_dir / "eval.partial.json", {"runs": runs})
+            print(f"{run_dir / 'eval.partial.json'}: {len(old)} entries written before entries named their weights "
+                  "are taken as model.pt's", flush=True)
 
 
 def _identity(setting: dict, plan_cfg: PlanConfig, episodes: int, weights: str) -> dict:

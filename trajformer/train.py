@@ -407,19 +407,19 @@ def train(cfg: Config, out_dir: str | os.PathLike, dataset_id: str | None = None
     refused, instead of both writing one run's files."""
     out_dir = Path(out_dir)
     writable_dir(out_dir)
-    if int(os.environ.get("RANK", "0")) > 0:  # torchrun's other ranks: rank 0 holds the lock and writes the files
-        return _train(cfg, out_dir, dataset_id, resume, progress)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        return _train(cfg, out_dir, dataset_id, resume, progress)  # torchrun: rank 0 holds the lock, writes the files
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with file_lock(out_dir / ".train.lock", wait=False) as free:
-            if not free:
-                raise ValueError(f"another `trajformer train` is writing {out_dir}; wait for it to end, or train "
-                                 "into another --out")
+    with file_lock(out_dir / ".train.lock", wait=False) as free:
+        if not free:  # another process holds it (and may have made the directory): nothing here is ours to remove
+            raise ValueError(f"another `trajformer train` is writing {out_dir}; wait for it to end, or train into "
+                             "another --out")
+        try:
             return _train(cfg, out_dir, dataset_id, resume, progress)
-    finally:
-        if created and [p.name for p in out_dir.iterdir()] == [".train.lock"]:  # refused before writing anything
-            shutil.rmtree(out_dir)
+        finally:
+            if created and [p.name for p in out_dir.iterdir()] == [".train.lock"]:  # refused before any write
+                shutil.rmtree(out_dir)
 
 
 def _train(cfg: Config, out_dir: Path, dataset_id: str | None, resume: bool, progress: bool) -> Path:

@@ -92,7 +92,8 @@ def train_bc(cfg: Config, out_dir: str | os.PathLike, bc: BCConfig | None = None
     out_dir = Path(out_dir)
     save_torch(out_dir / "bc.pt", policy.state_dict())
     save_json(out_dir / "bc.json", {
-        "config": dataclasses.asdict(bc), "dataset_id": data.dataset_id, "env": data.env_spec,
+        "config": dataclasses.asdict(bc), "dataset_id": data.dataset_id, "dataset_sha256": data.sha256,
+        "env": data.env_spec,
         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "raw_obs_dim": data.raw_obs_dim,
         "split": {"seed": cfg.train.seed, "validation_fraction": cfg.data.validation_fraction,
                   "train_episodes": len(train_idx), "validation_episodes": len(val_idx)},

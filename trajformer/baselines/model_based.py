@@ -214,7 +214,8 @@ def train_model_based(method: str, cfg: Config, out_dir: str | os.PathLike, ense
     save_torch(out_dir / f"{method}.pt", agent.state_dict())
     save_json(out_dir / f"{method}.json", {
         "method": method, "config": dataclasses.asdict(mb), "rollout_length": horizon, "real_ratio": real_ratio,
-        "dataset_id": data.dataset_id, "env": data.env_spec, "obs_dim": data.obs_dim, "act_dim": data.act_dim,
+        "dataset_id": data.dataset_id, "dataset_sha256": data.sha256, "env": data.env_spec, "obs_dim": data.obs_dim,
+        "act_dim": data.act_dim,
         "ensemble": {"path": str(ensemble.path), "elites": elite_members(ensemble, mb.elites).tolist(),
                      "members": ensemble.meta["ensemble"]["members"]},
         "termination_rule": rule, "morel_threshold": threshold,
