@@ -518,7 +518,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
             fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
             plans[key] = setting, plan_config(run, [*fixed, "plan.objective=reward", *overrides])
     # A setting's entry names the weights it planned with; entries of other (or unnamed) weights are not kept.
-    finished = _kept_settings(earlier, episodes, weights).values()
+    finished = _kept_settings(older, episodes, weights).values()
     done: dict[tuple, dict] = {}
     for key, (setting, plan_cfg) in plans.items():
         kept = [r for r in finished if {k: r["plan"].get(k) for k in setting} == setting
@@ -544,10 +544,11 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     out["settings"] = {name: done[names[name]] for name in settings}
     with file_lock(run_dir / ".eval.lock"):
         # Settings evaluated earlier on as many episodes (another `--settings`) stay in eval.json beside these.
-        kept_rows = _kept_settings(earlier, episodes, weights)
+        latest = json.loads(earlier.read_text()) if earlier.is_file() else {}  # as other evaluations left it
+        kept_rows = _kept_settings(latest, episodes, weights)
         out["settings"] = {**{name: _rescored(r, run) for name, r in kept_rows.items()}, **out["settings"]}
-        if not bc and earlier.is_file() and (old := json.loads(earlier.read_text()))["episodes"] == episodes:
-            out["bc_mean_return"], out["bc"] = old.get("bc_mean_return"), old.get("bc")
+        if not bc and latest.get("episodes") == episodes:
+            out["bc_mean_return"], out["bc"] = latest.get("bc_mean_return"), latest.get("bc")
         save_json(earlier, out)
         _update_partial(run_dir, lambda r: r["episodes_total"] != episodes
                         or tuple(sorted(r["setting"].items())) not in done)
@@ -577,11 +578,10 @@ def _bc_reference(bc_dir: str, run: Run, episodes: int) -> dict:
             "stderr": bc["evaluation"]["stderr"]}
 
 
-def _kept_settings(path: Path, episodes: int, weights: str) -> dict:
-    """The settings of eval.json at `path` evaluated on `episodes` episodes with the weights of this digest."""
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    return {name: r for name, r in old.get("settings", {}).items()
-            if old.get("episodes") == episodes and r.get("model_sha256") == weights}
+def _kept_settings(record: dict, episodes: int, weights: str) -> dict:
+    """The settings of an eval.json `record` evaluated on `episodes` episodes with the weights of this digest."""
+    return {name: r for name, r in record.get("settings", {}).items()
+            if record.get("episodes") == episodes and r.get("model_sha256") == weights}
 
 
 def _rescored(row: dict, run: Run) -> dict:
