@@ -23,6 +23,7 @@ from trajformer.baselines.model_env import (
     predict_all,
     termination_rule,
 )
+from trajformer.config import load_config
 from trajformer.ensemble import load_ensemble
 from trajformer.files import shipped
 
@@ -251,15 +252,16 @@ def discrete_dataset(root) -> str:
     return "test/cartpole-v0"
 
 
-def tt_run_of_another_split(path) -> str:
-    """A point-line TT run directory (random weights, saved through run.py) whose split seed is not the config's."""
+def tt_run_of_another_split(path, split_seed: int | None = None) -> str:
+    """A point-line TT run directory (random weights, saved through run.py) of another train.seed than the config's,
+    and so of another split unless `split_seed` names the config's."""
     from trajformer.config import Config
     from trajformer.discretizer import Discretizer
     from trajformer.model import GPT, GPTConfig
     from trajformer.run import save_run
 
     cfg = Config()
-    cfg.data.dataset, cfg.train.seed = DATASET_ID, TRAIN_SEED + 1
+    cfg.data.dataset, cfg.train.seed, cfg.data.split_seed = DATASET_ID, TRAIN_SEED + 1, split_seed
     disc = Discretizer.fit(np.random.default_rng(0).normal(size=(100, 5)), 8)
     gpt = GPTConfig(obs_dim=2, act_dim=1, n_bins=8, block_size=9, n_layer=1, n_head=1, n_embd=8)
     meta = {"dataset_id": DATASET_ID, "env": {"id": "trajformer-test/PointLine-v0"}, "obs_indices": [0, 1],
@@ -283,7 +285,8 @@ def test_bad_compare_input_is_refused_in_one_line_before_training(case, point_da
         "no-validation": (["--methods", "bc,mopo", "--set", "data.validation_fraction=0"],
                           "the ensemble needs validation episodes"),
         "tt-run-split": (["--methods", "bc,tt", "--set", f"compare.tt_run=\"{tmp_path / 'tt'}\"",
-                          "--set", f"train.seed={TRAIN_SEED}"], "was trained with other train.seed than this config's"),
+                          "--set", f"train.seed={TRAIN_SEED}"],
+                         "was trained with other data.split_seed (or train.seed) than this config's"),
     }[case]
     if case == "tt-run-split":
         tt_run_of_another_split(tmp_path / "tt")
@@ -296,6 +299,31 @@ def test_bad_compare_input_is_refused_in_one_line_before_training(case, point_da
     err = capsys.readouterr().err.strip()
     assert expected[1] in err and "\n" not in err, err
     assert not (tmp_path / "cmp").exists()  # refused before anything was trained or written
+
+
+def test_a_tt_run_of_another_train_seed_on_the_config_split_is_reused(point_datasets, tmp_path, monkeypatch):
+    """A seed sweep of TT on one split (data.split_seed fixed, train.seed varied) passes compare's split check."""
+    import trajformer.compare as compare_module
+
+    class Checked(Exception):
+        pass
+
+    def checks_passed(data):
+        raise Checked
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
+    monkeypatch.setattr(compare_module, "return_stats", checks_passed)  # the first call after the input checks
+    tt_run_of_another_split(tmp_path / "tt", split_seed=TRAIN_SEED)
+    for split_seed, accepted in ((None, True), (TRAIN_SEED + 1, False)):
+        cfg = load_config(TINY_COMPARE, ["compare.methods=[\"tt\"]", f"compare.tt_run=\"{tmp_path / 'tt'}\"",
+                                         f"train.seed={TRAIN_SEED}", f"data.split_seed={split_seed}"])
+        assert cfg.split_seed == (TRAIN_SEED if split_seed is None else split_seed)
+        if accepted:
+            with pytest.raises(Checked):
+                compare_module.compare(cfg, tmp_path / "cmp", dataset_id=DATASET_ID, progress=False)
+        else:
+            with pytest.raises(ValueError, match=r"other data.split_seed \(or train.seed\) than this config's"):
+                compare_module.compare(cfg, tmp_path / "cmp", dataset_id=DATASET_ID, progress=False)
 
 
 @pytest.mark.parametrize("method", ["ensemble", "bc", "iql", "mopo"])

@@ -272,6 +272,7 @@ def test_bad_dataset_fails_before_writing(bad_datasets, hopper_dataset, tmp_path
     ("plan.penalty_lambda=-2", r"plan.penalty_lambda must be >= 0"),
     ("ensemble.weight_decay=-1", r"ensemble.weight_decay >= 0"),
     ("train.seed=-1", r"train.seed must be >= 0, got -1"),
+    ("data.split_seed=-2", r"data.split_seed must be >= 0 \(or none: train.seed\), got -2"),
     (("model.attention=\"window\"", "model.n_embd=12"),  # heads of 3 channels: rotary turns channel pairs
      r"model.attention = \"window\" needs an even head size n_embd / n_head .*change model.n_embd or model.n_head"),
 ])
@@ -609,6 +610,21 @@ def test_a_run_stopped_before_its_first_weights_trains_again(tiny_config, hopper
     assert max(row["step"] for row in read_metrics(out / "metrics.jsonl")) == 3
     with pytest.raises(FileExistsError, match="already holds a run; pass --resume"):
         train(tiny_config(hopper_dataset, "train.max_steps=3"), out, progress=False)
+
+
+def test_split_seed_keeps_one_split_across_training_seeds(tiny_config, hopper_dataset, tmp_path):
+    """train.seed draws the split too unless data.split_seed is set: a seed sweep on one split sets it."""
+    runs = {}
+    for name, overrides in {"seed0": (), "seed1-split0": ("train.seed=1", "data.split_seed=0"),
+                            "seed1": ("train.seed=1",)}.items():
+        cfg = tiny_config(hopper_dataset, "train.max_steps=2", "data.validation_fraction=0.3", *overrides)
+        runs[name] = load_run(train(cfg, tmp_path / name, progress=False))
+    split = {name: run.meta["split"] for name, run in runs.items()}
+    assert split["seed1-split0"] == split["seed0"] and split["seed0"]["seed"] == 0
+    assert split["seed1"]["validation_episodes"] != split["seed0"]["validation_episodes"]
+    assert split["seed1"]["seed"] == 1
+    weights = {name: run.model.wte.weight for name, run in runs.items()}
+    assert not torch.equal(weights["seed1-split0"], weights["seed0"])  # another training seed all the same
 
 
 def test_a_training_into_a_directory_another_is_writing_is_refused(tiny_config, hopper_dataset, tmp_path):

@@ -236,7 +236,7 @@ def _cmd_plan(args) -> None:
 def _add_train_ensemble(sub) -> None:
     p = _parser(sub, "train-ensemble", "train a PETS-style Gaussian dynamics ensemble (the prediction baseline)",
                 "trajformer train-ensemble configs/humanoid.toml --members 5 --max-seconds 600")
-    p.add_argument("config", help="TOML config whose [data] and train.seed (episode split) to use")
+    p.add_argument("config", help="TOML config whose [data] and split seed (data.split_seed, or train.seed) to use")
     p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
     p.add_argument("--out", default=None, help="ensemble directory (default runs/<config name>-ensemble)")
     _add_overrides(p, "data.max_episodes=10")
@@ -352,7 +352,7 @@ def _add_baselines(sub) -> None:
     for name, what in BASELINES.items():
         p = _parser(sub, name, f"{what} on a config's dataset and split, evaluated with the shared protocol",
                     f"trajformer {name} configs/hopper-medium-local.toml --episodes 10 --out runs/hopper-{name}")
-        p.add_argument("config", help="TOML config whose [data] and train.seed (episode split) to use")
+        p.add_argument("config", help="TOML config whose [data] and split seed (data.split_seed, or train.seed) to use")
         p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
         p.add_argument("--out", default=None, help=f"output directory (default runs/<config name>-{name})")
         _add_overrides(p, "data.max_episodes=10")
@@ -420,7 +420,7 @@ def _add_model_based(sub) -> None:
         p = _parser(sub, name, f"{what}: SAC inside the ensemble's model env, on a config's dataset and split, "
                     "evaluated with the shared protocol",
                     f"trajformer {name} configs/hopper-medium-local.toml --ensemble runs/hopper-ensemble --episodes 10")
-        p.add_argument("config", help="TOML config: [data], train.seed (split), [model_based] (the paper's settings)")
+        p.add_argument("config", help="TOML config: [data], the split's seed, [model_based] (the paper's settings)")
         p.add_argument("--dataset", default=None, help="Minari dataset id (overrides data.dataset)")
         p.add_argument("--ensemble", default=None, help="a `trajformer train-ensemble` directory on the same data "
                        "(default: model_based.ensemble, else one is trained with [ensemble] into OUT/ensemble)")

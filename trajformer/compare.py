@@ -1,7 +1,7 @@
 """`trajformer compare`: TT beside BC, IQL, MOPO, MOReL, COMBO and TT with IQL's critic, trained on one dataset
-(the same episode split, from train.seed) and evaluated with one protocol (DESIGN.md §6, §9). TT, BC and IQL train
-with train.seed; the ensemble with ensemble.seed and MOPO, MOReL and COMBO with model_based.seed (a seed sweep sets
-all three).
+(the same episode split, seeded by data.split_seed, or train.seed where that is none) and evaluated with one protocol
+(DESIGN.md §6, §9). TT, BC and IQL train with train.seed; the ensemble with ensemble.seed and MOPO, MOReL and COMBO
+with model_based.seed (a seed sweep sets all three, and data.split_seed to keep one split).
 
 Everything that can be refused is checked before the first method trains: the methods (config validation),
 the dataset (continuous Box actions, no NaN: data.load_episodes), TT's training length, the ensemble's validation
@@ -80,10 +80,10 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
                              f"{data.dataset_id}; compare on its dataset or drop compare.tt_run")
         # The same split and observation dims as every other method (and as tt-critic's IQL critic).
         mine = {**{f"data.{k}": getattr(cfg.data, k) for k in ("validation_fraction", "max_episodes", "obs_dims")},
-                "train.seed": cfg.train.seed}
+                "data.split_seed (or train.seed)": cfg.split_seed}
         theirs = {**{f"data.{k}": getattr(reused.config.data, k) for k in ("validation_fraction", "max_episodes",
                                                                              "obs_dims")},
-                  "train.seed": reused.config.train.seed}
+                  "data.split_seed (or train.seed)": reused.config.split_seed}
         changed = [k for k in mine if mine[k] != theirs[k]]
         if changed:
             raise ValueError(f"compare.tt_run {cmp.tt_run} was trained with other {', '.join(changed)} than this "
@@ -148,7 +148,7 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
             return False
         meta = json.loads(record.read_text())
         if (meta["config"], meta.get("dataset_sha256"), meta["split"]["seed"], meta["split"]["validation_fraction"],
-                meta.get("ensemble", {}).get("path")) != (config, data.sha256, cfg.train.seed,
+                meta.get("ensemble", {}).get("path")) != (config, data.sha256, cfg.split_seed,
                                                            cfg.data.validation_fraction, ensemble):
             return False
         seconds.setdefault(key, meta["training"]["seconds"])

@@ -37,6 +37,9 @@ class DataConfig:
     # Use only the first N episodes (0 = all) of the dataset, of each part of an a+b join (of a dataset made by
     # minari.combine_datasets, such as a medium-expert preset, its first N: all from its first part): tiny runs, tests.
     max_episodes: int = 0
+    # Seed of the train/validation episode split; none = train.seed. Set it to keep one split across a sweep of
+    # train.seed (TT's weights and batches), as BC's and IQL's own seeds do.
+    split_seed: int | None = None
 
 
 @dataclass
@@ -201,6 +204,11 @@ class Config:
     model_based: ModelBasedConfig = field(default_factory=ModelBasedConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
 
+    @property
+    def split_seed(self) -> int:
+        """The episode split's seed: data.split_seed, or train.seed where that is none."""
+        return self.train.seed if self.data.split_seed is None else self.data.split_seed
+
 
 COMPARE_METHODS = ("tt", "bc", "iql", "mopo", "morel", "combo", "tt-critic")
 _CHOICES = {
@@ -354,6 +362,8 @@ def validate(cfg: Config) -> None:
     for section in ("train", "ensemble", "model_based"):
         seed = getattr(cfg, section).seed
         checks.append((seed >= 0, f"{section}.seed must be >= 0, got {seed}"))
+    checks.append((cfg.data.split_seed is None or cfg.data.split_seed >= 0,
+                   f"data.split_seed must be >= 0 (or none: train.seed), got {cfg.data.split_seed}"))
     cmp = cfg.compare
     unknown = [m for m in cmp.methods if m not in COMPARE_METHODS]
     checks += [

@@ -113,7 +113,7 @@ def transitions(episodes: list[Episode]) -> tuple[np.ndarray, np.ndarray, np.nda
 def validation_split(cfg: Config, n_episodes: int) -> tuple[np.ndarray, np.ndarray]:
     """The run's episode split (train, validation), refused when it leaves no validation episode: the ensemble
     stops early on them (compare checks it before training anything)."""
-    train_idx, val_idx = split_episodes(n_episodes, cfg.data.validation_fraction, cfg.train.seed)
+    train_idx, val_idx = split_episodes(n_episodes, cfg.data.validation_fraction, cfg.split_seed)
     if len(val_idx) == 0:
         raise ValueError("the ensemble needs validation episodes for early stopping; set data.validation_fraction > 0")
     return train_idx, val_idx
@@ -152,7 +152,7 @@ def validation_metrics(model: GaussianEnsemble, inputs: np.ndarray, targets: np.
 
 def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig | None = None,
                    dataset_id: str | None = None, progress: bool = True) -> Path:
-    """Train an ensemble on cfg's dataset and episode split (data.validation_fraction, train.seed) into out_dir."""
+    """Train an ensemble on cfg's dataset and episode split (data.validation_fraction, data.split_seed) into out_dir."""
     ens = ens or cfg.ensemble
     out_dir = Path(out_dir)
     if (out_dir / "ensemble.json").exists():
@@ -227,7 +227,7 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
         "dataset_id": data.dataset_id, "env": data.env_spec, "obs_indices": data.obs_indices.tolist(),
         "raw_obs_dim": data.raw_obs_dim, "obs_dim": data.obs_dim, "act_dim": data.act_dim,
         "ensemble": asdict(ens), "obs_std": std.tolist(),
-        "split": {"seed": cfg.train.seed, "validation_fraction": cfg.data.validation_fraction,
+        "split": {"seed": cfg.split_seed, "validation_fraction": cfg.data.validation_fraction,
                   "train_episodes": train_idx.tolist(), "validation_episodes": val_idx.tolist()},
         "training": {"epochs": epoch, "gradient_steps": steps, "seconds": seconds, "threads": torch.get_num_threads(),
                      "train_transitions": int(n), "validation_transitions": len(x_va),

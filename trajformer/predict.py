@@ -482,7 +482,7 @@ def _check_baseline(ens: Ensemble, run: Run, held: HeldOut) -> None:
     # that every held-out episode is among its validation episodes, or data it never saw.
     check_held_out_from(held, ens.meta["dataset_id"], ens.meta["split"], f"baseline {ens.path}",
                         "train the ensemble with the run's config (its dataset, data.max_episodes, "
-                        "data.validation_fraction and train.seed), or predict on data it never saw")
+                        "data.validation_fraction and split seed), or predict on data it never saw")
 
 
 def _json(x):
@@ -512,7 +512,7 @@ def load_ablations(ablations: dict[str, str | os.PathLike], run: Run) -> dict[st
         other = load_run(path)
         if (other.meta["dataset_id"], other.meta["split"]) != (run.meta["dataset_id"], run.meta["split"]):
             raise ValueError(f"--ablation {name}={path} was trained on {other.meta['dataset_id']} with another split; "
-                             f"ablations must share the run's dataset and data.validation_fraction / train.seed")
+                             f"ablations must share the run's dataset, data.validation_fraction and split seed")
         if not set(other.obs_indices.tolist()) <= set(run.obs_indices.tolist()):
             raise ValueError(f"--ablation {name}={path} observes dims the run does not; give it a subset of "
                              f"data.obs_dims {run.obs_indices.tolist()}")

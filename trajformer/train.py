@@ -95,7 +95,7 @@ def prepare(cfg: Config, dataset_id: str | None = None, discretizer: Discretizer
             f"this data and config give {data.transition_dim} dims and {cfg.discretizer.n_bins} bins; "
             f"{mismatch_hint}"
         )
-    train_idx, val_idx = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
+    train_idx, val_idx = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)
 
     def windows(idx: np.ndarray) -> TokenWindows:
         return TokenWindows([discretizer.encode(transitions[i]) for i in idx],
@@ -249,7 +249,7 @@ def run_metadata(prep: Prepared, cfg: Config, model_cfg: GPTConfig, compute: dic
         "transition_dim": data.transition_dim,
         "n_bins": cfg.discretizer.n_bins,
         "model": asdict(model_cfg),
-        "split": {"seed": cfg.train.seed, "validation_fraction": cfg.data.validation_fraction,
+        "split": {"seed": cfg.split_seed, "validation_fraction": cfg.data.validation_fraction,
                   "train_episodes": prep.train_episodes.tolist(), "validation_episodes": prep.val_episodes.tolist()},
         "ref_min_score": data.ref_min_score,
         "ref_max_score": data.ref_max_score,

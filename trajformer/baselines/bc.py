@@ -57,13 +57,13 @@ class BCPolicy(DatasetPolicy):
 
 def train_bc(cfg: Config, out_dir: str | os.PathLike, bc: BCConfig | None = None, dataset_id: str | None = None,
              progress: bool = True) -> Path:
-    """Fit BC on the training episodes of cfg's dataset and split (data.validation_fraction, train.seed);
+    """Fit BC on the training episodes of cfg's dataset and split (data.validation_fraction, data.split_seed);
     writes bc.pt and bc.json into out_dir and returns it. Validation MSE is reported on the held-out episodes."""
     bc = bc or BCConfig()
     if min(bc.hidden, bc.layers, bc.steps, bc.batch_size) < 1 or bc.learning_rate <= 0:
         raise ValueError(f"BC settings must be positive: {bc}")
     data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
-    train_idx, val_idx = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
+    train_idx, val_idx = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)
 
     def arrays(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         obs = np.concatenate([data.episodes[i].obs[:-1] for i in idx])
@@ -95,7 +95,7 @@ def train_bc(cfg: Config, out_dir: str | os.PathLike, bc: BCConfig | None = None
         "config": dataclasses.asdict(bc), "dataset_id": data.dataset_id, "dataset_sha256": data.sha256,
         "env": data.env_spec,
         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "raw_obs_dim": data.raw_obs_dim,
-        "split": {"seed": cfg.train.seed, "validation_fraction": cfg.data.validation_fraction,
+        "split": {"seed": cfg.split_seed, "validation_fraction": cfg.data.validation_fraction,
                   "train_episodes": len(train_idx), "validation_episodes": len(val_idx)},
         "training": {"steps": bc.steps, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
                      "train_mse": train_mse, "validation_mse": val_mse, "transitions": len(x)},

@@ -94,7 +94,7 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
     if not 0.5 <= iql.tau < 1.0 or iql.beta <= 0 or min(iql.steps, iql.batch_size, iql.hidden) < 1:
         raise ValueError(f"IQL needs 0.5 <= tau < 1, beta > 0 and positive sizes; got {iql}")
     data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
-    train_idx, _ = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
+    train_idx, _ = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)
     eps = [data.episodes[i] for i in train_idx]
     returns = np.array([e.rew.sum() for e in eps])
     spread = float(returns.max() - returns.min())
@@ -149,7 +149,7 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
         "config": dataclasses.asdict(iql), "policy": POLICY, "dataset_id": data.dataset_id, "env": data.env_spec,
         "dataset_sha256": data.sha256, "obs_indices": data.obs_indices.tolist(),
         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "reward_scale": scale,
-        "split": {"seed": cfg.train.seed, "validation_fraction": cfg.data.validation_fraction,
+        "split": {"seed": cfg.split_seed, "validation_fraction": cfg.data.validation_fraction,
                   "train_episodes": len(train_idx)},
         "training": {"steps": iql.steps, "seconds": round(time.perf_counter() - start, 1), "transitions": len(obs),
                      "threads": torch.get_num_threads(), **log},
@@ -163,11 +163,11 @@ def check_iql(path: Path, meta: dict, data: OfflineData, cfg: Config, iql: IQLCo
     observation dims (the twin of model_based.check_ensemble); a one-line error otherwise."""
     kept, wanted = meta["config"], dataclasses.asdict(iql)
     changed = [k for k in wanted if kept.get(k) != wanted[k]]
-    train_episodes = len(split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)[0])
+    train_episodes = len(split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)[0])
     if meta["dataset_id"] != data.dataset_id or meta.get("dataset_sha256", data.sha256) != data.sha256:
         changed.append(f"its data ({meta['dataset_id']})")
     if (meta["split"]["seed"], meta["split"]["validation_fraction"], meta["split"]["train_episodes"]) != (
-            cfg.train.seed, cfg.data.validation_fraction, train_episodes):
+            cfg.split_seed, cfg.data.validation_fraction, train_episodes):
         changed.append("its split")
     if meta.get("obs_indices", data.obs_indices.tolist()) != data.obs_indices.tolist():
         changed.append("its observation dims")

@@ -60,8 +60,8 @@ def check_ensemble(ensemble: Ensemble, data: OfflineData, cfg: Config | None = N
     if cfg is None:
         return
     changed = [f"ensemble.{k}" for k, v in dataclasses.asdict(cfg.ensemble).items() if meta["ensemble"].get(k) != v]
-    if (meta["split"]["seed"], meta["split"]["validation_fraction"]) != (cfg.train.seed, cfg.data.validation_fraction):
-        changed.append("the split (train.seed, data.validation_fraction)")
+    if (meta["split"]["seed"], meta["split"]["validation_fraction"]) != (cfg.split_seed, cfg.data.validation_fraction):
+        changed.append("the split (data.split_seed, data.validation_fraction)")
     if changed:
         raise ValueError(f"{ensemble.path} holds an ensemble trained with other settings ({', '.join(changed)}); "
                          "delete it to train one with this config, or choose another --out")
@@ -154,7 +154,7 @@ def train_model_based(method: str, cfg: Config, out_dir: str | os.PathLike, ense
     ensemble = load_ensemble(ensemble_dir)
     data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
     check_ensemble(ensemble, data)
-    train_idx, _ = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.train.seed)
+    train_idx, _ = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)
     eps = [data.episodes[i] for i in train_idx]
     real = Batch.of_episodes(eps)
     horizon = getattr(mb, f"{method}_rollout_length")
@@ -219,7 +219,7 @@ def train_model_based(method: str, cfg: Config, out_dir: str | os.PathLike, ense
         "ensemble": {"path": str(ensemble.path), "elites": elite_members(ensemble, mb.elites).tolist(),
                      "members": ensemble.meta["ensemble"]["members"]},
         "termination_rule": rule, "morel_threshold": threshold,
-        "split": {"seed": cfg.train.seed, "validation_fraction": cfg.data.validation_fraction,
+        "split": {"seed": cfg.split_seed, "validation_fraction": cfg.data.validation_fraction,
                   "train_episodes": len(train_idx)},
         "training": {"steps": mb.steps, "seconds": round(time.perf_counter() - start, 1),
                      "threads": torch.get_num_threads(), "real_transitions": len(real.obs), **stats, **log},
