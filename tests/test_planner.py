@@ -379,6 +379,43 @@ def test_batched_search_equals_single_env_searches():
 
 
 @pytest.mark.parametrize("attention", ["absolute", "window"])
+def test_an_envs_float32_logits_are_bit_for_bit_the_same_alone_and_batched(attention):
+    """At one thread (the evaluations' setting) an env's float32 search does not depend on which envs share its
+    batch: every weight matmul runs on at least model.MIN_ROWS rows, as the CPU's few-row kernels round otherwise
+    (an env alone encodes its prefix as one row, and its beam of 6 rows is a few-row product: 24 rows beside three
+    other envs). Widths of 32 and 21 logits: MKL takes yet another path for outputs narrower than 16."""
+    bins, T = 20, DS + DA + 2
+    torch.manual_seed(1)
+    config = GPTConfig(obs_dim=DS, act_dim=DA, n_bins=bins, block_size=SEQ * T - 1, n_layer=2, n_head=2, n_embd=32,
+                       dropout=0.0, attention=attention, window=2 * T if attention == "window" else 0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        model.head.normal_(0.0, 0.3)
+    disc = Discretizer.fit(np.random.default_rng(0).normal(size=(400, T)), bins)
+    rng = np.random.default_rng(4)
+    prefixes = [torch.as_tensor(rng.integers(0, bins, n * T + DS) + bins * (np.arange(n * T + DS) % T))
+                for n in (2, 0, 1, 2)]
+
+    def logits_of_env_0(envs: int) -> list[torch.Tensor]:
+        search = BeamSearch(model, disc, CONFIGS[0], 0.99)
+        calls, logits = [], search.decoder.logits
+
+        def logged() -> torch.Tensor:
+            out = logits()
+            calls.append(out[: len(out) // envs].clone())  # env 0's rows come first, each env has as many
+            return out
+
+        search.decoder.logits = logged
+        search.search(prefixes[:envs], generators(range(envs)))
+        return calls
+
+    alone, batched = logits_of_env_0(1), logits_of_env_0(len(prefixes))
+    assert len(alone) == len(batched) > 20
+    for a, b in zip(alone, batched, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("attention", ["absolute", "window"])
 @pytest.mark.parametrize("plan_freq", [1, 2])
 def test_planner_batched_envs_at_different_steps_equal_single_planners(plan_freq, attention):
     """K envs started at different times, planned in one batch, act like K planners of their own."""

@@ -243,13 +243,34 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return y * (1.0 / (1.0 - p)) if p > 0.0 else y
 
 
+MIN_ROWS = 16
+"""Weight matmuls outside autograd on a CPU run on at least this many rows. MKL's kernels for a few rows (1-3, and
+5-11 under several threads, on the CPUs measured) round differently from its blocked kernel, whose rows come out
+bit for bit the same at any row count: so an env's plans depended, by float rounding, on which envs shared its
+batch (its prefix alone is one row of the encode's shared rows)."""
+
+
+def min_rows(matmul, x: torch.Tensor) -> torch.Tensor:
+    """matmul(x) over the last dim, with zero rows appended to reach MIN_ROWS where x has fewer (then dropped)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not 0 < rows < MIN_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
+        return matmul(x)
+    flat = x.reshape(rows, x.shape[-1])
+    out = matmul(torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, flat.shape[1])]))[:rows]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class Linear(nn.Linear):
-    """nn.Linear that, in bfloat16 on a CPU without native bf16 matmuls and outside autograd (planning), multiplies
-    float32 copies of its bf16 operands: the same exact products, accumulated in float32 and rounded to bf16 once,
-    as a native bf16 GEMM does, at float32 speed instead of the emulated bf16 kernel's (4x slower in a profiled
-    walker2d search on an AVX512 Xeon without AVX512-BF16; benchmarks/README.md)."""
+    """nn.Linear whose products outside autograd on a CPU are the same whatever the row count (`min_rows`), and that,
+    in bfloat16 on a CPU without native bf16 matmuls, multiplies float32 copies of its bf16 operands: the same
+    exact products, accumulated in float32 and rounded to bf16 once, as a native bf16 GEMM does, at float32 speed
+    instead of the emulated bf16 kernel's (4x slower in a profiled walker2d search on an AVX512 Xeon without
+    AVX512-BF16; benchmarks/README.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return min_rows(self._product, x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
                 and not cpu_bf16()):
             bias = None if self.bias is None else self.bias.float()
@@ -470,7 +491,7 @@ class GPT(nn.Module):
         if isinstance(slot, torch.Tensor) and bool((slot == slot[0]).all()):
             slot = int(slot[0])
         if isinstance(slot, int):
-            return h @ self.head[slot]
+            return min_rows(lambda rows: rows @ self.head[slot], h)
         return torch.bmm(h[:, None], self.head[slot])[:, 0]
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95)):
