@@ -379,6 +379,30 @@ def test_batched_search_equals_single_env_searches():
 
 
 @pytest.mark.parametrize("attention", ["absolute", "window"])
+def test_left_padding_survives_an_attention_kernel_that_gives_nan_for_a_query_that_sees_nothing(attention,
+                                                                                                monkeypatch):
+    """Ragged envs are left-padded. A padding query that saw no key got NaN from kernels like CUDA's memory-efficient
+    one (CPU kernels give 0), and the NaN keys it wrote reached every later score through the additive mask."""
+    import trajformer.model as model_module
+
+    def softmax_attention(q, k, v, attn_mask=None, dropout_p=0.0):  # NaN for a query that sees no key
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return scores.masked_fill(~attn_mask, float("-inf")).softmax(-1) @ v
+
+    model, disc = make_model(seed=3, attention=attention), make_discretizer()
+    rng = np.random.default_rng(0)
+    prefixes = [random_prefix(0, rng), random_prefix(3, rng)]
+    expected = BeamSearch(model, disc, CONFIGS[0], 0.99).search(prefixes, generators([0, 1]))
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", softmax_attention)
+    search = BeamSearch(model, disc, CONFIGS[0], 0.99)
+    plans = search.search(prefixes, generators([0, 1]))
+    assert not torch.isnan(search.decoder.cache.k).any()
+    for plan, reference in zip(plans, expected, strict=True):
+        assert np.isfinite(plan.score) and plan.score == pytest.approx(reference.score, abs=1e-9)
+        np.testing.assert_array_equal(plan.action_tokens, reference.action_tokens)
+
+
+@pytest.mark.parametrize("attention", ["absolute", "window"])
 def test_an_envs_float32_logits_are_bit_for_bit_the_same_alone_and_batched(attention):
     """At one thread (the evaluations' setting) an env's float32 search does not depend on which envs share its
     batch: every weight matmul runs on at least model.MIN_ROWS rows, as the CPU's few-row kernels round otherwise

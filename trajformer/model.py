@@ -72,11 +72,16 @@ def attention_mask(query_pos: torch.Tensor, n_keys: int, pad: torch.Tensor, tran
                    window: int = 0, first_key: int = 0) -> torch.Tensor:
     """Boolean (B, 1, q, k) mask over buffer slots first_key..n_keys-1: key k is visible from the query in slot
     q if k <= q, k is not left padding, k is not a value column (relative position (k - pad) % T == T - 1)
-    and, with a band (`window` > 0), q - k < window."""
+    and, with a band (`window` > 0), q - k < window. A query in a padding slot sees its own key only: no row is
+    empty, as an attention kernel may return NaN for one (CUDA's memory-efficient kernel did), and a NaN written
+    at a padding slot would reach every later score through the additive mask (NaN + -inf). No other query sees
+    a padding key, so nothing else changes."""
     keys = torch.arange(first_key, n_keys, device=pad.device)
     rel = keys[None, :] - pad[:, None]  # (B, k)
     visible = (rel >= 0) & (rel % transition_dim != transition_dim - 1)
-    return (visible[:, None, :] & near(query_pos, keys, window)[None]).unsqueeze(1)
+    mask = visible[:, None, :] & near(query_pos, keys, window)[None]
+    own = (keys[None, :] == query_pos[:, None])[None] & (query_pos[None, :] < pad[:, None])[:, :, None]
+    return (mask | own).unsqueeze(1)
 
 
 def additive(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
