@@ -12,7 +12,9 @@ Choices beyond DESIGN.md: the stop token is removed from the action logits *befo
 (it is never sampled there, and filtering first could leave nothing to sample); reward and value tokens
 are the argmax over the N bins; a row whose decoded observation contains stop is terminated: its later
 tokens are forced to stop and its reward score is frozen, while its log-likelihood keeps counting those
-stop tokens, so the likelihood objective does not favour rows merely for ending early.
+stop tokens, so the likelihood objective does not favour rows merely for ending early. A window model's search
+encodes the env's last max_context_transitions transitions afresh, as an absolute model's does, rather than carrying
+its cache over from the previous env step (DESIGN.md §5b; README, "The window model").
 """
 
 from __future__ import annotations
