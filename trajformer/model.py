@@ -265,6 +265,20 @@ def min_rows(matmul, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def encode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over the visible keys, for an encode's (B, H, t, d) queries against (B, H, n, d)
+    cached keys and values under a boolean (B, 1, t, n) mask, by explicit batched matmuls. SDPA's CPU kernel splits
+    its work by batch size under several threads, so a row's bits depended on the rows beside it; batched matmuls
+    give every (row, head) the same bits at any batch size from two (one is doubled: a single matrix takes
+    another path)."""
+    B, H, t, d = q.shape
+    if B * H == 1:
+        return encode_attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
+                                mask.expand(2, -1, -1, -1))[:1]
+    scores = (q @ k.transpose(-1, -2)).mul_(d**-0.5).masked_fill_(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
 class Linear(nn.Linear):
     """nn.Linear whose products outside autograd on a CPU are the same whatever the row count (`min_rows`), and that,
     in bfloat16 on a CPU without native bf16 matmuls, multiplies float32 copies of its bf16 operands: the same
@@ -320,6 +334,8 @@ class SelfAttention(nn.Module):
         if cache is None:  # training on a GPU: the fused SDPA kernel under the additive (t, t) bias
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype),
                                                dropout_p=self.dropout if self.training else 0.0)
+        elif x.device.type == "cpu":
+            y = encode_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, t, C)

@@ -2,8 +2,7 @@
 batched search per step, per-episode returns, normalised scores, a JSON record and an optional video.
 
 Episode e is reset with seed `seed + e` and planned with a random stream seeded the same way, so results do
-not depend on how many envs run at once (--num-envs changes only the speed; bit for bit at plan.num_threads = 1,
-up to float rounding at several threads: planner.py).
+not depend on how many envs run at once (--num-envs changes only the speed, bit for bit in float32: planner.py).
 """
 
 from __future__ import annotations
