@@ -376,12 +376,15 @@ def test_evaluation_protocol_writes_eval_json_beside_references(point_run, tmp_p
     assert "re-run `trajformer bc` with --episodes 3" in capsys.readouterr().err
     cut = tmp_path / "bc-cut"
     cli.main(["bc", str(point_run / "config.toml"), "--out", str(cut), "--steps", "50", "--episodes", "4",
-              "--max-steps", "5", "--seed", "3"])
+              "--max-steps", "5", "--seed", "3", "--set", "data.split_seed=77"])
     capsys.readouterr()
-    with pytest.raises(SystemExit):  # BC on another protocol: refused before planning
+    with pytest.raises(SystemExit):  # BC on another protocol and split: refused before planning
         cli.main(["eval", str(run), "--episodes", "4", "--settings", "32x5", "--bc", str(cut)])
     err = capsys.readouterr().err.strip()
-    assert "is not BC on this protocol (episodes cut at 5 steps; seeds from 3, not 0)" in err and "\n" not in err
+    split = json.loads((run / "run.json").read_text())["split"]
+    assert (f"is not BC on this protocol (its episode split has seed 77 and validation fraction "
+            f"{split['validation_fraction']}, the run's {split['seed']} and {split['validation_fraction']}; episodes "
+            "cut at 5 steps; seeds from 3, not 0)") in err and "\n" not in err
     cli.main(["eval", str(run), "--episodes", "4", "--settings", "32x5,official", "--bc", str(bc)])
     assert capsys.readouterr().out.count("episode length") == 2
     record = json.loads((run / "eval.json").read_text())

@@ -556,8 +556,8 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
 
 
 def _bc_reference(bc_dir: str, run: Run, episodes: int) -> dict:
-    """One `trajformer bc` directory's evaluation, checked to be on this protocol: the run's dataset, as many
-    episodes from seed 0, full length. Returns its training seed, mean return and standard error."""
+    """One `trajformer bc` directory's evaluation, checked to be on this protocol: the run's dataset and episode
+    split, as many episodes from seed 0, full length. Returns its training seed, mean return and standard error."""
     bc_json = Path(bc_dir) / "bc.json"
     if not bc_json.is_file() or "evaluation" not in (bc := json.loads(bc_json.read_text())):
         raise FileNotFoundError(f"{bc_dir} holds no evaluated BC (bc.json with an evaluation); make one with "
@@ -566,14 +566,19 @@ def _bc_reference(bc_dir: str, run: Run, episodes: int) -> dict:
     if used["episodes"] != episodes:
         raise ValueError(f"{bc_dir} was evaluated on {used['episodes']} episodes, not "
                          f"{episodes}; re-run `trajformer bc` with --episodes {episodes}")
+    theirs, ours = bc["split"], run.meta["split"]
     other = [what for what, differs in (
         (f"trained on {bc.get('dataset_id')}, the run on {run.meta.get('dataset_id')}",
          bc.get("dataset_id") != run.meta.get("dataset_id")),
+        (f"its episode split has seed {theirs['seed']} and validation fraction {theirs['validation_fraction']}, the "
+         f"run's {ours['seed']} and {ours['validation_fraction']}",
+         (theirs["seed"], theirs["validation_fraction"]) != (ours["seed"], ours["validation_fraction"])),
         (f"episodes cut at {used.get('max_steps')} steps", used.get("max_steps") is not None),
         (f"seeds from {used.get('seed')}, not 0", used.get("seed", 0) != 0)) if differs]
     if other:
         raise ValueError(f"{bc_dir} is not BC on this protocol ({'; '.join(other)}); re-run `trajformer bc` on "
-                         f"the run's dataset with --episodes {episodes}, full episodes and seed 0")
+                         f"the run's dataset and split (its config) with --episodes {episodes}, full episodes and "
+                         "seed 0")
     return {"seed": bc["config"]["seed"], "mean_return": bc["evaluation"]["mean_return"],
             "stderr": bc["evaluation"]["stderr"]}
 
