@@ -401,9 +401,10 @@ def test_left_padding_writes_no_nan_and_changes_no_plan(attention):
 def test_an_envs_float32_logits_are_bit_for_bit_the_same_alone_and_batched(attention, threads):
     """An env's float32 search does not depend on which envs share its batch: every weight matmul runs on at least
     model.MIN_ROWS rows, as the CPU's few-row kernels round otherwise (an env alone encodes its prefix as one row,
-    and its beam of 6 rows is a few-row product: 24 rows beside three other envs), and the encode's attention is
-    explicit batched matmuls (model.encode_attention). Widths of 32 and 21 logits: MKL takes yet another path for
-    outputs narrower than 16."""
+    and its beam of 6 rows is a few-row product: 24 rows beside three other envs; test_model checks the encode's
+    attention at two threads). Env 0 has the longest context, so it is not left-padded in the batch either: a
+    padded env's keys sit at other offsets of the sums, and it agrees up to float rounding (checked here too).
+    Widths of 32 and 21 logits: MKL takes yet another path for outputs narrower than 16."""
     bins, T = 20, DS + DA + 2
     torch.manual_seed(1)
     config = GPTConfig(obs_dim=DS, act_dim=DA, n_bins=bins, block_size=SEQ * T - 1, n_layer=2, n_head=2, n_embd=32,
@@ -438,6 +439,10 @@ def test_an_envs_float32_logits_are_bit_for_bit_the_same_alone_and_batched(atten
     assert len(alone) == len(batched) > 20
     for a, b in zip(alone, batched, strict=True):
         assert torch.equal(a, b)
+    prefixes[:] = prefixes[1:] + prefixes[:1]  # env 0 now the shortest context (none): left-padded in the batch
+    assert len(prefixes[0]) < min(len(p) for p in prefixes[1:])
+    for a, b in zip(logits_of_env_0(1), logits_of_env_0(len(prefixes)), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["absolute", "window"])

@@ -382,9 +382,11 @@ def test_evaluation_protocol_writes_eval_json_beside_references(point_run, tmp_p
         cli.main(["eval", str(run), "--episodes", "4", "--settings", "32x5", "--bc", str(cut)])
     err = capsys.readouterr().err.strip()
     split = json.loads((run / "run.json").read_text())["split"]
-    assert (f"is not BC on this protocol (its episode split has seed 77 and validation fraction "
-            f"{split['validation_fraction']}, the run's {split['seed']} and {split['validation_fraction']}; episodes "
-            "cut at 5 steps; seeds from 3, not 0)") in err and "\n" not in err
+    counts = f"{len(split['train_episodes'])} + {len(split['validation_episodes'])}"
+    assert (f"is not BC on this protocol (its episode split has seed 77, validation fraction "
+            f"{split['validation_fraction']} and {counts} episodes, the run's {split['seed']}, "
+            f"{split['validation_fraction']} and {counts}; episodes cut at 5 steps; seeds from 3, not 0)") in err
+    assert "\n" not in err
     cli.main(["eval", str(run), "--episodes", "4", "--settings", "32x5,official", "--bc", str(bc)])
     assert capsys.readouterr().out.count("episode length") == 2
     record = json.loads((run / "eval.json").read_text())

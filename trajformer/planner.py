@@ -2,9 +2,10 @@
 
 `BeamSearch` plans for K environments at once: the rows of every env share one forward pass per generated
 token, ragged contexts are left-padded in the KV cache, and each env draws from its own torch.Generator,
-so a batched search gives the same plans as K separate ones, bit for bit in float32 on a CPU at one and two threads
-(model.MIN_ROWS, model.encode_attention: MKL's few-row products and SDPA's threaded kernel rounded a row by the
-rows beside it). Next-token logits come from a decoder of
+so a batched search gives the same plans as K separate ones: bit for bit in float32 on a CPU at one and two threads
+while the envs' contexts are equally long (model.MIN_ROWS, model.encode_attention: MKL's few-row products and
+SDPA's threaded kernel rounded a row by the rows beside it), up to float rounding for an env left-padded beside
+longer contexts (its keys sit at other offsets of the softmax and matmul sums). Next-token logits come from a decoder of
 trajformer.decoding (cached, or the uncached official reference). `Planner` adds each env's context of past
 transitions, its random stream and replanning (MPC).
 

@@ -2,7 +2,9 @@
 batched search per step, per-episode returns, normalised scores, a JSON record and an optional video.
 
 Episode e is reset with seed `seed + e` and planned with a random stream seeded the same way, so results do
-not depend on how many envs run at once (--num-envs changes only the speed, bit for bit in float32: planner.py).
+not depend on how many envs run at once (--num-envs changes only the speed: bit for bit in float32 when every
+episode starts at once, as then the envs' contexts are equally long; up to float rounding for an episode started in
+a freed slot, for its first steps: planner.py).
 """
 
 from __future__ import annotations
@@ -570,9 +572,11 @@ def _bc_reference(bc_dir: str, run: Run, episodes: int) -> dict:
     other = [what for what, differs in (
         (f"trained on {bc.get('dataset_id')}, the run on {run.meta.get('dataset_id')}",
          bc.get("dataset_id") != run.meta.get("dataset_id")),
-        (f"its episode split has seed {theirs['seed']} and validation fraction {theirs['validation_fraction']}, the "
-         f"run's {ours['seed']} and {ours['validation_fraction']}",
-         (theirs["seed"], theirs["validation_fraction"]) != (ours["seed"], ours["validation_fraction"])),
+        (f"its episode split has seed {theirs['seed']}, validation fraction {theirs['validation_fraction']} and "
+         f"{theirs['train_episodes']} + {theirs['validation_episodes']} episodes, the run's {ours['seed']}, "
+         f"{ours['validation_fraction']} and {len(ours['train_episodes'])} + {len(ours['validation_episodes'])}",
+         (theirs["seed"], theirs["validation_fraction"], theirs["train_episodes"], theirs["validation_episodes"])
+         != (ours["seed"], ours["validation_fraction"], len(ours["train_episodes"]), len(ours["validation_episodes"]))),
         (f"episodes cut at {used.get('max_steps')} steps", used.get("max_steps") is not None),
         (f"seeds from {used.get('seed')}, not 0", used.get("seed", 0) != 0)) if differs]
     if other:
