@@ -4,8 +4,9 @@ windows of one sequence length, so models trained on different window lengths (o
     python scripts/compare_models.py RUN_DIR [RUN_DIR ...] [--sequence-length 5] [--windows 4096]
 
 All runs must share the dataset and the discretizer (runs of one dataset and bin count fit the same one): every
-run is scored on the first run's tokens, and a run whose discretizer or data differ, or whose absolute positions
-cannot take windows of that length, is refused before any scoring.
+run is scored on the first run's tokens, and a run whose discretizer or data differ, whose absolute positions
+cannot take windows of that length, or that trained on any of those validation episodes (another split: a seed sweep
+sets data.split_seed), is refused before any scoring.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def main() -> None:
     prep = prepare(cfg, discretizer=first.discretizer)
     if prep.val_windows is None:
         sys.exit(f"{args.runs[0]} has no validation episodes (data.validation_fraction = 0); nothing to score")
+    for path, run in zip(args.runs, runs, strict=True):
+        seen = sorted(set(prep.val_episodes.tolist()) & set(run.meta["split"]["train_episodes"]))
+        if seen:
+            sys.exit(f"{path} trained on {len(seen)} of the {len(prep.val_episodes)} validation episodes of "
+                     f"{args.runs[0]} (another episode split); train it with --set data.split_seed="
+                     f"{first.meta['split']['seed']}, or compare runs of one split")
     scored = min(args.windows, len(prep.val_windows))
     print(f"{len(prep.val_windows)} validation windows of {args.sequence_length} transitions "
           f"({len(prep.val_episodes)} episodes of {cfg.data.dataset}); scored {scored}")

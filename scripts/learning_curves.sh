@@ -34,8 +34,8 @@ declare -A RUNS=(
   [window-125k-b32]="125000 model.dropout=0.0 model.attention=window data.sequence_length=10 train.batch_size=32"
   [drop0-62k]="62500 model.dropout=0.0"
   [window-31k-b32]="31250 model.dropout=0.0 model.attention=window data.sequence_length=10 train.batch_size=32"
-  [drop0-62k-seed1]="62500 model.dropout=0.0 train.seed=1"
-  [window-31k-b32-seed1]="31250 model.dropout=0.0 model.attention=window data.sequence_length=10 train.batch_size=32 train.seed=1"
+  [drop0-62k-seed1]="62500 model.dropout=0.0 train.seed=1 data.split_seed=0"
+  [window-31k-b32-seed1]="31250 model.dropout=0.0 model.attention=window data.sequence_length=10 train.batch_size=32 train.seed=1 data.split_seed=0"
 )
 ORDER=(bf16-50k fp32-50k drop01-250k drop0-250k drop0-1m)
 for name in "${@:-${ORDER[@]}}"; do
