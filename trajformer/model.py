@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -255,7 +256,7 @@ bit for bit the same at any row count: so an env's plans depended, by float roun
 batch (its prefix alone is one row of the encode's shared rows)."""
 
 
-def min_rows(matmul, x: torch.Tensor) -> torch.Tensor:
+def min_rows(matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """matmul(x) over the last dim, with zero rows appended to reach MIN_ROWS where x has fewer (then dropped)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not 0 < rows < MIN_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
