@@ -23,6 +23,10 @@ mkdir -p "$OUT"
 # The shipped (seed-0) model on the same protocol with this checkout's planner, for a like-for-like pair.
 [ -f "$OUT/tt-seed0-plan.json" ] || trajformer plan hopper-medium --episodes 5 --num-envs 5 --set plan.beam_width=32 \
   --set plan.horizon=5 --set plan.num_threads="$OMP_NUM_THREADS" --json "$OUT/tt-seed0-plan.json"
+# ... and with the comparison's IQL critic (runs/hopper-compare/iql from scripts/compare_hopper.sh).
+[ -f "$OUT/tt-critic-seed0-plan.json" ] || trajformer plan hopper-medium --episodes 5 --num-envs 5 \
+  --set plan.beam_width=32 --set plan.horizon=5 --set plan.objective=critic --set plan.critic=runs/hopper-compare/iql \
+  --set plan.num_threads="$OMP_NUM_THREADS" --json "$OUT/tt-critic-seed0-plan.json"
 cp "$RUN/eval.json" "$OUT/tt-seed$SEED-eval.json"
 cp "$RUN/run.json" "$OUT/tt-seed$SEED-run.json"
 cp "runs/hopper-iql-seed$SEED/iql.json" "$OUT/iql-seed$SEED.json"
