@@ -258,8 +258,10 @@ batch (its prefix alone is one row of the encode's shared rows)."""
 
 def min_rows(matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """matmul(x) over the last dim, with zero rows appended to reach MIN_ROWS where x has fewer (then dropped)."""
+    if torch.is_grad_enabled() or x.device.type != "cpu":  # training, or a GPU: no rows appended
+        return matmul(x)
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not 0 < rows < MIN_ROWS or x.device.type != "cpu" or torch.is_grad_enabled():
+    if not 0 < rows < MIN_ROWS:
         return matmul(x)
     flat = x.reshape(rows, x.shape[-1])
     out = matmul(torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, flat.shape[1])]))[:rows]

@@ -568,15 +568,14 @@ def _bc_reference(bc_dir: str, run: Run, episodes: int) -> dict:
     if used["episodes"] != episodes:
         raise ValueError(f"{bc_dir} was evaluated on {used['episodes']} episodes, not "
                          f"{episodes}; re-run `trajformer bc` with --episodes {episodes}")
-    theirs, ours = bc["split"], run.meta["split"]
+    split, ours = bc["split"], run.meta["split"]  # BC records its episode counts, a run its episode lists
+    theirs = (split["seed"], split["validation_fraction"], split["train_episodes"], split["validation_episodes"])
+    mine = (ours["seed"], ours["validation_fraction"], len(ours["train_episodes"]), len(ours["validation_episodes"]))
     other = [what for what, differs in (
         (f"trained on {bc.get('dataset_id')}, the run on {run.meta.get('dataset_id')}",
          bc.get("dataset_id") != run.meta.get("dataset_id")),
-        (f"its episode split has seed {theirs['seed']}, validation fraction {theirs['validation_fraction']} and "
-         f"{theirs['train_episodes']} + {theirs['validation_episodes']} episodes, the run's {ours['seed']}, "
-         f"{ours['validation_fraction']} and {len(ours['train_episodes'])} + {len(ours['validation_episodes'])}",
-         (theirs["seed"], theirs["validation_fraction"], theirs["train_episodes"], theirs["validation_episodes"])
-         != (ours["seed"], ours["validation_fraction"], len(ours["train_episodes"]), len(ours["validation_episodes"]))),
+        ("its episode split has seed {}, validation fraction {} and {} + {} episodes, the run's {}, {} and {} + {}"
+         .format(*theirs, *mine), theirs != mine),
         (f"episodes cut at {used.get('max_steps')} steps", used.get("max_steps") is not None),
         (f"seeds from {used.get('seed')}, not 0", used.get("seed", 0) != 0)) if differs]
     if other:
