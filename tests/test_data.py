@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from trajformer.config import DataConfig
-from trajformer.data import Episode, joined_transitions, select_obs, split_episodes, values_to_go
+from trajformer.data import (
+    Episode,
+    describe_split,
+    joined_transitions,
+    same_split,
+    select_obs,
+    split_episodes,
+    split_record,
+    values_to_go,
+)
 from trajformer.tokens import TokenWindows, loss_weights
 
 
@@ -66,6 +75,19 @@ def test_split_is_seeded_and_disjoint():
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     assert len(a[1]) == 4 and not set(a[0]) & set(a[1]) and len(a[0]) + len(a[1]) == 20
     assert not np.array_equal(split_episodes(20, 0.2, seed=4)[1], a[1])
+
+
+def test_split_records_compare_by_lists_or_by_the_counts_of_older_records():
+    rec = split_record(20, 0.2, seed=3)
+    assert rec["validation_episodes"] == split_episodes(20, 0.2, seed=3)[1].tolist()
+    assert same_split(rec, split_record(20, 0.2, seed=3))
+    assert not same_split(rec, split_record(20, 0.2, seed=4))  # same counts, other episodes
+    assert not same_split(rec, split_record(21, 0.2, seed=3)) and not same_split(rec, split_record(20, 0.1, seed=3))
+    old_bc = {"seed": 3, "validation_fraction": 0.2, "train_episodes": 16, "validation_episodes": 4}
+    old_iql = {"seed": 3, "validation_fraction": 0.2, "train_episodes": 16}  # no validation count recorded
+    assert same_split(old_bc, rec) and same_split(rec, old_iql)
+    assert not same_split({**old_bc, "train_episodes": 17}, rec) and not same_split({**old_iql, "seed": 4}, rec)
+    assert describe_split(rec) == describe_split(old_bc) == "seed 3, validation fraction 0.2, 16 + 4 episodes"
 
 
 def test_obs_selection():

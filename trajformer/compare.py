@@ -29,7 +29,7 @@ from trajformer.baselines.iql import IQLConfig, check_iql, load_iql, train_iql
 from trajformer.baselines.model_based import METHODS as MODEL_BASED
 from trajformer.baselines.model_based import check_ensemble, load_model_based, provide_ensemble, train_model_based
 from trajformer.config import Config
-from trajformer.data import load_episodes, return_stats
+from trajformer.data import load_episodes, return_stats, same_split, split_record
 from trajformer.ensemble import load_ensemble, validation_split
 from trajformer.files import save_json, save_text
 from trajformer.rollout import evaluate, evaluate_agent
@@ -147,9 +147,9 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         if not record.is_file():
             return False
         meta = json.loads(record.read_text())
-        if (meta["config"], meta.get("dataset_sha256"), meta["split"]["seed"], meta["split"]["validation_fraction"],
-                meta.get("ensemble", {}).get("path")) != (config, data.sha256, cfg.split_seed,
-                                                           cfg.data.validation_fraction, ensemble):
+        split = split_record(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)
+        if (meta["config"], meta.get("dataset_sha256"), meta.get("ensemble", {}).get("path")) != (
+                config, data.sha256, ensemble) or not same_split(meta["split"], split):
             return False
         seconds.setdefault(key, meta["training"]["seconds"])
         print(f"    trained earlier into {record.parent}: evaluating it", flush=True)

@@ -324,6 +324,39 @@ def split_episodes(n_episodes: int, validation_fraction: float, seed: int) -> tu
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def split_record(n_episodes: int, validation_fraction: float, seed: int) -> dict:
+    """The split `split_episodes` draws, as every trained directory records it (run, ensemble, BC, IQL,
+    MOPO/MOReL/COMBO): seed, validation fraction and both episode lists, so any two records can be checked."""
+    train_idx, val_idx = split_episodes(n_episodes, validation_fraction, seed)
+    return {"seed": int(seed), "validation_fraction": validation_fraction,
+            "train_episodes": train_idx.tolist(), "validation_episodes": val_idx.tolist()}
+
+
+def same_split(a: dict, b: dict) -> bool:
+    """Whether two recorded splits agree: seed, validation fraction and each episode list both record (compared
+    by count where one holds a count: BC, IQL and MOPO/MOReL/COMBO records before 2026-12-07 stored counts)."""
+    if (a["seed"], a["validation_fraction"]) != (b["seed"], b["validation_fraction"]):
+        return False
+    for key in ("train_episodes", "validation_episodes"):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, list) and isinstance(y, list):
+            if x != y:
+                return False
+        elif x is not None and y is not None and _count(x) != _count(y):
+            return False
+    return True
+
+
+def describe_split(split: dict) -> str:
+    """A recorded split in words, for error messages: seed, validation fraction and episode counts."""
+    counts = " + ".join(str(_count(split[k])) for k in ("train_episodes", "validation_episodes") if k in split)
+    return f"seed {split['seed']}, validation fraction {split['validation_fraction']}, {counts} episodes"
+
+
+def _count(episodes: list | int) -> int:
+    return len(episodes) if isinstance(episodes, list) else int(episodes)
+
+
 def complete_episodes(data: OfflineData) -> list[Episode]:
     """Episodes that ended by termination or at the env's time limit: not the pieces the end of collection cut
     (all episodes when the data records no time limit)."""

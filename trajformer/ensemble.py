@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trajformer.config import Config, EnsembleConfig
-from trajformer.data import Episode, OfflineData, load_episodes, split_episodes
+from trajformer.data import Episode, OfflineData, load_episodes, split_episodes, split_record
 from trajformer.files import load_state, load_torch, save_json, save_text, save_torch
 from trajformer.run import read_metrics
 
@@ -227,8 +227,7 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
         "dataset_id": data.dataset_id, "env": data.env_spec, "obs_indices": data.obs_indices.tolist(),
         "raw_obs_dim": data.raw_obs_dim, "obs_dim": data.obs_dim, "act_dim": data.act_dim,
         "ensemble": asdict(ens), "obs_std": std.tolist(),
-        "split": {"seed": cfg.split_seed, "validation_fraction": cfg.data.validation_fraction,
-                  "train_episodes": train_idx.tolist(), "validation_episodes": val_idx.tolist()},
+        "split": split_record(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed),
         "training": {"epochs": epoch, "gradient_steps": steps, "seconds": seconds, "threads": torch.get_num_threads(),
                      "train_transitions": int(n), "validation_transitions": len(x_va),
                      "stopped": "patience" if stale >= ens.patience else

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from trajformer.config import PlanConfig
-from trajformer.data import env_kwargs
+from trajformer.data import describe_split, env_kwargs, same_split
 from trajformer.files import file_lock, save_json, writable_dir
 from trajformer.metrics import score_reference, summarize
 from trajformer.planner import Critic, Planner, plan_config
@@ -568,14 +568,11 @@ def _bc_reference(bc_dir: str, run: Run, episodes: int) -> dict:
     if used["episodes"] != episodes:
         raise ValueError(f"{bc_dir} was evaluated on {used['episodes']} episodes, not "
                          f"{episodes}; re-run `trajformer bc` with --episodes {episodes}")
-    split, ours = bc["split"], run.meta["split"]  # BC records its episode counts, a run its episode lists
-    theirs = (split["seed"], split["validation_fraction"], split["train_episodes"], split["validation_episodes"])
-    mine = (ours["seed"], ours["validation_fraction"], len(ours["train_episodes"]), len(ours["validation_episodes"]))
     other = [what for what, differs in (
         (f"trained on {bc.get('dataset_id')}, the run on {run.meta.get('dataset_id')}",
          bc.get("dataset_id") != run.meta.get("dataset_id")),
-        ("its episode split has seed {}, validation fraction {} and {} + {} episodes, the run's {}, {} and {} + {}"
-         .format(*theirs, *mine), theirs != mine),
+        (f"its episode split is {describe_split(bc['split'])}, the run's {describe_split(run.meta['split'])}",
+         not same_split(bc["split"], run.meta["split"])),
         (f"episodes cut at {used.get('max_steps')} steps", used.get("max_steps") is not None),
         (f"seeds from {used.get('seed')}, not 0", used.get("seed", 0) != 0)) if differs]
     if other:

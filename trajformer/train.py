@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from trajformer import __version__
 from trajformer.config import Config, load_config, to_toml
-from trajformer.data import OfflineData, joined_transitions, load_episodes, return_stats, split_episodes
+from trajformer.data import OfflineData, joined_transitions, load_episodes, return_stats, split_episodes, split_record
 from trajformer.discretizer import Discretizer
 from trajformer.files import file_lock, load_state, load_torch, save_text, save_torch, writable_dir
 from trajformer.model import GPT, GPTConfig, native_bf16, token_losses, usable_device
@@ -249,8 +249,7 @@ def run_metadata(prep: Prepared, cfg: Config, model_cfg: GPTConfig, compute: dic
         "transition_dim": data.transition_dim,
         "n_bins": cfg.discretizer.n_bins,
         "model": asdict(model_cfg),
-        "split": {"seed": cfg.split_seed, "validation_fraction": cfg.data.validation_fraction,
-                  "train_episodes": prep.train_episodes.tolist(), "validation_episodes": prep.val_episodes.tolist()},
+        "split": split_record(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed),
         "ref_min_score": data.ref_min_score,
         "ref_max_score": data.ref_max_score,
         "dataset_stats": return_stats(data),

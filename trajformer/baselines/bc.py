@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from trajformer.baselines.policy import DatasetPolicy, data_references
 from trajformer.config import Config
-from trajformer.data import load_episodes, split_episodes
+from trajformer.data import load_episodes, split_episodes, split_record
 from trajformer.files import load_state, load_torch, save_json, save_torch
 
 
@@ -95,8 +95,7 @@ def train_bc(cfg: Config, out_dir: str | os.PathLike, bc: BCConfig | None = None
         "config": dataclasses.asdict(bc), "dataset_id": data.dataset_id, "dataset_sha256": data.sha256,
         "env": data.env_spec,
         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "raw_obs_dim": data.raw_obs_dim,
-        "split": {"seed": cfg.split_seed, "validation_fraction": cfg.data.validation_fraction,
-                  "train_episodes": len(train_idx), "validation_episodes": len(val_idx)},
+        "split": split_record(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed),
         "training": {"steps": bc.steps, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
                      "train_mse": train_mse, "validation_mse": val_mse, "transitions": len(x)},
         **data_references(data),

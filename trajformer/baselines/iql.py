@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from trajformer.baselines.policy import LOG_STD_MAX, LOG_STD_MIN, Batch, DatasetPolicy, data_references
 from trajformer.config import Config
-from trajformer.data import OfflineData, load_episodes, split_episodes
+from trajformer.data import OfflineData, load_episodes, same_split, split_episodes, split_record
 from trajformer.files import load_state, load_torch, save_json, save_torch
 
 
@@ -149,8 +149,7 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
         "config": dataclasses.asdict(iql), "policy": POLICY, "dataset_id": data.dataset_id, "env": data.env_spec,
         "dataset_sha256": data.sha256, "obs_indices": data.obs_indices.tolist(),
         "obs_dim": data.obs_dim, "act_dim": data.act_dim, "reward_scale": scale,
-        "split": {"seed": cfg.split_seed, "validation_fraction": cfg.data.validation_fraction,
-                  "train_episodes": len(train_idx)},
+        "split": split_record(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed),
         "training": {"steps": iql.steps, "seconds": round(time.perf_counter() - start, 1), "transitions": len(obs),
                      "threads": torch.get_num_threads(), **log},
         **data_references(data),
@@ -163,11 +162,9 @@ def check_iql(path: Path, meta: dict, data: OfflineData, cfg: Config, iql: IQLCo
     observation dims (the twin of model_based.check_ensemble); a one-line error otherwise."""
     kept, wanted = meta["config"], dataclasses.asdict(iql)
     changed = [k for k in wanted if kept.get(k) != wanted[k]]
-    train_episodes = len(split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)[0])
     if meta["dataset_id"] != data.dataset_id or meta.get("dataset_sha256", data.sha256) != data.sha256:
         changed.append(f"its data ({meta['dataset_id']})")
-    if (meta["split"]["seed"], meta["split"]["validation_fraction"], meta["split"]["train_episodes"]) != (
-            cfg.split_seed, cfg.data.validation_fraction, train_episodes):
+    if not same_split(meta["split"], split_record(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)):
         changed.append("its split")
     if meta.get("obs_indices", data.obs_indices.tolist()) != data.obs_indices.tolist():
         changed.append("its observation dims")

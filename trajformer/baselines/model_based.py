@@ -35,7 +35,7 @@ from trajformer.baselines.model_env import ModelEnv, elite_members, morel_thresh
 from trajformer.baselines.policy import Batch, data_references
 from trajformer.baselines.sac import SAC, SACAgent
 from trajformer.config import Config
-from trajformer.data import OfflineData, load_episodes, split_episodes
+from trajformer.data import OfflineData, load_episodes, same_split, split_episodes, split_record
 from trajformer.ensemble import Ensemble, load_ensemble, train_ensemble
 from trajformer.files import load_state, load_torch, save_json, save_text, save_torch
 
@@ -60,7 +60,7 @@ def check_ensemble(ensemble: Ensemble, data: OfflineData, cfg: Config | None = N
     if cfg is None:
         return
     changed = [f"ensemble.{k}" for k, v in dataclasses.asdict(cfg.ensemble).items() if meta["ensemble"].get(k) != v]
-    if (meta["split"]["seed"], meta["split"]["validation_fraction"]) != (cfg.split_seed, cfg.data.validation_fraction):
+    if not same_split(meta["split"], split_record(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)):
         changed.append("the split (data.split_seed, data.validation_fraction)")
     if changed:
         raise ValueError(f"{ensemble.path} holds an ensemble trained with other settings ({', '.join(changed)}); "
@@ -219,8 +219,7 @@ def train_model_based(method: str, cfg: Config, out_dir: str | os.PathLike, ense
         "ensemble": {"path": str(ensemble.path), "elites": elite_members(ensemble, mb.elites).tolist(),
                      "members": ensemble.meta["ensemble"]["members"]},
         "termination_rule": rule, "morel_threshold": threshold,
-        "split": {"seed": cfg.split_seed, "validation_fraction": cfg.data.validation_fraction,
-                  "train_episodes": len(train_idx)},
+        "split": split_record(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed),
         "training": {"steps": mb.steps, "seconds": round(time.perf_counter() - start, 1),
                      "threads": torch.get_num_threads(), "real_transitions": len(real.obs), **stats, **log},
         **data_references(data),
