@@ -1,5 +1,6 @@
 """Shared fixtures: an offline Minari root, a tiny Hopper dataset and one tiny trained run for the session."""
 
+import contextlib
 import os
 import tempfile
 
@@ -34,6 +35,20 @@ def tiny_config():
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def torch_threads():
+    """torch_threads(n): a context in which torch runs n intra-op threads (the suite's one thread restored after)."""
+    @contextlib.contextmanager
+    def use(n: int):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+    return use
 
 
 @pytest.fixture(scope="session", autouse=True)

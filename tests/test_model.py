@@ -160,7 +160,7 @@ def test_bf16_linear_without_native_bf16_rounds_once_from_float32(monkeypatch):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("attention", ["absolute", "window"])
-def test_an_encoded_row_is_the_same_bits_alone_and_among_others(attention, threads):
+def test_an_encoded_row_is_the_same_bits_alone_and_among_others(attention, threads, torch_threads):
     """A float32 row's logits and cached keys from a chunked, left-padded encode (a first chunk, then 1-15 tokens)
     do not depend on the rows encoded beside it, at one and at two threads: SDPA's CPU kernel split its work by
     batch size under threads (a 3-token chunk differed at two), and few-row weight matmuls round otherwise."""
@@ -170,20 +170,15 @@ def test_an_encoded_row_is_the_same_bits_alone_and_among_others(attention, threa
                     dropout=0.0, attention=attention, window=5 * T if attention == "window" else 0)
     model = GPT(cfg).eval()
     pads = torch.tensor([0, 3, 16, 0, 5, 7, 0, 2, 9])
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            for first, t in ((16, 3), (32, 1), (16, 11)):
-                idx = torch.randint(0, 100, (len(pads), first + t)) + 100 * (torch.arange(first + t) % T)
-                outs = []
-                for rows in (1, 2, 5, len(pads)):
-                    cache = KVCache(cfg, len(pads), 96)
-                    cache.reset(pads[:rows])
-                    model.forward_cached(idx[:rows, :first], cache)
-                    logits = model.forward_cached(idx[:rows, first:], cache, all_logits=True)
-                    outs.append((logits[0], cache.k[:, 0, :, : first + t].clone()))
-                for logits, keys in outs[1:]:
-                    assert torch.equal(logits, outs[0][0]) and torch.equal(keys, outs[0][1])
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(threads), torch.no_grad():
+        for first, t in ((16, 3), (32, 1), (16, 11)):
+            idx = torch.randint(0, 100, (len(pads), first + t)) + 100 * (torch.arange(first + t) % T)
+            outs = []
+            for rows in (1, 2, 5, len(pads)):
+                cache = KVCache(cfg, len(pads), 96)
+                cache.reset(pads[:rows])
+                model.forward_cached(idx[:rows, :first], cache)
+                logits = model.forward_cached(idx[:rows, first:], cache, all_logits=True)
+                outs.append((logits[0], cache.k[:, 0, :, : first + t].clone()))
+            for logits, keys in outs[1:]:
+                assert torch.equal(logits, outs[0][0]) and torch.equal(keys, outs[0][1])

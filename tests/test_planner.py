@@ -398,7 +398,7 @@ def test_left_padding_writes_no_nan_and_changes_no_plan(attention):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("attention", ["absolute", "window"])
-def test_an_envs_float32_logits_are_bit_for_bit_the_same_alone_and_batched(attention, threads):
+def test_an_envs_float32_logits_are_bit_for_bit_the_same_alone_and_batched(attention, threads, torch_threads):
     """An env's float32 search does not depend on which envs share its batch: every weight matmul runs on at least
     model.MIN_ROWS rows, as the CPU's few-row kernels round otherwise (an env alone encodes its prefix as one row,
     and its beam of 6 rows is a few-row product: 24 rows beside three other envs; test_model checks the encode's
@@ -430,12 +430,8 @@ def test_an_envs_float32_logits_are_bit_for_bit_the_same_alone_and_batched(atten
         search.search(prefixes[:envs], generators(range(envs)))
         return calls
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         alone, batched = logits_of_env_0(1), logits_of_env_0(len(prefixes))
-    finally:
-        torch.set_num_threads(previous)
     assert len(alone) == len(batched) > 20
     for a, b in zip(alone, batched, strict=True):
         assert torch.equal(a, b)
