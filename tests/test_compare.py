@@ -232,6 +232,33 @@ def test_model_env_terminates_by_the_hopper_healthy_rule_and_truncates_at_its_ho
     assert np.isin(nxt, obs).all(axis=1).all()  # restarted from dataset states in the same step
 
 
+
+@pytest.mark.parametrize("env_id, z_range", [("Ant-v5", (0.0, 1.3)), ("Humanoid-v5", (0.5, 2.5))])
+def test_ant_and_humanoid_termination_rules_agree_with_the_env(env_id, z_range):
+    """Each rule on observations of states with random heights (and kept dims only) says what the env's own
+    is_healthy says; Ant's bounds are closed, Humanoid's open; data without z gets no rule."""
+    env = gym.make(env_id)
+    u = env.unwrapped
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    lo, hi = u._healthy_z_range
+    heights = np.concatenate([rng.uniform(*z_range, 200), [lo, hi]])  # the bounds themselves too
+    obs, healthy = [], []
+    for z in heights:
+        qpos = u.init_qpos + rng.normal(0, 0.1, u.model.nq)
+        qpos[2] = z
+        u.set_state(qpos, u.init_qvel + rng.normal(0, 0.1, u.model.nv))
+        obs.append(u._get_obs())
+        healthy.append(u.is_healthy)
+    env.close()
+    obs, healthy = np.array(obs), np.array(healthy)
+    assert 0 < healthy.sum() < len(healthy)
+    keep = np.arange(27)  # the dims configs/ant-medium keeps (z first)
+    rule, text = termination_rule({"id": env_id, "kwargs": {}}, keep, obs.shape[1])
+    np.testing.assert_array_equal(rule(obs[:, keep]), ~healthy)
+    assert ("[0.2, 1.0]" in text) if env_id == "Ant-v5" else ("(1.0, 2.0)" in text)
+    assert termination_rule({"id": env_id, "kwargs": {}}, np.arange(1, 27), obs.shape[1])[0] is None
+
 def discrete_dataset(root) -> str:
     env = gym.make("CartPole-v1")
     buffers = []

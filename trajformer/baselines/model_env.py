@@ -40,20 +40,37 @@ def termination_rule(env_spec: dict, obs_indices: np.ndarray, raw_obs_dim: int
                      ) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str]:
     """The env's own termination on a predicted observation batch, and a line saying which rule it is.
 
-    Known for Hopper and Walker2d with their full default observation (z and torso angle first); with other
-    observation dims, other envs, or terminate_when_unhealthy=False no rollout terminates (said so)."""
+    Known for Hopper and Walker2d with their full default observation (z and torso angle first), and for Ant and
+    Humanoid while the data keeps z (observation dim 0); with other dims, other envs, or
+    terminate_when_unhealthy=False no rollout terminates (said so)."""
     env_id = env_spec.get("id") or ""
     family = env_id.split("-")[0].split("/")[-1]
-    if family not in ("Hopper", "Walker2d"):
+    if family not in ("Hopper", "Walker2d", "Ant", "Humanoid"):
         return None, f"none ({env_id or 'unknown env'} has no termination rule we know; rollouts only truncate)"
-    if obs_indices.tolist() != list(range(raw_obs_dim)):
+    upright = family in ("Ant", "Humanoid")  # their rule reads z alone
+    kept = obs_indices.tolist()
+    if upright and 0 not in kept:
+        return None, f"none (the {family} healthy rule needs z, observation dim 0, which the data drops)"
+    if not upright and kept != list(range(raw_obs_dim)):
         return None, f"none (the {family} healthy rule needs the full observation; the data selects dims)"
     env = gym.make(env_id, **env_kwargs(env_spec))
     u = env.unwrapped
     env.close()
     if not u._terminate_when_unhealthy or u._exclude_current_positions_from_observation is False:
         return None, f"none ({env_id} made with terminate_when_unhealthy=False or with x in the observation)"
-    (z_lo, z_hi), (a_lo, a_hi) = u._healthy_z_range, u._healthy_angle_range
+    z_lo, z_hi = u._healthy_z_range
+    if upright:
+        z = kept.index(0)
+
+        def upright_terminated(obs: np.ndarray) -> np.ndarray:
+            if family == "Ant":  # Ant-v5: a finite state and z in [lo, hi], bounds included
+                return ~(np.isfinite(obs).all(axis=1) & (obs[:, z] >= z_lo) & (obs[:, z] <= z_hi))
+            return ~((obs[:, z] > z_lo) & (obs[:, z] < z_hi))  # Humanoid-v5: z in (lo, hi)
+
+        closed = family == "Ant"
+        return upright_terminated, (f"{env_id} healthy rule: z in {'[' if closed else '('}{z_lo}, {z_hi}"
+                                    f"{']' if closed else ')'}" + (", a finite state" if closed else ""))
+    (a_lo, a_hi) = u._healthy_angle_range
     s_lo, s_hi = getattr(u, "_healthy_state_range", (-np.inf, np.inf))
 
     def terminated(obs: np.ndarray) -> np.ndarray:
