@@ -6,7 +6,8 @@ Gaussian NLL, on the same seeded episode split as the transformer; the ensemble 
 epoch by mean validation NLL (early stopping). Not each member its own best epoch, as MBPO does: the members
 share the log-variance bounds, and a member's weights from one epoch beside another epoch's bounds predict
 worse variances (humanoid: validation NLL 0.171 against 0.138 at the best epoch). `disagreement(s, a)` is the
-spread of the members' means: the uncertainty signal of MOPO/MOReL. The run directory is self-contained like the
+spread of the members' means in normalised units, a plotting aid (MOPO and MOReL compute their own signals in
+raw units, baselines/model_env.py). The run directory is self-contained like the
 transformer's:
 
     ensemble.json   sizes, dims, dataset, split, training record (epochs, wall-clock, validation metrics)
