@@ -3,6 +3,9 @@ windows of one sequence length, so models trained on different window lengths (o
 
     python scripts/compare_models.py RUN_DIR [RUN_DIR ...] [--sequence-length 5] [--windows 4096]
 
+Beside the losses, each run's planned return where RUN_DIR/plan-32x5.json holds one (scripts/learning_curves.sh
+writes it: 5 Hopper episodes at beam 32, horizon 5), with its mean episode length.
+
 All runs must share the dataset and the discretizer (runs of one dataset and bin count fit the same one): every
 run is scored on the first run's tokens, and a run whose discretizer or data differ, whose absolute positions
 cannot take windows of that length, or that trained on any of those validation episodes (another split: a seed sweep
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,14 +59,24 @@ def main() -> None:
     scored = min(args.windows, len(prep.val_windows))
     print(f"{len(prep.val_windows)} validation windows of {args.sequence_length} transitions "
           f"({len(prep.val_episodes)} episodes of {cfg.data.dataset}); scored {scored}")
-    print(f"{'run':<40}{'attention':>10}{'val loss':>10}{'obs':>8}{'action':>8}{'reward':>8}{'value':>8}")
+    print(f"{'run':<40}{'attention':>10}{'val loss':>10}{'obs':>8}{'action':>8}{'reward':>8}{'value':>8}"
+          f"{'return (32/5)':>22}")
     for path, run in zip(args.runs, runs, strict=True):
         m = run.config.model
         weights = loss_weights(run.obs_dim, run.act_dim, args.sequence_length, m.action_weight, m.reward_weight,
                                m.value_weight)
         out = validation_losses(run.model.float(), prep.val_windows, cfg, weights, autocast=False)
         print(f"{path:<40}{run.model.config.attention:>10}{out['val_loss']:>10.3f}{out['val_obs']:>8.3f}"
-              f"{out['val_action']:>8.3f}{out['val_reward']:>8.3f}{out['val_value']:>8.3f}")
+              f"{out['val_action']:>8.3f}{out['val_reward']:>8.3f}{out['val_value']:>8.3f}{planned(path):>22}")
+
+
+def planned(run_dir: str) -> str:
+    """'mean ± stderr (mean length)' of the run's plan-32x5.json, or '-' without one."""
+    record = Path(run_dir) / "plan-32x5.json"
+    if not record.is_file():
+        return "-"
+    plan = json.loads(record.read_text())
+    return f"{plan['mean_return']:.0f} ± {plan['stderr']:.0f} ({sum(plan['lengths']) / len(plan['lengths']):.0f})"
 
 
 if __name__ == "__main__":
