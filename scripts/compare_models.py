@@ -76,7 +76,8 @@ def planned(run_dir: str) -> str:
     if not record.is_file():
         return "-"
     plan = json.loads(record.read_text())
-    return f"{plan['mean_return']:.0f} ± {plan['stderr']:.0f} ({sum(plan['lengths']) / len(plan['lengths']):.0f})"
+    spread = "" if plan["stderr"] is None else f" ± {plan['stderr']:.0f}"  # one episode: no standard error
+    return f"{plan['mean_return']:.0f}{spread} ({sum(plan['lengths']) / len(plan['lengths']):.0f})"
 
 
 if __name__ == "__main__":

@@ -101,7 +101,15 @@ def test_a_stopped_comparison_resumes_keeping_its_rows_and_trained_parts(point_d
     resumed = json.loads((out / "compare.json").read_text())
     assert resumed["methods"]["morel"]["returns"] == second["methods"]["morel"]["returns"]
     assert "trained earlier into" in capsys.readouterr().out
-    second = resumed
+    # The same, but trained under another model-env termination rule (older code): trained again.
+    record = out / "morel" / "morel.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "termination_rule": "an older rule"}))
+    (out / "compare.json").write_text(json.dumps(stopped))
+    cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods", "bc,mopo,morel",
+              "--resume", *small])
+    assert (out / "morel" / "morel.pt").stat().st_mtime_ns != morel_written
+    assert "trained earlier into" not in capsys.readouterr().out
+    second = json.loads((out / "compare.json").read_text())
     # Kept rows of another protocol, budget, split or setting: refused (compare.json records the settings).
     for override, named in [("compare.max_steps=7", "compare.max_steps"), ("compare.bc_steps=300", "compare.bc_steps"),
                             (f"train.seed={TRAIN_SEED + 1}", "train.seed"),
@@ -136,6 +144,13 @@ def test_a_stopped_comparison_resumes_keeping_its_rows_and_trained_parts(point_d
         cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods",
                   "bc,mopo,morel,combo", "--resume", *small])
     assert "holds an ensemble trained with other settings (ensemble.max_epochs)" in capsys.readouterr().err
+    moved = json.loads(original)  # the same settings, another split recorded (one episode moved): refused too
+    moved["split"]["train_episodes"].append(moved["split"]["validation_episodes"].pop())
+    record.write_text(json.dumps(moved))
+    with pytest.raises(SystemExit):
+        cli.main(["compare", str(TINY_COMPARE), "--dataset", DATASET_ID, "--out", str(out), "--methods",
+                  "bc,mopo", "--resume", *small])
+    assert "other settings (the split (data.split_seed, data.validation_fraction))" in capsys.readouterr().err
     record.write_text(original)
     assert json.loads((out / "compare.json").read_text()) == second
     # Other thread counts are the same setting; methods left out keep their rows.
@@ -232,7 +247,6 @@ def test_model_env_terminates_by_the_hopper_healthy_rule_and_truncates_at_its_ho
     assert np.isin(nxt, obs).all(axis=1).all()  # restarted from dataset states in the same step
 
 
-
 @pytest.mark.parametrize("env_id, z_range", [("Ant-v5", (0.0, 1.3)), ("Humanoid-v5", (0.5, 2.5))])
 def test_ant_and_humanoid_termination_rules_agree_with_the_env(env_id, z_range):
     """Each rule on observations of states with random heights (and kept dims only) says what the env's own
@@ -253,9 +267,13 @@ def test_ant_and_humanoid_termination_rules_agree_with_the_env(env_id, z_range):
     env.close()
     obs, healthy = np.array(obs), np.array(healthy)
     assert 0 < healthy.sum() < len(healthy)
-    keep = np.arange(27)  # the dims configs/ant-medium keeps (z first)
-    rule, text = termination_rule({"id": env_id, "kwargs": {}}, keep, obs.shape[1])
-    np.testing.assert_array_equal(rule(obs[:, keep]), ~healthy)
+    for keep in (np.arange(27), np.array([5, 3, 0, 20, 1])):  # configs/ant-medium's dims; z kept third
+        rule, text = termination_rule({"id": env_id, "kwargs": {}}, keep, obs.shape[1])
+        np.testing.assert_array_equal(rule(obs[:, keep]), ~healthy)
+    if env_id == "Ant-v5":  # and a non-finite prediction ends the rollout
+        bad = obs[healthy][:1, keep].copy()
+        bad[0, 1] = np.nan
+        assert rule(bad).tolist() == [True] and rule(obs[healthy][:1, keep]).tolist() == [False]
     assert ("[0.2, 1.0]" in text) if env_id == "Ant-v5" else ("(1.0, 2.0)" in text)
     assert termination_rule({"id": env_id, "kwargs": {}}, np.arange(1, 27), obs.shape[1])[0] is None
 
@@ -283,6 +301,7 @@ def tt_run_of_another_split(path, split_seed: int | None = None) -> str:
     """A point-line TT run directory (random weights, saved through run.py) of another train.seed than the config's,
     and so of another split unless `split_seed` names the config's."""
     from trajformer.config import Config
+    from trajformer.data import load_episodes, split_record
     from trajformer.discretizer import Discretizer
     from trajformer.model import GPT, GPTConfig
     from trajformer.run import save_run
@@ -291,8 +310,9 @@ def tt_run_of_another_split(path, split_seed: int | None = None) -> str:
     cfg.data.dataset, cfg.train.seed, cfg.data.split_seed = DATASET_ID, TRAIN_SEED + 1, split_seed
     disc = Discretizer.fit(np.random.default_rng(0).normal(size=(100, 5)), 8)
     gpt = GPTConfig(obs_dim=2, act_dim=1, n_bins=8, block_size=9, n_layer=1, n_head=1, n_embd=8)
+    episodes = len(load_episodes(DATASET_ID, cfg.data).episodes)
     meta = {"dataset_id": DATASET_ID, "env": {"id": "trajformer-test/PointLine-v0"}, "obs_indices": [0, 1],
-            "raw_obs_dim": 2}
+            "raw_obs_dim": 2, "split": split_record(episodes, cfg.data.validation_fraction, cfg.split_seed)}
     return str(save_run(path, cfg, GPT(gpt), disc, meta))
 
 
@@ -351,6 +371,14 @@ def test_a_tt_run_of_another_train_seed_on_the_config_split_is_reused(point_data
         else:
             with pytest.raises(ValueError, match=r"other data.split_seed \(or train.seed\) than this config's"):
                 compare_module.compare(cfg, tmp_path / "cmp", dataset_id=DATASET_ID, progress=False)
+    record = tmp_path / "tt" / "run.json"  # the same settings, but another split recorded (another data copy)
+    meta = json.loads(record.read_text())
+    meta["split"]["train_episodes"].append(meta["split"]["validation_episodes"].pop())
+    record.write_text(json.dumps(meta))
+    cfg = load_config(TINY_COMPARE, ["compare.methods=[\"tt\"]", f"compare.tt_run=\"{tmp_path / 'tt'}\"",
+                                     f"train.seed={TRAIN_SEED}"])
+    with pytest.raises(ValueError, match=r"was trained on another episode split \(seed \d+, .*\) than this data's"):
+        compare_module.compare(cfg, tmp_path / "cmp", dataset_id=DATASET_ID, progress=False)
 
 
 @pytest.mark.parametrize("method", ["ensemble", "bc", "iql", "mopo"])

@@ -28,8 +28,9 @@ from trajformer.baselines.bc import BCConfig, load_bc, train_bc
 from trajformer.baselines.iql import IQLConfig, check_iql, load_iql, train_iql
 from trajformer.baselines.model_based import METHODS as MODEL_BASED
 from trajformer.baselines.model_based import check_ensemble, load_model_based, provide_ensemble, train_model_based
+from trajformer.baselines.model_env import termination_rule
 from trajformer.config import Config
-from trajformer.data import load_episodes, return_stats, same_split, split_record
+from trajformer.data import describe_split, load_episodes, return_stats, same_split, split_record
 from trajformer.ensemble import load_ensemble, validation_split
 from trajformer.files import save_json, save_text
 from trajformer.rollout import evaluate, evaluate_agent
@@ -85,6 +86,11 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
                                                                              "obs_dims")},
                   "data.split_seed (or train.seed)": reused.config.split_seed}
         changed = [k for k in mine if mine[k] != theirs[k]]
+        ours = split_record(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)
+        if not changed and not same_split(reused.meta["split"], ours):  # the same settings on another copy
+            raise ValueError(f"compare.tt_run {cmp.tt_run} was trained on another episode split "
+                             f"({describe_split(reused.meta['split'])}) than this data's ({describe_split(ours)}): "
+                             "compare on the data it was trained on, or drop compare.tt_run")
         if changed:
             raise ValueError(f"compare.tt_run {cmp.tt_run} was trained with other {', '.join(changed)} than this "
                              "config's (another split or observation): set them to the run's, or drop compare.tt_run")
@@ -142,14 +148,15 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
 
     def kept(record: Path, key: str, config: dict, ensemble: str | None = None) -> bool:
         """Whether a baseline left whole by a comparison stopped before its row (its .json is written last) was
-        trained with `config` on this data (its digest), split (and ensemble): then it is evaluated, not trained
-        again."""
+        trained with `config` on this data (its digest), split (and ensemble, under today's model-env termination
+        rule): then it is evaluated, not trained again."""
         if not record.is_file():
             return False
         meta = json.loads(record.read_text())
-        split = split_record(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)
-        if (meta["config"], meta.get("dataset_sha256"), meta.get("ensemble", {}).get("path")) != (
-                config, data.sha256, ensemble) or not same_split(meta["split"], split):
+        rule = termination_rule(data.env_spec, data.obs_indices, data.raw_obs_dim)[1] if ensemble else None
+        if (meta["config"], meta.get("dataset_sha256"), meta.get("ensemble", {}).get("path"),
+                meta.get("termination_rule")) != (config, data.sha256, ensemble, rule) or not same_split(
+                meta["split"], split_record(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)):
             return False
         seconds.setdefault(key, meta["training"]["seconds"])
         print(f"    trained earlier into {record.parent}: evaluating it", flush=True)

@@ -340,7 +340,7 @@ def same_split(a: dict, b: dict) -> bool:
     for key in ("train_episodes", "validation_episodes"):
         x, y = a.get(key), b.get(key)
         if isinstance(x, list) and isinstance(y, list):
-            if x != y:
+            if sorted(x) != sorted(y):
                 return False
         elif x is not None and y is not None and _count(x) != _count(y):
             return False

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trajformer.data import Episode, joined_transitions, load_episodes, return_stats
+from trajformer.data import Episode, joined_transitions, load_episodes, return_stats, same_split
 from trajformer.decoding import DECODES, CachedDecoder, crop_start, decode_bins, pick
 from trajformer.ensemble import Ensemble, load_ensemble, obs_std, transitions, validation_metrics
 from trajformer.files import atomic_write, save_json, writable_dir
@@ -510,7 +510,7 @@ def load_ablations(ablations: dict[str, str | os.PathLike], run: Run) -> dict[st
             raise ValueError(f"--ablation {name}={path}: '{name}' names the main results; call the ablation "
                              "something else (e.g. markovian)")
         other = load_run(path)
-        if (other.meta["dataset_id"], other.meta["split"]) != (run.meta["dataset_id"], run.meta["split"]):
+        if other.meta["dataset_id"] != run.meta["dataset_id"] or not same_split(other.meta["split"], run.meta["split"]):
             raise ValueError(f"--ablation {name}={path} was trained on {other.meta['dataset_id']} with another split; "
                              f"ablations must share the run's dataset, data.validation_fraction and split seed")
         if not set(other.obs_indices.tolist()) <= set(run.obs_indices.tolist()):

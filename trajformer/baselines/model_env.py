@@ -9,8 +9,9 @@ Two kinds of pessimism, both on the trained ensemble (trajformer/ensemble.py):
   predicted mean s'; where d exceeds a threshold the rollout halts (terminated) with reward -kappa. The threshold
   is a quantile of d over the dataset's own transitions (`morel_threshold`).
 
-Termination uses the task's own healthy rule on the predicted state where we know it (Hopper-v5, Walker2d-v5:
-their healthy height/angle/state ranges read from the env itself, so env kwargs count) and nothing elsewhere
+Termination uses the task's own healthy rule on the predicted state where we know it (Hopper, Walker2d: their
+healthy height/angle/state ranges; Ant, Humanoid: their healthy height; each read from the env itself, so env
+kwargs count) and nothing elsewhere
 (`termination_rule` says which). Rollouts truncate after `horizon` steps and restart from new dataset states
 in the same step (autoreset mode SAME_STEP: the finished rollout's last state is in info["final_obs"]).
 """
@@ -64,12 +65,12 @@ def termination_rule(env_spec: dict, obs_indices: np.ndarray, raw_obs_dim: int
 
         def upright_terminated(obs: np.ndarray) -> np.ndarray:
             if family == "Ant":  # Ant-v5: a finite state and z in [lo, hi], bounds included
-                return ~(np.isfinite(obs).all(axis=1) & (obs[:, z] >= z_lo) & (obs[:, z] <= z_hi))
+                return ~(np.isfinite(obs).all(axis=1) & (obs[:, z] >= z_lo) & (obs[:, z] <= z_hi))  # kept dims
             return ~((obs[:, z] > z_lo) & (obs[:, z] < z_hi))  # Humanoid-v5: z in (lo, hi)
 
         closed = family == "Ant"
         return upright_terminated, (f"{env_id} healthy rule: z in {'[' if closed else '('}{z_lo}, {z_hi}"
-                                    f"{']' if closed else ')'}" + (", a finite state" if closed else ""))
+                                    f"{']' if closed else ')'}" + (", finite kept dims" if closed else ""))
     (a_lo, a_hi) = u._healthy_angle_range
     s_lo, s_hi = getattr(u, "_healthy_state_range", (-np.inf, np.inf))
 
