@@ -16,6 +16,11 @@ plan.dtype = "bfloat16". `--device cuda` runs the searches and the bare matmuls 
 stays on the card; only the draws' noise comes from the CPU generators).
 
     python benchmarks/plan_speed.py [--threads N] [--steps 3] [--uncached-steps 1] [--device cuda]
+
+`--trained ABSOLUTE_RUN WINDOW_RUN` times two trained Hopper runs instead (one of each kind, on one dataset):
+searches at 32/5 and 128/15 from mid-episode contexts of their validation episodes (step 100 of the first
+`--starts`), the kinds alternating, and ends with `plan_speed_trained window_over_absolute_32x5=<r>
+window_over_absolute_128x15=<r>` (medians over the starts of the per-start ratios).
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ import numpy as np
 import torch
 
 from trajformer.config import PlanConfig
+from trajformer.data import load_episodes
 from trajformer.discretizer import Discretizer
 from trajformer.model import GPT, GPTConfig
 from trajformer.planner import BeamSearch
+from trajformer.run import Run, load_run
+from trajformer.tokens import context_transition, encode_values
 
 BINS, CONTEXT = 100, 5
 SMALL = PlanConfig(beam_width=32, n_expand=2, horizon=5, max_context_transitions=CONTEXT)
@@ -162,15 +170,58 @@ def measure(search: BeamSearch, prefix: torch.Tensor, steps: int) -> dict:
             "attention": sum(attention[c] for c in calls), "encodes": sum(t > 1 for _, t, _ in model_calls)}
 
 
+def trained_prefixes(run: Run, starts: int, t0: int = 100) -> list[torch.Tensor]:
+    """Prefixes as the planner builds them at step t0 (CONTEXT past transitions, then the observation) of the
+    first `starts` validation episodes of the run's dataset that are long enough."""
+    data = load_episodes(run.config.data.dataset, run.config.data)
+    episodes = [data.episodes[i] for i in run.meta["split"]["validation_episodes"] if data.episodes[i].length > t0]
+    if len(episodes) < starts:
+        raise SystemExit(f"{run.path}: only {len(episodes)} validation episodes reach step {t0}; pass --starts "
+                         f"{len(episodes)} or fewer")
+    return [torch.as_tensor(np.concatenate(
+        [context_transition(run.discretizer, ep.obs[t], ep.act[t], float(ep.rew[t])) for t in range(t0 - CONTEXT, t0)]
+        + [encode_values(run.discretizer, ep.obs[t0], 0)])) for ep in episodes[:starts]]
+
+
+def trained(paths: list[str], starts: int, steps: int) -> None:
+    """Seconds per env step of a trained absolute and a trained window run, same contexts, kinds alternating."""
+    runs = [load_run(path) for path in paths]
+    kinds = [run.model.config.attention for run in runs]
+    if kinds != ["absolute", "window"] or runs[0].meta["dataset_id"] != runs[1].meta["dataset_id"]:
+        raise SystemExit(f"--trained takes an absolute and then a window run of one dataset, not {kinds} of "
+                         f"{runs[0].meta['dataset_id']} and {runs[1].meta['dataset_id']}")
+    prefixes = trained_prefixes(runs[0], starts)
+    print(f"trained runs {paths[0]} (absolute) and {paths[1]} (window), {starts} starts at step 100 of "
+          f"{runs[0].meta['dataset_id']} validation episodes, fp32, {torch.get_num_threads()} threads")
+    ratios = {}
+    for label, plan in (("32x5", SMALL), ("128x15", OFFICIAL)):
+        searches = [BeamSearch(run.model.float().eval(), run.discretizer, plan, run.config.data.discount)
+                    for run in runs]
+        times = [[seconds_per_step(search, prefix, steps) for search in searches] for prefix in prefixes]
+        ratios[label] = statistics.median(w / a for a, w in times)
+        print(f"{label:<8} absolute {statistics.median(a for a, _ in times):.3f} s, window "
+              f"{statistics.median(w for _, w in times):.3f} s per env step (medians over starts); per start "
+              f"{', '.join(f'{a:.2f}/{w:.2f}' for a, w in times)}", flush=True)
+    print(f"plan_speed_trained window_over_absolute_32x5={ratios['32x5']:.2f} "
+          f"window_over_absolute_128x15={ratios['128x15']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--steps", type=int, default=3, help="timed cached env steps per setting")
     parser.add_argument("--uncached-steps", type=int, default=1, help="timed uncached env steps per setting")
     parser.add_argument("--device", default="cpu", help="where the searches run (cpu, cuda)")
+    parser.add_argument("--trained", nargs=2, metavar=("ABSOLUTE_RUN", "WINDOW_RUN"),
+                        help="time these two trained runs (CPU) instead of random weights")
+    parser.add_argument("--starts", type=int, default=3, help="contexts per setting with --trained")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.trained:
+        with torch.inference_mode():
+            trained(args.trained, args.starts, args.steps)
+        return
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"GPT 4x4x128, {BINS} bins, context {CONTEXT}, fp32, torch {torch.__version__}, {where}, "
