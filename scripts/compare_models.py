@@ -3,6 +3,10 @@ windows of one sequence length, so models trained on different window lengths (o
 
     python scripts/compare_models.py RUN_DIR [RUN_DIR ...] [--sequence-length 5] [--windows 4096]
 
+`--by-transition` also prints each run's loss by the transition of the window its targets sit in (0 = the first,
+which sees no earlier transition): a model is scored where its planner predicts, e.g. an absolute model of windows
+of 5 at transition 4, a window model (band of 5) at transitions 5 and later of longer windows.
+
 Beside the losses, each run's planned return where RUN_DIR/plan-32x5.json holds one (scripts/learning_curves.sh
 writes it: 5 Hopper episodes at beam 32, horizon 5), with its mean episode length.
 
@@ -24,8 +28,8 @@ import numpy as np
 import torch
 
 from trajformer.run import load_run
-from trajformer.tokens import loss_weights
-from trajformer.train import prepare, validation_losses
+from trajformer.tokens import TokenWindows, loss_weights
+from trajformer.train import batch_loss, prepare, validation_losses
 
 
 def main() -> None:
@@ -34,6 +38,7 @@ def main() -> None:
     parser.add_argument("--sequence-length", type=int, default=5, help="transitions per validation window")
     parser.add_argument("--windows", type=int, default=4096, help="evenly spaced validation windows")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--by-transition", action="store_true", help="also the loss of each window transition")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = [load_run(path) for path in args.runs]
@@ -68,6 +73,30 @@ def main() -> None:
         out = validation_losses(run.model.float(), prep.val_windows, cfg, weights, autocast=False)
         print(f"{path:<40}{run.model.config.attention:>10}{out['val_loss']:>10.3f}{out['val_obs']:>8.3f}"
               f"{out['val_action']:>8.3f}{out['val_reward']:>8.3f}{out['val_value']:>8.3f}{planned(path):>22}")
+    if args.by_transition:
+        print(f"{'loss by window transition':<40}" + "".join(f"{k:>8}" for k in range(args.sequence_length)))
+        for path, run in zip(args.runs, runs, strict=True):
+            m = run.config.model
+            weights = loss_weights(run.obs_dim, run.act_dim, args.sequence_length, m.action_weight, m.reward_weight,
+                                   m.value_weight)
+            by = losses_by_transition(run.model.float(), prep.val_windows, scored, weights)
+            print(f"{path:<40}" + "".join(f"{x:>8.3f}" for x in by))
+
+
+@torch.no_grad()
+def losses_by_transition(model, windows: TokenWindows, scored: int, weights: torch.Tensor) -> list[float]:
+    """The weighted loss (as validation_losses weighs it) of the targets in each transition of the window, over
+    the same evenly spaced windows."""
+    model.eval()
+    T, L = windows.transition_dim, windows.sequence_length
+    ids = torch.from_numpy(np.linspace(0, len(windows) - 1, scored).round().astype(np.int64))
+    which = torch.arange(1, L * T) // T  # target p is token p + 1
+    sums, counts = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
+    for chunk in ids.split(256):
+        _, _, ce, mask = batch_loss(model, windows, chunk, weights, autocast=False)
+        sums.index_add_(0, which, (ce.float() * weights[: ce.shape[1]] * mask).double().sum(0))
+        counts.index_add_(0, which, mask.double().sum(0))
+    return (sums / counts.clamp(min=1.0)).tolist()
 
 
 def planned(run_dir: str) -> str:
