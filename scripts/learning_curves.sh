@@ -8,7 +8,8 @@
 #   model:   the window model (rotary positions, a band of 5 transitions) on windows of 10 transitions, at the
 #            target tokens of drop0-250k (125k windows of 159 targets ~ 250k windows of 79); window-125k-b32
 #            also at its optimizer steps (32 windows a step: equal tokens and steps, the fair comparison);
-#            drop0-62k and window-31k-b32 (and their -seed1 twins) make the same pair at a quarter of the budget
+#            drop0-62k and window-31k-b32 (and their -seed1 twins) make the same pair at a quarter of the budget;
+#            drop0-250k-seed1 and window-125k-b32-seed1 are the full-budget pair's seed-1 twins
 # After training, a hopper run plans 5 episodes (seeds 0-4, beam 32, horizon 5) into NAME/plan-32x5.json; other
 # envs' runs take the evaluation protocol at 32/5 over EPISODES (default 10, seeds 0..N-1, batched, resumable)
 # into NAME/eval.json, as their shipped models' eval.json.
@@ -36,6 +37,8 @@ declare -A RUNS=(
   [window-31k-b32]="31250 model.dropout=0.0 model.attention=window data.sequence_length=10 train.batch_size=32"
   [drop0-62k-seed1]="62500 model.dropout=0.0 train.seed=1 data.split_seed=0"
   [window-31k-b32-seed1]="31250 model.dropout=0.0 model.attention=window data.sequence_length=10 train.batch_size=32 train.seed=1 data.split_seed=0"
+  [drop0-250k-seed1]="250000 model.dropout=0.0 train.seed=1 data.split_seed=0"
+  [window-125k-b32-seed1]="125000 model.dropout=0.0 model.attention=window data.sequence_length=10 train.batch_size=32 train.seed=1 data.split_seed=0"
 )
 ORDER=(bf16-50k fp32-50k drop01-250k drop0-250k drop0-1m)
 for name in "${@:-${ORDER[@]}}"; do
