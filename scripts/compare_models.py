@@ -66,20 +66,16 @@ def main() -> None:
           f"({len(prep.val_episodes)} episodes of {cfg.data.dataset}); scored {scored}")
     print(f"{'run':<40}{'attention':>10}{'val loss':>10}{'obs':>8}{'action':>8}{'reward':>8}{'value':>8}"
           f"{'return (32/5)':>22}")
-    for path, run in zip(args.runs, runs, strict=True):
-        m = run.config.model
-        weights = loss_weights(run.obs_dim, run.act_dim, args.sequence_length, m.action_weight, m.reward_weight,
-                               m.value_weight)
-        out = validation_losses(run.model.float(), prep.val_windows, cfg, weights, autocast=False)
+    weights = [loss_weights(run.obs_dim, run.act_dim, args.sequence_length, run.config.model.action_weight,
+                            run.config.model.reward_weight, run.config.model.value_weight) for run in runs]
+    for path, run, w in zip(args.runs, runs, weights, strict=True):
+        out = validation_losses(run.model.float(), prep.val_windows, cfg, w, autocast=False)
         print(f"{path:<40}{run.model.config.attention:>10}{out['val_loss']:>10.3f}{out['val_obs']:>8.3f}"
               f"{out['val_action']:>8.3f}{out['val_reward']:>8.3f}{out['val_value']:>8.3f}{planned(path):>22}")
     if args.by_transition:
         print(f"{'loss by window transition':<40}" + "".join(f"{k:>8}" for k in range(args.sequence_length)))
-        for path, run in zip(args.runs, runs, strict=True):
-            m = run.config.model
-            weights = loss_weights(run.obs_dim, run.act_dim, args.sequence_length, m.action_weight, m.reward_weight,
-                                   m.value_weight)
-            by = losses_by_transition(run.model.float(), prep.val_windows, scored, weights)
+        for path, run, w in zip(args.runs, runs, weights, strict=True):
+            by = losses_by_transition(run.model, prep.val_windows, scored, w)
             print(f"{path:<40}" + "".join(f"{x:>8.3f}" for x in by))
 
 

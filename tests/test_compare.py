@@ -277,6 +277,7 @@ def test_ant_and_humanoid_termination_rules_agree_with_the_env(env_id, z_range):
     assert ("[0.2, 1.0]" in text) if env_id == "Ant-v5" else ("(1.0, 2.0)" in text)
     assert termination_rule({"id": env_id, "kwargs": {}}, np.arange(1, 27), obs.shape[1])[0] is None
 
+
 def discrete_dataset(root) -> str:
     env = gym.make("CartPole-v1")
     buffers = []

@@ -60,18 +60,18 @@ def termination_rule(env_spec: dict, obs_indices: np.ndarray, raw_obs_dim: int
     if not u._terminate_when_unhealthy or u._exclude_current_positions_from_observation is False:
         return None, f"none ({env_id} made with terminate_when_unhealthy=False or with x in the observation)"
     z_lo, z_hi = u._healthy_z_range
-    if upright:
-        z = kept.index(0)
+    z = kept.index(0)
+    if family == "Ant":  # Ant-v5: a finite state (here: the kept dims) and z in [lo, hi], bounds included
+        def ant_terminated(obs: np.ndarray) -> np.ndarray:
+            return ~(np.isfinite(obs).all(axis=1) & (obs[:, z] >= z_lo) & (obs[:, z] <= z_hi))
 
-        def upright_terminated(obs: np.ndarray) -> np.ndarray:
-            if family == "Ant":  # Ant-v5: a finite state and z in [lo, hi], bounds included
-                return ~(np.isfinite(obs).all(axis=1) & (obs[:, z] >= z_lo) & (obs[:, z] <= z_hi))  # kept dims
-            return ~((obs[:, z] > z_lo) & (obs[:, z] < z_hi))  # Humanoid-v5: z in (lo, hi)
+        return ant_terminated, f"{env_id} healthy rule: z in [{z_lo}, {z_hi}], finite kept dims"
+    if family == "Humanoid":  # Humanoid-v5: z in (lo, hi)
+        def humanoid_terminated(obs: np.ndarray) -> np.ndarray:
+            return ~((obs[:, z] > z_lo) & (obs[:, z] < z_hi))
 
-        closed = family == "Ant"
-        return upright_terminated, (f"{env_id} healthy rule: z in {'[' if closed else '('}{z_lo}, {z_hi}"
-                                    f"{']' if closed else ')'}" + (", finite kept dims" if closed else ""))
-    (a_lo, a_hi) = u._healthy_angle_range
+        return humanoid_terminated, f"{env_id} healthy rule: z in ({z_lo}, {z_hi})"
+    a_lo, a_hi = u._healthy_angle_range
     s_lo, s_hi = getattr(u, "_healthy_state_range", (-np.inf, np.inf))
 
     def terminated(obs: np.ndarray) -> np.ndarray:
