@@ -1,8 +1,9 @@
 """Planner speed: cached vs uncached beam search, absolute vs window model, and the fp32 GEMM-bound estimate
 (DESIGN.md §5, §5b).
 
-For each setting it times one env step (one search from a mid-episode context of 5 past transitions) with
-the KV-cached decoder of the absolute (official) model and of the window model, and, for the absolute model
+For each setting it times one env step (one search from a mid-episode context of 5 past transitions; a window
+model, which carries its context across env steps, extends its carried cache by the last of them and searches from
+it) with the KV-cached decoder of the absolute (official) model and of the window model, and, for the absolute model
 at Hopper dims, with the uncached reference (one GPT.forward over the cropped window per generated token,
 batched over rows: the official algorithm). It records every cached forward pass the search makes
 (incremental steps at their row counts, window re-encodes), counts their matmul FLOPs, times bare fp32
@@ -29,12 +30,14 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from trajformer.config import PlanConfig
 from trajformer.data import load_episodes
+from trajformer.decoding import CarriedCache
 from trajformer.discretizer import Discretizer
 from trajformer.model import GPT, GPTConfig
 from trajformer.planner import BeamSearch
@@ -64,14 +67,33 @@ def build(obs: int, act: int, attention: str, device: str = "cpu") -> tuple[GPT,
     return model, disc, torch.as_tensor(bins + BINS * (np.arange(len(bins)) % T))
 
 
+def env_step(search: BeamSearch, prefix: torch.Tensor, seed: int) -> Callable[[], object]:
+    """One env step from `prefix`, ready to run: a search from it, or, for a window model (which carries its
+    context, the planner's default), the env's cache of the episode up to its last transition (built here, as the
+    steps before built it), extended by that transition and searched from."""
+    gens = [torch.Generator().manual_seed(seed)]
+    if not search.carry:
+        return lambda: search.search([prefix], gens)
+    cfg = search.model.config
+    carried = CarriedCache(search.model)
+    carried.extend(prefix[: -cfg.transition_dim])
+
+    def step() -> object:
+        carried.extend(prefix)
+        return search.search([prefix[-cfg.obs_dim :]], gens, [carried])
+
+    return step
+
+
 def seconds_per_step(search: BeamSearch, prefix: torch.Tensor, steps: int, warmup: bool = True) -> float:
-    """Median wall time of `steps` searches (one env step each), after a warm-up search if `warmup`."""
+    """Median wall time of `steps` env steps, after a warm-up step if `warmup`."""
     if warmup:
-        search.search([prefix], [torch.Generator().manual_seed(0)])
+        env_step(search, prefix, 0)()
     times = []
     for i in range(steps):
+        step = env_step(search, prefix, i + 1)
         t0 = time.perf_counter()
-        search.search([prefix], [torch.Generator().manual_seed(i + 1)])
+        step()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -82,6 +104,7 @@ def cached_calls(search: BeamSearch, prefix: torch.Tensor) -> tuple[list, list]:
     whole window (the decoder shares the encode of rows' common first tokens, so it runs less than that)."""
     calls, model_calls, inside = [], [], []
     forward, encode = search.model.forward_cached, search.decoder._encode
+    step = env_step(search, prefix, 0)
 
     def recording(idx, cache, all_logits=False, slot=None):
         logits = forward(idx, cache, all_logits, slot)
@@ -101,7 +124,7 @@ def cached_calls(search: BeamSearch, prefix: torch.Tensor) -> tuple[list, list]:
 
     search.model.forward_cached, search.decoder._encode = recording, recording_encode
     try:
-        search.search([prefix], [torch.Generator().manual_seed(0)])
+        step()
     finally:
         del search.model.forward_cached, search.decoder._encode
     return calls, model_calls

@@ -3,6 +3,9 @@ windows of one sequence length, so models trained on different window lengths (o
 
     python scripts/compare_models.py RUN_DIR [RUN_DIR ...] [--sequence-length 5] [--windows 4096]
 
+`--context-sweep 0,5,19` prints each run's loss of the same targets (each window's last transition) seen after
+only its last K transitions: what a longer history is worth (a window model's carried context, DESIGN.md §5b).
+
 `--by-transition` also prints each run's loss by the transition of the window its targets sit in (0 = the first,
 which sees no earlier transition): a model is scored where its planner predicts, e.g. an absolute model of windows
 of 5 at transition 4, a window model (band of 5) at transitions 5 and later of longer windows.
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trajformer.model import token_losses
 from trajformer.run import load_run
 from trajformer.tokens import TokenWindows, loss_weights
 from trajformer.train import batch_loss, prepare, validation_losses
@@ -39,6 +43,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4096, help="evenly spaced validation windows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--by-transition", action="store_true", help="also the loss of each window transition")
+    parser.add_argument("--context-sweep", default="", metavar="K1,K2,...",
+                        help="also the loss of each window's last transition seen after only its last K transitions")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = [load_run(path) for path in args.runs]
@@ -77,6 +83,14 @@ def main() -> None:
         for path, run, w in zip(args.runs, runs, weights, strict=True):
             by = losses_by_transition(run.model, prep.val_windows, scored, w)
             print(f"{path:<40}" + "".join(f"{x:>8.3f}" for x in by))
+    if args.context_sweep:
+        ks = [int(k) for k in args.context_sweep.split(",")]
+        if not all(0 <= k < args.sequence_length for k in ks):
+            sys.exit(f"--context-sweep {args.context_sweep}: each K in 0..{args.sequence_length - 1}")
+        print(f"{'last transition after K transitions':<40}" + "".join(f"{k:>8}" for k in ks))
+        for path, run, w in zip(args.runs, runs, weights, strict=True):
+            by = last_transition_losses(run.model, prep.val_windows, scored, w, ks)
+            print(f"{path:<40}" + "".join(f"{x:>8.3f}" for x in by))
 
 
 @torch.no_grad()
@@ -92,6 +106,28 @@ def losses_by_transition(model, windows: TokenWindows, scored: int, weights: tor
         _, _, ce, mask = batch_loss(model, windows, chunk, weights, autocast=False)
         sums.index_add_(0, which, (ce.float() * weights[: ce.shape[1]] * mask).double().sum(0))
         counts.index_add_(0, which, mask.double().sum(0))
+    return (sums / counts.clamp(min=1.0)).tolist()
+
+
+@torch.no_grad()
+def last_transition_losses(model, windows: TokenWindows, scored: int, weights: torch.Tensor, ks: list[int]
+                           ) -> list[float]:
+    """For each K, the weighted loss of the targets in each window's last transition (but its first token, which
+    K = 0 cannot predict) when the model sees only that transition and the K before it: the same targets under
+    shorter and longer histories (a fresh planner context against a carried one)."""
+    model.eval()
+    T, L = windows.transition_dim, windows.sequence_length
+    ids = torch.from_numpy(np.linspace(0, len(windows) - 1, scored).round().astype(np.int64))
+    targets = slice((L - 1) * T, L * T - 1)  # target p is token p + 1
+    sums, counts = torch.zeros(len(ks), dtype=torch.float64), torch.zeros(len(ks), dtype=torch.float64)
+    for chunk in ids.split(256):
+        x, y, mask = windows.batch(chunk)
+        for i, k in enumerate(ks):
+            start = (L - 1 - k) * T
+            ce = token_losses(model(x[:, start:]), y[:, start:])[:, targets.start - start :]
+            m = mask[:, targets]
+            sums[i] += (ce.float() * weights[targets] * m).double().sum()
+            counts[i] += m.double().sum()
     return (sums / counts.clamp(min=1.0)).tolist()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 
 import numpy as np
@@ -19,7 +20,7 @@ from trajformer.config import Config, PlanConfig
 from trajformer.decoding import CachedDecoder, ReferenceDecoder, crop_start
 from trajformer.discretizer import Discretizer
 from trajformer.model import GPT, GPTConfig, KVCache
-from trajformer.planner import BeamSearch, Planner, filter_cdf, filter_top_k, plan_config
+from trajformer.planner import BeamSearch, Plan, Planner, filter_cdf, filter_top_k, plan_config
 from trajformer.run import Run
 
 DS, DA, N, SEQ = 3, 2, 10, 4
@@ -74,7 +75,8 @@ class TeeDecoder:
 
         self.cached._encode = counting_encode
 
-    def start(self, prefixes, max_rows):
+    def start(self, prefixes, max_rows, carried=None):
+        assert carried is None  # the reference needs whole episodes: test_carried_context_* compare planners
         self.cached.start(prefixes, max_rows)
         self.reference.start(prefixes, max_rows)
 
@@ -466,6 +468,90 @@ def test_planner_batched_envs_at_different_steps_equal_single_planners(plan_freq
             alone = singles[k].act(obs[k, t - k])
             singles[k].observe(rewards[k, t - k])
             np.testing.assert_array_equal(action, alone)
+
+
+def run_planners(planners: list[Planner], steps: int, K: int = 2, seed: int = 5) -> list[list[Plan]]:
+    """Drive planners through the same episodes (env k starts at step k, so contexts are ragged); each planner's
+    plans, in order, and every env's actions equal across planners."""
+    rng = np.random.default_rng(seed)
+    obs, rewards = rng.normal(size=(K, steps, DS)), rng.normal(size=(K, steps))
+    plans: list[list[Plan]] = [[] for _ in planners]
+    for t in range(steps):
+        envs = [k for k in range(K) if t >= k]
+        actions = []
+        for p, made in zip(planners, plans, strict=True):
+            for k in envs:
+                if t == k:
+                    p.reset(k, seed=100 + k)
+            before = list(p.last_plans)
+            actions.append(p.act_batch(envs, np.stack([obs[k, t - k] for k in envs])))
+            made.extend(p.last_plans[k] for k in envs if p.last_plans[k] is not before[k])
+            p.observe_batch(envs, np.array([rewards[k, t - k] for k in envs]))
+        for a in actions[1:]:
+            np.testing.assert_array_equal(a, actions[0])
+    return plans
+
+
+@pytest.mark.parametrize("plan_freq", [1, 2])
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[1], CONFIGS[3],
+                                 dataclasses.replace(CONFIGS[0], objective="critic", critic="(in memory)")])
+def test_carried_context_plans_equal_the_whole_episode_uncached(cfg, plan_freq):
+    """plan.carry_context (DESIGN.md §5b): each env's cache carried across env steps plans as the uncached model
+    over the whole episode (scores, likelihoods, expected rewards and values to 1e-10 in float64, same actions),
+    with ragged envs, compactions in every search and every objective; a fresh context of max_context_transitions
+    plans otherwise once the episode reaches past it through the layers (2 layers x a band of 2 transitions)."""
+    model, disc = make_model(seed=2, attention="window"), make_discretizer()
+    cfg = dataclasses.replace(cfg, plan_freq=plan_freq, carry_context=True)
+    critic = (lambda obs, act: 10.0 * act[:, 0] + obs[:, 0]) if cfg.objective == "critic" else None
+    carried, whole = (Planner(BeamSearch(model, disc, cfg, 0.99, cached=c, critic=critic), np.arange(DS), n_envs=2)
+                      for c in (True, False))
+    fresh = Planner(BeamSearch(model, disc, dataclasses.replace(cfg, carry_context=False), 0.99, critic=critic),
+                    np.arange(DS), n_envs=2)
+    assert carried.carried is not None and whole.carried is None
+    a, b = run_planners([carried, whole], steps=10)
+    assert len(a) == len(b) >= 10
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x.actions, y.actions)
+        for field in ("score", "log_likelihood", "rewards", "values"):
+            np.testing.assert_allclose(getattr(x, field), getattr(y, field), rtol=0, atol=1e-10)
+    (c,) = run_planners([fresh], steps=10)
+    assert max(abs(x.log_likelihood - y.log_likelihood) for x, y in zip(a, c, strict=True)) > 1e-6
+
+
+def test_fresh_context_as_deep_as_the_receptive_field_plans_as_the_carried_one():
+    """With max_context_transitions = layers x band (4 transitions), a fresh context holds all a window model can
+    see, so it plans as the carried cache does: what carrying adds is only what lies beyond it."""
+    model, disc = make_model(seed=2, attention="window"), make_discretizer()
+    cfg = dataclasses.replace(CONFIGS[2], carry_context=True)
+    carried = Planner(BeamSearch(model, disc, cfg, 0.99), np.arange(DS), n_envs=2)
+    fresh = Planner(BeamSearch(model, disc, dataclasses.replace(cfg, carry_context=False), 0.99), np.arange(DS),
+                    n_envs=2)
+    for x, y in zip(*run_planners([carried, fresh], steps=9), strict=True):
+        assert x.log_likelihood == pytest.approx(y.log_likelihood, abs=1e-10)
+
+
+def test_carried_context_restores_bit_for_bit_and_is_window_only():
+    """A carried cache rebuilt from a restored episode's tokens gives the plans of the cache built step by step,
+    bit for bit in float32 (a resumed evaluation); an absolute model cannot carry its context."""
+    model, disc = make_model(seed=3, attention="window", dtype=torch.float32), make_discretizer()
+    cfg = dataclasses.replace(CONFIGS[0], carry_context=True)
+    live, resumed = (Planner(BeamSearch(model, disc, cfg, 0.99), np.arange(DS)) for _ in range(2))
+    rng = np.random.default_rng(1)
+    live.reset(0, seed=7)
+    for t in range(12):
+        if t == 6:
+            resumed.reset(0, seed=7)
+            resumed.restore(0, json.loads(json.dumps(live.state(0))))
+        obs = rng.normal(size=DS)
+        action = live.act(obs)
+        if t >= 6:
+            np.testing.assert_array_equal(resumed.act(obs), action)
+            assert resumed.last_plans[0].log_likelihood == live.last_plans[0].log_likelihood
+            resumed.observe(float(t))
+        live.observe(float(t))
+    assert live.carried[0].encoded == DS + 11 * T
+    with pytest.raises(ValueError, match="plan.carry_context = true needs a window model"):
+        BeamSearch(make_model(), disc, cfg, 0.99)
 
 
 # ---------------------------------------------------------------- semantics

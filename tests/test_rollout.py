@@ -466,6 +466,44 @@ def test_evaluations_of_two_settings_at_once_keep_each_others_progress(point_run
     assert [(r["setting"]["beam_width"], r["episodes"]) for r in runs] == [(128, {"0": [7.0, 5]})]
 
 
+def test_protocol_names_a_carried_context_in_its_setting(point_run, point_datasets, tmp_path, monkeypatch):
+    """A window model's carried context (its default) and `--set plan.carry_context=false` are two searches: the
+    protocol keeps neither one's finished rows nor its episodes under way for the other; an absolute model refuses
+    plan.carry_context=true before any work."""
+    from trajformer import rollout
+    from trajformer.train import train
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
+    cfg = config_from_dict({
+        "data": {"dataset": DATASET_ID, "sequence_length": 4}, "discretizer": {"n_bins": 30},
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "attention": "window", "window_transitions": 2},
+        "train": {"batch_size": 8, "max_steps": 2, "eval_every": 2, "checkpoint_every": 2, "num_threads": 1},
+    })
+    run = train(cfg, tmp_path / "window", progress=False)
+    calls = []
+
+    def fake_evaluate(_run, plan_cfg, episodes, num_envs, progress, skip, resume, on_progress):
+        calls.append((plan_cfg.carry_context, sorted(skip)))
+        value = 1.0 if plan_cfg.carry_context else 2.0
+        on_progress({"finished": {0: (value, 5)}, "in_progress": [], "steps": 5, "seconds": 1.0})
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the carried search stops after one of its two episodes
+        on_progress({"finished": {0: (value, 5), 1: (value, 5)}, "in_progress": [], "steps": 10, "seconds": 2.0})
+
+    monkeypatch.setattr(rollout, "evaluate", fake_evaluate)
+    carry = {"episodes": 2, "settings": ("32x5",), "progress": False}  # a window model carries unless told not to
+    with pytest.raises(KeyboardInterrupt):
+        rollout.evaluation_protocol(str(run), **carry)
+    plain = rollout.evaluation_protocol(str(run), episodes=2, settings=("32x5",), progress=False,
+                                        overrides=["plan.carry_context=false"])
+    assert plain["settings"]["32x5"]["returns"] == [2.0, 2.0] and "carry_context" not in plain["settings"]["32x5"]
+    carried = rollout.evaluation_protocol(str(run), **carry)["settings"]["32x5"]
+    assert carried["returns"] == [1.0, 1.0] and carried["plan"]["carry_context"] is True
+    assert calls == [(True, []), (False, []), (True, [0])]  # the carried search resumed its own finished episode
+    with pytest.raises(ValueError, match="plan.carry_context = true needs a window model"):
+        rollout.evaluation_protocol(str(point_run), **carry, overrides=["plan.carry_context=true"])
+
+
 def _stop_after(monkeypatch, rollout, reports: int, every: float = 60.0) -> list[dict]:
     """Make the protocol's run_episodes report every `every` seconds and raise KeyboardInterrupt after its
     `reports`-th report (a session ending); returns the reports seen."""

@@ -113,6 +113,11 @@ class PlanConfig:
     cdf_act: float | None = 0.6
     k_obs: int = 1
     plan_freq: int = 1
+    # Carry each env's KV cache across env steps (DESIGN.md §5b): a search starts from the whole episode encoded
+    # once, earlier tokens reaching the plan through the layers. Window models only (model.attention = "window");
+    # false encodes the last max_context_transitions afresh each search, as an absolute model must. none: carry
+    # where the model can (README, The window model).
+    carry_context: bool | None = None
     objective: str = "reward"
     penalty_lambda: float = 1.0
     # objective = "critic": a `trajformer iql` directory whose Q(s_t, a_t) replaces the value token in the score.

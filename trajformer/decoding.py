@@ -4,9 +4,10 @@ Two decoders produce next-token logits for rows of token sequences: `CachedDecod
 cache: an absolute model re-encodes its window only when the official sliding window drops a transition from
 its front, sharing the encode of rows' common first tokens; a window model's cache drops its oldest keys and
 never re-encodes) and `ReferenceDecoder` (the official algorithm: one GPT.forward over each row's cropped
-window per generated token), which the tests and the benchmark compare. Rows are env-major, with the same
-number per env, and env k draws from its own torch.Generator, so a batch of envs decodes as the envs would
-alone.
+window per generated token), which the tests and the benchmark compare. A window model's search may start from
+`CarriedCache`s (each env's episode encoded once, across env steps) instead of encoding prefixes. Rows are
+env-major, with the same number per env, and env k draws from its own torch.Generator, so a batch of envs decodes
+as the envs would alone.
 """
 
 from __future__ import annotations
@@ -98,8 +99,12 @@ class ReferenceDecoder:
         self.crop = window if model.config.attention == "absolute" else None
         self.transition_dim = model.config.transition_dim
 
-    def start(self, prefixes: list[torch.Tensor], max_rows: int) -> None:
-        """Begin a search with one row per env holding its prefix (ids, starting at a transition boundary)."""
+    def start(self, prefixes: list[torch.Tensor], max_rows: int, carried: list[CarriedCache] | None = None) -> None:
+        """Begin a search with one row per env holding its prefix (ids, starting at a transition boundary). With
+        `carried` (a cached window model's), env k's prefix is only its current observation and carried[k] holds
+        the encoded episode before it."""
+        if carried is not None:
+            raise ValueError("the reference decoder takes each env's whole episode as its prefix, not a carried cache")
         self.prefixes = [p.to(self.device) for p in prefixes]
         self.generated = torch.zeros(len(prefixes), 0, dtype=torch.long, device=self.device)
 
@@ -179,13 +184,20 @@ class CachedDecoder(ReferenceDecoder):
         # keys about once a transition. Single-token steps read the whole buffer, so it is no longer than that.
         self.cache_len = window if self.crop is not None else max(window, band) + self.transition_dim
 
-    def start(self, prefixes: list[torch.Tensor], max_rows: int) -> None:
+    def start(self, prefixes: list[torch.Tensor], max_rows: int, carried: list[CarriedCache] | None = None) -> None:
         super().start(prefixes, max_rows)
         dtype = next(self.model.parameters()).dtype
         if (self.cache is None or self.cache.max_rows < max_rows or self.cache.k.dtype != dtype
                 or self.cache.k.device != self.device):
             self.cache = KVCache(self.model.config, max_rows, self.cache_len, device=self.device, dtype=dtype)
-        self._encode()
+        if carried is None:
+            self._encode()
+            return
+        if len(carried) != len(prefixes):
+            raise ValueError(f"{len(carried)} carried caches for {len(prefixes)} envs")
+        self.cache.load([c.cache for c in carried])
+        self._pending, self._logits = None, torch.cat([c.logits for c in carried])
+        self._starts, self._fed = self.crop_starts(), 0
 
     def _encode(self) -> None:
         """Encode every row's window from scratch into the cache, left-padded to a common length. Rows that share
@@ -248,6 +260,43 @@ class CachedDecoder(ReferenceDecoder):
                                                          slot=self.next_slot())
                 self._fed = self.generated.shape[1]
         return self._logits
+
+
+class CarriedCache:
+    """One env's episode encoded once into a single-row KV cache that keeps the band's last keys (a window model's
+    context carried across env steps, DESIGN.md §5b), and the logits after its last token. Tokens are encoded in
+    chunks that end at the env's observations (s_0, then each [a, r, V, s'] after it), so a cache rebuilt from an
+    episode's tokens (a resumed evaluation) is bit for bit the one built step by step."""
+
+    def __init__(self, model: GPT):
+        cfg = model.config
+        if cfg.attention != "window":
+            raise ValueError("only a window model's context can be carried across env steps (model.attention = "
+                             "\"window\"); an absolute model re-encodes its crop")
+        param = next(model.parameters())
+        self.model = model
+        self.cache = KVCache(cfg, 1, cfg.window - 1 + cfg.transition_dim, device=param.device, dtype=param.dtype)
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the episode (a new one starts)."""
+        self.cache.reset(torch.zeros(1, dtype=torch.long))
+        self.encoded = 0  # tokens of the episode in the cache
+        self.logits: torch.Tensor | None = None  # (1, N+1) after the last encoded token
+
+    @torch.inference_mode()
+    def extend(self, episode: torch.Tensor) -> None:
+        """Encode the episode's tokens not yet in the cache; `episode` holds all of them so far (ids, from its
+        first observation to its current one)."""
+        cfg = self.model.config
+        if len(episode) < self.encoded or (len(episode) - cfg.obs_dim) % cfg.transition_dim:
+            raise ValueError(f"an episode of {len(episode)} tokens after {self.encoded} encoded: not the same "
+                             "episode, or it does not end at an observation")
+        while self.encoded < len(episode):
+            end = self.encoded + (cfg.obs_dim if self.encoded == 0 else cfg.transition_dim)
+            self.logits = self.model.forward_cached(episode[None, self.encoded : end].to(self.cache.k.device),
+                                                    self.cache)
+            self.encoded = end
 
 
 def pick(logits: torch.Tensor, greedy: bool, generators: list[torch.Generator]) -> torch.Tensor:

@@ -166,6 +166,17 @@ class KVCache:
         the buffer (unwritten ones hidden by the causal limit)."""
         return (self.row_bias + self.slot_bias[self.length]).view(-1, 1, self.max_len)
 
+    def load(self, caches: list[KVCache]) -> None:
+        """Row i := the one row of caches[i] (window models' carried env caches), right-aligned so every row ends in
+        the same slot, its positions going on from its own. A row's pad may go negative: its unwritten slots then
+        lie before the last window - 1 keys (a compacted cache keeps those), out of every later query's band."""
+        length = max(c.length for c in caches)
+        self.reset(torch.tensor([length - c.length - c.offset + int(c.pad[0]) for c in caches]))
+        for i, c in enumerate(caches):
+            self.k[:, i, :, length - c.length : length] = c.k[:, 0, :, : c.length]
+            self.v[:, i, :, length - c.length : length] = c.v[:, 0, :, : c.length]
+        self.length = length
+
     def compact(self, incoming: int) -> None:
         """Make room for `incoming` tokens by dropping the oldest slots that no future query can see (window
         models only: a query sees the previous `window` keys). One copy of the kept slots (to the spare's front)."""

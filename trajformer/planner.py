@@ -14,8 +14,9 @@ Choices beyond DESIGN.md: the stop token is removed from the action logits *befo
 are the argmax over the N bins; a row whose decoded observation contains stop is terminated: its later
 tokens are forced to stop and its reward score is frozen, while its log-likelihood keeps counting those
 stop tokens, so the likelihood objective does not favour rows merely for ending early. A window model's search
-encodes the env's last max_context_transitions transitions afresh, as an absolute model's does, rather than carrying
-its cache over from the previous env step (DESIGN.md §5b; README, "The window model").
+starts from each env's cache carried over from its previous search with the executed transitions appended
+(DESIGN.md §5b), unless plan.carry_context = false: then it encodes the env's last max_context_transitions
+transitions afresh, as an absolute model's must (README, "The window model").
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from trajformer.config import PlanConfig, apply_overrides, config_from_dict
-from trajformer.decoding import CachedDecoder, NoiseAhead, ReferenceDecoder, draw_per_env
+from trajformer.decoding import CachedDecoder, CarriedCache, NoiseAhead, ReferenceDecoder, draw_per_env
 from trajformer.discretizer import Discretizer
 from trajformer.model import GPT, native_bf16, usable_device
 from trajformer.run import Run, load_run
@@ -128,6 +129,10 @@ class BeamSearch:
                 f"was trained on windows of {gpt.block_size}; set plan.max_context_transitions <= "
                 f"{(gpt.block_size + 1) // self.T}"
             )
+        if cfg.carry_context and gpt.attention != "window":
+            raise ValueError("plan.carry_context = true needs a window model (model.attention = \"window\"); an "
+                             "absolute model re-encodes its crop: set plan.carry_context=false")
+        self.carry = gpt.attention == "window" if cfg.carry_context is None else cfg.carry_context
         if cfg.objective == "critic" and critic is None:
             raise ValueError("plan.objective = \"critic\" needs a critic: load one with rollout.load_critic")
         self.model, self.discretizer, self.cfg, self.discount = model, discretizer, cfg, discount
@@ -181,10 +186,12 @@ class BeamSearch:
         return rows.score + self.cfg.penalty_lambda * rows.logp / n_tokens  # score - lambda * mean NLL
 
     @torch.inference_mode()
-    def search(self, prefixes: list[torch.Tensor], generators: list[torch.Generator]) -> list[Plan]:
-        """Plan for each env from its prefix (token ids: past transitions, then the current observation).
-        Everything but the random noise of the draws (CPU generators, one per env) stays on the model's
-        device, and no step reads a value back to the host, so a GPU search runs without round trips."""
+    def search(self, prefixes: list[torch.Tensor], generators: list[torch.Generator],
+               carried: list[CarriedCache] | None = None) -> list[Plan]:
+        """Plan for each env from its prefix (token ids: past transitions, then the current observation), or from
+        its carried cache with the current observation as its prefix (`carried`, a cached window model's).
+        Everything but the random noise of the draws (CPU generators, one per env) stays on the model's device, and
+        no step reads a value back to the host, so a GPU search runs without round trips."""
         cfg, N, dS, dA = self.cfg, self.N, self.dS, self.dA
         B, E, H = cfg.beam_width, cfg.n_expand, cfg.horizon
         K = len(prefixes)
@@ -199,7 +206,7 @@ class BeamSearch:
             shapes = [shape for t in range(H) for shape in [(B * E, N + 1)] * dA
                       + ([(B, N + 1)] * dS if t < H - 1 and cfg.k_obs != 1 else [])]
             ahead = NoiseAhead(shapes, generators, dtype, pin=device.type == "cuda")
-        dec.start(prefixes, K * B * E)
+        dec.start(prefixes, K * B * E, carried)
         dec.reorder(torch.arange(K, device=device).repeat_interleave(B))  # tile each prefix B times
         n = B
         zeros = torch.zeros(K * B, dtype=dtype, device=device)
@@ -283,7 +290,8 @@ class BeamSearch:
 
 
 def plan_config(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> PlanConfig:
-    """The run's [plan] section with `plan.key=value` overrides applied and validated. An absolute model trained on
+    """The run's [plan] section with `plan.key=value` overrides applied and validated, carry_context none resolved
+    to whether the model can carry (a window model). An absolute model trained on
     windows shorter than the [plan]'s context (the official 5 transitions) plans with the context its windows hold,
     as the evaluation protocol does, unless plan.max_context_transitions is set explicitly."""
     for item in overrides:
@@ -291,6 +299,12 @@ def plan_config(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> PlanCo
             raise ValueError(f"--set {item!r}: only plan.* keys can be changed when planning (e.g. plan.horizon=5)")
     raw = {"plan": dataclasses.asdict(run.config.plan)}
     cfg = config_from_dict(apply_overrides(raw, list(overrides))).plan
+    window = run.model.config.attention == "window"
+    if cfg.carry_context and not window:
+        raise ValueError(f"plan.carry_context = true needs a window model; {run.path} holds an absolute one, which "
+                         "re-encodes its crop: set plan.carry_context=false")
+    if cfg.carry_context is None:
+        cfg.carry_context = window
     explicit = any(item.split("=", 1)[0].strip() == "plan.max_context_transitions" for item in overrides)
     if not explicit:
         cfg.max_context_transitions = run.model.config.fit_context(cfg.max_context_transitions)
@@ -306,8 +320,12 @@ class Planner:
         self.obs_indices = np.asarray(obs_indices, dtype=np.int64)
         self.raw_obs_dim = raw_obs_dim  # the env observation's size, where the run records it
         self.n_envs = n_envs
-        mct = search.cfg.max_context_transitions
+        # A carried context keeps the whole episode: the cache is rebuilt from it on restore, and the uncached
+        # reference plans from all of it.
+        mct = None if search.carry else search.cfg.max_context_transitions
         self.contexts = [deque(maxlen=mct) for _ in range(n_envs)]
+        cached = isinstance(search.decoder, CachedDecoder)
+        self.carried = [CarriedCache(search.model) for _ in range(n_envs)] if search.carry and cached else None
         self.generators = [torch.Generator().manual_seed(i) for i in range(n_envs)]
         self.plans: list[Plan | None] = [None] * n_envs
         self.offsets = [0] * n_envs
@@ -336,6 +354,8 @@ class Planner:
     def reset(self, env: int = 0, seed: int = 0) -> None:
         """Start a new episode in slot `env`: empty context, the random stream seeded with `seed`."""
         self.contexts[env].clear()
+        if self.carried is not None:
+            self.carried[env].clear()
         self.generators[env].manual_seed(seed)
         self.plans[env], self.pending[env], self.last_plans[env], self.offsets[env] = None, None, None, 0
 
@@ -350,9 +370,14 @@ class Planner:
 
     def plan_batch(self, envs: list[int], observations: np.ndarray) -> list[Plan]:
         """Plans for envs `envs` from their current observations (raw, before selection); no action is taken."""
-        prefixes = [torch.cat([*self.contexts[e], self._obs_tokens(o)]) for e, o in zip(envs, observations,
-                                                                                         strict=True)]
-        return self.search.search(prefixes, [self.generators[e] for e in envs])
+        obs = [self._obs_tokens(o) for o in observations]
+        prefixes = [torch.cat([*self.contexts[e], tokens]) for e, tokens in zip(envs, obs, strict=True)]
+        generators = [self.generators[e] for e in envs]
+        if self.carried is None:
+            return self.search.search(prefixes, generators)
+        for e, episode in zip(envs, prefixes, strict=True):
+            self.carried[e].extend(episode)
+        return self.search.search(obs, generators, [self.carried[e] for e in envs])
 
     def act_batch(self, envs: list[int], observations: np.ndarray) -> np.ndarray:
         """Actions (len(envs), dA) for envs `envs`, replanning those whose plan is used up (plan_freq)."""
@@ -404,6 +429,8 @@ class Planner:
         """Put slot `env` back in a state taken by `state`."""
         self.contexts[env].clear()
         self.contexts[env].extend(torch.tensor(tokens, dtype=torch.long) for tokens in state["context"])
+        if self.carried is not None:  # rebuilt from the episode's tokens at the next search, as it was built
+            self.carried[env].clear()
         raw = np.frombuffer(base64.b64decode(state["generator"]), dtype=np.uint8).copy()
         self.generators[env].set_state(torch.from_numpy(raw))
         plan = state["plan"]

@@ -440,7 +440,8 @@ OFFICIAL_OVERRIDES = {  # (env family, dataset kind) -> the official code's per-
     ("ant", ""): {"horizon": 5},
 }
 SETTING_KEYS = frozenset(OFFICIAL) | {"objective"}
-"""Keys only the evaluation's settings decide; `--set` may change the rest (device, dtype, threads)."""
+"""Keys only the evaluation's settings decide; `--set` may change the rest (device, dtype, threads, and a window
+model's carry_context, which the setting then names)."""
 
 
 def official_plan(env_id: str, dataset_id: str) -> dict:
@@ -465,9 +466,10 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     beam 32 / horizon 5 ("32x5"), beside the dataset's mean return over complete episodes and behaviour
     cloning's return on the same protocol (the mean over `bc_dirs`, BC of distinct training seeds: one seed's
     return varies more than its standard error says); RUN_DIR/eval.json. `overrides` (plan.key=value) may set how the
-    search runs (device, dtype, threads), not what it searches. Each finished episode is kept in
-    RUN_DIR/eval.partial.json, and so are the episodes under way every minute and at a stop: running it again after
-    an interruption goes on mid-episode where it stopped (run_episodes). A setting eval.json already holds for these
+    search runs (device, dtype, threads), not what it searches, but for a window model's plan.carry_context (then
+    named in its setting). Each finished episode is kept in RUN_DIR/eval.partial.json, and so are the episodes
+    under way every minute and at a stop: running it again after an interruption goes on mid-episode where it
+    stopped (run_episodes). A setting eval.json already holds for these
     weights, episodes and search is kept, not planned again (so `--bc` can be added later), unless `again` (or
     another plan.dtype than it was planned in is asked for); eval.json's evaluations of these weights on another
     episode count are replaced only with `again`. `workers` processes share the episodes
@@ -518,12 +520,16 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
         key = names[name] = tuple(sorted(setting.items()))
         if key not in plans:
             fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
-            plans[key] = setting, plan_config(run, [*fixed, "plan.objective=reward", *overrides])
+            plan_cfg = plan_config(run, [*fixed, "plan.objective=reward", *overrides])
+            if plan_cfg.carry_context:  # another search: named in the setting (only when on: older records lack it)
+                setting["carry_context"] = True
+            plans[key] = setting, plan_cfg
     # A setting's entry names the weights it planned with; entries of other (or unnamed) weights are not kept.
     finished = _kept_settings(older, episodes, weights).values()
     done: dict[tuple, dict] = {}
     for key, (setting, plan_cfg) in plans.items():
         kept = [r for r in finished if {k: r["plan"].get(k) for k in setting} == setting
+                and bool(r["plan"].get("carry_context")) == plan_cfg.carry_context
                 and ("dtype" not in asked or r["plan"]["dtype"] == plan_cfg.dtype)]
         if kept and not again:
             print(f"beam {setting['beam_width']} / horizon {setting['horizon']}: kept from {earlier} (the same "
