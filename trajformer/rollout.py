@@ -517,13 +517,12 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
             setting.update(CHEAP)
         # The official context of 5 transitions, or all an absolute model trained on shorter windows can take.
         setting["max_context_transitions"] = run.model.config.fit_context(setting["max_context_transitions"])
+        fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
+        plan_cfg = plan_config(run, [*fixed, "plan.objective=reward", *overrides])
+        if plan_cfg.carry_context:  # another search: named in the setting (only when on: older records lack it)
+            setting["carry_context"] = True
         key = names[name] = tuple(sorted(setting.items()))
-        if key not in plans:
-            fixed = [f"plan.{k}={'none' if v is None else v}" for k, v in setting.items()]
-            plan_cfg = plan_config(run, [*fixed, "plan.objective=reward", *overrides])
-            if plan_cfg.carry_context:  # another search: named in the setting (only when on: older records lack it)
-                setting["carry_context"] = True
-            plans[key] = setting, plan_cfg
+        plans.setdefault(key, (setting, plan_cfg))
     # A setting's entry names the weights it planned with; entries of other (or unnamed) weights are not kept.
     finished = _kept_settings(older, episodes, weights).values()
     done: dict[tuple, dict] = {}
