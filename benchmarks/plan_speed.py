@@ -1,20 +1,21 @@
 """Planner speed: cached vs uncached beam search, absolute vs window model, and the fp32 GEMM-bound estimate
 (DESIGN.md §5, §5b).
 
-For each setting it times one env step (one search from a mid-episode context of 5 past transitions; a window
-model, which carries its context across env steps, extends its carried cache by the last of them and searches from
-it) with the KV-cached decoder of the absolute (official) model and of the window model, and, for the absolute model
-at Hopper dims, with the uncached reference (one GPT.forward over the cropped window per generated token,
-batched over rows: the official algorithm). It records every cached forward pass the search makes
-(incremental steps at their row counts, window re-encodes), counts their matmul FLOPs, times bare fp32
-matmuls of exactly those shapes in the same run, and reports cached time / GEMM time. That cost model (DESIGN.md
-§5) counts every re-encode as a pass over every row's whole window; the decoder shares the encode of rows'
-common first tokens, so it runs fewer FLOPs, and "run GFLOP" / "cached/run GEMM" count the passes it makes. The
-cost model counts weight matmuls only; the attention matmuls over the cache (one query per row against every
-cached key: memory traffic, not FLOPs) are timed bare too, and reported beside it as cached / (GEMM +
-attention). Humanoid dims (45/17) run at beam 32, H 5. "absolute bf16" and "window bf16" plan with
-plan.dtype = "bfloat16". `--device cuda` runs the searches and the bare matmuls on a GPU (the whole search
-stays on the card; only the draws' noise comes from the CPU generators).
+For each setting it times one env step (one search from a mid-episode context of 5 past transitions; a window model,
+which carries its context across env steps, extends its carried cache by the last of them and searches from it;
+"encodes" counts passes over more than one token a row: an absolute model's prefix encode and re-encodes, a window
+model's carried transition and observation) with the KV-cached decoder of the absolute (official) model and of the
+window model, and, for the absolute model at Hopper dims, with the uncached reference (one GPT.forward over the
+cropped window per generated token, batched over rows: the official algorithm). It records every cached forward pass
+the search makes (incremental steps at their row counts, window re-encodes), counts their matmul FLOPs, times bare
+fp32 matmuls of exactly those shapes in the same run, and reports cached time / GEMM time. That cost model
+(DESIGN.md §5) counts every re-encode as a pass over every row's whole window; the decoder shares the encode of
+rows' common first tokens, so it runs fewer FLOPs, and "run GFLOP" / "cached/run GEMM" count the passes it makes.
+The cost model counts weight matmuls only; the attention matmuls over the cache (one query per row against every
+cached key: memory traffic, not FLOPs) are timed bare too, and reported beside it as cached / (GEMM + attention).
+Humanoid dims (45/17) run at beam 32, H 5. "absolute bf16" and "window bf16" plan with plan.dtype = "bfloat16".
+`--device cuda` runs the searches and the bare matmuls on a GPU (the whole search stays on the card; only the draws'
+noise comes from the CPU generators).
 
     python benchmarks/plan_speed.py [--threads N] [--steps 3] [--uncached-steps 1] [--device cuda]
 
@@ -69,18 +70,19 @@ def build(obs: int, act: int, attention: str, device: str = "cpu") -> tuple[GPT,
 
 def env_step(search: BeamSearch, prefix: torch.Tensor, seed: int) -> Callable[[], object]:
     """One env step from `prefix`, ready to run: a search from it, or, for a window model (which carries its
-    context, the planner's default), the env's cache of the episode up to its last transition (built here, as the
-    steps before built it), extended by that transition and searched from."""
+    context, the planner's default), the env's cache of its executed transitions but the last (built here, as the
+    steps before built it), extended by that transition, and a search from it and the observation."""
     gens = [torch.Generator().manual_seed(seed)]
     if not search.carry:
         return lambda: search.search([prefix], gens)
     cfg = search.model.config
+    transitions, obs = prefix[: -cfg.obs_dim], prefix[-cfg.obs_dim :]
     carried = CarriedCache(search.model)
-    carried.extend(prefix[: -cfg.transition_dim])
+    carried.extend(transitions[: -cfg.transition_dim])
 
     def step() -> object:
-        carried.extend(prefix)
-        return search.search([prefix[-cfg.obs_dim :]], gens, [carried])
+        carried.extend(transitions)
+        return search.search([obs], gens, [carried])
 
     return step
 

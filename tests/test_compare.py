@@ -486,3 +486,21 @@ def test_sac_finds_a_state_dependent_bandit_optimum_and_bootstraps_through_time(
             q = agent.q(torch.cat([grid, torch.full_like(grid, step)], 1), torch.zeros_like(grid))[0]
             fit = np.polyfit(grid[:, 0].numpy(), q.numpy(), 1)[0]
             assert fit == pytest.approx(slope, abs=0.1), step
+
+
+def test_compare_settings_name_a_window_models_carried_context():
+    """A comparison's settings name the TT rows' carried context (a window model's default), so --resume refuses to
+    mix them with rows planned from fresh contexts; fresh ones stay none, as comparisons before the option wrote."""
+    from types import SimpleNamespace
+
+    from trajformer.compare import _differences, _settings
+    from trajformer.config import Config
+
+    data = SimpleNamespace(sha256="digest")
+    absolute, window, fresh = Config(), Config(), Config()
+    window.model.attention = fresh.model.attention = "window"
+    fresh.plan.carry_context = False
+    assert _settings(absolute, data)["plan"]["carry_context"] is None
+    assert _settings(fresh, data)["plan"]["carry_context"] is None
+    assert _settings(window, data)["plan"]["carry_context"] is True
+    assert _differences(_settings(fresh, data), _settings(window, data)) == ["plan.carry_context"]

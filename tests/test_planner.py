@@ -518,6 +518,25 @@ def test_carried_context_plans_equal_the_whole_episode_uncached(cfg, plan_freq):
     assert max(abs(x.log_likelihood - y.log_likelihood) for x, y in zip(a, c, strict=True)) > 1e-6
 
 
+def test_a_plan_for_another_observation_leaves_the_carried_context_as_it_was():
+    """Planner.plan(obs) at any observation between env steps (a what-if plan) changes nothing the next act plans
+    from: the carried cache holds executed transitions only, and each search encodes its own observation."""
+    model, disc = make_model(seed=2, attention="window"), make_discretizer()
+    cfg = dataclasses.replace(CONFIGS[0], carry_context=True)
+    carried, whole = (Planner(BeamSearch(model, disc, cfg, 0.99, cached=c), np.arange(DS)) for c in (True, False))
+    rng = np.random.default_rng(4)
+    for p in (carried, whole):
+        p.reset(0, seed=3)
+    for t in range(6):
+        probe, obs = rng.normal(size=(2, DS))
+        for p in (carried, whole):  # both draw from their random streams; only `carried` could keep a cache of it
+            p.plan(probe)
+        np.testing.assert_array_equal(carried.act(obs), whole.act(obs))
+        assert carried.last_plans[0].log_likelihood == pytest.approx(whole.last_plans[0].log_likelihood, abs=1e-10)
+        for p in (carried, whole):
+            p.observe(float(t))
+
+
 def test_fresh_context_as_deep_as_the_receptive_field_plans_as_the_carried_one():
     """With max_context_transitions = layers x band (4 transitions), a fresh context holds all a window model can
     see, so it plans as the carried cache does: what carrying adds is only what lies beyond it."""
@@ -549,9 +568,12 @@ def test_carried_context_restores_bit_for_bit_and_is_window_only():
             assert resumed.last_plans[0].log_likelihood == live.last_plans[0].log_likelihood
             resumed.observe(float(t))
         live.observe(float(t))
-    assert live.carried[0].encoded == DS + 11 * T
+    assert len(live.carried[0].tokens) == 11 * T  # the executed transitions; each search encodes its observation
     with pytest.raises(ValueError, match="plan.carry_context = true needs a window model"):
         BeamSearch(make_model(), disc, cfg, 0.99)
+    window_run = Run(path=None, model=model, discretizer=disc, config=Config(), meta={"obs_indices": list(range(DS))})
+    assert plan_config(window_run, ["plan.carry_context=true"]).carry_context is True
+    assert plan_config(window_run).carry_context is True and plan_config(fake_run()).carry_context is False
 
 
 # ---------------------------------------------------------------- semantics
@@ -671,6 +693,7 @@ def fake_run(plan: PlanConfig | None = None) -> Run:
     ("plan.objective=greedy", "plan.objective = 'greedy' is not valid"),
     ("plan.num_threads=-1", "plan.num_threads must be >= 0"),
     ("train.max_steps=3", "only plan.* keys"),
+    ("plan.carry_context=true", "plan.carry_context = true needs model.attention = \"window\""),
 ])
 def test_bad_plan_settings_are_one_line_errors(override, message):
     with pytest.raises(ValueError) as err:

@@ -501,7 +501,9 @@ def test_protocol_names_a_carried_context_in_its_setting(point_run, point_datase
     assert carried["returns"] == [1.0, 1.0] and carried["plan"]["carry_context"] is True
     assert calls == [(True, []), (False, []), (True, [0])]  # the carried search resumed its own finished episode
     assert not (run / "eval.partial.json").exists()  # each finished search took its entry away
-    with pytest.raises(ValueError, match="plan.carry_context = true needs a window model"):
+    rollout.evaluation_protocol(str(run), **carry, again=True)
+    assert calls[3:] == [(True, [])]  # --again plans the carried search over, from its first episode
+    with pytest.raises(ValueError, match="plan.carry_context = true needs model.attention"):
         rollout.evaluation_protocol(str(point_run), **carry, overrides=["plan.carry_context=true"])
 
 

@@ -29,7 +29,7 @@ from trajformer.baselines.iql import IQLConfig, check_iql, load_iql, train_iql
 from trajformer.baselines.model_based import METHODS as MODEL_BASED
 from trajformer.baselines.model_based import check_ensemble, load_model_based, provide_ensemble, train_model_based
 from trajformer.baselines.model_env import termination_rule
-from trajformer.config import Config
+from trajformer.config import Config, carries
 from trajformer.data import describe_split, load_episodes, return_stats, same_split, split_record
 from trajformer.ensemble import load_ensemble, validation_split
 from trajformer.files import save_json, save_text
@@ -231,8 +231,12 @@ def _settings(cfg: Config, data) -> dict:
                          ("plan", "num_threads")):
         settings[section].pop(key)
     settings["dataset_sha256"] = data.sha256
+    attention = cfg.model.attention
     if cfg.compare.tt_run:
-        settings["tt_run_model_sha256"] = model_sha256(load_run(cfg.compare.tt_run))
+        reused = load_run(cfg.compare.tt_run)
+        settings["tt_run_model_sha256"], attention = model_sha256(reused), reused.model.config.attention
+    # The TT rows' search: a window model's carried context is another one (none, as before the option, if fresh).
+    settings["plan"]["carry_context"] = True if carries(cfg.plan, attention) else None
     return json.loads(json.dumps(settings))
 
 

@@ -133,6 +133,12 @@ class PlanConfig:
     device: str = "cpu"
 
 
+def carries(plan: PlanConfig, attention: str) -> bool:
+    """Whether a search carries each env's context across env steps: plan.carry_context, or where that is none,
+    whether the model (of `attention`) is a window model, the only kind that can."""
+    return attention == "window" if plan.carry_context is None else plan.carry_context
+
+
 @dataclass
 class EnsembleConfig:
     """Sizes and training settings of the ensemble (PETS defaults: 5 members, 4 x 200 swish layers)."""
@@ -342,6 +348,9 @@ def validate(cfg: Config) -> None:
         (cfg.plan.plan_freq >= 1, "plan.plan_freq must be >= 1"),
         (cfg.plan.num_threads >= 0, "plan.num_threads must be >= 0 (0 = torch's default)"),
         (cfg.plan.penalty_lambda >= 0, "plan.penalty_lambda must be >= 0 (the weight of the mean NLL penalty)"),
+        (not cfg.plan.carry_context or cfg.model.attention == "window",
+         "plan.carry_context = true needs model.attention = \"window\" (an absolute model re-encodes its crop); "
+         "set plan.carry_context=false or none"),
         (cfg.plan.objective != "critic" or bool(cfg.plan.critic),
          "plan.objective = \"critic\" needs plan.critic = an IQL directory (trajformer iql CONFIG --out DIR)"),
     ]

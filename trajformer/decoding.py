@@ -96,13 +96,18 @@ class ReferenceDecoder:
     def __init__(self, model: GPT, window: int):
         self.model = model
         self.window = window
-        self.crop = window if model.config.attention == "absolute" else None
-        self.transition_dim = model.config.transition_dim
+        cfg = model.config
+        self.crop = window if cfg.attention == "absolute" else None
+        self.transition_dim = cfg.transition_dim
+        # A window model's last token depends on the n_layer x (band - 1) tokens before it and no others: `logits`
+        # runs the forward over the whole transitions that hold them (exact: rotary positions are relative), so a
+        # long episode's reference costs what its receptive field does.
+        self.reach = None if self.crop is not None else cfg.n_layer * (cfg.window - 1) + 1
 
     def start(self, prefixes: list[torch.Tensor], max_rows: int, carried: list[CarriedCache] | None = None) -> None:
         """Begin a search with one row per env holding its prefix (ids, starting at a transition boundary). With
         `carried` (a cached window model's), env k's prefix is only its current observation and carried[k] holds
-        the encoded episode before it."""
+        the episode's executed transitions before it, encoded."""
         if carried is not None:
             raise ValueError("the reference decoder takes each env's whole episode as its prefix, not a carried cache")
         self.prefixes = [p.to(self.device) for p in prefixes]
@@ -144,7 +149,10 @@ class ReferenceDecoder:
 
     def logits(self) -> torch.Tensor:
         """Logits (rows, N+1) of the next token of every row, on the model's device."""
-        return torch.cat([self.model(w)[:, -1] for w in self.windows()])
+        T, windows = self.transition_dim, self.windows()
+        if self.reach is not None:  # whole transitions only: a window starts at a transition boundary
+            windows = [w[:, max(0, w.shape[1] - self.reach) // T * T :] for w in windows]
+        return torch.cat([self.model(w)[:, -1] for w in windows])
 
 
 _MALLOC_TUNED = False
@@ -187,16 +195,22 @@ class CachedDecoder(ReferenceDecoder):
     def start(self, prefixes: list[torch.Tensor], max_rows: int, carried: list[CarriedCache] | None = None) -> None:
         super().start(prefixes, max_rows)
         dtype = next(self.model.parameters()).dtype
-        if (self.cache is None or self.cache.max_rows < max_rows or self.cache.k.dtype != dtype
-                or self.cache.k.device != self.device):
-            self.cache = KVCache(self.model.config, max_rows, self.cache_len, device=self.device, dtype=dtype)
+        # Carried caches bring at most the band's last keys, whatever the context: a buffer sized for those (each
+        # single-token step reads all of it).
+        length = self.cache_len if carried is None else self.model.config.window + self.transition_dim
+        if (self.cache is None or self.cache.max_rows < max_rows or self.cache.max_len != length
+                or self.cache.k.dtype != dtype or self.cache.k.device != self.device):
+            self.cache = KVCache(self.model.config, max_rows, length, device=self.device, dtype=dtype)
         if carried is None:
             self._encode()
             return
-        if len(carried) != len(prefixes):
-            raise ValueError(f"{len(carried)} carried caches for {len(prefixes)} envs")
+        if len(carried) != len(prefixes) or len({len(p) for p in prefixes}) > 1:
+            raise ValueError(f"{len(carried)} carried caches for {len(prefixes)} envs: give each env's carried cache "
+                             "and its current observation")
         self.cache.load([c.cache for c in carried])
-        self._pending, self._logits = None, torch.cat([c.logits for c in carried])
+        observations = torch.stack(self.prefixes)
+        self._pending, self._logits = None, self.model.forward_cached(observations, self.cache,
+                                                                      slot=observations.shape[1] - 1)
         self._starts, self._fed = self.crop_starts(), 0
 
     def _encode(self) -> None:
@@ -263,10 +277,10 @@ class CachedDecoder(ReferenceDecoder):
 
 
 class CarriedCache:
-    """One env's episode encoded once into a single-row KV cache that keeps the band's last keys (a window model's
-    context carried across env steps, DESIGN.md §5b), and the logits after its last token. Tokens are encoded in
-    chunks that end at the env's observations (s_0, then each [a, r, V, s'] after it), so a cache rebuilt from an
-    episode's tokens (a resumed evaluation) is bit for bit the one built step by step."""
+    """One env's executed transitions [s, a, r, V] encoded once into a single-row KV cache that keeps the band's
+    last keys (a window model's context carried across env steps, DESIGN.md §5b); each search encodes the current
+    observation after it. One transition a forward pass, so a cache rebuilt from an episode's tokens (a resumed
+    evaluation) is bit for bit the one built step by step."""
 
     def __init__(self, model: GPT):
         cfg = model.config
@@ -281,22 +295,21 @@ class CarriedCache:
     def clear(self) -> None:
         """Forget the episode (a new one starts)."""
         self.cache.reset(torch.zeros(1, dtype=torch.long))
-        self.encoded = 0  # tokens of the episode in the cache
-        self.logits: torch.Tensor | None = None  # (1, N+1) after the last encoded token
+        self.tokens = torch.zeros(0, dtype=torch.long)  # the transitions in the cache
 
     @torch.inference_mode()
-    def extend(self, episode: torch.Tensor) -> None:
-        """Encode the episode's tokens not yet in the cache; `episode` holds all of them so far (ids, from its
-        first observation to its current one)."""
-        cfg = self.model.config
-        if len(episode) < self.encoded or (len(episode) - cfg.obs_dim) % cfg.transition_dim:
-            raise ValueError(f"an episode of {len(episode)} tokens after {self.encoded} encoded: not the same "
-                             "episode, or it does not end at an observation")
-        while self.encoded < len(episode):
-            end = self.encoded + (cfg.obs_dim if self.encoded == 0 else cfg.transition_dim)
-            self.logits = self.model.forward_cached(episode[None, self.encoded : end].to(self.cache.k.device),
-                                                    self.cache)
-            self.encoded = end
+    def extend(self, transitions: torch.Tensor) -> None:
+        """Encode the episode's executed transitions not yet in the cache; `transitions` holds all of them so far
+        (ids, whole transitions). Ones that are not those already encoded start the cache over."""
+        T = self.model.config.transition_dim
+        if len(transitions) % T:
+            raise ValueError(f"{len(transitions)} tokens are not whole transitions of {T}")
+        if len(transitions) < len(self.tokens) or not torch.equal(transitions[: len(self.tokens)], self.tokens):
+            self.clear()  # another episode (a restored slot): encode it from its start
+        for start in range(len(self.tokens), len(transitions), T):
+            chunk = transitions[None, start : start + T].to(self.cache.k.device)
+            self.model.forward_cached(chunk, self.cache, slot=T - 1)
+        self.tokens = transitions.clone()
 
 
 def pick(logits: torch.Tensor, greedy: bool, generators: list[torch.Generator]) -> torch.Tensor:

@@ -167,14 +167,17 @@ class KVCache:
         return (self.row_bias + self.slot_bias[self.length]).view(-1, 1, self.max_len)
 
     def load(self, caches: list[KVCache]) -> None:
-        """Row i := the one row of caches[i] (window models' carried env caches), right-aligned so every row ends in
-        the same slot, its positions going on from its own. A row's pad may go negative: its unwritten slots then
-        lie before the last window - 1 keys (a compacted cache keeps those), out of every later query's band."""
-        length = max(c.length for c in caches)
-        self.reset(torch.tensor([length - c.length - c.offset + int(c.pad[0]) for c in caches]))
-        for i, c in enumerate(caches):
-            self.k[:, i, :, length - c.length : length] = c.k[:, 0, :, : c.length]
-            self.v[:, i, :, length - c.length : length] = c.v[:, 0, :, : c.length]
+        """Row i := the one row of caches[i] (window models' carried env caches): its last window - 1 slots at most
+        (no later query sees further back), right-aligned so every row ends in the same slot, its positions going on
+        from its own. A row's pad may go negative: its unwritten slots then lie before those window - 1 keys, out
+        of every later query's band."""
+        kept = [min(c.length, self.window - 1) for c in caches]
+        length = max(kept)
+        pad = torch.tensor([length - c.length - c.offset for c in caches], device=self.k.device)
+        self.reset(pad + torch.cat([c.pad for c in caches]))
+        for i, (c, n) in enumerate(zip(caches, kept, strict=True)):
+            self.k[:, i, :, length - n : length] = c.k[:, 0, :, c.length - n : c.length]
+            self.v[:, i, :, length - n : length] = c.v[:, 0, :, c.length - n : c.length]
         self.length = length
 
     def compact(self, incoming: int) -> None:

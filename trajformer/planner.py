@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trajformer.config import PlanConfig, apply_overrides, config_from_dict
+from trajformer.config import PlanConfig, apply_overrides, carries, config_from_dict
 from trajformer.decoding import CachedDecoder, CarriedCache, NoiseAhead, ReferenceDecoder, draw_per_env
 from trajformer.discretizer import Discretizer
 from trajformer.model import GPT, native_bf16, usable_device
@@ -132,7 +132,7 @@ class BeamSearch:
         if cfg.carry_context and gpt.attention != "window":
             raise ValueError("plan.carry_context = true needs a window model (model.attention = \"window\"); an "
                              "absolute model re-encodes its crop: set plan.carry_context=false")
-        self.carry = gpt.attention == "window" if cfg.carry_context is None else cfg.carry_context
+        self.carry = carries(cfg, gpt.attention)
         if cfg.objective == "critic" and critic is None:
             raise ValueError("plan.objective = \"critic\" needs a critic: load one with rollout.load_critic")
         self.model, self.discretizer, self.cfg, self.discount = model, discretizer, cfg, discount
@@ -297,14 +297,9 @@ def plan_config(run: Run, overrides: list[str] | tuple[str, ...] = ()) -> PlanCo
     for item in overrides:
         if not item.strip().startswith("plan."):
             raise ValueError(f"--set {item!r}: only plan.* keys can be changed when planning (e.g. plan.horizon=5)")
-    raw = {"plan": dataclasses.asdict(run.config.plan)}
+    raw = {"plan": dataclasses.asdict(run.config.plan), "model": {"attention": run.model.config.attention}}
     cfg = config_from_dict(apply_overrides(raw, list(overrides))).plan
-    window = run.model.config.attention == "window"
-    if cfg.carry_context and not window:
-        raise ValueError(f"plan.carry_context = true needs a window model; {run.path} holds an absolute one, which "
-                         "re-encodes its crop: set plan.carry_context=false")
-    if cfg.carry_context is None:
-        cfg.carry_context = window
+    cfg.carry_context = carries(cfg, run.model.config.attention)  # validated against the model above
     explicit = any(item.split("=", 1)[0].strip() == "plan.max_context_transitions" for item in overrides)
     if not explicit:
         cfg.max_context_transitions = run.model.config.fit_context(cfg.max_context_transitions)
@@ -371,13 +366,13 @@ class Planner:
     def plan_batch(self, envs: list[int], observations: np.ndarray) -> list[Plan]:
         """Plans for envs `envs` from their current observations (raw, before selection); no action is taken."""
         obs = [self._obs_tokens(o) for o in observations]
-        prefixes = [torch.cat([*self.contexts[e], tokens]) for e, tokens in zip(envs, obs, strict=True)]
         generators = [self.generators[e] for e in envs]
-        if self.carried is None:
-            return self.search.search(prefixes, generators)
-        for e, episode in zip(envs, prefixes, strict=True):
-            self.carried[e].extend(episode)
-        return self.search.search(obs, generators, [self.carried[e] for e in envs])
+        if self.carried is not None:  # each env's executed transitions carried, then its observation
+            for e in envs:
+                self.carried[e].extend(torch.cat([torch.zeros(0, dtype=torch.long), *self.contexts[e]]))
+            return self.search.search(obs, generators, [self.carried[e] for e in envs])
+        prefixes = [torch.cat([*self.contexts[e], tokens]) for e, tokens in zip(envs, obs, strict=True)]
+        return self.search.search(prefixes, generators)
 
     def act_batch(self, envs: list[int], observations: np.ndarray) -> np.ndarray:
         """Actions (len(envs), dA) for envs `envs`, replanning those whose plan is used up (plan_freq)."""
