@@ -318,7 +318,7 @@ def tt_run_of_another_split(path, split_seed: int | None = None) -> str:
 
 
 @pytest.mark.parametrize("case", ["other-dims", "discrete", "negative-lambda", "unknown-method", "no-length",
-                                  "no-validation", "tt-run-split"])
+                                  "no-validation", "tt-run-split", "tt-run-carry"])
 def test_bad_compare_input_is_refused_in_one_line_before_training(case, point_datasets, ensemble_dir, tmp_path,
                                                                   monkeypatch, capsys):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(point_datasets / "datasets"))
@@ -335,8 +335,10 @@ def test_bad_compare_input_is_refused_in_one_line_before_training(case, point_da
         "tt-run-split": (["--methods", "bc,tt", "--set", f"compare.tt_run=\"{tmp_path / 'tt'}\"",
                           "--set", f"train.seed={TRAIN_SEED}"],
                          "was trained with other data.split_seed (or train.seed) than this config's"),
+        "tt-run-carry": (["--methods", "bc,tt", "--set", f"compare.tt_run=\"{tmp_path / 'tt'}\"",
+                          "--set", "plan.carry_context=true"], "is an absolute one: set plan.carry_context=false"),
     }[case]
-    if case == "tt-run-split":
+    if case in ("tt-run-split", "tt-run-carry"):
         tt_run_of_another_split(tmp_path / "tt")
     if case == "discrete":
         monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))

@@ -76,6 +76,9 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         check_ensemble(load_ensemble(cfg.model_based.ensemble), data)
     if cmp.tt_run:
         reused = load_run(cmp.tt_run)
+        if cfg.plan.carry_context and reused.model.config.attention != "window":
+            raise ValueError(f"plan.carry_context = true needs a window model; compare.tt_run {cmp.tt_run} is an "
+                             "absolute one: set plan.carry_context=false or none")
         if reused.meta["dataset_id"] != data.dataset_id:
             raise ValueError(f"compare.tt_run {cmp.tt_run} was trained on {reused.meta['dataset_id']}, not "
                              f"{data.dataset_id}; compare on its dataset or drop compare.tt_run")

@@ -348,7 +348,8 @@ def validate(cfg: Config) -> None:
         (cfg.plan.plan_freq >= 1, "plan.plan_freq must be >= 1"),
         (cfg.plan.num_threads >= 0, "plan.num_threads must be >= 0 (0 = torch's default)"),
         (cfg.plan.penalty_lambda >= 0, "plan.penalty_lambda must be >= 0 (the weight of the mean NLL penalty)"),
-        (not cfg.plan.carry_context or cfg.model.attention == "window",
+        # (compare.tt_run's model is checked by compare, which ignores [model] then)
+        (not cfg.plan.carry_context or cfg.model.attention == "window" or bool(cfg.compare.tt_run),
          "plan.carry_context = true needs model.attention = \"window\" (an absolute model re-encodes its crop); "
          "set plan.carry_context=false or none"),
         (cfg.plan.objective != "critic" or bool(cfg.plan.critic),

@@ -204,9 +204,9 @@ class CachedDecoder(ReferenceDecoder):
         if carried is None:
             self._encode()
             return
-        if len(carried) != len(prefixes) or len({len(p) for p in prefixes}) > 1:
+        if len(carried) != len(prefixes) or any(len(p) != self.model.config.obs_dim for p in prefixes):
             raise ValueError(f"{len(carried)} carried caches for {len(prefixes)} envs: give each env's carried cache "
-                             "and its current observation")
+                             "and its current observation alone")
         self.cache.load([c.cache for c in carried])
         observations = torch.stack(self.prefixes)
         self._pending, self._logits = None, self.model.forward_cached(observations, self.cache,

@@ -147,12 +147,13 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def reset(self, pad: torch.Tensor) -> None:
-        """Empty the cache for len(pad) rows, row i starting with pad[i] left-padding positions."""
+    def reset(self, pad: torch.Tensor, min_pad: int | None = None) -> None:
+        """Empty the cache for len(pad) rows, row i starting with pad[i] left-padding positions (`min_pad`: pad's
+        minimum where the caller knows it, which spares a read from a GPU)."""
         if len(pad) > self.max_rows:
             raise ValueError(f"KV cache holds {self.max_rows} rows, asked for {len(pad)}")
         self.rows, self.length, self.offset, self.pad = len(pad), 0, 0, pad.to(self.k.device, torch.long)
-        self.min_pad = int(pad.min()) if len(pad) else 0
+        self.min_pad = min_pad if min_pad is not None else int(pad.min()) if len(pad) else 0
         self._update_row_bias()
 
     def _update_row_bias(self) -> None:
@@ -173,8 +174,9 @@ class KVCache:
         of every later query's band."""
         kept = [min(c.length, self.window - 1) for c in caches]
         length = max(kept)
-        pad = torch.tensor([length - c.length - c.offset for c in caches], device=self.k.device)
-        self.reset(pad + torch.cat([c.pad for c in caches]))
+        shift = [length - c.length - c.offset for c in caches]  # a one-row cache's min_pad is its pad
+        self.reset(torch.tensor(shift, device=self.k.device) + torch.cat([c.pad for c in caches]),
+                   min(s + c.min_pad for s, c in zip(shift, caches, strict=True)))
         for i, (c, n) in enumerate(zip(caches, kept, strict=True)):
             self.k[:, i, :, length - n : length] = c.k[:, 0, :, c.length - n : c.length]
             self.v[:, i, :, length - n : length] = c.v[:, 0, :, c.length - n : c.length]
