@@ -21,13 +21,15 @@ noise comes from the CPU generators).
 
 `--trained ABSOLUTE_RUN WINDOW_RUN` times two trained Hopper runs instead (one of each kind, on one dataset):
 searches at 32/5 and 128/15 from mid-episode contexts of their validation episodes (step 100 of the first
-`--starts`), the kinds alternating, and ends with `plan_speed_trained window_over_absolute_32x5=<r>
-window_over_absolute_128x15=<r>` (medians over the starts of the per-start ratios).
+`--starts`), the kinds alternating (and the window model once more from a fresh context instead of its carried one),
+and ends with `plan_speed_trained window_over_absolute_32x5=<r> window_over_absolute_128x15=<r>
+carried_over_fresh_32x5=<r> carried_over_fresh_128x15=<r>` (medians over the starts of the per-start ratios).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -218,17 +220,21 @@ def trained(paths: list[str], starts: int, steps: int) -> None:
     prefixes = trained_prefixes(runs[0], starts)
     print(f"trained runs {paths[0]} (absolute) and {paths[1]} (window), {starts} starts at step 100 of "
           f"{runs[0].meta['dataset_id']} validation episodes, fp32, {torch.get_num_threads()} threads")
-    ratios = {}
+    ratios, carried = {}, {}
     for label, plan in (("32x5", SMALL), ("128x15", OFFICIAL)):
-        searches = [BeamSearch(run.model.float().eval(), run.discretizer, plan, run.config.data.discount)
-                    for run in runs]
+        fresh = dataclasses.replace(plan, carry_context=False)  # the window model's fresh context, for the A/B
+        searches = [BeamSearch(run.model.float().eval(), run.discretizer, p, run.config.data.discount)
+                    for run, p in ((runs[0], plan), (runs[1], plan), (runs[1], fresh))]
         times = [[seconds_per_step(search, prefix, steps) for search in searches] for prefix in prefixes]
-        ratios[label] = statistics.median(w / a for a, w in times)
-        print(f"{label:<8} absolute {statistics.median(a for a, _ in times):.3f} s, window "
-              f"{statistics.median(w for _, w in times):.3f} s per env step (medians over starts); per start "
-              f"{', '.join(f'{a:.2f}/{w:.2f}' for a, w in times)}", flush=True)
+        ratios[label] = statistics.median(w / a for a, w, _ in times)
+        carried[label] = statistics.median(w / f for _, w, f in times)
+        print(f"{label:<8} absolute {statistics.median(a for a, _, _ in times):.3f} s, window "
+              f"{statistics.median(w for _, w, _ in times):.3f} s (fresh context "
+              f"{statistics.median(f for _, _, f in times):.3f} s) per env step (medians over starts); per start "
+              f"{', '.join(f'{a:.2f}/{w:.2f}/{f:.2f}' for a, w, f in times)}", flush=True)
     print(f"plan_speed_trained window_over_absolute_32x5={ratios['32x5']:.2f} "
-          f"window_over_absolute_128x15={ratios['128x15']:.2f}")
+          f"window_over_absolute_128x15={ratios['128x15']:.2f} carried_over_fresh_32x5={carried['32x5']:.2f} "
+          f"carried_over_fresh_128x15={carried['128x15']:.2f}")
 
 
 def main() -> None:
