@@ -5,7 +5,7 @@ cache: an absolute model re-encodes its window only when the official sliding wi
 its front, sharing the encode of rows' common first tokens; a window model's cache drops its oldest keys and
 never re-encodes) and `ReferenceDecoder` (the official algorithm: one GPT.forward over each row's cropped
 window per generated token), which the tests and the benchmark compare. A window model's search may start from
-`CarriedCache`s (each env's episode encoded once, across env steps) instead of encoding prefixes. Rows are
+`CarriedCache`s (each env's executed transitions encoded once, across env steps) instead of encoding prefixes. Rows are
 env-major, with the same number per env, and env k draws from its own torch.Generator, so a batch of envs decodes
 as the envs would alone.
 """
