@@ -318,6 +318,40 @@ def test_planning_on_cuda_gives_the_cpu_plans(attention):
         np.testing.assert_allclose(x.values, y.values, rtol=1e-9)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_carried_planning_on_cuda_gives_the_cpu_plans():
+    """A window model's carried caches on the card (one per env, loaded into the search's) plan as on the CPU."""
+    disc = make_discretizer()
+    cfg = dataclasses.replace(CONFIGS[1], carry_context=True)
+    planners = [Planner(BeamSearch(make_model(seed=2, attention="window").to(device), disc, cfg, 0.99),
+                        np.arange(DS), n_envs=2) for device in ("cpu", "cuda")]
+    for x, y in zip(*run_planners(planners, steps=8), strict=True):  # same actions: run_planners checks them
+        np.testing.assert_allclose(x.values, y.values, rtol=1e-9)
+
+
+def test_a_carried_search_reads_back_as_many_values_however_long_the_horizon_and_episode():
+    """With carried caches (a window model's default) a search reads no more values back for a longer horizon or a
+    longer episode: loading them passes the pads' minimum from the host, and each carried transition is encoded
+    without a read."""
+    reads = []
+    for horizon, history in ((2, 1), (6, 5)):
+        cfg = dataclasses.replace(CONFIGS[0], horizon=horizon, carry_context=True)
+        planner = Planner(BeamSearch(make_model(attention="window"), make_discretizer(), cfg, 0.99), np.arange(DS),
+                          n_envs=2)
+        rng = np.random.default_rng(0)
+        for k in (0, 1):
+            planner.reset(k, seed=k)
+        for _ in range(history):
+            planner.act_batch([0, 1], rng.normal(size=(2, DS)))
+            planner.observe_batch([0, 1], rng.normal(size=2))
+        for carried in planner.carried:
+            carried.clear()  # the counted search encodes every transition of the episode again
+        with ScalarReads() as counter:
+            planner.plan_batch([0, 1], rng.normal(size=(2, DS)))
+        reads.append(counter.n)
+    assert reads[0] == reads[1]
+
+
 def test_plan_device_is_checked_before_planning():
     with pytest.raises(ValueError, match="plan.device = 'tpu' is not valid"):
         plan_config(fake_run(), ["plan.device=tpu"])
