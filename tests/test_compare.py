@@ -502,7 +502,7 @@ def test_compare_settings_name_a_window_models_carried_context():
     absolute, window, fresh = Config(), Config(), Config()
     window.model.attention = fresh.model.attention = "window"
     fresh.plan.carry_context = False
-    assert _settings(absolute, data)["plan"]["carry_context"] is None
-    assert _settings(fresh, data)["plan"]["carry_context"] is None
-    assert _settings(window, data)["plan"]["carry_context"] is True
-    assert _differences(_settings(fresh, data), _settings(window, data)) == ["plan.carry_context"]
+    assert _settings(absolute, data, None)["plan"]["carry_context"] is None
+    assert _settings(fresh, data, None)["plan"]["carry_context"] is None
+    assert _settings(window, data, None)["plan"]["carry_context"] is True
+    assert _differences(_settings(fresh, data, None), _settings(window, data, None)) == ["plan.carry_context"]

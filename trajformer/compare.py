@@ -34,7 +34,7 @@ from trajformer.data import describe_split, load_episodes, return_stats, same_sp
 from trajformer.ensemble import load_ensemble, validation_split
 from trajformer.files import save_json, save_text
 from trajformer.rollout import evaluate, evaluate_agent
-from trajformer.run import load_run, model_sha256, read_metrics
+from trajformer.run import Run, load_run, model_sha256, read_metrics
 from trajformer.train import check_training_length, train
 
 LABELS = {"tt": "TT (transformer's value)", "bc": "BC", "iql": "IQL", "mopo": "MOPO", "morel": "MOReL",
@@ -59,7 +59,11 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
     if prior and (prior["dataset_id"], prior["episodes"]) != (data.dataset_id, cmp.episodes):
         raise ValueError(f"--resume: {out_dir} compared on {prior['dataset_id']} over {prior['episodes']} episodes, "
                          f"not {data.dataset_id} over {cmp.episodes}; resume with the same dataset and episodes")
-    settings = _settings(cfg, data)
+    reused = load_run(cmp.tt_run) if cmp.tt_run else None
+    if reused and cfg.plan.carry_context and reused.model.config.attention != "window":
+        raise ValueError(f"plan.carry_context = true needs a window model; compare.tt_run {cmp.tt_run} is an "
+                         "absolute one: set plan.carry_context=false or none")
+    settings = _settings(cfg, data, reused)
     if prior:  # every kept row (and trained part) comes from one config and one copy of the data
         if "settings" not in prior:
             raise ValueError(f"--resume: {out_dir}/compare.json records no settings (written before they were), so "
@@ -74,11 +78,7 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         validation_split(cfg, len(data.episodes))
     if cfg.model_based.ensemble and any(m in MODEL_BASED for m in cmp.methods):
         check_ensemble(load_ensemble(cfg.model_based.ensemble), data)
-    if cmp.tt_run:
-        reused = load_run(cmp.tt_run)
-        if cfg.plan.carry_context and reused.model.config.attention != "window":
-            raise ValueError(f"plan.carry_context = true needs a window model; compare.tt_run {cmp.tt_run} is an "
-                             "absolute one: set plan.carry_context=false or none")
+    if reused:
         if reused.meta["dataset_id"] != data.dataset_id:
             raise ValueError(f"compare.tt_run {cmp.tt_run} was trained on {reused.meta['dataset_id']}, not "
                              f"{data.dataset_id}; compare on its dataset or drop compare.tt_run")
@@ -226,7 +226,7 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
     return out
 
 
-def _settings(cfg: Config, data) -> dict:
+def _settings(cfg: Config, data, reused: Run | None) -> dict:
     """What every row of a comparison depends on: the whole config but the method list and how the work is spread
     (threads, envs stepped together), the data's digest, and a reused TT run's weights; as compare.json holds it."""
     settings = dataclasses.asdict(cfg)
@@ -235,8 +235,7 @@ def _settings(cfg: Config, data) -> dict:
         settings[section].pop(key)
     settings["dataset_sha256"] = data.sha256
     attention = cfg.model.attention
-    if cfg.compare.tt_run:
-        reused = load_run(cfg.compare.tt_run)
+    if reused:  # compare.tt_run, loaded
         settings["tt_run_model_sha256"], attention = model_sha256(reused), reused.model.config.attention
     # The TT rows' search: a window model's carried context is another one (none, as before the option, if fresh).
     settings["plan"]["carry_context"] = True if carries(cfg.plan, attention) else None

@@ -135,7 +135,10 @@ class PlanConfig:
 
 def carries(plan: PlanConfig, attention: str) -> bool:
     """Whether a search carries each env's context across env steps: plan.carry_context, or where that is none,
-    whether the model (of `attention`) is a window model, the only kind that can."""
+    whether the model (of `attention`) is a window model, the only kind that can (true for another one raises)."""
+    if plan.carry_context and attention != "window":
+        raise ValueError("plan.carry_context = true needs a window model (model.attention = \"window\"); an "
+                         "absolute model re-encodes its crop: set plan.carry_context=false or none")
     return attention == "window" if plan.carry_context is None else plan.carry_context
 
 

@@ -129,10 +129,7 @@ class BeamSearch:
                 f"was trained on windows of {gpt.block_size}; set plan.max_context_transitions <= "
                 f"{(gpt.block_size + 1) // self.T}"
             )
-        if cfg.carry_context and gpt.attention != "window":
-            raise ValueError("plan.carry_context = true needs a window model (model.attention = \"window\"); an "
-                             "absolute model re-encodes its crop: set plan.carry_context=false")
-        self.carry = carries(cfg, gpt.attention)
+        self.carry = carries(cfg, gpt.attention)  # raises for carry_context = true with an absolute model
         if cfg.objective == "critic" and critic is None:
             raise ValueError("plan.objective = \"critic\" needs a critic: load one with rollout.load_critic")
         self.model, self.discretizer, self.cfg, self.discount = model, discretizer, cfg, discount
