@@ -122,6 +122,33 @@ def test_cli_and_bad_input(hopper_dataset, tmp_path, capsys, ensemble_dir):
         load_ensemble(tmp_path / "broken")
 
 
+def test_a_stopped_ensemble_training_is_started_over_by_the_same_command(hopper_dataset, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Ctrl-C or kill mid-training leaves the ensemble's metrics.jsonl and no ensemble.json: running the command
+    again trains it anew (it used to refuse its own leftovers as 'a run directory')."""
+    import trajformer.ensemble as ens_module
+
+    out, real, calls = tmp_path / "stopped", ens_module.validation_metrics, []
+
+    def stop_after_first_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # epoch 0 is logged; stopped during epoch 1's validation
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ens_module, "validation_metrics", stop_after_first_epoch)
+    argv = ["train-ensemble", QUICKSTART, "--dataset", hopper_dataset, "--out", str(out), "--members", "2",
+            "--hidden", "16", "--layers", "1", "--max-epochs", "2"]
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    assert stopped.value.code == 130 and not (out / "ensemble.json").exists() and (out / "metrics.jsonl").is_file()
+    capsys.readouterr()
+    cli.main(argv)
+    assert "training it again" in capsys.readouterr().out
+    assert json.loads((out / "ensemble.json").read_text())["training"]["epochs"] == 2
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
 def test_ensemble_rollout_feeds_each_step_its_own_prediction(ensemble_dir, split_data):
     """rollout_ensemble without sampling: step 1 is the members' mean prediction from the start, step 2 the mean
     prediction from step 1's state; sampled rollouts follow their seed."""

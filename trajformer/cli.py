@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt as err:  # Ctrl-C: one line saying where it stopped and how to go on, no traceback
         # Commands that can go on say how (train, eval); the others may have written some of their files.
-        print(f"\ntrajformer {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        print(f"\ntrajformer {args.command}: {str(err) or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
     finally:
         if handled:

@@ -158,6 +158,10 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
     out_dir = Path(out_dir)
     if (out_dir / "ensemble.json").exists():
         raise FileExistsError(f"{out_dir} already holds an ensemble; choose another --out or delete it")
+    if _half_trained(out_dir):  # this command's own leftovers from a stop: start over
+        print(f"{out_dir} holds an ensemble whose training stopped before it finished: training it again", flush=True)
+        for name in ("metrics.jsonl", "model.pt", "loss.png"):
+            (out_dir / name).unlink(missing_ok=True)
     taken = [name for name in ("run.json", "model.pt", "metrics.jsonl") if (out_dir / name).exists()]
     if taken:  # a transformer run (or another job's files): its weights and log would be overwritten
         raise FileExistsError(f"{out_dir} already holds {', '.join(taken)} (a run directory?); train the ensemble "
@@ -238,6 +242,20 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
     save_json(out_dir / "ensemble.json", meta)
     plot_metrics(metrics_path, out_dir / "loss.png")
     return out_dir
+
+
+def _half_trained(out_dir: Path) -> bool:
+    """Whether out_dir holds only what a stopped `train_ensemble` leaves: its metrics.jsonl (empty, or epoch rows
+    with each member's validation NLL), perhaps model.pt and loss.png."""
+    metrics = out_dir / "metrics.jsonl"
+    if not metrics.is_file() or not {p.name for p in out_dir.iterdir()} <= {"metrics.jsonl", "model.pt", "loss.png"}:
+        return False
+    with open(metrics) as f:
+        first = f.readline()
+    try:
+        return not first.strip() or "val_nll_members" in json.loads(first)
+    except (json.JSONDecodeError, TypeError):
+        return False
 
 
 def plot_metrics(metrics_path: Path, out_path: Path) -> None:
