@@ -1,6 +1,7 @@
 """`trajformer collect`: datasets written through Minari, exact episode boundaries, seeds, shipped actors, errors."""
 
 import json
+import shutil
 
 import gymnasium as gym
 import minari
@@ -285,3 +286,46 @@ def test_ctrl_c_while_writing_leaves_no_partial_dataset(monkeypatch, capsys):
     assert exit_info.value.code == 130 and "Traceback" not in err
     assert err.strip() == "trajformer collect: interrupted", err  # a bare KeyboardInterrupt says so, not nothing
     assert not get_dataset_path("test/interrupted-v0").exists()
+
+
+def test_damaged_records_and_policy_files_are_one_line_errors_naming_the_file(tmp_path, tiny_run):
+    """A JSON record cut short or hand-edited (bc.json, iql.json, eval.partial.json, compare.json, a policy card),
+    a truncated policy .pt and one that does not fit its card: each a one-line ValueError naming the file and a
+    fix, as run directories already were (they raised bare JSONDecodeErrors or torch tracebacks)."""
+    from trajformer.baselines.bc import load_bc
+    from trajformer.baselines.iql import load_iql
+    from trajformer.behavior import load_behavior_policy
+    from trajformer.compare import compare
+    from trajformer.config import Config
+    from trajformer.rollout import _partial_runs, evaluation_protocol
+
+    for name in ("bc", "iql", "eval-partial", "compare"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "bc" / "bc.json").write_text('{"obs_dim": 11,')
+    (tmp_path / "iql" / "iql.json").write_text("{'policy': 1}")
+    (tmp_path / "eval-partial" / "eval.partial.json").write_text('{"runs": [')
+    (tmp_path / "compare" / "compare.json").write_text("")
+    shutil.copytree(tiny_run, tmp_path / "run")
+    (tmp_path / "run" / "eval.json").write_text('{"episodes": 2, "settings": {')
+    cases = [(lambda: load_bc(tmp_path / "bc"), "bc.json", "train it again"),
+             (lambda: load_iql(tmp_path / "iql"), "iql.json", "train it again"),
+             (lambda: _partial_runs(tmp_path / "eval-partial"), "eval.partial.json", "delete it"),
+             (lambda: compare(Config(), tmp_path / "compare", resume=True, progress=False), "compare.json",
+              "new --out directory"),
+             (lambda: evaluation_protocol(str(tmp_path / "run"), episodes=1, progress=False), "eval.json",
+              "move it aside")]
+    shipped = BEHAVIOR_DIR / "hopper-sac-0025k"
+    for kind, pt, card in (("truncated", shipped.with_suffix(".pt").read_bytes()[:1000], None),
+                           ("other-arch", shipped.with_suffix(".pt").read_bytes(), {"net_arch": [32, 32]}),
+                           ("bad-card", shipped.with_suffix(".pt").read_bytes(), "{")):
+        text = json.dumps({**json.loads(shipped.with_suffix(".json").read_text()), **card}) \
+            if isinstance(card, dict) else card or shipped.with_suffix(".json").read_text()
+        (tmp_path / f"{kind}.pt").write_bytes(pt)
+        (tmp_path / f"{kind}.json").write_text(text)
+        fix = {"truncated": "corrupt", "other-arch": "does not fit its card", "bad-card": "restore the .json card"}
+        cases.append((lambda k=kind: load_behavior_policy(tmp_path / f"{k}.pt"), f"{kind}.", fix[kind]))
+    for load, file, fix in cases:
+        with pytest.raises(ValueError) as err:
+            load()
+        message = str(err.value)
+        assert file in message and fix in message and "\n" not in message, message

@@ -4,7 +4,6 @@ their evaluation. Dataset collection (trajformer.collect) rolls them out; script
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trajformer.files import shipped
+from trajformer.files import load_json, load_state, load_torch, shipped
 
 BEHAVIOR_DIR = shipped("pretrained") / "behavior"
 """Shipped behaviour policies: NAME.pt (actor state_dict) + NAME.json (card)."""
@@ -81,9 +80,10 @@ def load_behavior_policy(path: str | Path) -> BehaviorPolicy:
                                 f"(see {BEHAVIOR_DIR}) or the path of a .pt written by scripts/train_behavior.py")
     if not card_path.is_file():
         raise FileNotFoundError(f"policy {path} has no card {card_path}: keep the .json written with the .pt")
-    card = json.loads(card_path.read_text())
+    card = load_json(card_path, "restore the .json card written with the .pt (scripts/train_behavior.py)")
     actor = SACActor(card["obs_dim"], card["act_dim"], tuple(card["net_arch"]))
-    actor.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    load_state(actor, load_torch(path), f"policy {path} does not fit its card {card_path}",
+               "keep the .pt and the .json that scripts/train_behavior.py wrote together")
     return BehaviorPolicy(path.stem, actor.eval(), card)
 
 

@@ -32,7 +32,7 @@ from trajformer.baselines.model_env import termination_rule
 from trajformer.config import Config, carries
 from trajformer.data import describe_split, load_episodes, return_stats, same_split, split_record
 from trajformer.ensemble import load_ensemble, validation_split
-from trajformer.files import save_json, save_text
+from trajformer.files import load_json, save_json, save_text
 from trajformer.rollout import evaluate, evaluate_agent
 from trajformer.run import Run, load_run, model_sha256, read_metrics
 from trajformer.train import check_training_length, train
@@ -51,7 +51,7 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
     cmp, out_dir = cfg.compare, Path(out_dir)
     prior: dict = {}
     if resume and (out_dir / "compare.json").is_file():
-        prior = json.loads((out_dir / "compare.json").read_text())
+        prior = load_json(out_dir / "compare.json", "compare into a new --out directory, or restore it")
     elif not resume and out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; pass --resume to continue its comparison, or compare into "
                               "a new --out directory")
@@ -138,7 +138,8 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
     def iql_dir() -> Path:
         path = out_dir / "iql"
         if (path / "iql.json").is_file():  # trained earlier in this comparison
-            seconds.setdefault("iql", json.loads((path / "iql.json").read_text())["training"]["seconds"])
+            seconds.setdefault("iql", load_json(path / "iql.json", f"delete {path} to train it again")
+                               ["training"]["seconds"])
         else:
             timed("iql", lambda: train_iql(cfg, path, IQLConfig(steps=cmp.iql_steps, seed=cfg.train.seed),
                                            progress=progress))
@@ -155,7 +156,7 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
         rule): then it is evaluated, not trained again."""
         if not record.is_file():
             return False
-        meta = json.loads(record.read_text())
+        meta = load_json(record, f"delete {record.parent} to train it again")
         rule = termination_rule(data.env_spec, data.obs_indices, data.raw_obs_dim)[1] if ensemble else None
         if (meta["config"], meta.get("dataset_sha256"), meta.get("ensemble", {}).get("path"),
                 meta.get("termination_rule")) != (config, data.sha256, ensemble, rule) or not same_split(

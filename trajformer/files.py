@@ -109,6 +109,14 @@ def save_json(path: Path, obj: dict) -> None:
     save_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def load_json(path: Path, fix: str):
+    """A JSON file's content; a damaged one (cut short, hand-edited) is a one-line error naming it and `fix`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {fix}") from None
+
+
 def save_torch(path: Path, obj) -> None:
     """torch.save through an open file, so the archive's inner names (and the file's bytes, its sha256) do not
     depend on the temp file's random name; a failed write (a full disk) is an OSError naming the file."""

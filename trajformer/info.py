@@ -9,6 +9,7 @@ import numpy as np
 
 from trajformer.config import Config, load_config
 from trajformer.data import env_kwargs, return_stats
+from trajformer.files import load_json
 from trajformer.metrics import D4RL_REFERENCE, env_family, score_reference
 
 
@@ -115,7 +116,8 @@ def _evaluation_lines(run_dir: Path, weights: str, limit: int | None, label: str
                          f"({plan['dtype']}): {r['mean_return']:.1f} +- {_stderr(r['stderr'])}{normalized}, "
                          f"{r['seconds_per_step']:.2f} s per env step{other}")
     partial = run_dir / "eval.partial.json"
-    for r in json.loads(partial.read_text())["runs"] if partial.is_file() else []:
+    for r in load_json(partial, "delete it: `trajformer eval` then plans its episodes under way from their start")[
+            "runs"] if partial.is_file() else []:
         finished, under_way = r["episodes"], r.get("in_progress", [])
         at = sorted(len(u["actions"]) for u in under_way)
         mean = f" (mean {np.mean([v[0] for v in finished.values()]):.1f})" if finished else ""

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from trajformer.config import PlanConfig
 from trajformer.data import describe_split, env_kwargs, same_split
-from trajformer.files import file_lock, save_json, writable_dir
+from trajformer.files import file_lock, load_json, save_json, writable_dir
 from trajformer.metrics import score_reference, summarize
 from trajformer.planner import Critic, Planner, plan_config
 from trajformer.render import EpisodeVideo, check_rendering, make_env, video_path
@@ -458,6 +458,9 @@ def official_plan(env_id: str, dataset_id: str) -> dict:
     return dict(OFFICIAL)
 
 
+_EVAL_FIX = "move it aside and run `trajformer eval` again: it plans again what it held"  # a damaged eval.json
+
+
 def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, ...] = ("official", "32x5"),
                         bc_dirs: tuple[str, ...] = (), num_envs: int | None = None, progress: bool = True,
                         overrides: list[str] | tuple[str, ...] = (), again: bool = False, workers: int = 1) -> dict:
@@ -491,7 +494,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     run_dir = Path(run.path)
     weights = model_sha256(run)
     earlier = run_dir / "eval.json"
-    older = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    older = load_json(earlier, _EVAL_FIX) if earlier.is_file() else {}
     theirs = [name for name, r in older.get("settings", {}).items() if r.get("model_sha256") == weights]
     if theirs and older["episodes"] != episodes and not again:
         raise ValueError(f"{earlier} holds {older['episodes']}-episode evaluations of these weights "
@@ -551,7 +554,7 @@ def evaluation_protocol(run_dir: str, episodes: int = 10, settings: tuple[str, .
     out["settings"] = {name: done[names[name]] for name in settings}
     with file_lock(run_dir / ".eval.lock"):
         # Settings evaluated earlier on as many episodes (another `--settings`) stay in eval.json beside these.
-        latest = json.loads(earlier.read_text()) if earlier.is_file() else {}  # as other evaluations left it
+        latest = load_json(earlier, _EVAL_FIX) if earlier.is_file() else {}  # as other evaluations left it
         kept_rows = _kept_settings(latest, episodes, weights)
         out["settings"] = {**{name: _rescored(r, run) for name, r in kept_rows.items()}, **out["settings"]}
         if not bc and latest.get("episodes") == episodes:
@@ -566,7 +569,7 @@ def _bc_reference(bc_dir: str, run: Run, episodes: int) -> dict:
     """One `trajformer bc` directory's evaluation, checked to be on this protocol: the run's dataset and episode
     split, as many episodes from seed 0, full length. Returns its training seed, mean return and standard error."""
     bc_json = Path(bc_dir) / "bc.json"
-    if not bc_json.is_file() or "evaluation" not in (bc := json.loads(bc_json.read_text())):
+    if not bc_json.is_file() or "evaluation" not in (bc := load_json(bc_json, f"train BC again into {bc_dir}")):
         raise FileNotFoundError(f"{bc_dir} holds no evaluated BC (bc.json with an evaluation); make one with "
                                 f"`trajformer bc CONFIG --episodes {episodes} --out {bc_dir}`")
     used = bc["evaluation"]["config"]
@@ -630,7 +633,9 @@ def _identity(setting: dict, plan_cfg: PlanConfig, episodes: int, weights: str) 
 def _partial_runs(run_dir: Path) -> list[dict]:
     """The runs eval.partial.json holds (none if it is missing)."""
     path = run_dir / "eval.partial.json"
-    return json.loads(path.read_text())["runs"] if path.is_file() else []
+    if not path.is_file():
+        return []
+    return load_json(path, "delete it: the episodes it held under way are then planned from their start")["runs"]
 
 
 def _update_partial(run_dir: Path, keep: Callable[[dict], bool], add: dict | None = None) -> None:

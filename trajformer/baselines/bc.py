@@ -9,7 +9,6 @@ tensors) and bc.json (settings, dims, env, split, training and evaluation record
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from tqdm import tqdm
 from trajformer.baselines.policy import DatasetPolicy, data_references
 from trajformer.config import Config
 from trajformer.data import load_episodes, split_episodes, split_record
-from trajformer.files import load_state, load_torch, save_json, save_torch
+from trajformer.files import load_json, load_state, load_torch, save_json, save_torch
 
 
 @dataclass
@@ -108,7 +107,7 @@ def load_bc(path: str | os.PathLike) -> tuple[BCPolicy, dict]:
     path = Path(path)
     if not (path / "bc.json").is_file():
         raise FileNotFoundError(f"{path} has no bc.json; train one with `trajformer bc CONFIG.toml --out {path}`")
-    meta = json.loads((path / "bc.json").read_text())
+    meta = load_json(path / "bc.json", f"train it again with `trajformer bc CONFIG.toml --out {path}`")
     policy = BCPolicy(meta["obs_dim"], meta["act_dim"], meta["config"]["hidden"], meta["config"]["layers"])
     load_state(policy, load_torch(path / "bc.pt"), f"{path / 'bc.pt'} does not fit {path / 'bc.json'}",
                "train it again (a retrain was stopped between its two files?)")

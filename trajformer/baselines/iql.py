@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from tqdm import tqdm
 from trajformer.baselines.policy import LOG_STD_MAX, LOG_STD_MIN, Batch, DatasetPolicy, data_references
 from trajformer.config import Config
 from trajformer.data import OfflineData, load_episodes, same_split, split_episodes, split_record
-from trajformer.files import load_state, load_torch, save_json, save_torch
+from trajformer.files import load_json, load_state, load_torch, save_json, save_torch
 
 
 @dataclass
@@ -178,7 +177,7 @@ def load_iql(path: str | os.PathLike) -> tuple[IQLAgent, dict]:
     path = Path(path)
     if not (path / "iql.json").is_file():
         raise FileNotFoundError(f"{path} has no iql.json; train one with `trajformer iql CONFIG.toml --out {path}`")
-    meta = json.loads((path / "iql.json").read_text())
+    meta = load_json(path / "iql.json", f"train it again with `trajformer iql CONFIG.toml --out {path}`")
     if meta.get("policy") != POLICY:  # its weights would load, and act differently under today's head
         raise ValueError(f"{path} was trained before IQL's policy mean was tanh-bounded (2026-12-06); train it again "
                          f"with `trajformer iql CONFIG.toml --out {path}`")

@@ -37,7 +37,7 @@ from trajformer.baselines.sac import SAC, SACAgent
 from trajformer.config import Config
 from trajformer.data import OfflineData, load_episodes, same_split, split_episodes, split_record
 from trajformer.ensemble import Ensemble, load_ensemble, train_ensemble
-from trajformer.files import load_state, load_torch, save_json, save_text, save_torch
+from trajformer.files import load_json, load_state, load_torch, save_json, save_text, save_torch
 
 METHODS = ("mopo", "morel", "combo")
 
@@ -234,7 +234,7 @@ def load_model_based(path: str | os.PathLike, method: str | None = None) -> tupl
     if not found:
         raise FileNotFoundError(f"{path} has no {method or 'mopo/morel/combo'}.json; train one with "
                                 f"`trajformer {method or 'mopo'} CONFIG.toml --out {path}`")
-    meta = json.loads((path / f"{found[0]}.json").read_text())
+    meta = load_json(path / f"{found[0]}.json", f"train it again with `trajformer {found[0]} CONFIG.toml --out {path}`")
     agent = SACAgent(meta["obs_dim"], meta["act_dim"], meta["config"]["hidden"])
     load_state(agent, load_torch(path / f"{found[0]}.pt"), f"{path / found[0]}.pt does not fit its .json",
                "train it again (a retrain was stopped between its two files?)")
