@@ -751,6 +751,30 @@ def test_damaged_run_records_are_one_line(tiny_run, tmp_path, capsys):
     fails(["info", str(own)], r"has no config.toml: the run directory is incomplete")
 
 
+def test_a_discretizer_from_another_run_with_the_same_shape_is_refused(tiny_run, tmp_path, capsys):
+    """discretizer.npz swapped in from another run with the same dims and bins (one edge moved, still ordered):
+    plan, info and --resume refuse it by run.json's digest, before any work (it was planned with silently)."""
+    import numpy as np
+
+    own = tmp_path / "own"
+    shutil.copytree(tiny_run, own)
+    assert "discretizer_sha256" in json.loads((own / "run.json").read_text())
+    load_run(own)  # its own discretizer loads
+    state = dict(np.load(own / "discretizer.npz"))
+    edges = state["edges"].copy()
+    edges[0, 1] = (edges[0, 0] + edges[0, 1]) / 2  # between its neighbours: a valid discretizer, not this run's
+    np.savez(own / "discretizer.npz", **{**state, "edges": edges})
+    pattern = r"discretizer.npz is not the discretizer this run was trained with .*retrain the run"
+    before = {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()}
+    for args in (["info", str(own)], ["plan", str(own), "--episodes", "1"],
+                 ["train", str(own / "config.toml"), "--out", str(own), "--resume"]):
+        if args[0] == "train":
+            torch.save({"model": {}, "optimizer": {}, "step": 1, "best_val": 1.0, "rng": {}}, own / "checkpoint.pt")
+            before["checkpoint.pt"] = (own / "checkpoint.pt").read_bytes()
+        _one_line_error(args, pattern, capsys)
+    assert {p.name: p.read_bytes() for p in own.iterdir() if p.is_file()} == before
+
+
 def test_a_checkpoint_of_another_model_is_one_line_on_resume(tiny_config, hopper_dataset, tiny_run, tmp_path,
                                                                capsys):
     own = tmp_path / "own"

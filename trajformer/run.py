@@ -47,6 +47,26 @@ def load_discretizer(path: Path) -> Discretizer:
         raise ValueError(f"discretizer {path} is corrupt ({detail}); retrain the run") from None
 
 
+def discretizer_sha256(disc: Discretizer) -> str:
+    """A digest of the bin edges (not of the .npz's bytes): run.json records it, so a discretizer.npz from another
+    run with the same dims and bins is refused rather than planned with."""
+    digest = hashlib.sha256()
+    for key, value in sorted(disc.state_dict().items()):
+        array = np.ascontiguousarray(value)
+        digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def check_discretizer(path: Path, disc: Discretizer, meta: dict) -> None:
+    """The run directory's discretizer.npz is the one its run.json recorded (runs since 2026-12-07 record it)."""
+    recorded = meta.get("discretizer_sha256")
+    if recorded is not None and recorded != discretizer_sha256(disc):
+        raise ValueError(f"{path}/discretizer.npz is not the discretizer this run was trained with (its run.json "
+                         "records another digest); the run directory mixes files from different runs: restore the "
+                         "run's own discretizer.npz, or retrain the run")
+
+
 @dataclass
 class Run:
     """A loaded run directory: the model in eval mode, its discretizer, config and metadata."""
@@ -125,6 +145,7 @@ def load_run(run_dir: str | os.PathLike, weights: str = "model.pt") -> Run:
             f"{path}: discretizer has {discretizer.dim} dims and {discretizer.n_bins} bins but the model expects "
             f"{gpt_config.transition_dim} and {gpt_config.n_bins}; the run directory mixes files from different runs"
         )
+    check_discretizer(path, discretizer, meta)
     state = load_torch(path / weights)
     load_state(model, state, f"{path / weights} does not fit the model in run.json", "retrain the run")
     model.eval()
@@ -161,7 +182,7 @@ def write_run_files(out_dir: Path, config_toml: str, discretizer: Discretizer, m
     out_dir.mkdir(parents=True, exist_ok=True)
     save_text(out_dir / "config.toml", config_toml)
     save_discretizer(out_dir / "discretizer.npz", discretizer)
-    save_json(out_dir / "run.json", meta)
+    save_json(out_dir / "run.json", {**meta, "discretizer_sha256": discretizer_sha256(discretizer)})
 
 
 def save_run(out_dir: str | os.PathLike, cfg: Config, model: GPT, discretizer: Discretizer, meta: dict) -> Path:

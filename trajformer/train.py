@@ -30,7 +30,15 @@ from trajformer.data import OfflineData, joined_transitions, load_episodes, retu
 from trajformer.discretizer import Discretizer
 from trajformer.files import file_lock, load_state, load_torch, save_text, save_torch, writable_dir
 from trajformer.model import GPT, GPTConfig, native_bf16, token_losses, usable_device
-from trajformer.run import Run, load_discretizer, load_run, model_sha256, read_metrics, write_run_files
+from trajformer.run import (
+    Run,
+    check_discretizer,
+    load_discretizer,
+    load_run,
+    model_sha256,
+    read_metrics,
+    write_run_files,
+)
 from trajformer.stopping import stop_requests
 from trajformer.tokens import TokenWindows, loss_weights
 
@@ -458,6 +466,8 @@ def _train(cfg: Config, out_dir: Path, dataset_id: str | None, resume: bool, pro
     hint = (f"train.init_from: set data.obs_dims and discretizer.n_bins as in {init.path}/config.toml"
             if init is not None else "use a new --out directory")
     state, resumed = _load_checkpoint(out_dir) if resume else (None, None)
+    if resume and saved.exists():
+        check_discretizer(out_dir, discretizer, resumed)
     prep = prepare(cfg, discretizer=discretizer, mismatch_hint=hint)
     if resume:
         _check_resume(out_dir, resumed, prep)
