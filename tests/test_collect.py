@@ -161,6 +161,8 @@ def test_medium_expert_combines_two_datasets(capsys):
      r"env kwargs \{\"frame_skip\": 0\} rejected by Hopper-v5 \(ZeroDivisionError.*fix --env-kwargs"),
     ({"env_id": "Hopper-v5", "action_noise": float("nan")}, ValueError, "--action-noise nan: pass a finite"),
     ({"env_id": "Hopper-v5", "seed": -1}, ValueError, "--seed -1: pass a seed >= 0"),
+    ({"env_id": "Hopper-v5", "max_episode_steps": 0}, ValueError,
+     "--max-episode-steps must be >= 1, got 0; or leave it out"),  # was blamed on --env-kwargs
 ])
 def test_bad_input_fails_before_writing(kwargs, error, message):
     kwargs = {"dataset_id": "test/bad-v0", "steps": 50, **kwargs}
@@ -261,6 +263,23 @@ def test_cli_error_is_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("trajformer collect: error: CartPole-v1 has a Discrete action space")
     assert err.count("\n") == 1
+
+
+def test_cli_argument_and_path_mistakes_are_one_line(capsys, tmp_path, monkeypatch):
+    """--env-kwargs that is not a JSON object gets an example; `info` on a mistyped run path says it is no run
+    directory (it got only the advice for a missing dataset)."""
+    for text, why in (("{foo", "is not JSON"), ("[1]", "is not a JSON object")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["collect", "Hopper-v5", "--env-kwargs", text])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"{text!r} {why}" in err and "ctrl_cost_weight" in err, err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit):
+        main(["info", "runs/typo"])
+    err = capsys.readouterr().err
+    assert err.startswith("trajformer info: error: runs/typo is not a run directory (no such directory) nor a "
+                          "dataset") and err.count("\n") == 1, err
 
 
 def test_cli_preset_refuses_other_settings(capsys):

@@ -506,3 +506,23 @@ def test_compare_settings_name_a_window_models_carried_context():
     assert _settings(fresh, data, None)["plan"]["carry_context"] is None
     assert _settings(window, data, None)["plan"]["carry_context"] is True
     assert _differences(_settings(fresh, data, None), _settings(window, data, None)) == ["plan.carry_context"]
+
+
+def test_baselines_refuse_an_unwritable_out_before_training(tmp_path):
+    """bc, iql, mopo/morel/combo and train-ensemble check --out before loading data or training (they used to fail
+    on writing their files after the whole training): the dataset here does not exist, so reaching it would say so."""
+    from trajformer.baselines.bc import train_bc
+    from trajformer.baselines.iql import train_iql
+    from trajformer.baselines.model_based import train_model_based
+    from trajformer.config import Config
+    from trajformer.ensemble import train_ensemble
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = Config()
+    cfg.data.dataset = "test/does-not-exist-v0"
+    for train_it in (lambda out: train_bc(cfg, out, progress=False), lambda out: train_iql(cfg, out, progress=False),
+                     lambda out: train_model_based("mopo", cfg, out, tmp_path / "no-ensemble", progress=False),
+                     lambda out: train_ensemble(cfg, out, progress=False)):
+        with pytest.raises(ValueError, match=r"cannot write into .*a-file is not a directory\); pass --out DIR"):
+            train_it(blocker / "out")

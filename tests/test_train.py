@@ -256,7 +256,9 @@ def test_bad_dataset_fails_before_writing(bad_datasets, hopper_dataset, tmp_path
 @pytest.mark.parametrize("override, message", [
     ("train.max_stpes=5", r"unknown key 'max_stpes' in \[train\]; valid keys: .*max_steps"),
     ("trian.max_steps=5", r"unknown config section \[trian\]; valid sections"),
-    ("train.max_steps=fast", r"train.max_steps must be an integer, got 'fast'"),
+    ("train.max_steps=fast", r"train.max_steps must be an integer, got 'fast'; write a TOML integer, e.g. 64"),
+    ("train.learning_rate=.001", r"must be a number, got '.001'; write a TOML number, e.g. 0.001 or 1e-3 \(a digit"),
+    ("compare.methods=tt,bc", r"compare.methods must be a list, got 'tt,bc'; write e.g. methods = \[\"a\", \"b\"\]"),
     ("discretizer.kind=log", r"discretizer.kind = 'log' is not valid; choose one of quantile, uniform"),
     ("train.log_every=0", r"train.log_every must be >= 1"),
     ("train.max_steps=0", r"training length is not set; set train.max_windows"),

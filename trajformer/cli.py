@@ -83,6 +83,20 @@ def _terminate(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _json_object(text: str) -> dict:
+    """--env-kwargs: a JSON object, or argparse's one-line usage error with an example."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err}); write e.g. '{{\"ctrl_cost_weight\": 0.1}}'") \
+            from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; write e.g. '{{\"ctrl_cost_weight\": 0.1}}'")
+    return value
+
+
 def _number(x: float | None) -> str:
     """A return for the terminal: one decimal, or '-' where there is none (a dataset without complete episodes)."""
     return "-" if x is None else f"{x:.1f}"
@@ -156,8 +170,6 @@ def _cmd_info(args) -> None:
 
 
 def _add_collect(sub) -> None:
-    import json
-
     p = _parser(sub, "collect", "make a local Minari dataset by rolling out a behaviour policy (or a preset)",
                 "trajformer collect --preset hopper-medium --steps 100000")
     p.add_argument("env_id", nargs="?", help="Gymnasium env id, e.g. Hopper-v5 (not with --preset)")
@@ -168,7 +180,8 @@ def _add_collect(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the envs' resets and the policy's action noise")
     p.add_argument("--action-noise", type=float, help="Gaussian action noise std, in half action ranges")
     p.add_argument("--deterministic", action="store_true", help="the policy's mean action instead of a sample")
-    p.add_argument("--env-kwargs", type=json.loads, help='JSON kwargs for gym.make, e.g. \'{"ctrl_cost_weight": 0.1}\'')
+    p.add_argument("--env-kwargs", type=_json_object,
+                   help='JSON kwargs for gym.make, e.g. \'{"ctrl_cost_weight": 0.1}\'')
     p.add_argument("--max-episode-steps", type=int, help="time limit (default: the env's own)")
     p.add_argument("--num-envs", type=int, default=16, help="vectorised envs stepping together (part of the data: "
                    "a preset with another count is another dataset; runs record its sha256)")

@@ -87,6 +87,10 @@ def _check_env(env_id: str, env_kwargs: dict, max_episode_steps: int | None) -> 
     except gym.error.Error:
         raise ValueError(f"unknown env id {env_id!r}: pass a registered Gymnasium id such as Hopper-v5 "
                          "(gymnasium.pprint_registry() lists them)") from None
+    if max_episode_steps is not None and max_episode_steps < 1:
+        raise ValueError(f"--max-episode-steps must be >= 1, got {max_episode_steps}; or leave it out for the env's "
+                         "own time limit")
+
     def rejected(err: Exception) -> ValueError:
         return ValueError(f"env kwargs {json.dumps(env_kwargs)} rejected by {env_id} ({type(err).__name__}: {err}): "
                           "fix --env-kwargs")

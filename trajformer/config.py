@@ -240,6 +240,11 @@ def _section_types(section: object) -> dict[str, object]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section)}
 
 
+def _as_toml(value, example: str) -> str:
+    """The fix for a number given as text ('.001', 'abc'): --set values are parsed as TOML, which spells them so."""
+    return f"; write a TOML {example}" if isinstance(value, str) else ""
+
+
 def _coerce(value: object, hint: object, where: str) -> object:
     """Check `value` against the type hint and convert ints to floats where a float is wanted."""
     origin = typing.get_origin(hint)
@@ -259,7 +264,8 @@ def _coerce(value: object, hint: object, where: str) -> object:
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise ValueError(f"{where} must be a list, got {value!r}; write e.g. {where.split('.')[-1]} = [0, 1]")
+            example = {str: '["a", "b"]', float: "[0.5, 1.0]"}.get(item, "[0, 1]")
+            raise ValueError(f"{where} must be a list, got {value!r}; write e.g. {where.split('.')[-1]} = {example}")
         return [_coerce(v, item, where) for v in value]
     if hint is bool:
         if not isinstance(value, bool):
@@ -267,11 +273,12 @@ def _coerce(value: object, hint: object, where: str) -> object:
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where} must be an integer, got {value!r}")
+            raise ValueError(f"{where} must be an integer, got {value!r}" + _as_toml(value, "integer, e.g. 64"))
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where} must be a number, got {value!r}")
+            fix = _as_toml(value, "number, e.g. 0.001 or 1e-3 (a digit before the point)")
+            raise ValueError(f"{where} must be a number, got {value!r}{fix}")
         if not math.isfinite(value):
             raise ValueError(f"{where} must be finite, got {value!r}")
         return float(value)

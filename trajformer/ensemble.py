@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from trajformer.config import Config, EnsembleConfig
 from trajformer.data import Episode, OfflineData, load_episodes, split_episodes, split_record
-from trajformer.files import load_state, load_torch, save_json, save_text, save_torch
+from trajformer.files import load_state, load_torch, save_json, save_text, save_torch, writable_dir
 from trajformer.run import read_metrics
 
 
@@ -166,6 +166,7 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
     if taken:  # a transformer run (or another job's files): its weights and log would be overwritten
         raise FileExistsError(f"{out_dir} already holds {', '.join(taken)} (a run directory?); train the ensemble "
                               "into a new --out directory")
+    writable_dir(out_dir)  # now, not after the training
     data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
     train_idx, val_idx = validation_split(cfg, len(data.episodes))
     x_tr, y_tr, _ = transitions([data.episodes[i] for i in train_idx])

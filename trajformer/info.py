@@ -9,7 +9,6 @@ import numpy as np
 
 from trajformer.config import Config, load_config
 from trajformer.data import env_kwargs, return_stats
-from trajformer.files import load_json
 from trajformer.metrics import D4RL_REFERENCE, env_family, score_reference
 
 
@@ -116,8 +115,7 @@ def _evaluation_lines(run_dir: Path, weights: str, limit: int | None, label: str
                          f"({plan['dtype']}): {r['mean_return']:.1f} +- {_stderr(r['stderr'])}{normalized}, "
                          f"{r['seconds_per_step']:.2f} s per env step{other}")
     partial = run_dir / "eval.partial.json"
-    for r in load_json(partial, "delete it: `trajformer eval` then plans its episodes under way from their start")[
-            "runs"] if partial.is_file() else []:
+    for r in json.loads(partial.read_text())["runs"] if partial.is_file() else []:
         finished, under_way = r["episodes"], r.get("in_progress", [])
         at = sorted(len(u["actions"]) for u in under_way)
         mean = f" (mean {np.mean([v[0] for v in finished.values()]):.1f})" if finished else ""
@@ -183,4 +181,11 @@ def describe(target: str, config: str | None = None, overrides: list[str] | None
         if config is not None or overrides:
             raise ValueError(f"--config and --set apply to datasets; {target} is described with its own config.toml")
         return describe_run(find_run(target))
-    return describe_dataset(target, load_config(config, overrides))
+    try:
+        return describe_dataset(target, load_config(config, overrides))
+    except FileNotFoundError as err:
+        if target.startswith((".", "/", "~")) or (target.count("/") and Path(target).parent.is_dir()):
+            # A path (runs/typo): say it is no run first, then the dataset lookup that failed as well.
+            raise FileNotFoundError(f"{target} is not a run directory (no such directory) nor a dataset ({err})") \
+                from None
+        raise

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from trajformer.baselines.policy import DatasetPolicy, data_references
 from trajformer.config import Config
 from trajformer.data import load_episodes, split_episodes, split_record
-from trajformer.files import load_json, load_state, load_torch, save_json, save_torch
+from trajformer.files import load_json, load_state, load_torch, save_json, save_torch, writable_dir
 
 
 @dataclass
@@ -61,6 +61,7 @@ def train_bc(cfg: Config, out_dir: str | os.PathLike, bc: BCConfig | None = None
     bc = bc or BCConfig()
     if min(bc.hidden, bc.layers, bc.steps, bc.batch_size) < 1 or bc.learning_rate <= 0:
         raise ValueError(f"BC settings must be positive: {bc}")
+    writable_dir(Path(out_dir))  # now, not after the training
     data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
     train_idx, val_idx = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)
 

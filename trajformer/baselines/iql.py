@@ -28,7 +28,7 @@ from tqdm import tqdm
 from trajformer.baselines.policy import LOG_STD_MAX, LOG_STD_MIN, Batch, DatasetPolicy, data_references
 from trajformer.config import Config
 from trajformer.data import OfflineData, load_episodes, same_split, split_episodes, split_record
-from trajformer.files import load_json, load_state, load_torch, save_json, save_torch
+from trajformer.files import load_json, load_state, load_torch, save_json, save_torch, writable_dir
 
 
 @dataclass
@@ -92,6 +92,7 @@ def train_iql(cfg: Config, out_dir: str | os.PathLike, iql: IQLConfig | None = N
     iql = iql or IQLConfig()
     if not 0.5 <= iql.tau < 1.0 or iql.beta <= 0 or min(iql.steps, iql.batch_size, iql.hidden) < 1:
         raise ValueError(f"IQL needs 0.5 <= tau < 1, beta > 0 and positive sizes; got {iql}")
+    writable_dir(Path(out_dir))  # now, not after the training
     data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
     train_idx, _ = split_episodes(len(data.episodes), cfg.data.validation_fraction, cfg.split_seed)
     eps = [data.episodes[i] for i in train_idx]

@@ -37,7 +37,7 @@ from trajformer.baselines.sac import SAC, SACAgent
 from trajformer.config import Config
 from trajformer.data import OfflineData, load_episodes, same_split, split_episodes, split_record
 from trajformer.ensemble import Ensemble, load_ensemble, train_ensemble
-from trajformer.files import load_json, load_state, load_torch, save_json, save_text, save_torch
+from trajformer.files import load_json, load_state, load_torch, save_json, save_text, save_torch, writable_dir
 
 METHODS = ("mopo", "morel", "combo")
 
@@ -151,6 +151,7 @@ def train_model_based(method: str, cfg: Config, out_dir: str | os.PathLike, ense
     if method not in METHODS:
         raise ValueError(f"unknown model-based method {method!r}: choose one of {', '.join(METHODS)}")
     mb = cfg.model_based
+    writable_dir(Path(out_dir))  # now, not after the training
     ensemble = load_ensemble(ensemble_dir)
     data = load_episodes(dataset_id or cfg.data.dataset, cfg.data)
     check_ensemble(ensemble, data)
