@@ -1,7 +1,7 @@
 """The run directory: a self-contained, pickle-free bundle of a trained model.
 
     config.toml      resolved configuration
-    run.json         dims, dataset id and hash, env spec, episode split, model sizes, provenance
+    run.json         dims, dataset id and hash, env spec, episode split, model sizes, provenance, discretizer digest
     discretizer.npz  bin edges (plain arrays)
     model.pt         weights (state_dict) of the best checkpoint by validation loss
     last.pt          weights at the last step
