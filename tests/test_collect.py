@@ -280,6 +280,10 @@ def test_cli_argument_and_path_mistakes_are_one_line(capsys, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert err.startswith("trajformer info: error: runs/typo is not a run directory (no such directory) nor a "
                           "dataset") and err.count("\n") == 1, err
+    (tmp_path / "test").mkdir()  # a folder named like the id's namespace (the checkout's trajformer/) changes nothing
+    with pytest.raises(SystemExit):
+        main(["info", "test/not-collected-v0"])
+    assert capsys.readouterr().err.startswith("trajformer info: error: dataset 'test/not-collected-v0' is not in")
 
 
 def test_cli_preset_refuses_other_settings(capsys):

@@ -526,3 +526,18 @@ def test_baselines_refuse_an_unwritable_out_before_training(tmp_path):
                      lambda out: train_ensemble(cfg, out, progress=False)):
         with pytest.raises(ValueError, match=r"cannot write into .*a-file is not a directory\); pass --out DIR"):
             train_it(blocker / "out")
+
+
+def test_a_comparisons_damaged_iql_record_names_the_comparisons_fix(hopper_dataset, tmp_path):
+    """--resume over a comparison whose kept iql.json is damaged: delete it (compare trains it again with its own
+    steps and seed), not `trajformer iql`, whose defaults compare would then refuse."""
+    from trajformer.compare import compare
+    from trajformer.config import Config
+
+    (tmp_path / "cmp" / "iql").mkdir(parents=True)
+    (tmp_path / "cmp" / "iql" / "iql.json").write_text('{"config": ')
+    cfg = Config()
+    cfg.data.dataset, cfg.compare.methods = hopper_dataset, ["iql"]
+    with pytest.raises(ValueError, match=r"cmp/iql/iql.json is not valid JSON \(.*\); delete .*cmp/iql to train it "
+                                         r"again$"):
+        compare(cfg, tmp_path / "cmp", resume=True, progress=False)

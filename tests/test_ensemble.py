@@ -142,9 +142,17 @@ def test_a_stopped_ensemble_training_is_started_over_by_the_same_command(hopper_
     with pytest.raises(SystemExit) as stopped:
         cli.main(argv)
     assert stopped.value.code == 130 and not (out / "ensemble.json").exists() and (out / "metrics.jsonl").is_file()
+    (out / ".model.pt.k1ll3d.tmp.pt").write_bytes(b"PK")  # what a write killed outright (SIGKILL) leaves
     capsys.readouterr()
+    other = tmp_path / "not-ours"  # a log of another kind beside weights: not the ensemble's, kept
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("\n" + (out / "metrics.jsonl").read_text())
+    (other / "model.pt").write_bytes(b"weights")
+    with pytest.raises(SystemExit):
+        cli.main([str(other) if arg == str(out) else arg for arg in argv])
+    assert "already holds model.pt, metrics.jsonl" in capsys.readouterr().err and (other / "model.pt").is_file()
     cli.main(argv)
-    assert "training it again" in capsys.readouterr().out
+    assert "training it again" in capsys.readouterr().out and not (out / ".model.pt.k1ll3d.tmp.pt").exists()
     assert json.loads((out / "ensemble.json").read_text())["training"]["epochs"] == 2
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 

@@ -159,9 +159,11 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
     if (out_dir / "ensemble.json").exists():
         raise FileExistsError(f"{out_dir} already holds an ensemble; choose another --out or delete it")
     if _half_trained(out_dir):  # this command's own leftovers from a stop: start over
-        print(f"{out_dir} holds an ensemble whose training stopped before it finished: training it again", flush=True)
-        for name in ("metrics.jsonl", "model.pt", "loss.png"):
-            (out_dir / name).unlink(missing_ok=True)
+        if progress:
+            print(f"{out_dir} holds an ensemble whose training stopped before it finished: training it again",
+                  flush=True)
+        for path in out_dir.iterdir():  # only its own files and their temp files (checked above)
+            path.unlink()
     taken = [name for name in ("run.json", "model.pt", "metrics.jsonl") if (out_dir / name).exists()]
     if taken:  # a transformer run (or another job's files): its weights and log would be overwritten
         raise FileExistsError(f"{out_dir} already holds {', '.join(taken)} (a run directory?); train the ensemble "
@@ -245,16 +247,26 @@ def train_ensemble(cfg: Config, out_dir: str | os.PathLike, ens: EnsembleConfig 
     return out_dir
 
 
+OWN_FILES = ("metrics.jsonl", "model.pt", "loss.png")  # what train_ensemble writes before ensemble.json
+
+
 def _half_trained(out_dir: Path) -> bool:
-    """Whether out_dir holds only what a stopped `train_ensemble` leaves: its metrics.jsonl (empty, or epoch rows
-    with each member's validation NLL), perhaps model.pt and loss.png."""
+    """Whether out_dir holds only what a stopped `train_ensemble` leaves: its metrics.jsonl (empty while the first
+    validation runs, else rows that each carry the members' validation NLL), perhaps model.pt and loss.png and the
+    temp files of a write killed outright (atomic_write's `.NAME.*.tmp*`)."""
     metrics = out_dir / "metrics.jsonl"
-    if not metrics.is_file() or not {p.name for p in out_dir.iterdir()} <= {"metrics.jsonl", "model.pt", "loss.png"}:
-        return False
-    with open(metrics) as f:
-        first = f.readline()
     try:
-        return not first.strip() or "val_nll_members" in json.loads(first)
+        names = {p.name for p in out_dir.iterdir()} if metrics.is_file() else set()
+        text = metrics.read_text() if names else ""
+    except (OSError, UnicodeDecodeError):
+        return False
+    temps = {n for n in names if any(n.startswith(f".{own}.") and ".tmp" in n for own in OWN_FILES)}
+    if not names or not names - temps <= set(OWN_FILES):
+        return False
+    if not text:
+        return names - temps == {"metrics.jsonl"}  # stopped before the first row: nothing else written yet
+    try:
+        return all("val_nll_members" in json.loads(line) for line in text.splitlines())
     except (json.JSONDecodeError, TypeError):
         return False
 

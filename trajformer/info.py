@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,11 +182,12 @@ def describe(target: str, config: str | None = None, overrides: list[str] | None
         if config is not None or overrides:
             raise ValueError(f"--config and --set apply to datasets; {target} is described with its own config.toml")
         return describe_run(find_run(target))
+    cfg = load_config(config, overrides)
     try:
-        return describe_dataset(target, load_config(config, overrides))
+        return describe_dataset(target, cfg)
     except FileNotFoundError as err:
-        if target.startswith((".", "/", "~")) or (target.count("/") and Path(target).parent.is_dir()):
-            # A path (runs/typo): say it is no run first, then the dataset lookup that failed as well.
+        if target.startswith((".", "/", "~")) or ("/" in target and not re.search(r"-v\d+$", target)):
+            # A path (runs/typo), not an id (NAMESPACE/NAME-vN): say it is no run, then the failed dataset lookup.
             raise FileNotFoundError(f"{target} is not a run directory (no such directory) nor a dataset ({err})") \
                 from None
         raise

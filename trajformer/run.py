@@ -52,7 +52,9 @@ def discretizer_sha256(disc: Discretizer) -> str:
     run with the same dims and bins is refused rather than planned with."""
     digest = hashlib.sha256()
     for key, value in sorted(disc.state_dict().items()):
-        array = np.ascontiguousarray(value)
+        # One form on every platform: little-endian 64-bit (numpy's default int is 32-bit on some), at least 1-d.
+        value = np.atleast_1d(np.asarray(value))
+        array = np.ascontiguousarray(value, dtype="<f8" if value.dtype.kind == "f" else "<i8")
         digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
