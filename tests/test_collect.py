@@ -268,11 +268,11 @@ def test_cli_error_is_one_line(capsys):
 def test_cli_argument_and_path_mistakes_are_one_line(capsys, tmp_path, monkeypatch):
     """--env-kwargs that is not a JSON object gets an example; `info` on a mistyped run path says it is no run
     directory (it got only the advice for a missing dataset)."""
-    for text, why in (("{foo", "is not JSON"), ("[1]", "is not a JSON object")):
+    for text, says in (("{foo", "'{foo' is not JSON"), ("[1]", "--env-kwargs [1] is not a JSON object")):
         with pytest.raises(SystemExit) as exit_info:
-            main(["collect", "Hopper-v5", "--env-kwargs", text])
+            main(["collect", "Hopper-v5", "--dataset-id", "test/kwargs-v0", "--env-kwargs", text])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and f"{text!r} {why}" in err and "ctrl_cost_weight" in err, err
+        assert exit_info.value.code == 2 and says in err and "ctrl_cost_weight" in err, err
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     with pytest.raises(SystemExit):

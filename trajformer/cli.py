@@ -84,7 +84,8 @@ def _terminate(signum: int, frame) -> None:
 
 
 def _json_object(text: str) -> dict:
-    """--env-kwargs: a JSON object, or argparse's one-line usage error with an example."""
+    """--env-kwargs parsed as JSON, or argparse's one-line usage error with an example (collect checks it is an
+    object)."""
     import json
 
     try:
@@ -92,8 +93,6 @@ def _json_object(text: str) -> dict:
     except json.JSONDecodeError as err:
         raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err}); write e.g. '{{\"ctrl_cost_weight\": 0.1}}'") \
             from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; write e.g. '{{\"ctrl_cost_weight\": 0.1}}'")
     return value
 
 

@@ -100,7 +100,6 @@ def compare(cfg: Config, out_dir: str | Path, dataset_id: str | None = None, res
     if any(m in ("iql", "tt-critic") for m in cmp.methods) and (out_dir / "iql" / "iql.json").is_file():
         # A kept IQL is refused now, not after hours of other methods: from before its current policy head (by
         # load_iql), or trained for another budget or seed than this config's (its rows would be mislabelled).
-        load_json(out_dir / "iql" / "iql.json", f"delete {out_dir / 'iql'} to train it again")  # compare's fix
         meta = load_iql(out_dir / "iql")[1]
         kept = meta["config"]
         if (kept["steps"], kept["seed"]) != (cmp.iql_steps, cfg.train.seed):

@@ -178,7 +178,7 @@ def load_iql(path: str | os.PathLike) -> tuple[IQLAgent, dict]:
     path = Path(path)
     if not (path / "iql.json").is_file():
         raise FileNotFoundError(f"{path} has no iql.json; train one with `trajformer iql CONFIG.toml --out {path}`")
-    meta = load_json(path / "iql.json", f"train it again with `trajformer iql CONFIG.toml --out {path}`")
+    meta = load_json(path / "iql.json", f"delete {path} to train it again")  # by `trajformer iql` or a comparison
     if meta.get("policy") != POLICY:  # its weights would load, and act differently under today's head
         raise ValueError(f"{path} was trained before IQL's policy mean was tanh-bounded (2026-12-06); train it again "
                          f"with `trajformer iql CONFIG.toml --out {path}`")
